@@ -1,0 +1,29 @@
+# Quick start targets. Each creates .venv with python3, installs genbench into
+# it, then runs something: `make run` is the main job, `make test` is what CI
+# runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned to one release so that a machine with a local wheel of it
+# (as our CI has) installs nothing large; `make run TORCH_SPEC=torch` takes the
+# newest instead.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test clean
+
+$(BIN)/genbench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -q -e '.[test,triton]'
+	touch $@
+
+install: $(BIN)/genbench
+
+run: install
+	$(BIN)/genbench attention
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,101 @@
+"""The pieces every genbench command shares: the Typer app, the common
+options, turning user mistakes and Ctrl-C into exit codes, and running a
+suite's sweep through the harness.
+
+Each suite's command lives in its own module here and registers itself on
+`app`; bench/cli.py imports them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+
+import bench.env
+from bench import calibrate, report
+from bench.errors import BadInput
+from bench.runner import Context, Interrupted, Sweep, run_sweep
+
+app = typer.Typer(
+    name="genbench",
+    help="Benchmark and profile the building blocks of generative models on your own hardware.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 140  # logs and pipes: don't squeeze tables into rich's default of 80
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if present), cuda, cuda:N or cpu.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and samples files.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for inputs and weights; the same seed gives the same data.")]
+WarmupOpt = Annotated[float, typer.Option("--warmup-ms", help="Warm-up budget per configuration (discarded).")]
+RepOpt = Annotated[float, typer.Option("--rep-ms", help="Timed budget per configuration; at least 5 repetitions.")]
+CrosscheckOpt = Annotated[
+    bool, typer.Option("--crosscheck", help="Also time with triton.testing.do_bench (CUDA) into do_bench_median_ms.")
+]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options every suite takes."""
+
+    device: torch.device
+    out: Path = Path("results")
+    seed: int = 0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    crosscheck: bool = False
+
+    def __post_init__(self):
+        if self.warmup_ms < 0 or self.rep_ms <= 0:
+            raise BadInput("--warmup-ms must be >= 0 and --rep-ms > 0")
+
+
+def cli_errors(fn):
+    """A user's mistake becomes one red line and exit 2; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BadInput as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except Interrupted as exc:
+            err_console.print(f"[yellow]{exc}[/]", highlight=False)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> list[dict]:
+    """Measure a sweep, print its tables and say where the files are."""
+    torch.manual_seed(opts.seed)
+    peaks = calibrate.load(opts.device)
+    if peaks is None:
+        console.print(f"[dim]measuring this device's peaks once ({bench.env.device_name(opts.device)}); "
+                      "see `genbench env --calibrate`[/]")
+        peaks = calibrate.calibrate(opts.device)
+    ctx = Context(
+        device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=peaks,
+        crosscheck=opts.crosscheck, seed=opts.seed, extras=extras or {},
+    )
+    info = bench.env.collect(opts.device, opts.seed)
+    writer = run_sweep(sweep, ctx, opts.out, info, console)
+    report.render(sweep, writer.rows, console)
+    console.print(f"wrote {writer.csv_path} ({len(writer.rows)} rows), {writer.json_path.name}"
+                  + (f", {writer.samples_path.name}" if writer.samples_path.exists() else ""))
+    return writer.rows

@@ -1,0 +1,149 @@
+"""What machine and software a run happened on, and where genbench keeps its cache.
+
+`collect(...)` returns the dictionary written as each run's JSON sidecar; the
+`compare` command reads it back to warn when two runs differ in hardware or
+software. `resolve_device` turns `--device auto|cuda|cpu` into a torch.device
+or a clear BadInput.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import bench
+from bench.errors import BadInput
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """$GENBENCH_CACHE, else the user's cache folder (XDG) / genbench."""
+    root = os.environ.get("GENBENCH_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    ) / "genbench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(name: str) -> torch.device:
+    name = name.lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {name}: no CUDA device is visible here (try --device cpu)")
+        return torch.device(name)
+    raise BadInput(f"--device must be auto, cuda or cpu, not {name!r}")
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        cap = torch.cuda.get_device_capability(device)
+        raise BadInput(f"--dtype bf16: {torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}) has no native bf16")
+    return DTYPES[name]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    if not (PROJECT_ROOT / ".git").exists() or not shutil.which("git"):
+        return None
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("-dirty" if dirty else "")) or None
+
+
+def _command_line() -> str:
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = "python -m bench"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def _nvidia_driver() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def collect(device: torch.device | None = None, seed: int | None = None) -> dict:
+    """The environment of a run, for its JSON sidecar."""
+    cuda = torch.cuda.is_available()
+    info = {
+        "genbench": bench.__version__,
+        "git_commit": _git_commit(),
+        "hostname": socket.gethostname(),
+        "command_line": _command_line(),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "device": str(device) if device is not None else None,
+        "device_name": device_name(device) if device is not None else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "driver": _nvidia_driver(),
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+    }
+    return info

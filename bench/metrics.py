@@ -1,0 +1,86 @@
+"""Derived metrics: every formula genbench reports, each in one place with its source.
+
+Suites call these with a measured time; nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+# Backward-to-forward FLOP ratio of attention. The forward does two matmuls
+# (QK^T and PV); the backward does five (recomputed QK^T, dV, dP, dQ, dK):
+# 5/2 = 2.5, as in the FlashAttention-2 paper's benchmark accounting
+# (Dao 2023, section 4.1) and its benchmark scripts.
+ATTENTION_BWD_RATIO = 2.5
+
+
+def attention_flops(
+    batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool, mode: str
+) -> float:
+    """FLOPs of one attention call: 4·B·H·Sq·Sk·D forward (two matmuls at
+    2 FLOPs per multiply-add), halved when causal (half the score matrix is
+    masked), ×2.5 for the backward alone, ×3.5 for forward plus backward."""
+    fwd = 4.0 * batch * heads * seq_q * seq_k * head_dim
+    if causal:
+        fwd /= 2
+    factor = {"fwd": 1.0, "bwd": ATTENTION_BWD_RATIO, "fwd+bwd": 1.0 + ATTENTION_BWD_RATIO}
+    assert mode in factor, f"unknown mode {mode!r}"
+    return fwd * factor[mode]
+
+
+def tflops(flops: float, ms: float) -> float:
+    """Achieved rate in TFLOP/s (10^12 FLOP per second) for `flops` done in `ms`."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+def pct_of_peak(achieved: float, peak: float | None) -> float | None:
+    """Share of a measured ceiling (see bench/calibrate.py), in percent."""
+    if not peak:
+        return None
+    return 100.0 * achieved / peak
+
+
+def per_second(count: float, ms: float) -> float:
+    """Tokens/s, samples/s: `count` items processed in `ms`."""
+    return count / (ms * 1e-3)
+
+
+def transformer_train_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the weight matmuls (2 forward, 4
+    backward, per parameter) plus 12·L·d·T for attention's QK^T and PV
+    (forward 2·2·L·T·d, ×3 with the backward). Kaplan et al. 2020 (Scaling
+    Laws, table 1) and PaLM (Chowdhery et al. 2022, appendix B), whose MFU
+    definition this follows: non-embedding N, no activation recompute."""
+    return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilization in percent: the model's FLOPs at the achieved
+    token rate over the device's measured peak (PaLM, appendix B)."""
+    if not peak_tflops:
+        return None
+    return 100.0 * tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
+def algbw_GBps(nbytes: float, ms: float) -> float:
+    """Algorithm bandwidth of a collective: the message size over the time
+    (nccl-tests, doc/PERFORMANCE.md)."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# Bus-bandwidth factors from nccl-tests (doc/PERFORMANCE.md): the share of the
+# message each rank must send over its link, so that busbw is comparable with
+# the hardware's line rate whatever the world size n.
+BUSBW_FACTORS = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+}
+
+
+def busbw_GBps(collective: str, nbytes: float, ms: float, world_size: int) -> float:
+    return algbw_GBps(nbytes, ms) * BUSBW_FACTORS[collective](world_size)
+
+
+def scaling_efficiency(throughput_n: float, throughput_1: float, n: int) -> float:
+    """Weak-scaling efficiency: throughput on n devices over n × the one-device throughput."""
+    return throughput_n / (n * throughput_1)

@@ -1,0 +1,78 @@
+"""Terminal tables of a finished sweep: one rich table per group of rows that
+share every parameter but the label (impl, method ...), the best row in bold
+green, failures in red or yellow, and a speedup column against the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import groupby
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.runner import Sweep
+
+_STATUS_STYLE = {"ok": "", "mismatch": "bold red", "oom": "yellow", "unsupported": "dim yellow", "error": "red"}
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def best_row(sweep: Sweep, rows: Sequence[dict]) -> dict | None:
+    """The winner of a group: only rows that passed the correctness gate count."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get(sweep.primary) not in (None, "")]
+    if not ok:
+        return None
+    pick = max if sweep.higher_is_better else min
+    return pick(ok, key=lambda r: float(r[sweep.primary]))
+
+
+def speedup(sweep: Sweep, row: dict, base: dict | None) -> float | None:
+    if base is None or row["status"] != "ok" or base["status"] != "ok":
+        return None
+    a, b = float(row[sweep.primary]), float(base[sweep.primary])
+    if a <= 0 or b <= 0:
+        return None
+    return a / b if sweep.higher_is_better else b / a
+
+
+def group_key(sweep: Sweep, row: dict) -> tuple:
+    return tuple((k, row[k]) for k in sweep.params if k != sweep.label)
+
+
+def render(sweep: Sweep, rows: Sequence[dict], console: Console) -> None:
+    for key, group in groupby(sorted(rows, key=lambda r: str(group_key(sweep, r))), key=lambda r: group_key(sweep, r)):
+        group = list(group)
+        title = "  ".join(f"{k}={v}" for k, v in key)
+        base = next((r for r in group if r[sweep.label] == sweep.baseline), None)
+        best = best_row(sweep, group)
+        caption = f"speedup: {sweep.primary} against {sweep.baseline}" if sweep.baseline else None
+        table = Table(title=f"{sweep.suite}  {title}", title_justify="left", caption=caption, caption_justify="left")
+        # Numbers never wrap; on a narrow terminal the note column folds instead.
+        table.add_column(sweep.label, no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        for col in sweep.display:
+            table.add_column(col.header, justify="right", no_wrap=True)
+        if sweep.baseline:
+            table.add_column("speedup", justify="right", no_wrap=True)
+        table.add_column("note", overflow="fold")
+        for row in group:
+            cells = [str(row[sweep.label]), row["status"]]
+            cells += [_fmt(row.get(col.name), col.fmt) for col in sweep.display]
+            if sweep.baseline:
+                cells.append(_fmt(speedup(sweep, row, base), "{:.2f}x"))
+            note = row.get("reason", "") or ("noisy: IQR >= 10% of median" if row.get("noisy") is True else "")
+            if sweep.note and row.get(sweep.note) and row["status"] == "ok":
+                note = "; ".join(filter(None, [str(row[sweep.note]), note]))
+            cells.append(note)
+            style = "bold green" if row is best else _STATUS_STYLE.get(row["status"], "")
+            table.add_row(*cells, style=style)
+        console.print(table)

@@ -1,0 +1,114 @@
+"""All of genbench's timing: `measure(fn)` returns the raw samples of many
+repetitions of `fn`, after a warm-up that is discarded.
+
+Modelled on `triton.testing.do_bench`:
+- warm-up and repetitions are given as time budgets (ms) and turned into counts
+  from a first estimate, so a 10 us kernel and a 2 s training step both get a
+  sensible number of repetitions;
+- on CUDA each repetition is timed by its own pair of CUDA events, and the L2
+  cache is flushed (a buffer larger than L2 is zeroed) before each one, outside
+  the timed window, so a kernel never finds its inputs left warm in L2 by the
+  previous repetition;
+- on CPU the same budgets apply, timed with `time.perf_counter` around a
+  synchronous call. CPU caches are not flushed: the inputs of one repetition
+  are usually warm for the next, which is what a loop on a CPU sees too.
+
+Usage:
+    stats = measure(lambda: attention(q, k, v), device=torch.device("cuda"))
+    stats.median, stats.iqr, stats.samples
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from bench.stats import Stats
+
+# Floor on repetitions so that the median and IQR mean something even when one
+# call outlasts the whole budget (a slow CPU configuration).
+MIN_REPS = 5
+MAX_REPS = 10_000
+# do_bench flushes with 256 MB; we take at least twice the L2 so the flush
+# stays sufficient on parts with a larger cache.
+_MIN_FLUSH_BYTES = 256 * 2**20
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return torch.empty(max(_MIN_FLUSH_BYTES, 2 * l2), dtype=torch.int8, device=device)
+
+
+def _counts(estimate_ms: float, warmup_ms: float, rep_ms: float) -> tuple[int, int]:
+    estimate_ms = max(estimate_ms, 1e-4)
+    n_warmup = max(1, math.ceil(warmup_ms / estimate_ms))
+    n_rep = min(MAX_REPS, max(MIN_REPS, math.ceil(rep_ms / estimate_ms)))
+    return n_warmup, n_rep
+
+
+def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2) -> Stats:
+    cache = _flush_buffer(device) if flush_l2 else None
+
+    def one(n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends):
+            if cache is not None:
+                cache.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    with torch.cuda.device(device):
+        fn()  # first call: compilation, autotuning, handle creation
+        torch.cuda.synchronize(device)
+        estimate = sorted(one(3))[1]
+        n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
+        for _ in range(n_warmup):
+            fn()
+        return Stats.of(one(n_rep))
+
+
+def _measure_cpu(fn, warmup_ms, rep_ms) -> Stats:
+    def one(n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return samples
+
+    first = one(1)[0]  # includes one-off costs; discarded
+    estimate = first if first > rep_ms else min(one(2))
+    n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
+    if estimate > warmup_ms:
+        n_warmup = 0  # the first calls already warmed up a slow configuration
+    one(n_warmup)
+    return Stats.of(one(n_rep))
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    flush_l2: bool = True,
+) -> Stats:
+    """Time `fn` repeatedly; return the samples (ms) of the timed repetitions."""
+    assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
+    if device.type == "cuda":
+        return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2)
+    return _measure_cpu(fn, warmup_ms, rep_ms)
+
+
+def do_bench_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
+    """Triton's own timer on the same callable, for cross-checking ours."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))

@@ -1,0 +1,230 @@
+"""The attention suite: naive vs tiled (FlashAttention written here) vs
+PyTorch's scaled_dot_product_attention, with PyTorch choosing its backend and
+with each backend forced.
+
+    genbench attention --seq 8k
+    genbench attention --seq 1k,2k,4k --mode fwd+bwd --impl tiled --impl sdpa-flash
+
+Each configuration is checked against a float64 reference on the same inputs
+(output, and gradients when the backward is measured) before it is timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bench import calibrate, correctness, metrics
+from bench.env import DTYPES
+from bench.errors import BadInput, Unsupported
+from bench.runner import Column, Context, Measurement, Sweep
+from impls.attention import naive, sdpa, tiled
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An attention implementation as the suite sees it."""
+
+    fn: Callable[..., torch.Tensor]
+    # None if it can run these inputs here, else the reason it cannot.
+    why_not: Callable[..., str | None] = lambda q, k, v, causal: None
+    # What actually ran (backend, kernel configuration), for the `kernel` column.
+    kernel: Callable[..., str] = lambda q, k, v, causal: ""
+
+
+def _forced(backend: str) -> Impl:
+    return Impl(
+        fn=functools.partial(sdpa.attention, backend=backend),
+        why_not=functools.partial(sdpa.why_not, backend=backend),
+        kernel=lambda q, k, v, causal: backend,
+    )
+
+
+IMPLS: dict[str, Impl] = {
+    "naive": Impl(naive.attention, kernel=lambda q, k, v, causal: "matmul+softmax+matmul"),
+    "tiled": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
+    "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),
+    **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
+}
+BASELINE = "naive"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One measured row: an implementation on one shape."""
+
+    impl: str
+    seq: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    mode: str
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The sweep, as given on the command line."""
+
+    seqs: tuple[int, ...]
+    heads: int = 16
+    kv_heads: int | None = None
+    head_dim: int = 128
+    dtype: str = "bf16"
+    causal: tuple[bool, ...] = (False, True)
+    modes: tuple[str, ...] = ("fwd",)
+    impls: tuple[str, ...] = tuple(IMPLS)
+    batch: int | None = None
+
+    def __post_init__(self):
+        kv = self.kv_heads or self.heads
+        for name, value in (("--heads", self.heads), ("--kv-heads", kv), ("--head-dim", self.head_dim)):
+            if value <= 0:
+                raise BadInput(f"{name} must be positive, got {value}")
+        if self.batch is not None and self.batch <= 0:
+            raise BadInput(f"--batch must be positive, got {self.batch}")
+        if self.heads % kv:
+            raise BadInput(f"--heads {self.heads} is not divisible by --kv-heads {kv}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise BadInput(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        unknown = [i for i in self.impls if i not in IMPLS]
+        if unknown:
+            raise BadInput(f"unknown --impl {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+
+    def configs(self) -> list[AttentionConfig]:
+        # Shapes outermost, implementations innermost: rows that share a
+        # reference (and a table) are measured one after another.
+        return [
+            AttentionConfig(
+                impl=impl, seq=seq, batch=self.batch or max(1, TOKENS_PER_BATCH // seq),
+                heads=self.heads, kv_heads=self.kv_heads or self.heads, head_dim=self.head_dim,
+                dtype=self.dtype, causal=causal, mode=mode,
+            )
+            for seq in self.seqs for causal in self.causal for mode in self.modes for impl in self.impls
+        ]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")
+
+
+def parse_seqs(text: str) -> tuple[int, ...]:
+    """'512' -> (512,), '8k' or '8K' -> (8192,), '1k,2k,4k' -> (1024, 2048, 4096)."""
+    seqs = []
+    for part in text.split(","):
+        match = _SIZE.match(part)
+        if not match:
+            raise BadInput(f"--seq: cannot read {part.strip()!r} as a length (examples: 512, 8k, 1k,2k,4k)")
+        value = int(match.group(1)) * (1024 if match.group(2) else 1)
+        if value <= 0:
+            raise BadInput(f"--seq: lengths must be positive, got {part.strip()!r}")
+        seqs.append(value)
+    return tuple(seqs)
+
+
+def _inputs(cfg: AttentionConfig, device: torch.device, seed: int):
+    """q, k, v and the output gradient, the same for every impl of one shape."""
+    dtype = DTYPES[cfg.dtype]
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(cfg.batch, cfg.heads, cfg.seq, cfg.head_dim, generator=g, device=device, dtype=dtype)
+    k, v = (
+        torch.randn(cfg.batch, cfg.kv_heads, cfg.seq, cfg.head_dim, generator=g, device=device, dtype=dtype)
+        for _ in range(2)
+    )
+    dout = torch.randn(q.shape, generator=g, device=device, dtype=dtype)
+    return q, k, v, dout
+
+
+@functools.lru_cache(maxsize=1)
+def _reference(shape: AttentionConfig, device: torch.device, seed: int, backward: bool):
+    """Float64 output (and gradients), computed once for all impls of a shape."""
+    q, k, v, dout = _inputs(shape, device, seed)
+    return naive.reference(q, k, v, shape.causal, dout if backward else None)
+
+
+def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
+    impl = IMPLS[cfg.impl]
+    backward = cfg.mode != "fwd"
+    q, k, v, dout = _inputs(cfg, ctx.device, ctx.seed)
+    reason = impl.why_not(q, k, v, cfg.causal)
+    if reason:
+        raise Unsupported(reason)
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    values = {"kernel": impl.kernel(q, k, v, cfg.causal)}
+
+    # Correctness gate: output (and gradients) against float64, before any timing.
+    shape = dataclasses.replace(cfg, impl="", mode="")
+    ref_out, ref_grads = _reference(shape, ctx.device, ctx.seed, backward)
+    out = impl.fn(q, k, v, cfg.causal)
+    got, want = [out], [ref_out]
+    if backward:
+        got += torch.autograd.grad(out, (q, k, v), dout)
+        want += ref_grads
+    err = correctness.max_rel_err(got, want)
+    values["rel_err"] = err
+    del out, got, want
+    dtype = DTYPES[cfg.dtype]
+    if not correctness.passes(err, dtype):
+        tol = correctness.TOLERANCE[dtype]
+        return Measurement(values, status="mismatch", reason=f"rel_err {err:.2e} above the {cfg.dtype} tolerance {tol:.0e}")
+
+    if cfg.mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return impl.fn(q, k, v, cfg.causal)
+    elif cfg.mode == "bwd":
+        out = impl.fn(q, k, v, cfg.causal)
+
+        def step():
+            return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    else:
+        def step():
+            return torch.autograd.grad(impl.fn(q, k, v, cfg.causal), (q, k, v), dout)
+
+    stats = ctx.time(step)
+    flops = metrics.attention_flops(cfg.batch, cfg.heads, cfg.seq, cfg.seq, cfg.head_dim, cfg.causal, cfg.mode)
+    rate = metrics.tflops(flops, stats.median)
+    values.update(
+        tflops=rate,
+        pct_of_peak=metrics.pct_of_peak(rate, calibrate.matmul_peak(ctx.peaks, dtype)),
+        peak_mem_MiB=ctx.peak_memory_mib(step),
+        do_bench_median_ms=ctx.do_bench_ms(step),
+    )
+    return Measurement(values, stats=stats)
+
+
+DISPLAY = (
+    Column("median_ms", "ms", "{:.4g}"),
+    Column("iqr_ms", "IQR", "{:.2g}"),
+    Column("tflops", "TFLOP/s", "{:.3g}"),
+    Column("pct_of_peak", "%peak", "{:.0f}"),
+    Column("peak_mem_MiB", "MiB", "{:.0f}"),
+    Column("rel_err", "err", "{:.0e}"),
+)
+
+
+def sweep(opts: AttentionOptions) -> Sweep:
+    return Sweep(
+        suite="attention",
+        configs=opts.configs(),
+        run=run,
+        params=("impl", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode"),
+        metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms"),
+        display=DISPLAY,
+        label="impl",
+        baseline=BASELINE,
+        note="kernel",
+    )

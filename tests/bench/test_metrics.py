@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import metrics
+from impls.attention import naive, tiled
+
+
+def test_attention_flops_by_hand():
+    # B=2, H=4, S=64, D=32: 4*2*4*64*64*32 = 4_194_304
+    assert metrics.attention_flops(2, 4, 64, 64, 32, False, "fwd") == 4_194_304
+    assert metrics.attention_flops(2, 4, 64, 64, 32, True, "fwd") == 2_097_152
+    assert metrics.attention_flops(2, 4, 64, 64, 32, False, "bwd") == 2.5 * 4_194_304
+    assert metrics.attention_flops(2, 4, 64, 64, 32, True, "fwd+bwd") == 3.5 * 2_097_152
+
+
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_forward_formula_matches_flop_counter():
+    q, k, v = (torch.randn(2, 4, 64, 32) for _ in range(3))
+    assert _counted(lambda: naive.attention(q, k, v, causal=False)) == metrics.attention_flops(2, 4, 64, 64, 32, False, "fwd")
+
+
+def test_backward_ratio_matches_flop_counter_on_recomputing_backward():
+    # The tiled backward recomputes QK^T, then does dV, dP, dQ, dK: five matmuls
+    # against the forward's two, the 2.5 the formula uses.
+    q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+
+    def fwd_bwd():
+        out = tiled.attention(q, k, v, causal=False, block=16)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    assert _counted(fwd_bwd) == metrics.attention_flops(2, 4, 64, 64, 32, False, "fwd+bwd")
+
+
+def test_causal_halving_matches_blocks_actually_computed():
+    # With causal masking the tiled forward skips the rows above each block's
+    # first key; what it computes tends to half the full count as blocks shrink.
+    q, k, v = (torch.randn(1, 1, 256, 32) for _ in range(3))
+    counted = _counted(lambda: tiled.attention(q, k, v, causal=True, block=8))
+    assert counted == pytest.approx(metrics.attention_flops(1, 1, 256, 256, 32, True, "fwd"), rel=8 / 256 + 1e-9)
+
+
+def test_rates_and_shares():
+    assert metrics.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert metrics.pct_of_peak(395.0, 790.0) == pytest.approx(50.0)
+    assert metrics.pct_of_peak(1.0, None) is None
+    assert metrics.per_second(16 * 1024, 50.0) == pytest.approx(327_680)
+
+
+def test_collective_bandwidths_follow_nccl_tests():
+    # 1 GB in 10 ms is 100 GB/s algbw; all_reduce on 4 ranks moves 2*3/4 of it per link.
+    assert metrics.algbw_GBps(1e9, 10.0) == pytest.approx(100.0)
+    assert metrics.busbw_GBps("all_reduce", 1e9, 10.0, 4) == pytest.approx(150.0)
+    assert metrics.busbw_GBps("all_gather", 1e9, 10.0, 4) == pytest.approx(75.0)
+    assert metrics.scaling_efficiency(380.0, 100.0, 4) == pytest.approx(0.95)
+
+
+def test_mfu_by_hand():
+    # 124M params, 12 layers, d=768, T=1024: 6N + 12*L*d*T per token
+    per_token = metrics.transformer_train_flops_per_token(124_000_000, 12, 768, 1024)
+    assert per_token == 6 * 124e6 + 12 * 12 * 768 * 1024
+    assert metrics.mfu(100_000, per_token, 790.0) == pytest.approx(100 * 100_000 * per_token / 790e12)

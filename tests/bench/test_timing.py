@@ -1,0 +1,54 @@
+import time
+
+import pytest
+import torch
+
+from bench import timing
+from tests.conftest import requires_cuda
+
+CPU = torch.device("cpu")
+
+
+def test_counts_from_estimate():
+    # 2 ms calls: 25 ms of warm-up is 13 calls, 100 ms of timing 50 calls.
+    assert timing._counts(2.0, 25.0, 100.0) == (13, 50)
+    # A call slower than the budget still gets the floor of repetitions.
+    assert timing._counts(500.0, 25.0, 100.0) == (1, timing.MIN_REPS)
+    assert timing._counts(1e-6, 1.0, 1e9)[1] == timing.MAX_REPS
+
+
+def test_cpu_samples_time_the_call():
+    stats = timing.measure(lambda: time.sleep(0.004), device=CPU, warmup_ms=5, rep_ms=60)
+    assert 4.0 <= stats.median < 12.0
+    assert timing.MIN_REPS <= stats.n <= 16  # about 60 ms / 4 ms
+    assert len(stats.samples) == stats.n
+
+
+def test_first_calls_are_discarded():
+    calls = []
+
+    def fn():
+        time.sleep(0.2 if not calls else 0.002)  # a slow first call, like a compile
+        calls.append(1)
+
+    stats = timing.measure(fn, device=CPU, warmup_ms=5, rep_ms=20)
+    assert stats.max < 100  # the 200 ms call is not among the samples
+    assert len(calls) > stats.n  # and some calls were not timed
+
+
+def test_slow_call_gets_minimum_repetitions():
+    stats = timing.measure(lambda: time.sleep(0.03), device=CPU, warmup_ms=1, rep_ms=1)
+    assert stats.n == timing.MIN_REPS
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_agrees_with_triton_do_bench_on_sdpa_8k():
+    import torch.nn.functional as F
+
+    q = torch.randn(2, 16, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: F.scaled_dot_product_attention(q, q, q)  # noqa: E731
+    ours = timing.measure(fn, device=torch.device("cuda"), warmup_ms=100, rep_ms=500).median
+    theirs = timing.do_bench_median(fn, 100, 500)
+    print(f"genbench median {ours:.4f} ms, triton do_bench median {theirs:.4f} ms")
+    assert abs(ours / theirs - 1) < 0.03

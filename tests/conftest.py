@@ -1,0 +1,24 @@
+"""Shared test set-up.
+
+- Without CUDA, Triton kernels run through Triton's interpreter: the flag must
+  be set before triton is first imported, so it is set here.
+- Each test session gets its own genbench cache (calibrated peaks, tokenizers,
+  checkpoints), so tests neither read nor pollute the user's.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("GENBENCH_CACHE", tempfile.mkdtemp(prefix="genbench-test-cache-"))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
+
+
+@pytest.fixture
+def cpu() -> torch.device:
+    return torch.device("cpu")

@@ -1,0 +1,108 @@
+"""Every attention implementation against the float64 reference."""
+
+import pytest
+import torch
+
+from bench.correctness import TOLERANCE, max_rel_err
+from impls.attention import naive, sdpa, tiled
+from tests.conftest import requires_cuda
+
+IMPLS = {
+    "naive": naive.attention,
+    "tiled": lambda q, k, v, causal: tiled.attention(q, k, v, causal, block=32),
+    "sdpa": sdpa.attention,
+    "sdpa-math": lambda q, k, v, causal: sdpa.attention(q, k, v, causal, backend="math"),
+}
+if not torch.cuda.is_available():
+    IMPLS["sdpa-flash"] = lambda q, k, v, causal: sdpa.attention(q, k, v, causal, backend="flash")
+
+
+def _inputs(B, H, Hkv, S, D, dtype, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g, dtype=dtype, device=device)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=dtype, device=device) for _ in range(2))
+    dout = torch.randn(B, H, S, D, generator=g, dtype=dtype, device=device)
+    return q, k, v, dout
+
+
+def _check(fn, B, H, Hkv, S, D, dtype, causal, backward, device="cpu"):
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, dtype, device)
+    ref_out, ref_grads = naive.reference(q, k, v, causal, dout if backward else None)
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, causal)
+    got, want = [out], [ref_out]
+    if backward:
+        got += torch.autograd.grad(out, (q, k, v), dout)
+        want += ref_grads
+    err = max_rel_err(got, want)
+    assert err <= TOLERANCE[dtype], f"rel_err {err:.2e} above {TOLERANCE[dtype]:.0e}"
+    return err
+
+
+@pytest.mark.parametrize("name", list(IMPLS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("S", [1, 77, 130])  # not multiples of the tiled block (32)
+def test_matches_reference_fwd_bwd_fp32(name, causal, S):
+    _check(IMPLS[name], 2, 4, 4, S, 32, torch.float32, causal, backward=True)
+
+
+@pytest.mark.parametrize("name", list(IMPLS))
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_grouped_query_attention(name, kv_heads):
+    _check(IMPLS[name], 1, 4, kv_heads, 65, 16, torch.float32, causal=True, backward=True)
+
+
+@pytest.mark.parametrize("name", list(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward(name, dtype):
+    _check(IMPLS[name], 1, 2, 2, 100, 32, dtype, causal=True, backward=False)
+
+
+def test_tiled_backward_bf16():
+    _check(IMPLS["tiled"], 1, 2, 1, 96, 32, torch.bfloat16, causal=False, backward=True)
+
+
+def test_gate_catches_a_wrong_implementation():
+    # The same check must fail for attention without the causal mask.
+    wrong = lambda q, k, v, causal: naive.attention(q, k, v, causal=False)  # noqa: E731
+    with pytest.raises(AssertionError, match="rel_err"):
+        _check(wrong, 1, 2, 2, 64, 16, torch.float32, causal=True, backward=False)
+
+
+def test_reference_chunks_agree_with_one_piece():
+    q, k, v, dout = _inputs(2, 4, 2, 40, 8, torch.float32)
+    whole = naive.reference(q, k, v, True, dout)
+    chunked = naive.reference(q, k, v, True, dout, max_elems=1)  # one kv head at a time
+    assert torch.equal(whole[0], chunked[0])
+    for a, b in zip(whole[1], chunked[1]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_reports_backend_and_reasons():
+    q, k, v, _ = _inputs(1, 2, 2, 64, 32, torch.float32)
+    assert sdpa.chosen_backend(q, k, v, False) in {b.lower() for b in ("flash", "efficient", "cudnn", "math")}
+    assert sdpa.why_not(q, k, v, False, "math") is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in sdpa.why_not(q, k, v, False, "cudnn")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_impl_on_gpu(dtype):
+    for name, fn in IMPLS.items():
+        _check(fn, 2, 8, 2, 1000, 64, dtype, causal=True, backward=True, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_tiled_memory_grows_linearly_with_length():
+    from bench.memory import peak_memory_mib
+
+    def peak(S):
+        q, k, v, _ = _inputs(1, 8, 8, S, 64, torch.bfloat16, device="cuda")
+        return peak_memory_mib(lambda: tiled.attention(q, k, v, False), torch.device("cuda"))
+
+    # Doubling S doubles a linear footprint and would quadruple an S×S one.
+    assert peak(8192) / peak(4096) < 2.5

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from bench.errors import BadInput
+from bench.runner import Context, measure_one
+from suites import attention as suite
+from impls.attention import naive
+
+CTX = Context(torch.device("cpu"), warmup_ms=1, rep_ms=5)
+
+
+@pytest.mark.parametrize("text, seqs", [
+    ("512", (512,)), ("8k", (8192,)), ("8K", (8192,)), ("1k,2k,4k", (1024, 2048, 4096)), (" 300 , 1k", (300, 1024)),
+])
+def test_parse_seqs(text, seqs):
+    assert suite.parse_seqs(text) == seqs
+
+
+@pytest.mark.parametrize("text", ["8q", "", "1k,,2k", "-5", "0", "1.5k", "k"])
+def test_parse_seqs_rejects(text):
+    with pytest.raises(BadInput, match="--seq"):
+        suite.parse_seqs(text)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(heads=6, kv_heads=4), "not divisible"),
+    (dict(heads=0), "--heads must be positive"),
+    (dict(head_dim=-1), "--head-dim"),
+    (dict(batch=0), "--batch"),
+    (dict(dtype="fp64"), "--dtype"),
+    (dict(modes=("backward",)), "--mode"),
+    (dict(impls=("flash3",)), "known: naive, tiled"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(BadInput, match=message):
+        suite.AttentionOptions(seqs=(64,), **kwargs)
+
+
+def test_default_batch_keeps_16k_tokens_and_order():
+    configs = suite.AttentionOptions(seqs=(512, 8192), impls=("naive", "tiled")).configs()
+    assert {(c.seq, c.batch) for c in configs} == {(512, 32), (8192, 2)}
+    # shapes outermost, impls innermost: the reference is computed once per shape
+    assert [c.impl for c in configs[:4]] == ["naive", "tiled", "naive", "tiled"]
+    assert configs[0].causal == configs[1].causal and configs[0].causal != configs[2].causal
+
+
+def _cfg(**kw):
+    base = dict(impl="tiled", seq=70, batch=2, heads=4, kv_heads=2, head_dim=16, dtype="fp32", causal=True, mode="fwd+bwd")
+    return suite.AttentionConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("mode", suite.MODES)
+def test_row_for_each_mode(mode):
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(mode=mode), CTX)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5 and m.values["tflops"] > 0 and m.stats.n >= 5
+    assert m.values["kernel"].startswith("torch block=")
+
+
+def test_wrong_impl_is_a_mismatch_and_not_timed(monkeypatch):
+    broken = suite.Impl(lambda q, k, v, causal: naive.attention(q, k, v, causal) * 1.01)
+    monkeypatch.setitem(suite.IMPLS, "broken", broken)
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="broken", mode="fwd"), CTX)
+    assert m.status == "mismatch" and m.stats is None
+    assert m.values["rel_err"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_out_of_memory_becomes_a_row(monkeypatch):
+    def oom(q, k, v, causal):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(suite.IMPLS, "hungry", suite.Impl(oom))
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="hungry"), CTX)
+    assert m.status == "oom"
+
+
+def test_unavailable_backend_is_unsupported_with_reason():
+    if torch.cuda.is_available():
+        pytest.skip("every backend may run on a GPU")
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="sdpa-cudnn"), CTX)
+    assert m.status == "unsupported" and "CUDA" in m.reason
