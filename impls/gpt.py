@@ -1,0 +1,258 @@
+"""A small GPT: the decoder-only transformer shared by the precision, DDP and Medusa suites.
+
+One file holds the whole model and nothing of training or timing:
+
+    config = GPTConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)
+    model = GPT(config)
+    logits, loss = model(idx, targets)                  # training: (B, T) -> (B, T, V)
+
+    model.setup_cache(batch=1, max_len=512)             # decoding with a static KV cache
+    logits, _ = model(prompt, input_pos=torch.arange(T0))
+    logits, _ = model(next_tok, input_pos=torch.tensor([T0]))
+
+Blocks are pre-norm (x + attn(ln(x)), x + mlp(ln(x))). The norm is LayerNorm rather
+than RMSNorm because that is what GPT-2 uses: the `gpt2-small` preset then has exactly
+the published 124M parameters, and its FLOP and MFU numbers can be set beside others'.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 8192  # the default vocabulary of impls/data.py's BPE tokenizer
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256  # longest context: the number of learned positions
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+    def __post_init__(self):
+        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPTConfig":
+        """The preset called `name`, with any field replaced by `overrides` (e.g. vocab_size).
+
+        An unknown name raises ValueError listing the known ones.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # ~1.5M params with the 8192 vocabulary, 0.4M of them in the blocks: the loss falls
+    # visibly within seconds of CPU training, which is what tests and smoke runs need.
+    "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256),
+    # ~30M params with the 8192 vocabulary: a model worth training for minutes on one GPU.
+    "small": GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=512),
+    # GPT-2's smallest shape: 124,439,808 params with its 50257-token vocabulary.
+    "gpt2-small": GPTConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    # ~210M params: large enough that one decoding step is bound by reading the weights
+    # on a datacenter GPU, which is the regime speculative decoding is meant for.
+    "medium": GPTConfig(n_layer=16, n_head=16, n_embd=1024, block_size=1024),
+}
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer; new entries are written at given slots."""
+
+    def __init__(self, batch, n_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)  # (B, H, L, D)
+        # Not persistent: a cache is scratch space and must not end up in a state_dict.
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos, k, v):
+        # cache_pos: (T,) slots; k, v: (B, H, T, D). Returns the whole cache, (B, H, L, D) each.
+        self.k[:, :, cache_pos] = k
+        self.v[:, :, cache_pos] = v
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache = None
+
+    def forward(self, x, cache_pos=None, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache_pos is None:  # plain causal attention over this sequence; any cache is left alone
+            assert mask is None, "an explicit mask is only taken with input_pos (the KV-cache path)"
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H, L, D)
+            # mask: bool, True where a query may attend; broadcastable to (B, H, T, L).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # The tanh approximation is GPT-2's GELU; the exact erf form differs by ~1e-3.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache_pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache_pos, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied embeddings: one (V, C) matrix both reads tokens in and scores them out.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of each layer's last projection by 1/sqrt(2 * n_layer):
+        # every block adds two of them to the residual stream, whose variance would
+        # otherwise grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding leaves out the position table.
+
+        The token table stays in: it is tied to lm_head, so it costs a real matmul per
+        token, whereas looking up a position row costs nothing.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context length seq_len.
+
+        6·N + 12·n_layer·n_embd·seq_len, as in the PaLM paper (Chowdhery et al. 2022,
+        appendix B) and Chinchilla-style MFU accounting. N = num_params(non_embedding=True)
+        covers every matmul with a weight: 2 FLOPs per weight per token forward, twice that
+        backward (biases and norm gains add a negligible few). The second term is
+        attention's QK^T and AV: 2·2·seq_len·n_embd per layer forward, tripled for the
+        backward; it counts the full seq_len×seq_len scores, not the causal half, as PaLM
+        does. Norms, GELU and softmax are left out. A forward pass alone is a third of this.
+        """
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        """Give every layer a zeroed static KV cache of max_len slots; dtype/device default to the model's."""
+        w = self.lm_head.weight
+        head_dim = self.config.n_embd // self.config.n_head
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, head_dim,
+                                          dtype or w.dtype, device or w.device)
+
+    def clear_cache(self):
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @torch.no_grad()
+    def move_cache(self, src_pos: torch.Tensor, dst_pos: torch.Tensor):
+        """Copy cached K/V from slots src_pos to slots dst_pos in every layer.
+
+        After tree verification the accepted path sits at scattered slots; Medusa
+        (Cai et al. 2024) copies it down to consecutive slots before the next step.
+        """
+        for block in self.transformer.h:
+            cache = block.attn.kv_cache
+            cache.k[:, :, dst_pos] = cache.k[:, :, src_pos]  # gather first, so overlaps are safe
+            cache.v[:, :, dst_pos] = cache.v[:, :, src_pos]
+
+    def forward(self, idx, targets=None, *, input_pos=None, cache_pos=None, mask=None, return_hidden=False):
+        """Logits for every position of idx (B, T), and the loss if targets (B, T) are given.
+
+        Without input_pos this is the plain causal forward used in training; a KV cache, if
+        set up, is neither read nor written. With input_pos the cache (see setup_cache) is used: input_pos (T,) gives the new tokens' positions,
+        cache_pos (T,) the slots their K/V are written to (default: input_pos), and mask, a
+        bool tensor broadcastable to (B, 1, T, max_len), says which slots each new token
+        may attend to (default: causal, slot <= position). A Medusa tree passes its own
+        mask, positions prefix_len + depth, and distinct slots prefix_len + node index.
+        return_hidden also returns the final hidden states (B, T, C), after ln_f.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            input_pos = torch.arange(T, device=idx.device)
+        else:
+            cache = self.transformer.h[0].attn.kv_cache
+            assert cache is not None, "input_pos needs a KV cache: call setup_cache first"
+            cache_pos = input_pos if cache_pos is None else cache_pos
+            if mask is None:
+                slots = torch.arange(cache.k.shape[2], device=idx.device)
+                mask = slots[None, :] <= input_pos[:, None]  # (T, L): causal over slots
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache_pos, mask)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # Upcast so a bf16/fp16 model's loss is still reduced in fp32; -1 marks ignored targets.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, x) if return_hidden else (logits, loss)
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
+        """AdamW with weight decay on matrices only (not biases, norms' gains).
+
+        The fused CUDA kernel is used when this torch has it and device_type is "cuda";
+        `optimizer.defaults["fused"]` tells the caller which one it got.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)

@@ -1,0 +1,73 @@
+"""Numeric precisions for training, shared by the precision and DDP suites.
+
+    p = PRECISIONS["bf16"]
+    reason = p.why_not(device)            # None, or why it cannot run here
+    model = p.prepare(model)              # bf16-pure casts the weights; others keep fp32
+    with p.context(device):               # matmul mode + autocast for the forward
+        logits, loss = model(x, y)
+    scaler = p.scaler(device)             # GradScaler for fp16, else a disabled one
+
+fp32 runs IEEE float32 matmuls (TF32 off); tf32 lets float32 matmuls use
+TF32 tensor cores (torch.set_float32_matmul_precision("high")); fp16 is autocast
+with a GradScaler, because fp16's 5-bit exponent underflows small gradients;
+bf16 is autocast without one (bf16 has fp32's exponent range); bf16-pure keeps
+weights and optimizer state in bf16 as well (no fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    autocast_dtype: torch.dtype | None = None  # None: no autocast
+    matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: highest = IEEE fp32, high = TF32
+    grad_scaler: bool = False
+    param_dtype: torch.dtype = torch.float32
+
+    def why_not(self, device: torch.device) -> str | None:
+        """None if this precision runs natively on `device`, else the reason."""
+        if self.matmul_precision == "high" and device.type != "cuda":
+            return "TF32 is a mode of NVIDIA tensor cores (compute capability 8.0+); this is a CPU"
+        if device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
+            if self.matmul_precision == "high" and cap < (8, 0):
+                return f"TF32 needs compute capability 8.0+, this GPU is {cap[0]}.{cap[1]}"
+            uses_bf16 = torch.bfloat16 in (self.autocast_dtype, self.param_dtype)
+            if uses_bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+                return f"no native bf16 on compute capability {cap[0]}.{cap[1]} (needs 8.0+); not emulated"
+        return None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.param_dtype)
+
+    @contextlib.contextmanager
+    def context(self, device: torch.device):
+        """Matmul mode and autocast for the forward pass; restores the matmul mode after."""
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        try:
+            if self.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
+                    yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device.type, enabled=self.grad_scaler)
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32"),
+    "tf32": Precision("tf32", matmul_precision="high"),
+    "fp16": Precision("fp16", autocast_dtype=torch.float16, grad_scaler=True),
+    "bf16": Precision("bf16", autocast_dtype=torch.bfloat16),
+    "bf16-pure": Precision("bf16-pure", param_dtype=torch.bfloat16),
+}
