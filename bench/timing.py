@@ -20,6 +20,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -105,6 +106,51 @@ def measure(
     if device.type == "cuda":
         return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2)
     return _measure_cpu(fn, warmup_ms, rep_ms)
+
+
+class StepTimer:
+    """Times each step of a loop that cannot be rerun on the same inputs, such
+    as a training run, where every step changes the weights.
+
+        timer = StepTimer(device)
+        for step in range(steps):
+            with timer.step():
+                train_step()
+        stats = timer.stats(warmup=5)   # the first 5 steps discarded
+
+    On CUDA each step gets its own event pair (read once, at the end, so the
+    loop never waits on the device); on CPU, perf_counter around the step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cpu_ms: list[float] = []
+
+    @contextlib.contextmanager
+    def step(self):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._cpu_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def samples(self) -> list[float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [s.elapsed_time(e) for s, e in self._events]
+        return list(self._cpu_ms)
+
+    def stats(self, warmup: int) -> Stats:
+        """Statistics of the steps after the first `warmup` (compilation, allocator growth)."""
+        samples = self.samples()
+        assert len(samples) > warmup, f"{len(samples)} steps timed, {warmup} of them warm-up: nothing left"
+        return Stats.of(samples[warmup:])
 
 
 def do_bench_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:

@@ -52,3 +52,15 @@ def test_agrees_with_triton_do_bench_on_sdpa_8k():
     theirs = timing.do_bench_median(fn, 100, 500)
     print(f"genbench median {ours:.4f} ms, triton do_bench median {theirs:.4f} ms")
     assert abs(ours / theirs - 1) < 0.03
+
+
+def test_step_timer_discards_warmup_steps():
+    timer = timing.StepTimer(CPU)
+    for i in range(6):
+        with timer.step():
+            time.sleep(0.05 if i < 2 else 0.002)
+    assert len(timer.samples()) == 6
+    stats = timer.stats(warmup=2)
+    assert stats.n == 4 and stats.max < 40
+    with pytest.raises(AssertionError):
+        timer.stats(warmup=6)
