@@ -9,7 +9,9 @@ fsync, so an interrupted run keeps every finished row and never a torn line.
 Floats are written with repr(), i.e. at full precision. The JSON is written
 when the run starts (`"complete": false`) and rewritten when it ends, and it
 names the samples file: `samples["row3"]` holds the samples of CSV row 3
-(0-based, header excluded).
+(0-based, header excluded). It also says how to read the CSV: which columns
+are the sweep's parameters (`params`, label first), its `label`, its own
+`metrics`, its `primary` column and whether `higher_is_better`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import numpy as np
 
 
 class ResultWriter:
-    def __init__(self, out_dir: Path, suite: str, columns: Sequence[str], env: dict, stamp: str | None = None):
+    def __init__(self, out_dir: Path, suite: str, columns: Sequence[str], env: dict, stamp: str | None = None,
+                 meta: dict | None = None):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = stamp or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -37,7 +40,9 @@ class ResultWriter:
         self.columns = list(columns)
         self.rows: list[dict] = []
         self._samples: dict[str, np.ndarray] = {}
-        self._meta = {"suite": suite, "csv": self.csv_path.name, "env": env, "complete": False, "rows": 0}
+        # `meta`: how to read the CSV (see Sweep.meta), for compare and plot.
+        self._meta = {"suite": suite, "csv": self.csv_path.name, **(meta or {}), "env": env, "complete": False,
+                      "rows": 0}
         self._write_json()
         self._file = open(self.csv_path, "w", newline="")
         self._write_line(dict(zip(self.columns, self.columns)))

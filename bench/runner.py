@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import memory, timing
 from bench.errors import Unsupported
+from bench.profile import Profile, Profiler
 from bench.results import ResultWriter
 from bench.stats import Stats, stat_columns
 
@@ -55,6 +56,7 @@ class Context:
     crosscheck: bool = False  # also time with triton.testing.do_bench
     seed: int = 0
     extras: dict = field(default_factory=dict)
+    profiler: Profiler | None = None  # set by --profile
 
     def time(self, fn: Callable[[], object]) -> Stats:
         return timing.measure(fn, device=self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
@@ -66,6 +68,14 @@ class Context:
         if not self.crosscheck or self.device.type != "cuda":
             return None
         return timing.do_bench_median(fn, self.warmup_ms, self.rep_ms)
+
+    def profile(self, fn: Callable[[], object]) -> Profile | None:
+        """Run `fn` under torch.profiler and keep its trace, when --profile is
+        on; otherwise do nothing. Suites call it after timing, on the same
+        callable they timed."""
+        if self.profiler is None:
+            return None
+        return self.profiler.profile(fn)
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,11 @@ class Sweep:
 
     def describe(self, config: Any) -> str:
         return " ".join(f"{k}={getattr(config, k)}" for k in self.params)
+
+    def meta(self) -> dict:
+        """How to read this sweep's CSV, for its JSON sidecar (compare, plot)."""
+        return {"params": list(self.params), "label": self.label, "metrics": list(self.metrics),
+                "primary": self.primary, "higher_is_better": self.higher_is_better, "baseline": self.baseline}
 
 
 class Interrupted(Exception):
@@ -145,7 +160,9 @@ def to_row(sweep: Sweep, config: Any, m: Measurement) -> dict:
 
 def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Console) -> ResultWriter:
     """Measure every configuration, writing each row as it finishes."""
-    writer = ResultWriter(out_dir, sweep.suite, sweep.columns(), env)
+    writer = ResultWriter(out_dir, sweep.suite, sweep.columns(), env, meta=sweep.meta())
+    if ctx.profiler is not None:
+        ctx.profiler.folder = writer.csv_path.with_name(f"{writer.csv_path.stem}-traces")
     complete = False
     progress = Progress(
         TextColumn("[bold]{task.fields[suite]}"),
@@ -163,6 +180,8 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
             task = progress.add_task("", total=len(sweep.configs), suite=sweep.suite)
             for config in sweep.configs:
                 progress.update(task, description=sweep.describe(config))
+                if ctx.profiler is not None:  # traces named after the CSV row they belong to
+                    ctx.profiler.row = (len(writer.rows), sweep.describe(config))
                 m = measure_one(sweep, config, ctx)
                 writer.write(to_row(sweep, config, m), m.stats.samples if m.stats else None)
                 progress.advance(task)

@@ -23,7 +23,7 @@ from bench import calibrate, correctness, metrics
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import naive, sdpa, tiled
+from impls.attention import flash_triton, naive, sdpa, tiled
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -48,9 +48,17 @@ def _forced(backend: str) -> Impl:
     )
 
 
+def _triton_why_not(q, k, v, causal) -> str | None:
+    reason = flash_triton.supported(q, k, v, causal)
+    return reason and f"{reason}; tiled-torch is the CPU path"
+
+
 IMPLS: dict[str, Impl] = {
     "naive": Impl(naive.attention, kernel=lambda q, k, v, causal: "matmul+softmax+matmul"),
-    "tiled": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
+    # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
+    "tiled": Impl(flash_triton.attention, why_not=_triton_why_not, kernel=lambda q, k, v, causal: flash_triton.last_config()),
+    # The same algorithm in PyTorch: the readable reference, and the CPU path.
+    "tiled-torch": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
     "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
 }
@@ -163,7 +171,7 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         raise Unsupported(reason)
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-    values = {"kernel": impl.kernel(q, k, v, cfg.causal)}
+    values = {}
 
     # Correctness gate: output (and gradients) against float64, before any timing.
     shape = dataclasses.replace(cfg, impl="", mode="")
@@ -175,6 +183,7 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         want += ref_grads
     err = correctness.max_rel_err(got, want)
     values["rel_err"] = err
+    values["kernel"] = impl.kernel(q, k, v, cfg.causal)  # after a call: autotuners have chosen
     del out, got, want
     dtype = DTYPES[cfg.dtype]
     if not correctness.passes(err, dtype):
@@ -203,6 +212,7 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         peak_mem_MiB=ctx.peak_memory_mib(step),
         do_bench_median_ms=ctx.do_bench_ms(step),
     )
+    ctx.profile(step)  # --profile: a trace of the timed step
     return Measurement(values, stats=stats)
 
 

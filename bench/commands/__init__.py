@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 import bench.env
-from bench import calibrate, report
+from bench import calibrate, profile, report
 from bench.errors import BadInput
 from bench.runner import Context, Interrupted, Sweep, run_sweep
 
@@ -43,6 +43,10 @@ RepOpt = Annotated[float, typer.Option("--rep-ms", help="Timed budget per config
 CrosscheckOpt = Annotated[
     bool, typer.Option("--crosscheck", help="Also time with triton.testing.do_bench (CUDA) into do_bench_median_ms.")
 ]
+ProfileOpt = Annotated[
+    bool, typer.Option("--profile", help="After timing, run each configuration under torch.profiler: Chrome/Perfetto "
+                       "traces in OUT/<run>-traces/ and a top-10 table of kernels by device time (CPU time on CPU).")
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class RunOptions:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     crosscheck: bool = False
+    profile: bool = False
 
     def __post_init__(self):
         if self.warmup_ms < 0 or self.rep_ms <= 0:
@@ -69,7 +74,7 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BadInput as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even in logs
             raise typer.Exit(2) from None
         except Interrupted as exc:
             err_console.print(f"[yellow]{exc}[/]", highlight=False)
@@ -92,10 +97,13 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
     ctx = Context(
         device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=peaks,
         crosscheck=opts.crosscheck, seed=opts.seed, extras=extras or {},
+        profiler=profile.Profiler(opts.device) if opts.profile else None,
     )
     info = bench.env.collect(opts.device, opts.seed)
     writer = run_sweep(sweep, ctx, opts.out, info, console)
     report.render(sweep, writer.rows, console)
+    if ctx.profiler is not None:
+        profile.render(ctx.profiler, console)
     console.print(f"wrote {writer.csv_path} ({len(writer.rows)} rows), {writer.json_path.name}"
                   + (f", {writer.samples_path.name}" if writer.samples_path.exists() else ""))
     return writer.rows

@@ -1,4 +1,12 @@
-"""`genbench env`: the machine on one screen, and the measured peaks."""
+"""`genbench env`: the machine on one screen, and the measured peaks.
+
+    genbench env                 device, driver, CUDA/cuDNN/NCCL, torch, triton,
+                                 SDPA backends, bf16/tf32/fp8, cached peaks
+    genbench env --calibrate     measure the peaks now (a few seconds) and cache them
+
+Every "yes" about the device is found by running a tiny problem on it, not
+read from a table: a backend or a number format counts when a call succeeds.
+"""
 
 from __future__ import annotations
 
@@ -13,34 +21,102 @@ from bench.commands import DeviceOpt, app, cli_errors, console
 from impls.attention import sdpa
 
 
-def _sdpa_backends(device: torch.device) -> str:
-    """Which forced SDPA backends run a small bf16/fp32 problem on this device."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _sdpa_backends(device: torch.device) -> tuple[str, dict[str, str]]:
+    """The dtype tried, and for each forced SDPA backend 'yes' or 'no: why'."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
-    ok = [name for name in sdpa.BACKENDS if sdpa.why_not(q, q, q, False, name) is None]
-    return ", ".join(ok) or "none"
+    q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)  # (B, H, S, D)
+    found = {}
+    for name in sdpa.BACKENDS:
+        reason = sdpa.why_not(q, q, q, False, name)
+        found[name] = "yes" if reason is None else f"no: {reason}"
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], found
+
+
+def _bf16(device: torch.device) -> str:
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "yes" if native else "no native bf16 (emulated)"
+    try:
+        a = torch.ones(8, 8, dtype=torch.bfloat16)
+        a @ a
+    except RuntimeError as exc:
+        return f"no: {_first_line(exc)}"
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private: feature-detected
+    if avx512_bf16 is None:
+        return "runs"
+    return "runs, with AVX512-BF16 instructions" if avx512_bf16() else "runs, without AVX512-BF16 (converted to fp32)"
+
+
+def _tf32(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "no: TF32 is a tensor-core mode of NVIDIA GPUs"
+    cap = torch.cuda.get_device_capability(device)
+    return "yes" if cap >= (8, 0) else f"no: needs sm_80 or newer, this is sm_{cap[0]}{cap[1]}"
+
+
+def _fp8(device: torch.device) -> str:
+    """Whether an fp8 (e4m3) matmul runs: torch._scaled_mm, the op torchao and
+    TransformerEngine-style recipes reach; private, so feature-detected."""
+    scaled_mm = getattr(torch, "_scaled_mm", None)
+    if scaled_mm is None or not hasattr(torch, "float8_e4m3fn"):
+        return "no: this torch has no fp8 matmul"
+    a = torch.randn(16, 16, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 16, device=device).to(torch.float8_e4m3fn).t()  # the second operand column-major
+    one = torch.tensor(1.0, device=device)
+    try:
+        scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return f"no: {_first_line(exc)}"
+    return "yes (torch._scaled_mm)"
+
+
+def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
+    rows = [("device", f"{info['device']}: {info['device_name']}")]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        rows += [
+            ("gpus", str(info["gpu_count"])),
+            ("capability", f"sm_{props.major}{props.minor}"),
+            ("memory", f"{props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs"),
+        ]
+    rows.append(("cpu", f"{info['cpu']} ({info['cpu_count']} logical cores)"))
+    return rows
 
 
 @app.command("env")
 @cli_errors
 def env_command(
-    calibrate_: Annotated[bool, typer.Option("--calibrate", help="Measure matmul rates and copy bandwidth now and cache them.")] = False,
+    calibrate_: Annotated[bool, typer.Option("--calibrate", help="Measure matmul rates and copy bandwidth now "
+                                             "and cache them.")] = False,
     device: DeviceOpt = "auto",
 ):
-    """The device, driver and library versions, SDPA backends, and calibrated peaks."""
+    """The device, driver and library versions, SDPA backends, number formats, and calibrated peaks."""
     dev = env.resolve_device(device)
     info = env.collect(dev)
     table = Table(title="genbench env", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key in ("device", "device_name", "gpu_count", "gpu_capability", "driver", "cuda", "cudnn", "nccl",
-                "torch", "triton", "genbench", "git_commit", "python", "cpu", "cpu_count", "hostname"):
-        table.add_row(key, "" if info[key] is None else str(info[key]))
-    table.add_row("sdpa backends", _sdpa_backends(dev))
-    if dev.type == "cuda":
-        table.add_row("bf16 / tf32", f"{torch.cuda.is_bf16_supported(including_emulation=False)} / "
-                      f"{torch.cuda.get_device_capability(dev) >= (8, 0)}")
-        table.add_row("fp8 matmul", str(torch.cuda.get_device_capability(dev) >= (8, 9)))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+
+    def section(rows: list[tuple[str, str]]) -> None:
+        for key, value in rows:
+            table.add_row(key, value)
+        table.add_section()
+
+    def shown(key: str) -> str:
+        return "-" if info[key] is None else str(info[key])
+
+    section(_device_rows(info, dev))
+    section([(key, shown(key)) for key in ("driver", "cuda", "cudnn", "nccl", "torch", "triton", "python")])
+    dtype, backends = _sdpa_backends(dev)
+    runs = [name for name, verdict in backends.items() if verdict == "yes"]
+    section([("sdpa backends", f"{', '.join(runs) or 'none'} run here ({dtype}, causal off)")]
+            + [(f"  {name}", verdict) for name, verdict in backends.items() if verdict != "yes"])
+    section([("bf16", _bf16(dev)), ("tf32", _tf32(dev)), ("fp8 matmul", _fp8(dev))])
     if calibrate_:
         with console.status("measuring matmul rates and copy bandwidth"):
             peaks = calibrate.calibrate(dev)
@@ -53,4 +129,6 @@ def env_command(
         table.add_row("copy bandwidth", f"{peaks['copy_GBps']:.4g} GB/s (measured, read+write)")
     else:
         table.add_row("peaks", "not measured yet: genbench env --calibrate")
+    table.add_section()
+    table.add_row("genbench", f"{info['genbench']} ({shown('git_commit')}) on {info['hostname']}")
     console.print(table)

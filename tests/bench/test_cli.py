@@ -99,3 +99,8 @@ def test_python_dash_m_bench_runs_and_records_its_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     (meta_path,) = tmp_path.glob("attention-*.json")
     assert json.loads(meta_path.read_text())["env"]["command_line"] == " ".join(["python -m bench", *args])
+
+
+def test_zero_head_dim_is_an_error_not_the_default(tmp_path):
+    result = runner.invoke(app, ["attention", "--device", "cpu", "--head-dim", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--head-dim must be positive" in result.output

@@ -45,7 +45,7 @@ def test_default_batch_keeps_16k_tokens_and_order():
 
 
 def _cfg(**kw):
-    base = dict(impl="tiled", seq=70, batch=2, heads=4, kv_heads=2, head_dim=16, dtype="fp32", causal=True, mode="fwd+bwd")
+    base = dict(impl="tiled-torch", seq=70, batch=2, heads=4, kv_heads=2, head_dim=16, dtype="fp32", causal=True, mode="fwd+bwd")
     return suite.AttentionConfig(**{**base, **kw})
 
 
@@ -55,6 +55,14 @@ def test_row_for_each_mode(mode):
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5 and m.values["tflops"] > 0 and m.stats.n >= 5
     assert m.values["kernel"].startswith("torch block=")
+
+
+def test_triton_tiled_runs_through_the_interpreter_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernel runs natively (tests/impls/test_flash_triton.py)")
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="tiled", head_dim=32), CTX)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
 
 
 def test_wrong_impl_is_a_mismatch_and_not_timed(monkeypatch):

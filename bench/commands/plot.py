@@ -1,0 +1,27 @@
+"""`genbench plot RESULTS.csv -o FILE.png`: the chart that fits the run's suite
+(see bench/plot.py); PNG, SVG or PDF by the file's suffix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bench import plot
+from bench.commands import app, cli_errors, console
+from bench.compare import load_run
+
+
+@app.command("plot")
+@cli_errors
+def plot_command(
+    results: Annotated[Path, typer.Argument(help="A run's CSV (its JSON sidecar beside it).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Image to write (.png, .svg, .pdf). "
+                                                   "Default: the CSV's name with .png.")] = None,
+):
+    """Chart a run: for attention, TFLOP/s and peak memory against sequence length per implementation."""
+    run = load_run(results)
+    path = output or results.with_suffix(".png")
+    plot.save(plot.figure(run), path)
+    console.print(f"wrote {path}", highlight=False)

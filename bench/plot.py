@@ -1,0 +1,414 @@
+"""Charts of one run, each suite with its own: `figure(run)` picks the chart
+registered for the run's suite, else a bar chart of its primary metric.
+
+    genbench plot results/attention-20261128-203000.csv -o attention.png
+
+    attention  TFLOP/s and peak memory against sequence length, one line per
+               implementation, log axes, one row of panels per (mode, mask, ...)
+    precision  step time per precision, and the loss curves (`loss_curve`)
+    ddp        scaling efficiency against world size, busbw against message size
+    medusa     tokens/s per method, and the histogram of accepted tokens per step
+
+A new suite adds its chart with `@plots("suite")` on a function from a `Run`
+to a matplotlib Figure. Every line is named at its right end as well as in the
+legend, in a colour kept for its label in every panel, so a chart reads
+without matching colours against the legend.
+
+Figures are built with matplotlib's object-oriented API (`Figure`, no pyplot):
+no global state, and saving to PNG renders with Agg whatever the backend.
+
+Per-step series (a loss curve, accepted tokens per step) that don't fit in a
+CSV row can sit in an .npz beside it that the JSON names under "series", with
+arrays keyed "row<i>.<name>" (row i of the CSV, 0-based): "row3.loss",
+"row3.accept_length".
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from bench.compare import Run, higher_is_better
+from bench.errors import BadInput
+
+PLOTS: dict[str, Callable[[Run], Figure]] = {}
+
+
+def plots(suite: str):
+    """Register the chart of a suite."""
+
+    def register(fn: Callable[[Run], Figure]) -> Callable[[Run], Figure]:
+        PLOTS[suite] = fn
+        return fn
+
+    return register
+
+
+def figure(run: Run) -> Figure:
+    if not (run.rows["status"] == "ok").any():
+        raise BadInput(f"nothing to plot: no row of {run.path.name} has status ok")
+    return PLOTS.get(run.suite, bar_chart)(run)
+
+
+def save(fig: Figure, path: Path) -> None:
+    path = Path(path)
+    kinds = fig.canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in kinds:
+        raise BadInput(f"-o {path}: cannot write {path.suffix or 'a file without a suffix'}; "
+                       f"use one of {', '.join('.' + k for k in sorted(kinds))}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+# --- reading -------------------------------------------------------------------
+
+
+def ok_rows(run: Run) -> pd.DataFrame:
+    """The rows that passed, with every all-numeric column as numbers. The CSV
+    row index is kept as the frame's index (it keys samples and series)."""
+    df = run.rows[run.rows["status"] == "ok"].copy()
+    for col in df.columns:
+        filled = df[col] != ""
+        as_num = pd.to_numeric(df[col], errors="coerce")
+        if as_num[filled].notna().all():  # an all-empty column becomes NaN
+            df[col] = as_num
+    return df
+
+
+def load_series(run: Run) -> dict[int, dict[str, np.ndarray]]:
+    """Per-step series by CSV row (see the module docstring), or {}."""
+    name = run.meta.get("series")
+    path = run.path.parent / name if name else None
+    if path is None or not path.is_file():
+        return {}
+    out: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            match = re.fullmatch(r"row(\d+)\.(.+)", key)
+            if match:
+                out.setdefault(int(match.group(1)), {})[match.group(2)] = data[key]
+    return out
+
+
+def _varying(df: pd.DataFrame, columns: Iterable[str]) -> list[str]:
+    return [c for c in columns if c in df.columns and df[c].nunique() > 1]
+
+
+def _colors(labels: Iterable) -> dict:
+    """One colour per label, the same in every panel (matplotlib's tab10 cycle)."""
+    return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(labels), key=str))}
+
+
+def _describe(columns: list[str], values) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    return "  ".join(f"{c}={v}" for c, v in zip(columns, values))
+
+
+def _fixed(run: Run, df: pd.DataFrame, skip: Iterable[str] = ()) -> str:
+    fixed = [p for p in run.params if p in df.columns and df[p].nunique() == 1 and p not in skip]
+    return _describe(fixed, tuple(df[p].iloc[0] for p in fixed))
+
+
+def _title(run: Run, what: str, df: pd.DataFrame, skip: Iterable[str] = ()) -> str:
+    device = run.env.get("device_name")
+    head = f"{run.suite}: {what}" + (f" on {device}" if device else "")
+    fixed = _fixed(run, df, skip)
+    return f"{head}\n{fixed}" if fixed else head
+
+
+def _no_data(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _lines(ax: Axes, df: pd.DataFrame, x: str, y: str, series: str, colors: dict, log: bool = True,
+           linestyles: dict | None = None) -> bool:
+    """One line per value of `series`, named at its right end. False if nothing to draw."""
+    data = df[[x, y, series]].dropna()
+    data = data[pd.to_numeric(data[y], errors="coerce") > 0] if log else data
+    if data.empty:
+        return False
+    ends = []
+    for name, part in data.groupby(series, sort=True):
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y], marker="o", color=colors[name], label=str(name),
+                linestyle=(linestyles or {}).get(name, "-"))
+        ends.append((str(name), part[x].iloc[-1], part[y].iloc[-1], colors[name]))
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        # Tick at the measured x values, written as numbers (1k, not 2^10).
+        ax.set_xticks(sorted(data[x].unique()), [_count(v) for v in sorted(data[x].unique())])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))
+    ax.margins(x=0.15)  # room for the names at the line ends
+    ax.grid(True, which="both", alpha=0.3)
+    _name_ends(ax, ends, log)
+    return True
+
+
+def _name_ends(ax: Axes, ends: list[tuple[str, float, float, str]], log: bool) -> None:
+    """Write each line's name at its last point, nudging names that end at
+    the same x apart so that lines ending close together stay readable."""
+    scale, unscale = (np.log10, lambda v: 10**v) if log else (lambda v: v, lambda v: v)
+    lo, hi = ax.get_ylim()
+    gap = 0.05 * (scale(hi) - scale(lo))  # about one line of 8-point text on a 3.5-inch panel
+    for x in {e[1] for e in ends}:
+        placed: list[float] = []
+        for name, _, y, color in sorted((e for e in ends if e[1] == x), key=lambda e: e[2]):
+            pos = scale(y) if not placed else max(scale(y), placed[-1] + gap)
+            placed.append(pos)
+            ax.text(x, unscale(pos), f"  {name}", va="center", fontsize=8, color=color)
+
+
+def _two_and_five(v: float, _pos=None) -> str:
+    """Minor log ticks labelled at 2 and 5 of each decade only, as plain numbers."""
+    lead = f"{v:e}"[0]
+    return f"{v:g}" if lead in "25" else ""
+
+
+def _count(n: float) -> str:
+    """4096 -> '4k', 1048576 -> '1M', 100 -> '100'."""
+    for size, suffix in ((2**30, "G"), (2**20, "M"), (2**10, "k")):
+        if n >= size and n % size == 0:
+            return f"{int(n // size)}{suffix}"
+    return f"{n:g}"
+
+
+def _legend(fig: Figure, axes) -> None:
+    handles, labels = {}, []
+    for ax in np.ravel(axes):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    if handles:
+        fig.legend([handles[k] for k in labels], labels, loc="outside right center")
+
+
+def _bars(ax: Axes, names: list[str], values, colors: list[str], xlabel: str, errors=None) -> None:
+    ypos = np.arange(len(names))
+    ax.barh(ypos, values, xerr=errors, color=colors, capsize=3 if errors is not None else 0)
+    ax.set_yticks(ypos, names, fontsize=8)
+    ax.invert_yaxis()  # first row on top
+    ax.set_xlabel(xlabel)
+    positive = np.asarray(values, dtype=float)
+    positive = positive[positive > 0]
+    if len(positive) and positive.max() / positive.min() > 100:
+        ax.set_xscale("log")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def _row_names(run: Run, df: pd.DataFrame) -> list[str]:
+    shown = [run.label, *(p for p in _varying(df, run.params) if p != run.label)]
+    return [" ".join(str(r[c]) if c == run.label else f"{c}={r[c]}" for c in shown if c in df.columns)
+            for _, r in df.iterrows()]
+
+
+def _direction(run: Run, metric: str) -> str:
+    higher = run.direction(metric)
+    return "" if higher is None else f" ({'higher' if higher else 'lower'} is better)"
+
+
+# --- charts ---------------------------------------------------------------------
+
+
+def bar_chart(run: Run) -> Figure:
+    """Any suite: the primary metric of each row that passed, coloured by label."""
+    df = ok_rows(run)
+    metric = run.primary
+    if metric is None or metric not in df.columns or df[metric].isna().all():
+        raise BadInput(f"nothing to plot: {run.path.name} has no primary metric (median_*) values")
+    df = df.dropna(subset=[metric])
+    colors = _colors(df[run.label])
+    fig = Figure(figsize=(9, 1.5 + 0.3 * len(df)), layout="constrained")
+    ax = fig.subplots()
+    _bars(ax, _row_names(run, df), df[metric], [colors[v] for v in df[run.label]], metric + _direction(run, metric))
+    fig.suptitle(_title(run, metric, df))
+    return fig
+
+
+@plots("attention")
+def attention(run: Run) -> Figure:
+    """TFLOP/s and peak memory against sequence length, one line per implementation."""
+    df = ok_rows(run)
+    label = run.label
+    # batch follows seq (a fixed number of tokens per batch), so it doesn't split panels.
+    panel_keys = [p for p in _varying(df, run.params) if p not in (label, "seq", "batch")]
+    groups = list(df.groupby(panel_keys, sort=True)) if panel_keys else [((), df)]
+    colors = _colors(df[label])
+    # Peak memory is only measured on CUDA; a CPU run gets the TFLOP/s panels alone.
+    memory = "peak_mem_MiB" in df.columns and df["peak_mem_MiB"].notna().any()
+    panels = {"tflops": "TFLOP/s (higher is better)"}
+    if memory:
+        panels["peak_mem_MiB"] = "peak memory, MiB (lower is better)"
+    fig = Figure(figsize=(3 + 6 * len(panels), 1.2 + 3.6 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), len(panels), squeeze=False)
+    for (key, part), row in zip(groups, axes):
+        for ax, (column, what) in zip(row, panels.items()):
+            if not _lines(ax, part, "seq", column, label, colors):
+                _no_data(ax, f"no {column} values")
+            elif column == "tflops":
+                _peak_line(ax, part)
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(what)
+            ax.set_title(_describe(panel_keys, key), fontsize=10, loc="left")
+    _legend(fig, axes)
+    what = "TFLOP/s" + (" and peak memory" if memory else "") + " against sequence length"
+    fig.suptitle(_title(run, what, df) + ("" if memory else "\n(peak memory: measured on CUDA devices only)"))
+    return fig
+
+
+def _peak_line(ax: Axes, df: pd.DataFrame) -> None:
+    """The calibrated matmul peak the rows were measured against, recovered from
+    pct_of_peak = 100 * tflops / peak."""
+    if "pct_of_peak" not in df.columns:
+        return
+    peaks = (100 * df["tflops"] / pd.to_numeric(df["pct_of_peak"], errors="coerce")).dropna()
+    if peaks.empty:
+        return
+    peak = float(peaks.median())
+    ax.axhline(peak, color="0.3", linestyle="--", linewidth=1)
+    ax.annotate(f"measured matmul peak {peak:.3g} TFLOP/s", (0.01, peak), xycoords=("axes fraction", "data"),
+                xytext=(0, 3), textcoords="offset points", fontsize=8, color="0.3")
+
+
+def _loss_curves(run: Run, df: pd.DataFrame) -> dict[int, np.ndarray]:
+    """Training loss per step by CSV row: the precision suite's `loss_curve`
+    column (losses joined by ';'), else a "loss" series beside the CSV."""
+    if "loss_curve" in df.columns:
+        return {i: np.array([float(v) for v in text.split(";")])
+                for i, text in df["loss_curve"].items() if isinstance(text, str) and text}
+    series = load_series(run)
+    return {i: series[i]["loss"] for i in df.index if "loss" in series.get(i, {})}
+
+
+@plots("precision")
+def precision(run: Run) -> Figure:
+    """Step time per precision (median and IQR), and the loss curves."""
+    df = ok_rows(run)
+    curves = _loss_curves(run, df)
+    if curves:  # rows without a curve (the --matmul rate rows) have no step time either
+        df = df.loc[list(curves)]
+    names = dict(zip(df.index, _row_names(run, df)))
+    time = run.primary or "median_ms"
+    colors = _colors(df[run.label])
+    fig = Figure(figsize=(13, 1.5 + max(3.5, 0.35 * len(df))), layout="constrained")
+    ax_time, ax_loss = fig.subplots(1, 2)
+    if time in df.columns and df[time].notna().any():
+        # Whiskers: the IQR's width centred on the median (the CSV keeps the width, not the quartiles).
+        iqr = df.get(time.replace("median_", "iqr_")) / 2 if time.startswith("median_") else None
+        _bars(ax_time, list(names.values()), df[time], [colors[v] for v in df[run.label]],
+              f"step time, {time}{_direction(run, time)}; whiskers: IQR", errors=iqr)
+    else:
+        _no_data(ax_time, "no step times")
+    ends = []
+    for i, loss in curves.items():
+        color = colors[df.loc[i, run.label]]
+        ax_loss.plot(np.arange(len(loss)), loss, color=color, label=names[i])
+        ends.append((names[i], len(loss) - 1, loss[-1], color))
+    if curves:
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("training loss")
+        ax_loss.margins(x=0.2)
+        ax_loss.grid(True, alpha=0.3)
+        _name_ends(ax_loss, ends, log=False)
+    else:
+        _no_data(ax_loss, "no loss curves recorded with this run")
+    _legend(fig, [ax_loss])
+    fig.suptitle(_title(run, "step time and loss per precision", df))
+    return fig
+
+
+_MESSAGE_SIZE = ("size_bytes", "message_bytes", "nbytes", "bytes", "size", "msg_bytes", "message_MiB", "size_MiB")
+
+
+@plots("ddp")
+def ddp(run: Run) -> Figure:
+    """Scaling efficiency against world size; busbw against message size."""
+    df = ok_rows(run)
+    label = run.label
+    size = next((c for c in _MESSAGE_SIZE if c in df.columns), None)
+    panels = []
+    if {"world_size", "efficiency"} <= set(df.columns) and df["efficiency"].notna().any():
+        panels.append("efficiency")
+    if size and "busbw_GBps" in df.columns and df["busbw_GBps"].notna().any():
+        panels.append("busbw")
+    if not panels:
+        return bar_chart(run)
+    fig = Figure(figsize=(6.5 * len(panels), 5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    colors = _colors(df[label])
+    for ax, panel in zip(axes, panels):
+        if panel == "efficiency":
+            _lines(ax, df, "world_size", "efficiency", label, colors, log=False)
+            ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)  # perfect weak scaling
+            ax.set_xlabel("world size (GPUs)")
+            ax.set_ylabel("scaling efficiency (higher is better; 1 = linear)")
+            ax.set_xticks(sorted(df["world_size"].dropna().unique()))
+        else:
+            _busbw(ax, df, size, label, colors)
+    _legend(fig, axes[:1])
+    fig.suptitle(_title(run, "data-parallel scaling", df, skip=("world_size",)))
+    return fig
+
+
+def _busbw(ax: Axes, df: pd.DataFrame, size: str, label: str, colors: dict) -> None:
+    """busbw against message size: a colour per label as in the efficiency
+    panel, a line style per world size (busbw depends on both)."""
+    worlds = sorted(df["world_size"].dropna().unique()) if "world_size" in df.columns else []
+    if len(worlds) > 1:
+        styles = dict(zip(worlds, ["-", "--", "-.", ":"] * 4))
+        name = df[label].astype(str) + " n=" + df["world_size"].map(lambda n: f"{n:g}")
+        data = df.assign(_series=name)
+        series_color = {s: colors[lab] for s, lab in zip(name, df[label])}
+        series_style = {s: styles[n] for s, n in zip(name, df["world_size"])}
+        _lines(ax, data, size, "busbw_GBps", "_series", series_color, linestyles=series_style)
+        ax.legend([Line2D([], [], color="0.3", linestyle=styles[n]) for n in worlds],
+                  [f"world size {n:g}" for n in worlds], fontsize=8, loc="lower right")
+    else:
+        _lines(ax, df, size, "busbw_GBps", label, colors)
+    ax.set_xlabel(f"message size ({size})")
+    ax.set_ylabel("bus bandwidth, GB/s (higher is better)")
+
+
+@plots("medusa")
+def medusa(run: Run) -> Figure:
+    """Decoding throughput per method, and how many tokens each step accepted."""
+    df = ok_rows(run)
+    label = run.label
+    rate = "tokens_per_s" if "tokens_per_s" in df.columns else run.primary
+    colors = _colors(df[label])
+    fig = Figure(figsize=(13, 1.5 + max(3.5, 0.35 * len(df))), layout="constrained")
+    ax_rate, ax_accept = fig.subplots(1, 2)
+    _bars(ax_rate, _row_names(run, df), df[rate], [colors[v] for v in df[label]], rate + _direction(run, rate))
+    series = load_series(run)
+    accepted = {i: series[i]["accept_length"] for i in df.index if "accept_length" in series.get(i, {})}
+    if accepted:
+        top = int(max(a.max() for a in accepted.values()))
+        bins = np.arange(0.5, top + 1.5)  # one bin per whole number of accepted tokens
+        names = dict(zip(df.index, _row_names(run, df)))
+        for i, lengths in accepted.items():
+            ax_accept.hist(lengths, bins=bins, histtype="step", linewidth=2, density=True,
+                           color=colors[df.loc[i, label]], label=names[i])
+        ax_accept.set_xlabel("tokens accepted per decoding step")
+        ax_accept.set_ylabel("share of steps")
+        ax_accept.set_xticks(np.arange(1, top + 1))
+        ax_accept.legend(fontsize=8)
+    elif "accept_length" in df.columns and df["accept_length"].notna().any():
+        _bars(ax_accept, _row_names(run, df), df["accept_length"], [colors[v] for v in df[label]],
+              "mean tokens accepted per step (higher is better)")
+    else:
+        _no_data(ax_accept, "no acceptance lengths recorded with this run")
+    fig.suptitle(_title(run, "speculative decoding", df))
+    return fig

@@ -1,0 +1,348 @@
+"""genbench compare: matching rows, judging changes, exit codes, Markdown."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from bench import compare as cmp
+from bench.cli import app
+from bench.results import ResultWriter
+from bench.runner import Context, Measurement, Sweep, run_sweep
+from bench.stats import Stats, stat_columns
+
+runner = CliRunner()
+
+ENV = {"device": "cuda", "device_name": "NVIDIA H200", "gpu_name": "NVIDIA H200", "gpu_count": 1, "torch": "2.6.0",
+       "triton": "3.2.0", "cuda": "12.6", "cudnn": 90501, "nccl": "2.21.5", "driver": "565.57", "python": "3.11.7",
+       "cpu": "Xeon", "cpu_count": 32}
+META = {"params": ["impl", "seq"], "label": "impl", "metrics": ["tflops", "peak_mem_MiB"], "primary": "median_ms",
+        "higher_is_better": False}
+COLUMNS = ["suite", "impl", "seq", "status", "reason", *stat_columns(), "tflops", "peak_mem_MiB"]
+
+
+def write_run(folder, rows, *, suite="attention", env=ENV, meta=META, columns=COLUMNS, stamp="run"):
+    """A run as the harness writes it. Each row: a dict of params and metrics,
+    with `samples` (ms) for an ok row or `status`/`reason` for a failed one."""
+    writer = ResultWriter(folder, suite, columns, env, stamp=stamp, meta=meta)
+    for spec in rows:
+        spec = dict(spec)
+        samples = spec.pop("samples", None)
+        row = {"suite": suite, "status": "ok", "reason": "", **spec}
+        if samples is not None:
+            row.update(Stats.of(samples).columns())
+            if "tflops" in columns:
+                row.setdefault("tflops", 100.0 / float(np.median(samples)))
+        writer.write(row, samples)
+    writer.close(complete=True)
+    return writer.csv_path
+
+
+def timings(rng, median_ms, n=100, sigma=0.03, hiccup=0.02):
+    """Synthetic timings: lognormal jitter of 3% around the median, and 2% of
+    repetitions hit by a 1.5x hiccup (a clock dip, a context switch), which is
+    how GPU timings misbehave; n=100 is what --rep-ms 100 gives a 1 ms kernel."""
+    x = median_ms * rng.lognormal(0.0, sigma, n)
+    x[rng.random(n) < hiccup] *= 1.5
+    return x
+
+
+def _compare(tmp_path, base_rows, new_rows, **kwargs):
+    base = write_run(tmp_path / "base", base_rows)
+    new = write_run(tmp_path / "new", new_rows)
+    return cmp.compare(cmp.load_run(base), cmp.load_run(new), **kwargs)
+
+
+# --- the statistics ---------------------------------------------------------------
+
+# The slowdown injected into the noisy trials: 12%, not 10%. With the default
+# 10% threshold an exactly-10% slowdown sits on the boundary: the observed
+# ratio of two noisy medians falls below 1.10 in half the trials (50% over 5000
+# seeds of this very set-up), so no honest test flags it 20 times in 20. At 12%
+# the observed ratio (standard error about 0.5% here) clears 1.10 in all but
+# 0.04% of 5000 seeds. The exact boundary, `>=`, is tested without noise below.
+INJECTED = 1.12
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_flags_an_injected_slowdown_in_noisy_samples(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    base = [{"impl": i, "seq": 1024, "samples": timings(rng, ms)} for i, ms in (("naive", 2.0), ("tiled", 1.0))]
+    new = [{"impl": "naive", "seq": 1024, "samples": timings(rng, 2.0)},
+           {"impl": "tiled", "seq": 1024, "samples": timings(rng, 1.0 * INJECTED)}]
+    result = _compare(tmp_path, base, new)
+    marks = {c.config["impl"]: c.mark for c in result.changes}
+    assert marks == {"naive": "unchanged", "tiled": "worse"}, [(c.config, c.ratio, c.p_value) for c in result.changes]
+    (worse,) = result.regressions
+    assert worse.p_value < cmp.ALPHA and worse.ratio >= 1.10
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_run_resampled_from_the_same_distribution_is_never_flagged(tmp_path, seed):
+    rng = np.random.default_rng(1000 + seed)
+    impls = (("naive", 2.0), ("tiled", 1.0), ("sdpa", 0.5))
+    base = [{"impl": i, "seq": 1024, "samples": timings(rng, ms)} for i, ms in impls]
+    new = [{"impl": i, "seq": 1024, "samples": timings(rng, ms)} for i, ms in impls]
+    result = _compare(tmp_path, base, new)
+    assert [c.mark for c in result.changes] == ["unchanged"] * 3, [(c.config, c.ratio) for c in result.changes]
+
+
+def test_threshold_is_inclusive():
+    # No noise: new = base x 1.10 exactly, which floating point may put a hair
+    # below 1.1. It still reaches a 10% threshold.
+    base = np.array([0.7, 0.9, 1.3])
+    for factor, mark in ((1.10, "worse"), (1.0999, "unchanged"), (1 / 1.10, "better"), (1 / 1.0999, "unchanged")):
+        assert cmp.judge(float(np.median(base)), float(np.median(base * factor)), False, 0.10)[0] == mark, factor
+
+
+def test_a_big_ratio_that_is_not_significant_is_unchanged():
+    # Five samples a side, spread wide: the medians differ by 12%, the samples don't.
+    base = np.array([1.0, 1.5, 0.8, 1.3, 0.9])
+    new = np.array([1.12, 0.85, 1.45, 0.95, 1.3])
+    sig = cmp._significance("median_ms", "ms", None, None, base, new)
+    assert sig[0] is False and sig[1] > 0.3 and "not significant" in sig[2]
+    mark, ratio, p, note = cmp.judge(1.0, 1.12, False, 0.10, lambda: sig)
+    assert mark == "unchanged" and ratio == pytest.approx(1.12)
+
+
+def test_without_samples_iqrs_decide(tmp_path):
+    columns = ["suite", "impl", "status", "reason", *stat_columns()]
+
+    def plain_csv(path, rows):  # a hand-made CSV, no JSON sidecar, no samples
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, restval="")
+            w.writeheader()
+            for r in rows:
+                w.writerow({"suite": "attention", "status": "ok", **r})
+        return path
+
+    base = plain_csv(tmp_path / "base.csv", [{"impl": "a", "median_ms": 1.0, "iqr_ms": 0.05},
+                                              {"impl": "b", "median_ms": 1.0, "iqr_ms": 0.05}])
+    new = plain_csv(tmp_path / "new.csv", [{"impl": "a", "median_ms": 1.2, "iqr_ms": 0.05},
+                                            {"impl": "b", "median_ms": 1.2, "iqr_ms": 0.5}])
+    result = cmp.compare(cmp.load_run(base), cmp.load_run(new))
+    assert result.params == ["impl"]  # found between `suite` and `status`
+    a, b = result.changes
+    assert (a.mark, b.mark) == ("worse", "unchanged")
+    assert "IQRs apart" in a.note and "IQRs overlap" in b.note
+    assert any("no JSON sidecar" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("name, higher", [
+    ("median_ms", False), ("step_s", False), ("peak_mem_MiB", False), ("rel_err", False),
+    ("tflops", True), ("tokens_per_s", True), ("samples_per_s", True), ("busbw_GBps", True), ("algbw_GBps", True),
+    ("efficiency", True), ("mfu_pct", True), ("pct_of_peak", True), ("speedup", True),
+    ("world_size", None), ("kernel", None),
+])
+def test_direction_of_each_metric(name, higher):
+    assert cmp.higher_is_better(name) is higher
+
+
+def test_higher_is_better_metric_and_ratio_only_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    base = [{"impl": "a", "seq": 1, "samples": timings(rng, 1.0), "peak_mem_MiB": 100.0}]
+    new = [{"impl": "a", "seq": 1, "samples": timings(rng, 1.5), "peak_mem_MiB": 100.0}]
+    by_rate = _compare(tmp_path / "rate", base, new, metric="tflops")
+    assert by_rate.higher_is_better and by_rate.changes[0].mark == "worse"
+    assert by_rate.changes[0].ratio == pytest.approx(1 / 1.5, rel=0.05) and by_rate.changes[0].p_value < 1e-6
+    # Memory got 30% smaller while the time grew: better by memory, judged on the ratio alone.
+    new[0]["peak_mem_MiB"] = 70.0
+    by_mem = _compare(tmp_path / "mem", base, new, metric="peak_mem_MiB")
+    assert by_mem.changes[0].mark == "better" and by_mem.changes[0].note == "ratio only"
+
+
+def test_new_gone_and_failing_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    same = timings(rng, 1.0)
+    base = [
+        {"impl": "kept", "seq": 1, "samples": same},
+        {"impl": "dropped", "seq": 1, "samples": same},
+        {"impl": "breaks", "seq": 1, "samples": same},
+        {"impl": "fixed", "seq": 1, "status": "error", "reason": "ValueError: x"},
+        {"impl": "cannot", "seq": 1, "status": "unsupported", "reason": "needs CUDA"},
+        {"impl": "wrong", "seq": 1, "status": "mismatch", "reason": "rel_err 1e-1"},
+    ]
+    new = [
+        {"impl": "kept", "seq": 1, "samples": same},
+        {"impl": "breaks", "seq": 1, "status": "oom", "reason": "OutOfMemoryError: 64 GiB"},
+        {"impl": "fixed", "seq": 1, "samples": same},
+        {"impl": "cannot", "seq": 1, "status": "unsupported", "reason": "needs CUDA"},
+        {"impl": "wrong", "seq": 1, "status": "mismatch", "reason": "rel_err 2e-1"},
+        {"impl": "added", "seq": 1, "samples": same},
+    ]
+    result = _compare(tmp_path, base, new)
+    marks = {c.config["impl"]: c.mark for c in result.changes}
+    assert marks == {"kept": "unchanged", "dropped": "gone", "breaks": "newly failing", "fixed": "newly ok",
+                     "cannot": "unchanged", "wrong": "still failing", "added": "new"}
+    assert [c.config["impl"] for c in result.regressions] == ["breaks"]
+    assert "OutOfMemoryError" in next(c.note for c in result.changes if c.mark == "newly failing")
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def _crafted(tmp_path, slow_factor=1.5):
+    """Three implementations at two lengths; in the new run `tiled` at 4k is slower."""
+    rng = np.random.default_rng(7)
+    medians = {("naive", 1024): 4.0, ("tiled", 1024): 1.0, ("sdpa", 1024): 0.5,
+               ("naive", 4096): 60.0, ("tiled", 4096): 12.0, ("sdpa", 4096): 6.0}
+    base = [{"impl": i, "seq": s, "samples": timings(rng, ms)} for (i, s), ms in medians.items()]
+    new = [{"impl": i, "seq": s, "samples": timings(rng, ms * (slow_factor if (i, s) == ("tiled", 4096) else 1))}
+           for (i, s), ms in medians.items()]
+    return write_run(tmp_path / "base", base), write_run(tmp_path / "new", new)
+
+
+def test_cli_exits_1_and_names_the_slower_implementation(tmp_path):
+    base, new = _crafted(tmp_path)
+    result = runner.invoke(app, ["compare", str(base), str(new)])
+    assert result.exit_code == 1, result.output
+    assert "Regressions: impl=tiled seq=4096 (worse, 1.5" in result.output
+    marked = [line for line in result.output.splitlines() if "│ worse" in line]
+    assert len(marked) == 1 and "│ tiled │ 4096 │" in marked[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_same_run_exits_0(tmp_path):
+    base, _ = _crafted(tmp_path)
+    result = runner.invoke(app, ["compare", str(base), str(base)])
+    assert result.exit_code == 0, result.output
+    assert "6 unchanged. No regression beyond 10%." in result.output
+
+
+def test_cli_threshold_option(tmp_path):
+    base, new = _crafted(tmp_path)
+    assert runner.invoke(app, ["compare", str(base), str(new), "--threshold", "60%"]).exit_code == 0
+    assert runner.invoke(app, ["compare", str(base), str(new), "--threshold", "40"]).exit_code == 1
+
+
+def test_cli_markdown(tmp_path):
+    base, new = _crafted(tmp_path)
+    result = runner.invoke(app, ["compare", str(base), str(new), "--format", "md"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0].startswith("### genbench compare: attention: median_ms (lower is better), threshold 10%")
+    assert lines[2].startswith(":x: 1 worse, 5 unchanged. Regressions: impl=tiled seq=4096 (worse, 1.5")
+    header = "| impl | seq | base median_ms | new median_ms | new/base | mark | note |"
+    assert lines.count(header) == 2  # the rows that changed, then all rows, folded
+    assert lines[lines.index(header) + 1] == "|---|---|---:|---:|---:|---|---|"
+    changed = lines[lines.index(header) + 2: lines.index("", lines.index(header))]
+    assert len(changed) == 1 and changed[0].startswith("| tiled | 4096 |") and "| **worse** | p<1e-6 |" in changed[0]
+    assert "<details><summary>All 6 rows</summary>" in lines and lines[-1] == "</details>"
+    assert "\x1b[" not in result.output and "┃" not in result.output  # plain text, no terminal styling
+    same = runner.invoke(app, ["compare", str(base), str(base), "--format", "md"]).output.splitlines()
+    assert same[2] == ":white_check_mark: 6 unchanged. No regression beyond 10%." and same.count(header) == 1
+
+
+def test_cli_warns_about_different_hardware_and_software(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"impl": "a", "seq": 1, "samples": timings(rng, 1.0)}]
+    base = write_run(tmp_path / "b", rows)
+    new = write_run(tmp_path / "n", rows, env={**ENV, "device_name": "NVIDIA H100", "torch": "2.7.0"})
+    result = runner.invoke(app, ["compare", str(base), str(new), "--format", "md"])
+    assert result.exit_code == 0
+    assert "different hardware: device_name NVIDIA H200 -> NVIDIA H100" in result.output
+    assert "different software: torch 2.6.0 -> 2.7.0" in result.output
+    same = runner.invoke(app, ["compare", str(base), str(base)])
+    assert "different" not in same.output
+
+
+def test_renamed_files_keep_their_samples(tmp_path):
+    """A baseline committed as baselines/attention.{csv,json,samples.npz}."""
+    base, new = _crafted(tmp_path)
+    folder = tmp_path / "baselines"
+    folder.mkdir()
+    for suffix in (".csv", ".json", ".samples.npz"):
+        (folder / f"attention{suffix}").write_bytes(base.with_name(base.stem + suffix).read_bytes())
+    run = cmp.load_run(folder / "attention.csv")
+    assert len(run.samples) == 6 and not run.notes
+    result = cmp.compare(run, cmp.load_run(new))
+    assert result.regressions[0].p_value is not None  # judged on the samples, not the IQRs
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "nope.csv", "no such file"),
+    (lambda p: _text(p / "other.csv", "a,b\n1,2\n"), "not a genbench result CSV (it has no suite or status column)"),
+    (lambda p: _text(p / "empty.csv", ""), "is empty"),
+    (lambda p: _text(p / "header.csv", "suite,impl,status\n"), "has a header but no rows"),
+    (lambda p: _text(p / "two.csv", "suite,impl,seq,status\nattention,a,1,ok\nattention,a,1,ok\n"),
+     "measures one configuration twice (suite=attention impl=a seq=1)"),
+])
+def test_unusable_input_exits_2_with_one_line(tmp_path, make, message):
+    base, _ = _crafted(tmp_path)
+    bad = make(tmp_path)
+    for args in ([str(base), str(bad)], [str(bad), str(base)]):
+        result = runner.invoke(app, ["compare", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def _text(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "ten"], "--threshold: cannot read 'ten'"),
+    (["--threshold", "0%"], "--threshold must be above 0%"),
+    (["--metric", "tokens_per_s"], "--metric tokens_per_s: base.csv has no such column; try one of"),
+    (["--metric", "seq"], "--metric seq: that column says which configuration a row is"),
+    (["--metric", "n"], "--metric n: cannot tell whether a higher or a lower n is better"),
+    (["--format", "html"], "--format must be one of table, md"),
+])
+def test_bad_options_exit_2(tmp_path, args, message):
+    base, new = _crafted(tmp_path)
+    (tmp_path / "base.csv").write_bytes(base.read_bytes())
+    result = runner.invoke(app, ["compare", str(tmp_path / "base.csv"), str(new), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_different_suites_or_parameters_exit_2(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"impl": "a", "seq": 1, "samples": timings(rng, 1.0)}]
+    attention = write_run(tmp_path / "a", rows)
+    ddp = write_run(tmp_path / "d", rows, suite="ddp")
+    result = runner.invoke(app, ["compare", str(attention), str(ddp)])
+    assert result.exit_code == 2 and "is a attention run and" in result.output and "a ddp run" in result.output
+    wider = write_run(tmp_path / "w", [dict(rows[0], window=128)], meta={**META, "params": ["impl", "seq", "window"]},
+                      columns=[*COLUMNS[:3], "window", *COLUMNS[3:]])
+    result = runner.invoke(app, ["compare", str(attention), str(wider)])
+    assert result.exit_code == 2 and "different parameters" in result.output and "window" in result.output
+
+
+@dataclass(frozen=True)
+class Cfg:
+    method: str
+    tokens: int
+
+
+def test_runner_records_how_to_read_the_csv(tmp_path):
+    """run_sweep writes the sweep's parameters and primary metric into the
+    JSON; compare joins on those, not on a metric that changed (kernel)."""
+
+    def sweep(kernel, slow):
+        def run(cfg, ctx):
+            ms = 1.0 * (slow if cfg.method == "b" else 1.0)
+            return Measurement({"kernel": kernel, "tokens_per_s": cfg.tokens / ms * 1e3},
+                               stats=Stats.of(ms * np.linspace(0.97, 1.03, 21)))
+        return Sweep(suite="toy", configs=[Cfg("a", 8), Cfg("b", 8)], run=run, params=("method", "tokens"),
+                     metrics=("kernel", "tokens_per_s"), label="method", primary="tokens_per_s", higher_is_better=True)
+
+    quiet = Console(file=open("/dev/null", "w"))
+    base = run_sweep(sweep("k1", 1.0), Context(torch.device("cpu")), tmp_path / "b", {}, quiet)
+    new = run_sweep(sweep("k2", 1.3), Context(torch.device("cpu")), tmp_path / "n", {}, quiet)
+    meta = json.loads(base.json_path.read_text())
+    assert meta["params"] == ["method", "tokens"] and meta["label"] == "method"
+    assert meta["primary"] == "tokens_per_s" and meta["higher_is_better"] is True
+    assert meta["metrics"] == ["kernel", "tokens_per_s"]
+    result = cmp.compare(cmp.load_run(base.csv_path), cmp.load_run(new.csv_path))
+    assert result.metric == "tokens_per_s" and result.higher_is_better
+    assert [(c.config["method"], c.mark) for c in result.changes] == [("a", "unchanged"), ("b", "worse")]

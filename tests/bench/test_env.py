@@ -1,0 +1,55 @@
+"""genbench env: one screen about the machine, on CPU."""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import torch
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.commands import env as env_command
+
+runner = CliRunner()
+
+
+def test_env_on_cpu_without_peaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))  # nothing calibrated yet
+    result = runner.invoke(app, ["env", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for key in ("device", "driver", "cuda", "cudnn", "nccl", "torch", "triton", "python", "sdpa backends",
+                "bf16", "tf32", "fp8 matmul", "genbench"):
+        assert f"│ {key} " in out, key
+    assert torch.__version__ in out and platform.python_version() in out
+    assert "flash, math run here (fp32" in out
+    assert re.search(r"│   efficient +│ no: the efficient backend needs a CUDA device", out)
+    assert "no: TF32 is a tensor-core mode of NVIDIA GPUs" in out
+    assert "not measured yet: genbench env --calibrate" in out
+    assert len(out.splitlines()) < 40  # one screen
+
+
+def test_env_calibrate_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    first = runner.invoke(app, ["env", "--device", "cpu", "--calibrate"])
+    assert first.exit_code == 0, first.output
+    assert "fp32 matmul" in first.output and "TFLOP/s (measured)" in first.output
+    assert re.search(r"│ tf32 matmul +│ unsupported", first.output)
+    assert "GB/s (measured, read+write)" in first.output
+    again = runner.invoke(app, ["env", "--device", "cpu"])  # read back from the cache
+    assert "not measured yet" not in again.output and "TFLOP/s (measured)" in again.output
+
+
+def test_backend_and_format_probes_report_reasons():
+    dtype, backends = env_command._sdpa_backends(torch.device("cpu"))
+    assert dtype == "fp32" and backends["math"] == "yes"
+    assert backends["cudnn"].startswith("no: ")
+    assert env_command._tf32(torch.device("cpu")).startswith("no: ")
+    assert re.fullmatch(r"yes \(torch\._scaled_mm\)|no: .+", env_command._fp8(torch.device("cpu")))
+    assert re.fullmatch(r"runs.*|no: .+", env_command._bf16(torch.device("cpu")))
+
+
+def test_bad_device_exits_2():
+    result = runner.invoke(app, ["env", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device must be auto, cuda or cpu" in result.output

@@ -1,0 +1,227 @@
+"""genbench plot: one chart per suite, a bar chart for any other, PNG files written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from bench import plot
+from bench.cli import app
+from bench.compare import load_run
+from bench.stats import stat_columns
+from tests.bench.test_compare import write_run
+
+runner = CliRunner()
+
+ATTENTION_META = {"params": ["impl", "seq", "batch", "dtype", "causal", "mode"], "label": "impl",
+                  "metrics": ["tflops", "pct_of_peak", "peak_mem_MiB"], "primary": "median_ms",
+                  "higher_is_better": False}
+ATTENTION_COLUMNS = ["suite", "impl", "seq", "batch", "dtype", "causal", "mode", "status", "reason", *stat_columns(),
+                     "tflops", "pct_of_peak", "peak_mem_MiB"]
+IMPLS = {"naive": 1.0, "tiled": 0.6, "sdpa": 0.3}  # ms per 1k tokens at 1k
+
+
+def attention_run(folder, memory=True, seqs=(1024, 2048, 4096, 8192)):
+    """An H200-like attention sweep: 3 impls x 4 lengths x 2 masks, naive OOM at 8k."""
+    rows = []
+    for causal in (False, True):
+        for seq in seqs:
+            for impl, ms in IMPLS.items():
+                spec = {"impl": impl, "seq": seq, "batch": 16384 // seq, "dtype": "bf16", "causal": causal,
+                        "mode": "fwd"}
+                if impl == "naive" and seq == 8192:
+                    rows.append({**spec, "status": "oom", "reason": "OutOfMemoryError"})
+                    continue
+                median = ms * seq / 1024 / (2 if causal else 1)
+                tflops = 400 * (1 - 1 / seq ** 0.5) / (ms / 0.3)
+                mem = (seq**2 if impl == "naive" else seq) * 0.01 if memory else None
+                rows.append({**spec, "samples": median * np.array([0.98, 1.0, 1.01, 1.0, 1.03]), "tflops": tflops,
+                             "pct_of_peak": 100 * tflops / 790, "peak_mem_MiB": mem})
+    return write_run(folder, rows, meta=ATTENTION_META, columns=ATTENTION_COLUMNS)
+
+
+def _add_series(csv_path, arrays):
+    """Per-step series beside a run, named by its JSON (see bench/plot.py)."""
+    name = f"{csv_path.stem}.series.npz"
+    np.savez(csv_path.with_name(name), **arrays)
+    meta_path = csv_path.with_suffix(".json")
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "series": name}))
+
+
+def _texts(fig):
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_attention_chart(tmp_path):
+    fig = plot.figure(load_run(attention_run(tmp_path)))
+    axes = fig.axes
+    assert len(axes) == 4  # (causal off, causal on) x (TFLOP/s, memory)
+    rate, mem = axes[0], axes[1]
+    for ax in axes:
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        assert ax.get_xlabel() == "sequence length (tokens)"
+    assert "TFLOP/s" in rate.get_ylabel() and "higher is better" in rate.get_ylabel()
+    assert "MiB" in mem.get_ylabel() and "lower is better" in mem.get_ylabel()
+    assert {ax.get_title(loc="left") for ax in axes} == {"causal=False", "causal=True"}
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["1k", "2k", "4k", "8k"]
+    # A line per impl, failed rows left out: naive stops at 4k.
+    lines = {line.get_label(): line for line in rate.get_lines() if not line.get_label().startswith("_")}
+    assert sorted(lines) == ["naive", "sdpa", "tiled"]
+    assert list(lines["naive"].get_xdata()) == [1024, 2048, 4096]
+    # Each line is named at its end, in its own colour, and by the figure's legend.
+    ends = [t for t in rate.texts if t.get_text().strip() in lines]
+    assert sorted(t.get_text().strip() for t in ends) == ["naive", "sdpa", "tiled"]
+    assert all(t.get_color() == lines[t.get_text().strip()].get_color() for t in ends)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["naive", "sdpa", "tiled"]
+    # The calibrated peak, recovered from pct_of_peak.
+    assert any(t.startswith("measured matmul peak 790 TFLOP/s") for t in _texts(fig))
+    assert "NVIDIA H200" in fig.get_suptitle() and "dtype=bf16" in fig.get_suptitle()
+
+
+def test_attention_names_that_end_together_are_spread_apart(tmp_path):
+    fig = plot.figure(load_run(attention_run(tmp_path)))
+    rate = fig.axes[0]
+    ys = sorted(np.log10(t.get_position()[1]) for t in rate.texts if t.get_text().strip() in IMPLS and
+                t.get_position()[0] == 4096)
+    lo, hi = np.log10(rate.get_ylim())
+    assert len(ys) == 1 or min(np.diff(ys)) >= 0.05 * (hi - lo) - 1e-9
+
+
+def test_attention_on_cpu_has_no_memory_panels(tmp_path):
+    fig = plot.figure(load_run(attention_run(tmp_path, memory=False)))
+    assert len(fig.axes) == 2 and all("TFLOP/s" in ax.get_ylabel() for ax in fig.axes)
+    assert "measured on CUDA devices only" in fig.get_suptitle()
+
+
+def test_cli_writes_a_png(tmp_path):
+    csv_path = attention_run(tmp_path)
+    out = tmp_path / "charts" / "attention.png"
+    result = runner.invoke(app, ["plot", str(csv_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 30_000
+    pixels = imread(out)
+    assert pixels.shape[0] > 500 and pixels.shape[1] > 1000
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    # Default name: the CSV's, as a PNG.
+    assert runner.invoke(app, ["plot", str(csv_path)]).exit_code == 0
+    assert csv_path.with_suffix(".png").is_file()
+
+
+def test_other_formats_by_suffix(tmp_path):
+    csv_path = attention_run(tmp_path)
+    assert runner.invoke(app, ["plot", str(csv_path), "-o", str(tmp_path / "a.svg")]).exit_code == 0
+    assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_unknown_suite_gets_a_bar_chart_of_its_primary_metric(tmp_path):
+    rows = [{"impl": i, "seq": 1, "samples": [ms] * 5} for i, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
+    rows.append({"impl": "d", "seq": 1, "status": "error", "reason": "x"})
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="newsuite")))
+    (ax,) = fig.axes
+    assert [round(p.get_width(), 6) for p in ax.patches] == [1.0, 2.0, 3.0]  # failed row left out
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert ax.get_xlabel() == "median_ms (lower is better)"
+    assert len({p.get_facecolor() for p in ax.patches}) == 3
+
+
+def test_registry_is_keyed_by_suite():
+    assert {"attention", "precision", "ddp", "medusa"} <= set(plot.PLOTS)
+
+
+def test_ddp_chart(tmp_path):
+    meta = {"params": ["method", "world_size", "size_bytes"], "label": "method", "primary": "busbw_GBps",
+            "higher_is_better": True}
+    columns = ["suite", "method", "world_size", "size_bytes", "status", "reason", *stat_columns(), "busbw_GBps",
+               "efficiency"]
+    rows = [{"method": m, "world_size": n, "size_bytes": b, "samples": [1.0] * 5,
+             "busbw_GBps": 300 * n / 8 * (1 - 1e6 / (b + 1e6)), "efficiency": 1 - 0.02 * n * (m == "ddp")}
+            for m in ("ddp", "fsdp") for n in (1, 2, 4, 8) for b in (2**20, 2**24, 2**28)]
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="ddp", meta=meta, columns=columns)))
+    eff, bw = fig.axes
+    assert eff.get_xlabel() == "world size (GPUs)" and "efficiency" in eff.get_ylabel()
+    assert list(eff.get_xticks()) == [1, 2, 4, 8]
+    assert bw.get_xscale() == "log" and "GB/s" in bw.get_ylabel() and "size_bytes" in bw.get_xlabel()
+    lines = [line for line in bw.get_lines() if not line.get_label().startswith("_")]
+    assert len(lines) == 8  # 2 methods x 4 world sizes
+    # Colour says the method (as in the efficiency panel), line style the world size.
+    eff_colors = {line.get_label(): line.get_color() for line in eff.get_lines()}
+    assert all(line.get_color() == eff_colors[line.get_label().split()[0]] for line in lines)
+    assert len({line.get_linestyle() for line in lines}) == 4
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ddp", "fsdp"]
+
+
+def test_precision_chart_with_loss_curves(tmp_path):
+    """The precision suite keeps each row's losses in a `loss_curve` column,
+    joined by ';'; its --matmul rows have none and are left out."""
+    meta = {"params": ["precision", "model"], "label": "precision", "primary": "median_ms",
+            "higher_is_better": False}
+    columns = ["suite", "precision", "model", "status", "reason", *stat_columns(), "loss_curve"]
+
+    def curve(k):
+        return ";".join(repr(float(v)) for v in 4 * np.exp(-np.arange(50) / k))
+
+    rows = [{"precision": p, "model": "tiny", "samples": [ms] * 5, "loss_curve": curve(20 + i)}
+            for i, (p, ms) in enumerate((("fp32", 30.0), ("bf16", 12.0), ("fp8", 9.0)))]
+    rows.append({"precision": "bf16", "model": "matmul", "samples": [0.5] * 5, "loss_curve": ""})
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="precision", meta=meta, columns=columns)))
+    time, loss = fig.axes
+    assert [t.get_text() for t in time.get_yticklabels()] == ["fp32", "bf16", "fp8"]
+    assert [round(p.get_width()) for p in time.patches] == [30, 12, 9]
+    assert "step time" in time.get_xlabel()
+    assert [line.get_label() for line in loss.get_lines()] == ["fp32", "bf16", "fp8"]
+    assert len(loss.get_lines()[0].get_xdata()) == 50
+    assert loss.get_xlabel() == "step" and loss.get_ylabel() == "training loss"
+    assert "model=tiny" in fig.get_suptitle()
+
+
+def test_precision_chart_with_a_loss_series(tmp_path):
+    meta = {"params": ["precision"], "label": "precision", "primary": "median_ms", "higher_is_better": False}
+    columns = ["suite", "precision", "status", "reason", *stat_columns()]
+    rows = [{"precision": p, "samples": [ms] * 5} for p, ms in (("fp32", 30.0), ("bf16", 12.0))]
+    csv_path = write_run(tmp_path, rows, suite="precision", meta=meta, columns=columns)
+    _add_series(csv_path, {f"row{i}.loss": 4 * np.exp(-np.arange(50) / (20 + i)) for i in range(2)})
+    _, loss = plot.figure(load_run(csv_path)).axes
+    assert len(loss.get_lines()) == 2
+
+
+def test_medusa_chart_without_series_falls_back_to_the_mean(tmp_path):
+    meta = {"params": ["method"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
+    columns = ["suite", "method", "status", "reason", *stat_columns(), "tokens_per_s", "accept_length"]
+    rows = [{"method": m, "samples": [1.0] * 5, "tokens_per_s": t, "accept_length": a}
+            for m, t, a in (("greedy", 100.0, 1.0), ("medusa", 230.0, 2.6))]
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns)))
+    rate, accept = fig.axes
+    assert [round(p.get_width()) for p in rate.patches] == [100, 230]
+    assert "higher is better" in rate.get_xlabel()
+    assert [round(p.get_width(), 1) for p in accept.patches] == [1.0, 2.6]
+
+
+def test_medusa_acceptance_histogram_from_series(tmp_path):
+    meta = {"params": ["method"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
+    columns = ["suite", "method", "status", "reason", *stat_columns(), "tokens_per_s"]
+    rows = [{"method": m, "samples": [1.0] * 5, "tokens_per_s": t} for m, t in (("vanilla", 100.0), ("medusa", 230.0))]
+    csv_path = write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns)
+    _add_series(csv_path, {"row0.accept_length": np.ones(40), "row1.accept_length": np.array([1, 2, 2, 3, 4] * 8)})
+    _, accept = plot.figure(load_run(csv_path)).axes
+    assert accept.get_xlabel() == "tokens accepted per decoding step" and list(accept.get_xticks()) == [1, 2, 3, 4]
+    assert [t.get_text() for t in accept.get_legend().get_texts()] == ["vanilla", "medusa"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.csv", "no such file"),
+    (lambda p: write_run(p, [{"impl": "a", "seq": 1, "status": "oom", "reason": "x"}]), "nothing to plot"),
+])
+def test_unusable_input_exits_2(tmp_path, make, message):
+    result = runner.invoke(app, ["plot", str(make(tmp_path))])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_unknown_image_suffix_exits_2(tmp_path):
+    result = runner.invoke(app, ["plot", str(attention_run(tmp_path)), "-o", str(tmp_path / "chart.xyz")])
+    assert result.exit_code == 2 and "cannot write .xyz" in result.output
+    assert not (tmp_path / "chart.xyz").exists()

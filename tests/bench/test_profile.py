@@ -1,0 +1,110 @@
+"""--profile: torch.profiler traces and the top-10 table, on CPU."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from bench import profile
+from bench.cli import app
+from bench.runner import Context, Measurement, Sweep, run_sweep
+from bench.stats import Stats
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+
+
+def test_profile_fn_writes_a_chrome_trace_and_ranks_operators(tmp_path):
+    a = torch.randn(256, 256)
+    calls = []
+
+    def step():
+        calls.append(1)
+        return torch.relu(a @ a)
+
+    trace = tmp_path / "traces" / "row0.pt.trace.json"
+    top = profile.profile_fn(step, CPU, trace)
+    assert len(calls) == profile.WAIT + profile.WARMUP + profile.ACTIVE == 5
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "aten::mm" in names and "aten::relu" in names
+    # Only the active steps are in the trace: three ProfilerStep spans.
+    assert len([n for n in names if n and n.startswith("ProfilerStep")]) == profile.ACTIVE
+    assert top[0].name == "aten::mm" and top[0].calls_per_step == 1  # a 256^3 matmul dwarfs the relu
+    assert len(top) <= profile.TOP and not any(op.name.startswith("ProfilerStep") for op in top)
+    assert [op.ms_per_step for op in top] == sorted((op.ms_per_step for op in top), reverse=True)
+    assert 0 < sum(op.share for op in top) <= 1 + 1e-9
+
+
+def test_context_profile_is_a_no_op_without_the_flag():
+    calls = []
+    assert Context(CPU).profile(lambda: calls.append(1)) is None
+    assert calls == []
+
+
+def test_a_failing_profile_is_reported_not_raised(tmp_path):
+    profiler = profile.Profiler(CPU)
+    profiler.folder, profiler.row = tmp_path, (2, "impl=x")
+
+    def broken():
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+
+    result = profiler.profile(broken)
+    assert result.error == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" and result.trace is None
+    console = Console(record=True, width=200)
+    profile.render(profiler, console)
+    assert "profile of row 2 (impl=x) failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in console.export_text()
+
+
+@dataclass(frozen=True)
+class Toy:
+    impl: str
+    size: int
+
+
+def _run(cfg: Toy, ctx: Context) -> Measurement:
+    if cfg.impl == "nope":
+        raise RuntimeError("never profiled")
+    a = torch.randn(cfg.size, cfg.size)
+    ctx.profile(lambda: a @ a)
+    return Measurement(stats=Stats.of([1.0, 1.1, 0.9]))
+
+
+def test_runner_names_traces_after_csv_rows(tmp_path):
+    sweep = Sweep(suite="toy", configs=[Toy("mm", 64), Toy("nope", 64), Toy("mm", 128)], run=_run,
+                  params=("impl", "size"), metrics=())
+    ctx = Context(CPU, profiler=profile.Profiler(CPU))
+    writer = run_sweep(sweep, ctx, tmp_path, {}, Console(file=open("/dev/null", "w")))
+    folder = tmp_path / f"{writer.csv_path.stem}-traces"
+    assert ctx.profiler.folder == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["row0-impl=mm-size=64.pt.trace.json",
+                                                        "row2-impl=mm-size=128.pt.trace.json"]
+    assert [p.row for p in ctx.profiler.profiles] == [0, 2]
+
+
+SMALL = ["--seq", "32", "--heads", "2", "--head-dim", "16", "--batch", "1", "--warmup-ms", "1", "--rep-ms", "3",
+         "--device", "cpu", "--causal", "--impl", "naive", "--impl", "sdpa", "--impl", "sdpa-cudnn"]
+
+
+def test_cli_profile_flag(tmp_path):
+    result = runner.invoke(app, ["attention", *SMALL, "--profile", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.glob("attention-*-traces")
+    traces = sorted(p.name for p in folder.iterdir())
+    assert len(traces) == 2 and traces[0].startswith("row0-impl=naive-seq=32")  # sdpa-cudnn: unsupported on CPU
+    assert all(json.loads((folder / t).read_text())["traceEvents"] for t in traces)
+    out = result.output
+    assert "top 10 by self CPU time" in out and "aten::bmm" in out  # naive attention: two batched matmuls
+    assert "https://ui.perfetto.dev" in out and f"tensorboard --logdir {folder}" in out
+    # Timed rows are unaffected: the same CSV as without --profile.
+    assert len((tmp_path / f"{folder.name[:-len('-traces')]}.csv").read_text().splitlines()) == 4
+
+
+def test_cli_without_profile_writes_no_traces(tmp_path):
+    result = runner.invoke(app, ["attention", *SMALL, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob("*-traces")) and "perfetto" not in result.output
