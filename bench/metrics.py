@@ -5,6 +5,8 @@ Suites call these with a measured time; nothing here measures anything.
 
 from __future__ import annotations
 
+import math
+
 # Backward-to-forward FLOP ratio of attention. The forward does two matmuls
 # (QK^T and PV); the backward does five (recomputed QK^T, dV, dP, dQ, dK):
 # 5/2 = 2.5, as in the FlashAttention-2 paper's benchmark accounting
@@ -84,3 +86,47 @@ def busbw_GBps(collective: str, nbytes: float, ms: float, world_size: int) -> fl
 def scaling_efficiency(throughput_n: float, throughput_1: float, n: int) -> float:
     """Weak-scaling efficiency: throughput on n devices over n × the one-device throughput."""
     return throughput_n / (n * throughput_1)
+
+
+def mean_accept_length(histogram) -> float | None:
+    """Tokens kept per decoding step, from histogram[i] = steps that kept i + 1
+    tokens: sum((i + 1) * h_i) / sum(h_i). Medusa's "acceleration rate" (Cai
+    et al. 2024, section 3); 1.0 for plain decoding."""
+    steps = sum(histogram)
+    if steps == 0:
+        return None
+    return sum((i + 1) * h for i, h in enumerate(histogram)) / steps
+
+
+def speedup(baseline_ms: float, ms: float) -> float:
+    """How many times faster than the baseline, from two times measured in one run."""
+    return baseline_ms / ms
+
+
+def gap_in_ulps(gap: float, magnitude: float, eps: float) -> float:
+    """A difference between two floats in units in the last place at `magnitude`:
+    gap / (eps · 2^floor(log2 |magnitude|)), eps being the format's machine
+    epsilon (the spacing at 1.0), e.g. 2^-7 for bf16, 2^-23 for fp32
+    (Goldberg 1991, "What every computer scientist should know about
+    floating-point arithmetic", section 1.2)."""
+    magnitude = abs(magnitude)
+    spacing = eps * 2.0 ** math.floor(math.log2(magnitude)) if magnitude > 0 else eps
+    return abs(gap) / spacing
+
+
+def exposed_comm_ms(step_ms: float, no_sync_step_ms: float) -> float:
+    """Communication a data-parallel step leaves exposed: its time minus the
+    same step under DDP's no_sync(), which skips the gradient all-reduce: what
+    the overlap with backward did not hide (Li et al. 2020, "PyTorch
+    Distributed", VLDB, section 3.2: bucketing, overlap, and no_sync for
+    gradient accumulation). Kept signed: a value near zero or below means the
+    all-reduce was fully hidden, within the timing noise."""
+    return step_ms - no_sync_step_ms
+
+
+def relative_difference(value, reference):
+    """(value - reference) / |reference|, signed, elementwise on arrays: how far
+    a run's loss lies from the reference run's (same step, or the validation
+    loss), as a share of the reference; positive = higher loss. The precision
+    suite's parity columns take its absolute value per step."""
+    return (value - reference) / abs(reference)

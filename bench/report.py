@@ -38,6 +38,8 @@ def best_row(sweep: Sweep, rows: Sequence[dict]) -> dict | None:
 def speedup(sweep: Sweep, row: dict, base: dict | None) -> float | None:
     if base is None or row["status"] != "ok" or base["status"] != "ok":
         return None
+    if row.get(sweep.primary) in (None, "") or base.get(sweep.primary) in (None, ""):
+        return None  # an ok row need not be timed (e.g. a calibration row)
     a, b = float(row[sweep.primary]), float(base[sweep.primary])
     if a <= 0 or b <= 0:
         return None

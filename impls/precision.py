@@ -11,7 +11,14 @@ fp32 runs IEEE float32 matmuls (TF32 off); tf32 lets float32 matmuls use
 TF32 tensor cores (torch.set_float32_matmul_precision("high")); fp16 is autocast
 with a GradScaler, because fp16's 5-bit exponent underflows small gradients;
 bf16 is autocast without one (bf16 has fp32's exponent range); bf16-pure keeps
-weights and optimizer state in bf16 as well (no fp32 master weights).
+weights and optimizer state in bf16 as well (no fp32 master weights); fp8 is
+bf16 autocast with the transformer blocks' projections multiplied in fp8
+(impls/fp8.py), on GPUs with fp8 tensor cores.
+
+The matmul mode is a global flag that cuBLAS reads when each product is
+launched, so it must cover the backward pass as well: `matmul_mode()` alone
+is what impls/train.py holds around the whole step, `context()` (matmul mode
+plus autocast) around the forward.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from impls import fp8
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -29,9 +38,21 @@ class Precision:
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: highest = IEEE fp32, high = TF32
     grad_scaler: bool = False
     param_dtype: torch.dtype = torch.float32
+    fp8_linear: bool = False  # the blocks' nn.Linear layers multiply in fp8
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype most matmuls run in (fp8 runs only the blocks' projections in fp8)."""
+        return self.autocast_dtype or self.param_dtype
+
+    @property
+    def tf32(self) -> bool:
+        return self.matmul_precision != "highest" and self.compute_dtype == torch.float32
 
     def why_not(self, device: torch.device) -> str | None:
         """None if this precision runs natively on `device`, else the reason."""
+        if self.fp8_linear and (reason := fp8.why_not(device)):
+            return reason
         if self.matmul_precision == "high" and device.type != "cuda":
             return "TF32 is a mode of NVIDIA tensor cores (compute capability 8.0+); this is a CPU"
         if device.type == "cuda":
@@ -44,21 +65,30 @@ class Precision:
         return None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.param_dtype)
+        model = model.to(self.param_dtype)
+        if self.fp8_linear:
+            fp8.convert_linears(model)
+        return model
+
+    @contextlib.contextmanager
+    def matmul_mode(self):
+        """IEEE fp32 or TF32 float32 matmuls inside; the previous mode restored after."""
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
 
     @contextlib.contextmanager
     def context(self, device: torch.device):
         """Matmul mode and autocast for the forward pass; restores the matmul mode after."""
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.matmul_precision)
-        try:
+        with self.matmul_mode():
             if self.autocast_dtype is None:
                 yield
             else:
                 with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
                     yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
 
     def scaler(self, device: torch.device) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(device.type, enabled=self.grad_scaler)
@@ -70,4 +100,5 @@ PRECISIONS: dict[str, Precision] = {
     "fp16": Precision("fp16", autocast_dtype=torch.float16, grad_scaler=True),
     "bf16": Precision("bf16", autocast_dtype=torch.bfloat16),
     "bf16-pure": Precision("bf16-pure", param_dtype=torch.bfloat16),
+    "fp8": Precision("fp8", autocast_dtype=torch.bfloat16, fp8_linear=True),
 }

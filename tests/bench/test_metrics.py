@@ -65,3 +65,43 @@ def test_mfu_by_hand():
     per_token = metrics.transformer_train_flops_per_token(124_000_000, 12, 768, 1024)
     assert per_token == 6 * 124e6 + 12 * 12 * 768 * 1024
     assert metrics.mfu(100_000, per_token, 790.0) == pytest.approx(100 * 100_000 * per_token / 790e12)
+
+
+def test_mean_accept_length_by_hand():
+    # 2 steps kept 1 token, 1 kept 2, 3 kept 4: (2*1 + 1*2 + 3*4) / 6 = 16/6
+    assert metrics.mean_accept_length([2, 1, 0, 3]) == pytest.approx(16 / 6)
+    assert metrics.mean_accept_length([7]) == 1.0  # plain decoding
+    assert metrics.mean_accept_length([0, 0]) is None
+    assert metrics.speedup(30.0, 10.0) == pytest.approx(3.0)
+
+
+def test_gap_in_ulps():
+    # bf16 (eps 2^-7): at 20.0 (binade [16, 32)) the spacing is 2^-7 * 16 = 0.125
+    assert metrics.gap_in_ulps(0.25, 20.0, 2.0**-7) == pytest.approx(2.0)
+    assert metrics.gap_in_ulps(-0.125, -17.0, 2.0**-7) == pytest.approx(1.0)
+    # fp32 (eps 2^-23) at 1.5: spacing 2^-23
+    assert metrics.gap_in_ulps(3 * 2.0**-23, 1.5, 2.0**-23) == pytest.approx(3.0)
+    assert metrics.gap_in_ulps(0.0, 0.0, 2.0**-23) == 0.0
+
+
+def test_ddp_formulas_by_hand():
+    # 61.0 ms with the all-reduce, 59.5 ms without it: 1.5 ms left exposed.
+    assert metrics.exposed_comm_ms(61.0, 59.5) == pytest.approx(1.5)
+    assert metrics.exposed_comm_ms(59.0, 59.5) == pytest.approx(-0.5)  # noise is kept, not clipped
+    # 2 GiB in 10 ms on 8 ranks: algbw 214.7 GB/s; reduce_scatter moves 7/8 of it per link.
+    assert metrics.busbw_GBps("reduce_scatter", 2 * 2**30, 10.0, 8) == pytest.approx(2**31 / 1e7 * 7 / 8)
+    # One rank sends nothing: busbw is 0 whatever the time.
+    assert metrics.busbw_GBps("all_reduce", 1e9, 5.0, 1) == 0.0
+    # 2 ranks at 1.9x one rank's throughput: 95%.
+    assert metrics.scaling_efficiency(190.0, 100.0, 2) == pytest.approx(0.95)
+
+
+def test_relative_difference_by_hand():
+    # a loss of 4.04 against the reference's 4.00 is 1% higher; 3.96 is 1% lower
+    assert metrics.relative_difference(4.04, 4.00) == pytest.approx(0.01)
+    assert metrics.relative_difference(3.96, 4.00) == pytest.approx(-0.01)
+    # elementwise on curves, against the reference's magnitude
+    import numpy as np
+
+    got = metrics.relative_difference(np.array([10.0, 6.0, -2.2]), np.array([8.0, 6.0, -2.0]))
+    assert got.tolist() == pytest.approx([0.25, 0.0, -0.1])

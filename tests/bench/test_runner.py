@@ -100,6 +100,7 @@ def test_best_row_and_speedup_skip_failures():
     assert report.best_row(sweep, rows)["impl"] == "fast"
     assert report.speedup(sweep, rows[2], rows[0]) == 2.0
     assert report.speedup(sweep, rows[1], rows[0]) is None
+    assert report.speedup(sweep, {"impl": "calibration", "status": "ok"}, rows[0]) is None
     console = Console(record=True, width=200)
     report.render(sweep, [dict(r, suite="toy", size=1, reason="") for r in rows], console)
     text = console.export_text()

@@ -1,0 +1,103 @@
+"""`genbench precision`: the precision suite's command."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, app, cli_errors, console, run_suite
+from bench.env import resolve_device
+from bench.errors import BadInput
+from impls import data as textdata
+from impls.gpt import PRESETS as MODELS
+from suites import precision as suite
+
+# (model, steps, batch, seq_len) when not given: GPT-2's shape and batch on a GPU;
+# on a CPU a model that trains in seconds, so the whole run takes about a minute.
+GPU_DEFAULTS = ("gpt2-small", 300, 16, 1024)
+CPU_DEFAULTS = ("tiny", 30, 4, 64)
+
+
+def _data_config(data: list[str] | None, tokenizer: str | None, vocab_size: int | None, model: str):
+    """--data: one preset name, or text files and folders (trained with BPE by default)."""
+    data = data or ["stdlib"]
+    try:
+        if len(data) == 1 and data[0] in textdata.PRESETS:
+            config = textdata.DataConfig.from_name(data[0])
+        else:
+            config = textdata.DataConfig(paths=tuple(data))
+            textdata.corpus_files(config.paths)  # a missing path fails now, before anything runs
+        overrides = {}
+        if tokenizer is not None:
+            overrides["tokenizer"] = tokenizer
+        # The model preset's vocabulary, unless given or set by the data preset
+        # (stdlib-small): gpt2-small then has GPT-2's 50257 tokens and its
+        # published 124M parameters.
+        preset_sets_vocab = config.vocab_size != textdata.DataConfig().vocab_size
+        if vocab_size or not preset_sets_vocab:
+            overrides["vocab_size"] = vocab_size or MODELS[model].vocab_size
+        return dataclasses.replace(config, **overrides)
+    except ValueError as exc:
+        raise BadInput(f"--data: {exc}") from None
+
+
+@app.command("precision")
+@cli_errors
+def precision_command(
+    model: Annotated[Optional[str], typer.Option(help=f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per precision. Default: 300 on a GPU, 30 on CPU.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: 16 on a GPU, 4 on CPU.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence, at most the model's context. Default: 1024 on a GPU, 64 on CPU.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(suite.PRECISIONS)}; add +compile to compile one (bf16+compile). Default: {', '.join(suite.DEFAULT_PRECISIONS)}.")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Train every precision under torch.compile; compilation falls in the warm-up steps.")] = False,
+    parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Train fp32 first, and again with another data order (the band), and judge every precision's loss curve against them.")] = True,
+    band_steps: Annotated[Optional[int], typer.Option(help="Steps of the band run (fp32, second data order). Default: --steps.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="First steps left out of the timing. Default: a tenth of --steps.")] = None,
+    eval_batches: Annotated[int, typer.Option(help="Held-out batches scored for the validation loss after training (0: none).")] = 10,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = suite.LR,
+    matmul: Annotated[bool, typer.Option("--matmul", help="Also show this device's matmul rate per dtype (the calibrated ceiling MFU is measured against).")] = False,
+    data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(textdata.PRESETS)}) or your own text files and folders (repeatable). Default: stdlib, the Python standard library's sources.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="bpe (trained here on the data, cached) or byte. Default: the data preset's.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary. Default: the model preset's (50257 for gpt2-small, else 8192), or the data preset's (stdlib-small: 2048).")] = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("results"),
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and of the batches' order (the band run uses seed + 1).")] = 0,
+    profile: ProfileOpt = False,
+):
+    """Train one GPT under fp32, tf32, fp16, bf16 (and bf16-pure, fp8) from the same weights on the
+    same batches: step time, tokens/s, MFU, memory, and the loss against fp32's."""
+    dev = resolve_device(device)
+    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
+    model = model or defaults[0]
+    if model not in MODELS:
+        raise BadInput(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+    opts = suite.PrecisionOptions(
+        model=model,
+        steps=defaults[1] if steps is None else steps,
+        batch=defaults[2] if batch is None else batch,
+        seq_len=min(defaults[3], MODELS[model].block_size) if seq_len is None else seq_len,
+        precisions=tuple(precision) if precision else suite.DEFAULT_PRECISIONS,
+        compile=compile_,
+        parity=parity,
+        band_steps=band_steps,
+        warmup_steps=warmup_steps,
+        eval_batches=eval_batches,
+        lr=lr,
+        matmul=matmul,
+    )
+    data_config = _data_config(data, tokenizer, vocab_size, model)
+    with console.status("reading and tokenizing the training text (cached after the first run)"):
+        try:
+            text = textdata.load_data(data_config)
+        except ValueError as exc:
+            raise BadInput(f"--data: {exc}") from None
+    shortest = min(len(text.train), len(text.val))
+    if shortest <= opts.seq_len:
+        raise BadInput(f"--data: {shortest} tokens in the smaller of the train and held-out splits, too few for "
+                       f"--seq-len {opts.seq_len}; give more text or a shorter --seq-len")
+    for note in opts.notes():
+        console.print(f"[dim]{note}[/]", highlight=False)
+    run_suite(suite.sweep(opts, text, dev), RunOptions(dev, out, seed, profile=profile))

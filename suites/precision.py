@@ -1,0 +1,490 @@
+"""The precision suite: one GPT, from the same initial weights, trained on the
+same batches under each numeric precision, then compared for speed and for
+the loss it reaches.
+
+    genbench precision --device cpu                     # tiny model, 30 steps, about a minute on 2 cores
+    genbench precision --model gpt2-small --steps 300 --precision fp32 --precision bf16 --precision bf16+compile
+    genbench precision --matmul                         # also the calibrated matmul rate of each dtype
+
+Rows, in order:
+- with --matmul, first (they take a second), one row per dtype: the matmul
+  rate this device reached when calibrated (`genbench env --calibrate`; the
+  ceiling MFU is taken against), and fp8's rate measured here (calibration
+  has no fp8). They form their own table, model "matmul";
+- the reference, fp32 (IEEE fp32 products), trained first whenever parity is
+  on, so that every later row can be compared with its loss curve;
+- the band row, `fp32-band`: fp32 again from the same weights, on batches drawn
+  with the next seed. The model has no dropout, so data order is its only
+  other source of randomness, and the largest relative difference between
+  the two fp32 loss curves (`band`) is how far two equally valid runs drift
+  apart. Every other precision is judged against it (see `verdict`);
+- each precision asked for; `bf16+compile` trains bf16 under torch.compile
+  (`--compile` compiles every row), whose compilation falls in the discarded
+  warm-up steps.
+
+Loss curves go in the `loss_curve` column: the training loss of every step,
+step 0 first, as floats joined by ';' (e.g. "9.01;8.87;...", "nan" for a
+non-finite step); `[float(v) for v in row["loss_curve"].split(";")]` reads one.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bench import calibrate, metrics
+from bench.errors import BadInput, Unsupported
+from bench.runner import Column, Context, Measurement, Sweep
+from bench.timing import StepTimer
+from impls import fp8
+from impls.data import TextData
+from impls.gpt import GPT, PRESETS as MODELS, GPTConfig
+from impls.precision import PRECISIONS
+from impls.train import cosine_lr, evaluate, train_step
+
+REFERENCE = "fp32"
+COMPILE = "+compile"  # suffix of a precision trained under torch.compile
+BAND = "-band"  # suffix of the reference's second-seed run
+DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")
+MATMUL_DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
+# AdamW as GPT-3 trained its 125M model (Brown et al. 2020, table 2.1 and appendix B).
+LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
+FP8_MATMUL_N = 8192  # the square fp8 product timed for the matmul-fp8 row, as calibration's bf16 one
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """One row. Training rows carry the run's shape; matmul rows leave it empty."""
+
+    precision: str  # the row's label: bf16, bf16+compile, fp32-band, matmul-bf16
+    model: str | None
+    steps: int | None  # length of the schedule (the band run may stop earlier)
+    batch: int | None
+    seq_len: int | None
+    base: str = REFERENCE  # key of PRECISIONS (training) or the matmul dtype
+    role: str = "train"  # reference | band | train | matmul
+    compile: bool = False
+    train_steps: int | None = None  # steps actually trained
+    warmup_steps: int = 0  # first steps left out of the timing
+
+
+def parse_precision(name: str) -> tuple[str, bool]:
+    """'bf16' -> ('bf16', False), 'bf16+compile' -> ('bf16', True)."""
+    base, compiled = (name[: -len(COMPILE)], True) if name.endswith(COMPILE) else (name, False)
+    if base not in PRECISIONS:
+        raise BadInput(f"unknown --precision {name!r}; known: {', '.join(PRECISIONS)} "
+                       f"(add {COMPILE} to compile one, e.g. bf16{COMPILE})")
+    return base, compiled
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """The sweep, as given on the command line."""
+
+    model: str = "tiny"
+    steps: int = 30
+    batch: int = 4
+    seq_len: int = 64
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    compile: bool = False  # compile every row
+    parity: bool = True  # train the fp32 reference and band first, and judge every row against them
+    band_steps: int | None = None  # default: steps
+    warmup_steps: int | None = None  # default: a tenth of the steps
+    eval_batches: int = 10  # held-out batches of batch x seq_len for the validation loss
+    lr: float = LR
+    matmul: bool = False
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise BadInput(f"unknown --model {self.model!r}; known: {', '.join(MODELS)}")
+        for name, value in (("--steps", self.steps), ("--batch", self.batch), ("--seq-len", self.seq_len)):
+            if value <= 0:
+                raise BadInput(f"{name} must be positive, got {value}")
+        context = MODELS[self.model].block_size
+        if self.seq_len > context:
+            raise BadInput(f"--seq-len {self.seq_len} is longer than {self.model}'s context of {context} tokens")
+        if not self.precisions:
+            raise BadInput("give at least one --precision")
+        for name in self.precisions:
+            parse_precision(name)
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise BadInput(f"--warmup-steps must be at least 0 and below --steps ({self.steps}), "
+                           f"got {self.warmup_steps}")
+        if self.band_steps is not None and not self.warmup < self.band_steps <= self.steps:
+            raise BadInput(f"--band-steps must be above the {self.warmup} warm-up steps and at most --steps "
+                           f"({self.steps}), got {self.band_steps}")
+        if self.eval_batches < 0:
+            raise BadInput(f"--eval-batches must be 0 or more, got {self.eval_batches}")
+        if not self.lr > 0:
+            raise BadInput(f"--lr must be positive, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: a tenth of the run (allocator growth, cuBLAS heuristics,
+        compilation), at least one when there is a step to spare."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(max(1, self.steps // 10), self.steps - 1)
+
+    def labels(self) -> tuple[list[tuple[str, bool]], str | None]:
+        """(base, compiled) of each training row in order, and the reference's label.
+
+        The reference, the first fp32 row asked for, runs first: speedups are
+        taken against it and, with parity on, every loss curve is compared with
+        its curve (parity adds fp32 when it was not asked for).
+        """
+        rows: list[tuple[str, bool]] = []
+        for name in self.precisions:
+            base, compiled = parse_precision(name)
+            row = (base, compiled or self.compile)
+            if row not in rows:  # the same row asked twice runs once
+                rows.append(row)
+        ref = next((r for r in rows if r[0] == REFERENCE), None)
+        if ref is None and self.parity:
+            ref = (REFERENCE, self.compile)
+        if ref is None:
+            return rows, None
+        return [ref] + [r for r in rows if r != ref], _label(*ref)
+
+    def configs(self) -> list[PrecisionConfig]:
+        rows, reference = self.labels()
+        shape = dict(model=self.model, steps=self.steps, batch=self.batch, seq_len=self.seq_len,
+                     warmup_steps=self.warmup)
+        # The ceilings first: they take a second, so a run cut short still has them.
+        configs = [PrecisionConfig(f"matmul-{d}", "matmul", None, None, None, base=d, role="matmul")
+                   for d in MATMUL_DTYPES] if self.matmul else []
+        for base, compiled in rows:
+            label = _label(base, compiled)
+            role = "reference" if label == reference else "train"
+            configs.append(PrecisionConfig(label, base=base, role=role, compile=compiled, train_steps=self.steps,
+                                           **shape))
+            if role == "reference" and self.parity:
+                configs.append(PrecisionConfig(label + BAND, base=base, role="band", compile=compiled,
+                                               train_steps=self.band_steps or self.steps, **shape))
+        return configs
+
+    def notes(self) -> list[str]:
+        """What the command tells the user before the run starts."""
+        _, reference = self.labels()
+        if not self.parity:
+            return ["parity off: no band run, and loss curves are not compared"]
+        asked = [parse_precision(p) for p in self.precisions]
+        added = "" if any(r[0] == REFERENCE for r in asked) else " (added: parity needs it)"
+        band = self.band_steps or self.steps
+        return [f"parity: {reference} trains first{added} as the reference, then {reference}{BAND}: {reference} "
+                f"again on batches drawn with the next seed for {band} steps; their largest relative loss "
+                f"difference is the band every other precision is judged against"]
+
+
+def _label(base: str, compiled: bool) -> str:
+    return base + (COMPILE if compiled else "")
+
+
+# -- parity ----------------------------------------------------------------------------------------
+
+VERDICTS = ("match", "drift", "diverged")
+
+
+def rel_diff(curve: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|relative difference| to the reference per step, over the steps both have."""
+    n = min(len(curve), len(reference))
+    a, b = np.asarray(curve[:n], dtype=np.float64), np.asarray(reference[:n], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(metrics.relative_difference(a, b))
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_rel_diff: float | None
+    final_rel_diff: float | None
+    nonfinite: int  # steps whose loss is NaN or inf
+    verdict: str  # match | drift | diverged, or "" when there is nothing to judge against
+
+
+def verdict(curve, reference, band: float | None) -> Parity:
+    """A loss curve against the reference's, on the same batches.
+
+    match:    every step within the band (as close as fp32 is to itself with
+              another data order);
+    drift:    some step outside the band, the last step back inside it;
+    diverged: a NaN or inf loss, or the last step outside the band.
+    With no reference or band (its run failed, or parity is off) no verdict.
+    """
+    curve = np.asarray(curve, dtype=np.float64)
+    nonfinite = int((~np.isfinite(curve)).sum())
+    if reference is None or len(reference) == 0 or not np.isfinite(reference).all():
+        return Parity(None, None, nonfinite, "")
+    diff = rel_diff(curve, reference)
+    max_d = float(np.max(diff)) if np.isfinite(diff).all() else float("inf")
+    final_d = float(diff[-1])
+    if band is None or not np.isfinite(band):
+        return Parity(max_d, final_d, nonfinite, "")
+    if nonfinite or not final_d <= band:
+        judged = "diverged"
+    elif max_d <= band:
+        judged = "match"
+    else:
+        judged = "drift"
+    return Parity(max_d, final_d, nonfinite, judged)
+
+
+def format_curve(curve) -> str:
+    """Losses as 'v0;v1;...', each float written exactly (repr)."""
+    return ";".join(repr(float(v)) for v in curve)
+
+
+def parse_curve(text: str) -> np.ndarray:
+    return np.array([float(v) for v in text.split(";")]) if text else np.array([])
+
+
+# -- one training run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """What rows of one sweep share: the data, the initial weights, and the
+    reference's loss curve and band once their rows have run."""
+
+    data: TextData
+    options: PrecisionOptions
+    model_config: GPTConfig = field(init=False)
+    reference: np.ndarray | None = None
+    reference_val: float | None = None
+    reference_ms: float | None = None
+    band: float | None = None
+    _initial: tuple[int, GPT] | None = None
+
+    def __post_init__(self):
+        self.model_config = GPTConfig.from_name(self.options.model, vocab_size=self.data.vocab_size)
+
+    def initial_model(self, seed: int) -> GPT:
+        """The same initial weights for every row: built once on the CPU from the
+        seed, without touching the global random state, then deep-copied."""
+        if self._initial is None or self._initial[0] != seed:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self._initial = (seed, GPT(self.model_config))
+        return copy.deepcopy(self._initial[1])  # deepcopy keeps the tied embedding tied
+
+    def describe_data(self) -> str:
+        config = self.data.config
+        source = f"{len(config.paths)} path(s)" if config.paths else "stdlib"
+        return f"{source}, {config.tokenizer} {self.data.vocab_size}, {len(self.data.tokens) / 1e6:.2f}M tokens"
+
+
+class Trainer:
+    """Trains one row's model; calling it runs the whole loop (so that the
+    harness can take its peak memory) and leaves the results on the object."""
+
+    def __init__(self, cfg: PrecisionConfig, ctx: Context, shared: Shared, data_seed: int):
+        self.cfg, self.ctx, self.shared = cfg, ctx, shared
+        self.precision = PRECISIONS[cfg.base]
+        self.model = shared.initial_model(ctx.seed)
+        self.generator = torch.Generator().manual_seed(data_seed)  # the batches' order
+        self.timer = StepTimer(ctx.device)
+
+    def batch(self):
+        c = self.cfg
+        return self.shared.data.get_batch("train", c.batch, c.seq_len, generator=self.generator, device=self.ctx.device)
+
+    def step(self):
+        return train_step(self.forward, self.optimizer, self.scaler, self.precision, *self.batch(), self.ctx.device)
+
+    def __call__(self) -> None:
+        c, device, opts = self.cfg, self.ctx.device, self.shared.options
+        self.model = self.precision.prepare(self.model.to(device))
+        self.optimizer = self.model.configure_optimizer(WEIGHT_DECAY, opts.lr, BETAS, device.type)
+        self.scaler = self.precision.scaler(device)
+        self.forward = torch.compile(self.model) if c.compile else self.model
+        warmup_lr = max(1, c.steps // 20)  # the learning rate ramps up over the first twentieth
+        losses = []
+        for i in range(c.train_steps):
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(i, c.steps, opts.lr, warmup_lr)
+            x, y = self.batch()  # drawn outside the timed step: the loop times training, not sampling
+            with self.timer.step():
+                losses.append(train_step(self.forward, self.optimizer, self.scaler, self.precision, x, y, device))
+        self.losses = torch.stack(losses).float().cpu().numpy()  # the loop's one synchronization
+        # The eager module scores the held-out batches: the same weights, and no
+        # recompilation for eval mode.
+        self.val_loss = None
+        if opts.eval_batches:
+            self.val_loss = evaluate(self.model, self.shared.data, self.precision, device, opts.eval_batches,
+                                     c.batch, c.seq_len, seed=self.ctx.seed)
+
+    def applied_steps(self) -> int:
+        """Optimizer steps actually taken: AdamW counts them per parameter, and a
+        step GradScaler skips (inf/NaN gradients) is not counted, fused or not."""
+        state = next(iter(self.optimizer.state.values()), None)
+        return 0 if state is None else int(state["step"])
+
+
+def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measurement:
+    reason = PRECISIONS[cfg.base].why_not(ctx.device)
+    if reason:
+        raise Unsupported(reason)
+    trainer = Trainer(cfg, ctx, shared, data_seed=ctx.seed + (1 if cfg.role == "band" else 0))
+    if cfg.compile:
+        torch.compiler.reset()  # a fresh compilation per row, paid in its own warm-up steps
+    try:
+        if ctx.device.type == "cuda":
+            peak_mib = ctx.peak_memory_mib(trainer)  # the allocator's peak over the whole run
+        else:
+            trainer()
+            peak_mib = None  # no allocator counter covers the CPU (see bench/memory.py)
+        ctx.profile(trainer.step)  # --profile: a trace of a few more steps, after the timed ones
+    finally:
+        if cfg.compile:
+            torch.compiler.reset()
+    stats = trainer.timer.stats(warmup=cfg.warmup_steps)
+    values = {"compiled": cfg.compile, "trained_steps": cfg.train_steps, "data": shared.describe_data(),
+              "peak_mem_MiB": peak_mib, "first_step_ms": trainer.timer.samples()[0]}
+    notes = ["compiled"] if cfg.compile else []
+    if cfg.role == "reference":
+        shared.reference_ms = stats.median
+    values["speedup"] = metrics.speedup(shared.reference_ms, stats.median) if shared.reference_ms else None
+    values.update(_rates(cfg, ctx, shared, trainer, stats.median, notes))
+    values.update(_losses(cfg, ctx, shared, trainer, notes))
+    values["note"] = "; ".join(notes)
+    return Measurement(values, stats=stats)
+
+
+def _rates(cfg, ctx, shared: Shared, trainer: Trainer, step_ms: float, notes: list[str]) -> dict:
+    """Tokens/s, achieved TFLOP/s and MFU against the calibrated peak of the
+    dtype the products run in (fp8 rows: bf16's, as attention and the head stay bf16)."""
+    model, precision = shared.model_config, trainer.precision
+    n_params = trainer.model.num_params()
+    flops_per_token = metrics.transformer_train_flops_per_token(n_params, model.n_layer, model.n_embd, cfg.seq_len)
+    tokens = cfg.batch * cfg.seq_len
+    tokens_per_s = metrics.per_second(tokens, step_ms)
+    peak = calibrate.matmul_peak(ctx.peaks, precision.compute_dtype, tf32=precision.tf32)
+    mfu = metrics.mfu(tokens_per_s, flops_per_token, peak)
+    if mfu is not None and mfu > 100:
+        notes.append("MFU above 100%: this dtype's calibrated peak is below what training reached; "
+                     "recalibrate with genbench env --calibrate")
+    return dict(n_params=n_params, flops_per_token=flops_per_token, tokens_per_s=tokens_per_s,
+                tflops=metrics.tflops(flops_per_token * tokens, step_ms), peak_tflops=peak, mfu=mfu)
+
+
+def _losses(cfg, ctx, shared: Shared, trainer: Trainer, notes: list[str]) -> dict:
+    """The loss curve, validation loss, parity with the reference, the scaler."""
+    curve, val = trainer.losses, trainer.val_loss
+    if cfg.role == "reference" and shared.options.parity:
+        parity = verdict(curve, None, None)
+        finite = parity.nonfinite == 0
+        shared.reference, shared.reference_val = (curve, val) if finite else (None, None)
+        notes.append("parity reference" if finite else "reference diverged: no parity in this run")
+    elif cfg.role == "band":
+        parity = verdict(curve, shared.reference, None)
+        shared.band = parity.max_rel_diff
+        if shared.band is not None:
+            notes.append(f"the band: batches from seed {ctx.seed + 1}")
+    else:
+        parity = verdict(curve, shared.reference, shared.band)
+        if shared.options.parity and not parity.verdict:
+            notes.append("no verdict: the reference or band run did not finish")
+    scaler_on = trainer.scaler.is_enabled()
+    skipped = cfg.train_steps - trainer.applied_steps() if scaler_on else None
+    if skipped:
+        notes.append(f"GradScaler skipped {skipped} step(s)")
+    if parity.nonfinite:
+        notes.append(f"{parity.nonfinite} NaN/inf loss(es)")
+    ref_val = shared.reference_val if cfg.role != "reference" else None  # None with parity off
+    return dict(
+        loss_first=float(curve[0]),
+        loss_final=float(curve[-1]),
+        val_loss=val,
+        val_rel_diff=metrics.relative_difference(val, ref_val) if val is not None and ref_val else None,
+        max_rel_diff=parity.max_rel_diff,
+        final_rel_diff=parity.final_rel_diff,
+        band=shared.band,
+        verdict=parity.verdict,
+        nonfinite=parity.nonfinite,
+        skipped_steps=skipped,
+        final_scale=trainer.scaler.get_scale() if scaler_on else None,
+        loss_curve=format_curve(curve),
+    )
+
+
+# -- matmul ceilings -------------------------------------------------------------------------------
+
+
+def _matmul_row(cfg: PrecisionConfig, ctx: Context) -> Measurement:
+    if cfg.base == "fp8":
+        return _fp8_matmul(ctx)
+    reason = PRECISIONS[cfg.base].why_not(ctx.device)
+    if reason:
+        raise Unsupported(reason)
+    rate = (ctx.peaks or {}).get(f"{cfg.base}_tflops")
+    if rate is None:
+        raise Unsupported("not calibrated on this device: run genbench env --calibrate")
+    return Measurement({"tflops": rate, "note": "calibrated matmul rate (genbench env --calibrate)"})
+
+
+def _fp8_matmul(ctx: Context) -> Measurement:
+    reason = fp8.why_not(ctx.device)
+    if reason:
+        raise Unsupported(reason)
+    n = FP8_MATMUL_N
+    g = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    a, b = (torch.randn(n, n, generator=g, device=ctx.device) for _ in range(2))
+    a8, sa = fp8.quantize(a, fp8.E4M3)
+    b8, sb = fp8.quantize(b, fp8.E4M3)
+    b8 = b8.t()  # (n, n) column-major, as _scaled_mm wants its second operand
+    stats = ctx.time(lambda: fp8.scaled_matmul(a8, b8, sa, sb, torch.bfloat16, fast_accum=True))
+    return Measurement({"tflops": metrics.tflops(2.0 * n**3, stats.median),
+                        "note": f"measured now: {n}x{n}x{n} torch._scaled_mm, e4m3, bf16 out"}, stats=stats)
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+
+
+def run(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measurement:
+    if cfg.role == "matmul":
+        return _matmul_row(cfg, ctx)
+    return _train_row(cfg, ctx, shared)
+
+
+METRICS = (
+    "compiled", "trained_steps", "data", "n_params", "flops_per_token", "speedup", "tokens_per_s", "tflops",
+    "peak_tflops",
+    "mfu", "peak_mem_MiB", "first_step_ms", "loss_first", "loss_final", "val_loss", "val_rel_diff", "max_rel_diff",
+    "final_rel_diff", "band", "verdict", "nonfinite", "skipped_steps", "final_scale", "note", "loss_curve",
+)
+
+def display(opts: PrecisionOptions, device: torch.device) -> tuple[Column, ...]:
+    """The terminal table (the CSV has every column): TFLOP/s when the matmul
+    ceilings are shown beside the rows, tokens/s otherwise; memory on a GPU."""
+    rate = Column("tflops", "TFLOP/s", "{:.3g}") if opts.matmul else Column("tokens_per_s", "tok/s", "{:,.0f}")
+    memory = (Column("peak_mem_MiB", "MiB", "{:,.0f}"),) if device.type == "cuda" else ()
+    return (
+        Column("median_ms", "ms", "{:.4g}"),
+        Column("iqr_ms", "IQR", "{:.2g}"),
+        rate,
+        Column("mfu", "MFU%", "{:.1f}"),
+        *memory,
+        Column("val_rel_diff", "Δval", "{:+.2%}"),
+        Column("max_rel_diff", "maxΔ", "{:.2%}"),
+        Column("verdict", "parity", "{}"),
+    )
+
+
+def sweep(opts: PrecisionOptions, data: TextData, device: torch.device) -> Sweep:
+    shared = Shared(data, opts)
+    configs = opts.configs()
+    _, reference = opts.labels()
+    return Sweep(
+        suite="precision",
+        configs=configs,
+        run=functools.partial(run, shared=shared),
+        params=("precision", "model", "steps", "batch", "seq_len"),
+        metrics=METRICS,
+        display=display(opts, device),
+        label="precision",
+        baseline=reference,
+        note="note",
+    )
