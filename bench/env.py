@@ -69,8 +69,10 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the project's checkout (with -dirty for local changes), or
+    $GENBENCH_GIT_COMMIT for a copy without .git (a CI artifact, an export)."""
     if not (PROJECT_ROOT / ".git").exists() or not shutil.which("git"):
-        return None
+        return os.environ.get("GENBENCH_GIT_COMMIT")
     try:
         rev = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
