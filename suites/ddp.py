@@ -1,0 +1,634 @@
+"""The DDP suite: how GPT training scales from one device to
+DistributedDataParallel on N, and how fast the collectives under it run.
+
+    genbench ddp --gpus 4                                   # weak scaling, 16 x 1024 tokens per GPU
+    genbench ddp --gpus 4 --strong --batch 64               # strong scaling: 64 sequences split over the GPUs
+    genbench ddp --gpus 4 --bucket-mb 10,25,100 --compression none,bf16
+    genbench ddp --gpus 4 --collectives                     # all_reduce, all_gather, reduce_scatter, 1 KiB .. 1 GiB
+    genbench ddp --procs 2 --device cpu                     # two gloo processes on a machine without a GPU
+
+Training rows, in order: `no-ddp`, the model trained on one device without
+DDP (the baseline), then `ddp-N` for each world size N (1, 2, 4 ... up to
+every GPU) and each combination of the DDP knobs. Each row is one launch of
+N fresh processes through torch's elastic launcher (bench/launch.py), which
+train for a few warm-up steps, then `steps` timed steps, then the same steps
+again under `no_sync()`, which skips the gradient all-reduce.
+
+- Weak scaling (default): every rank trains `batch` sequences; the global
+  batch grows with N. Strong scaling: `batch` is the global batch, split
+  evenly, and the baseline trains all of it on one device.
+- Step time: each rank times its own steps (CUDA events); a step of the job
+  lasts as long as its slowest rank, so the row's samples are the per-step
+  maximum over ranks. `slowest_rank_median_ms` is the largest of the ranks'
+  own medians, and `slowest_rank` says whose.
+- Throughput: samples/s and tokens/s of the whole job; efficiency =
+  tokens/s(N) / (N x tokens/s of the no-ddp baseline), measured in the same run.
+- Exposed communication: step time minus the same step under no_sync: what
+  the all-reduce costs after DDP overlapped it with backward.
+- MFU per device, against the matmul peak measured by `genbench env --calibrate`.
+
+Collective rows (`--collectives`): each of all_reduce, all_gather and
+reduce_scatter at sizes doubling from 1 KiB to 1 GiB on every rank, with
+nccl-tests' conventions (size = the whole tensor: all-reduced, gathered, or
+scattered from), time per call averaged over ranks, algbw = size / time and
+busbw = algbw x 2(n-1)/n for all_reduce, x (n-1)/n for the other two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bench import calibrate, launch, memory, metrics
+from bench.errors import BadInput, Unsupported
+from bench.profile import ACTIVE, WAIT, WARMUP, Profiler
+from bench.runner import Column, Context, Measurement, Sweep
+from bench.stats import Stats
+from bench.timing import StepTimer
+from impls import ddp
+from impls.data import DataConfig, load_data
+from impls.gpt import GPT, PRESETS as MODELS, GPTConfig
+from impls.precision import PRECISIONS
+from impls.train import train_step
+
+BASELINE = "no-ddp"
+# AdamW as GPT-3 trained its 125M model (Brown et al. 2020, table 2.1), as the precision suite does.
+LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A collective's timed sample is this many back-to-back calls (at most MAX_CALLS),
+# so that a 1 KiB call, a few microseconds, is not lost in the resolution and
+# overhead of one event pair; from 2 MiB up each sample is one call.
+CALLS_BYTES, MAX_CALLS = 2 * 2**20, 32
+# A collective is tried only if its buffers fit in this share of the free GPU memory.
+FREE_SHARE = 0.8
+# Hosts other than node 0 wait this long between launches, so that node 0 has
+# torn down the previous launch's rendezvous store before they look for the next.
+FOLLOWER_PAUSE_S = 3.0
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """The processes: how many on this host, how many hosts, where they meet."""
+
+    nproc: int
+    device_type: str = "cpu"
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "genbench-ddp"
+    timeout_s: float = 90.0
+
+    def __post_init__(self):
+        # LaunchSpec checks the options (BadInput): node rank, endpoint, timeout.
+        launch.LaunchSpec(self.nproc, self.device_type, self.nnodes, self.node_rank, self.rdzv_endpoint,
+                          self.rdzv_id, self.timeout_s)
+
+    @property
+    def max_world(self) -> int:
+        return self.nproc * self.nnodes
+
+    def ladder(self) -> tuple[int, ...]:
+        """1, 2, 4 ... below the processes of one host, that count itself, then
+        every host's processes times 2, 4 ... hosts, and all of them."""
+        sizes = [2**i for i in range(int(math.log2(self.nproc)) + 1) if 2**i < self.nproc] + [self.nproc]
+        sizes += [self.nproc * 2**i for i in range(1, int(math.log2(self.nnodes)) + 1) if 2**i < self.nnodes]
+        if self.nnodes > 1:
+            sizes.append(self.max_world)
+        return tuple(sizes)
+
+    def check_world(self, world: int) -> None:
+        if not 1 <= world <= self.max_world:
+            raise BadInput(f"world size {world} is outside 1..{self.max_world} "
+                           f"({self.nproc} process(es) x {self.nnodes} host(s))")
+        if world > self.nproc and world % self.nproc:
+            raise BadInput(f"world size {world} spans hosts, so it must be a multiple of the "
+                           f"{self.nproc} process(es) per host")
+
+    def nodes(self, world: int) -> int:
+        return 1 if world <= self.nproc else world // self.nproc
+
+    def spec(self, world: int, key: str) -> launch.LaunchSpec | None:
+        """How this host takes part in a launch of `world` processes; None if it
+        sits this one out. Worlds that fit on one host run on node 0 alone.
+        `key` names the launch: every host derives the same run id from it."""
+        nodes = self.nodes(world)
+        if self.node_rank >= nodes:
+            return None
+        run_id = f"{self.rdzv_id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        return launch.LaunchSpec(
+            nproc=min(world, self.nproc), device_type=self.device_type, nnodes=nodes,
+            node_rank=self.node_rank if nodes > 1 else 0, rdzv_endpoint=self.rdzv_endpoint,
+            rdzv_id=run_id, timeout_s=self.timeout_s)
+
+
+def cpu_threads(nproc: int) -> int:
+    """Threads per rank: this host's cores shared evenly, as torchrun's
+    OMP_NUM_THREADS=1 default avoids oversubscription, but without idling cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc)
+
+
+# ----------------------------------------------------------------------------- training configurations
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training row: one world size, one set of DDP knobs (or no DDP)."""
+
+    ddp: bool
+    world_size: int
+    model: str
+    precision: str
+    scaling: str  # weak or strong
+    batch: int  # sequences per rank (weak) or in all (strong)
+    seq: int
+    bucket_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+    compression: str = "none"
+    find_unused_parameters: bool = False
+
+    @property
+    def setup(self) -> str:
+        return f"ddp-{self.world_size}" if self.ddp else BASELINE
+
+    @property
+    def batch_per_rank(self) -> int:
+        return self.batch if self.scaling == "weak" else self.batch // self.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    @property
+    def knobs(self) -> ddp.DDPKnobs:
+        return ddp.DDPKnobs(self.bucket_mb, self.gradient_as_bucket_view, self.static_graph, self.compression,
+                            self.find_unused_parameters)
+
+
+ON_OFF = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """The training sweep, as given on the command line."""
+
+    hosts: Hosts
+    data: DataConfig
+    model: str = "gpt2-small"
+    precision: str = "bf16"
+    batch: int = 16
+    seq: int = 1024
+    strong: bool = False
+    world_sizes: tuple[int, ...] | None = None  # default: hosts.ladder()
+    bucket_mb: tuple[float, ...] = (25.0,)
+    gradient_as_bucket_view: tuple[bool, ...] = (False,)
+    static_graph: tuple[bool, ...] = (False,)
+    compression: tuple[str, ...] = ("none",)
+    find_unused_parameters: tuple[bool, ...] = (False,)
+    steps: int = 20
+    warmup_steps: int = 5
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise BadInput(f"unknown --model {self.model!r}; known: {', '.join(MODELS)}")
+        if self.precision not in PRECISIONS:
+            raise BadInput(f"unknown --precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.batch < 1 or self.seq < 1:
+            raise BadInput(f"--batch and --seq must be positive, got {self.batch} and {self.seq}")
+        if self.seq > MODELS[self.model].block_size:
+            raise BadInput(f"--seq {self.seq} is longer than {self.model}'s context of {MODELS[self.model].block_size}")
+        if self.steps < 1 or self.warmup_steps < 0:
+            raise BadInput(f"--steps must be >= 1 and --warmup-steps >= 0, got {self.steps} and {self.warmup_steps}")
+        if any(b <= 0 for b in self.bucket_mb):
+            raise BadInput(f"--bucket-mb must be positive, got {', '.join(map(str, self.bucket_mb))}")
+        unknown = [c for c in self.compression if c not in ddp.COMPRESSION_HOOKS]
+        if unknown:
+            raise BadInput(f"unknown --compression {', '.join(unknown)}; known: {', '.join(ddp.COMPRESSION_HOOKS)}")
+        for world in self.worlds:
+            self.hosts.check_world(world)
+            if self.strong and self.batch % world:
+                raise BadInput(f"--strong splits --batch {self.batch} over {world} ranks: it must be a multiple of "
+                               "every world size (try a power of two)")
+
+    @property
+    def worlds(self) -> tuple[int, ...]:
+        return tuple(self.world_sizes or self.hosts.ladder())
+
+    def configs(self) -> list[TrainConfig]:
+        knob_sets = list(itertools.product(self.bucket_mb, self.gradient_as_bucket_view, self.static_graph,
+                                           self.compression, self.find_unused_parameters))
+        shape = dict(model=self.model, precision=self.precision, scaling="strong" if self.strong else "weak",
+                     batch=self.batch, seq=self.seq)
+        # The baseline first, so every later row has it for its efficiency. Its
+        # knob columns are the first set's: knobs do not apply without DDP, and
+        # this puts it in the same table as the DDP rows with those knobs.
+        rows = [TrainConfig(False, 1, **shape, **_knob_fields(knob_sets[0]))]
+        rows += [TrainConfig(True, world, **shape, **_knob_fields(knobs))
+                 for knobs in knob_sets for world in self.worlds]
+        return rows
+
+
+def _knob_fields(values: tuple) -> dict:
+    names = ("bucket_mb", "gradient_as_bucket_view", "static_graph", "compression", "find_unused_parameters")
+    return dict(zip(names, values))
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every rank needs besides its row's configuration."""
+
+    data: DataConfig
+    steps: int
+    warmup_steps: int
+    seed: int
+    threads: int
+    profile: tuple[str, int, str] | None = None  # (traces folder, CSV row, description) with --profile
+
+
+# ----------------------------------------------------------------------------- the training rank
+
+
+def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
+    """One rank of one training row (runs in a launched process): build the
+    model, train warm-up + timed steps, then the same under no_sync."""
+    torch.set_num_threads(job.threads)
+    device = rank.device
+    precision = PRECISIONS[cfg.precision]
+    data = load_data(job.data)  # the launching process built it: this reads the cache
+    # Each rank its own batches, as a DistributedSampler would give them.
+    generator = torch.Generator().manual_seed(job.seed * 1_000_003 + rank.rank)
+    run: dict = {}
+    counter = itertools.count()
+
+    def batch():
+        return data.get_batch("train", cfg.batch_per_rank, cfg.seq, generator=generator, device=device)
+
+    def train(x, y):
+        return train_step(run["model"], run["optimizer"], run["scaler"], precision, x, y, device)
+
+    def steps(warmup: int, timed: int) -> list[float]:
+        timer = StepTimer(device)
+        for _ in range(warmup + timed):
+            rank.beat(step=next(counter))
+            x, y = batch()
+            with timer.step():  # the batch is drawn outside: this times training, not sampling
+                train(x, y)
+        return list(timer.stats(warmup).samples)
+
+    def build_and_train():
+        torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = precision.prepare(GPT(GPTConfig.from_name(cfg.model, vocab_size=data.vocab_size)).to(device))
+        run["params"] = model.num_params()
+        run["optimizer"] = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
+        run["scaler"] = precision.scaler(device)
+        run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
+        run["step_ms"] = steps(job.warmup_steps, job.steps)
+
+    # On a GPU, the allocator's peak over building and training (None on a CPU).
+    peak = memory.peak_memory_mib(build_and_train, device) if device.type == "cuda" else None
+    if device.type != "cuda":
+        build_and_train()
+    no_sync = None
+    if cfg.ddp:
+        with run["model"].no_sync():  # the same steps, without the gradient all-reduce
+            no_sync = steps(job.warmup_steps, job.steps)
+    profile = None
+    if job.profile is not None:  # every rank runs the profiled steps: they all-reduce together
+        if rank.rank == 0:
+            profiler = Profiler(device)
+            profiler.folder, profiler.row = Path(job.profile[0]), (job.profile[1], job.profile[2])
+            profile = profiler.profile(lambda: train(*batch()))
+        else:
+            for _ in range(WAIT + WARMUP + ACTIVE):
+                train(*batch())
+    return {"step_ms": run["step_ms"], "no_sync_ms": no_sync, "peak_mem_MiB": peak, "params": run["params"],
+            "profile": profile}
+
+
+def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_tokens_per_s: float | None,
+                      peak_tflops: float | None) -> Measurement:
+    """One row from what every rank returned."""
+    world = len(per_rank)
+    assert world == cfg.world_size, f"{world} ranks answered, {cfg.world_size} expected"
+    # A step of the job ends when its slowest rank's does: per-step maximum over ranks.
+    stats = Stats.of(np.max([r["step_ms"] for r in per_rank], axis=0))
+    medians = [float(np.median(r["step_ms"])) for r in per_rank]
+    slowest = int(np.argmax(medians))
+    tokens = cfg.global_batch * cfg.seq
+    tokens_per_s = metrics.per_second(tokens, stats.median)
+    shape = MODELS[cfg.model]
+    flops_per_token = metrics.transformer_train_flops_per_token(per_rank[0]["params"], shape.n_layer, shape.n_embd,
+                                                                cfg.seq)
+    peaks = [r["peak_mem_MiB"] for r in per_rank if r["peak_mem_MiB"] is not None]
+    values = dict(
+        world_size=world,
+        nodes=nodes,
+        batch_per_rank=cfg.batch_per_rank,
+        global_batch=cfg.global_batch,
+        tokens_per_step=tokens,
+        samples_per_s=metrics.per_second(cfg.global_batch, stats.median),
+        tokens_per_s=tokens_per_s,
+        efficiency=metrics.scaling_efficiency(tokens_per_s, base_tokens_per_s, world) if base_tokens_per_s else None,
+        slowest_rank=slowest,
+        slowest_rank_median_ms=medians[slowest],
+        mfu=metrics.mfu(tokens_per_s / world, flops_per_token, peak_tflops),
+        peak_mem_MiB=max(peaks) if peaks else None,
+        params=per_rank[0]["params"],
+    )
+    if per_rank[0]["no_sync_ms"] is not None:
+        no_sync = Stats.of(np.max([r["no_sync_ms"] for r in per_rank], axis=0))
+        values.update(no_sync_median_ms=no_sync.median,
+                      exposed_comm_ms=metrics.exposed_comm_ms(stats.median, no_sync.median))
+    return Measurement(values, stats=stats)
+
+
+class ScalingRun:
+    """The training sweep's run function: one launch per row, keeping the
+    baseline's throughput for the efficiency of the rows after it."""
+
+    def __init__(self, opts: ScalingOptions, seed: int):
+        self.opts = opts
+        self.job = TrainJob(opts.data, opts.steps, opts.warmup_steps, seed, cpu_threads(opts.hosts.nproc))
+        self.base_tokens_per_s: float | None = None
+
+    def launch(self, cfg: TrainConfig, job: TrainJob) -> list[dict] | None:
+        spec = self.opts.hosts.spec(cfg.world_size, repr(cfg))
+        return None if spec is None else launch.launch(train_rank, (cfg, job), spec)
+
+    def join(self, cfg: TrainConfig) -> bool:
+        """On a host other than node 0: take part in this row's launch if it spans this host."""
+        if self.opts.hosts.spec(cfg.world_size, repr(cfg)) is None:
+            return False
+        with contextlib.suppress(launch.RankError):  # node 0 records the row's failure
+            self.launch(cfg, self.job)
+        return True
+
+    def __call__(self, cfg: TrainConfig, ctx: Context) -> Measurement:
+        reason = PRECISIONS[cfg.precision].why_not(ctx.device) or (cfg.ddp and ddp.why_not(cfg.knobs, ctx.device))
+        if reason:
+            raise Unsupported(reason)
+        job = self.job
+        if ctx.profiler is not None:
+            index, description = ctx.profiler.row
+            job = dataclasses.replace(job, profile=(str(ctx.profiler.folder), index, description))
+        try:
+            per_rank = self.launch(cfg, job)
+        except launch.RankError as exc:
+            return Measurement(status=exc.kind, reason=str(exc))
+        assert per_rank is not None, "node 0 holds rank 0, which returns every rank's results"
+        precision = PRECISIONS[cfg.precision]
+        peak = calibrate.matmul_peak(ctx.peaks, precision.compute_dtype, tf32=precision.tf32)
+        m = train_measurement(cfg, per_rank, self.opts.hosts.nodes(cfg.world_size), self.base_tokens_per_s, peak)
+        if not cfg.ddp:  # the baseline: every later row's efficiency is against it
+            self.base_tokens_per_s = m.values["tokens_per_s"]
+            m.values["efficiency"] = metrics.scaling_efficiency(self.base_tokens_per_s, self.base_tokens_per_s, 1)
+        if ctx.profiler is not None and per_rank[0]["profile"] is not None:
+            ctx.profiler.profiles.append(per_rank[0]["profile"])  # shown with the others after the tables
+        return m
+
+
+TRAIN_DISPLAY = (
+    Column("median_ms", "step ms", "{:.4g}"),
+    Column("slowest_rank_median_ms", "slowest", "{:.4g}"),
+    Column("no_sync_median_ms", "no_sync", "{:.4g}"),
+    Column("exposed_comm_ms", "exposed", "{:.3g}"),
+    Column("tokens_per_s", "tokens/s", "{:,.0f}"),
+    Column("efficiency", "eff", "{:.1%}"),
+    Column("mfu", "MFU%", "{:.0f}"),
+    Column("peak_mem_MiB", "MiB", "{:,.0f}"),
+)
+
+
+def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
+    return Sweep(
+        suite="ddp",
+        configs=opts.configs(),
+        run=ScalingRun(opts, seed),
+        params=("setup", "model", "precision", "scaling", "batch", "seq", "bucket_mb", "gradient_as_bucket_view",
+                "static_graph", "compression", "find_unused_parameters"),
+        metrics=("world_size", "nodes", "batch_per_rank", "global_batch", "tokens_per_step", "samples_per_s",
+                 "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "slowest_rank",
+                 "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params"),
+        # No allocator counter covers a CPU (bench/memory.py): no memory column there.
+        display=tuple(c for c in TRAIN_DISPLAY if opts.hosts.device_type == "cuda" or c.name != "peak_mem_MiB"),
+        label="setup",
+        baseline=BASELINE,
+        primary="tokens_per_s",
+        higher_is_better=True,
+    )
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+@dataclass(frozen=True)
+class CollectiveConfig:
+    collective: str
+    size: str  # as shown: 1 KiB, 64 MiB
+    size_bytes: int  # the whole tensor (nccl-tests' size), rounded down to split evenly over the ranks
+    world_size: int
+    dtype: str
+
+
+def format_size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+def parse_size(text: str) -> int:
+    """'1K' or '1KiB' -> 1024, '64M' -> 64 MiB, '1G' -> 1 GiB, '4096' -> 4096 bytes."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:], 1)
+    digits = s[:-1] if scale > 1 else s
+    if not digits.isdigit() or int(digits) <= 0:
+        raise BadInput(f"cannot read {text!r} as a size (examples: 1K, 64M, 1G, 4096)")
+    return int(digits) * scale
+
+
+@dataclass(frozen=True)
+class CollectiveOptions:
+    hosts: Hosts
+    collectives: tuple[str, ...] = ddp.COLLECTIVES
+    min_bytes: int = 2**10
+    max_bytes: int = 2**30
+    dtype: str = "fp32"
+    world_size: int | None = None  # default: every process on every host
+    steps: int = 20
+    warmup_steps: int = 5
+    line_rate_GBps: float | None = None  # the link's rate per direction, from its datasheet, if given
+
+    def __post_init__(self):
+        unknown = [c for c in self.collectives if c not in ddp.COLLECTIVES]
+        if unknown:
+            raise BadInput(f"unknown collective {', '.join(unknown)}; known: {', '.join(ddp.COLLECTIVES)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.min_bytes > self.max_bytes:
+            raise BadInput(f"--min-size {format_size(self.min_bytes)} is above "
+                           f"--max-size {format_size(self.max_bytes)}")
+        if self.steps < 1 or self.warmup_steps < 0:
+            raise BadInput(f"--steps must be >= 1 and --warmup-steps >= 0, got {self.steps} and {self.warmup_steps}")
+        if self.line_rate_GBps is not None and self.line_rate_GBps <= 0:
+            raise BadInput(f"--line-rate-gbps must be positive, got {self.line_rate_GBps}")
+        self.hosts.check_world(self.world)
+
+    @property
+    def world(self) -> int:
+        return self.world_size or self.hosts.max_world
+
+    def configs(self) -> list[CollectiveConfig]:
+        elem = DTYPES[self.dtype].itemsize
+        sizes, n = [], self.min_bytes
+        while n <= self.max_bytes:
+            sizes.append(n)
+            n *= 2
+        rows = []
+        for name in self.collectives:
+            for nbytes in sizes:
+                numel = nbytes // elem // self.world * self.world  # every rank an equal shard
+                if numel == 0:
+                    continue
+                rows.append(CollectiveConfig(name, format_size(nbytes), numel * elem, self.world, self.dtype))
+        return rows
+
+
+def collectives_rank(rank: launch.Rank, configs: tuple[CollectiveConfig, ...], opts: CollectiveOptions,
+                     threads: int) -> list[dict]:
+    """Every collective row on one rank (runs in a launched process): µs per call, per timed sample."""
+    torch.set_num_threads(threads)
+    device = rank.device
+    results = []
+    for i, cfg in enumerate(configs):
+        rank.beat(step=i)
+        dtype = DTYPES[cfg.dtype]
+        numel = cfg.size_bytes // dtype.itemsize
+        need = cfg.size_bytes * (1 if cfg.collective == "all_reduce" else 1 + 1 / rank.world_size)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+        fits = torch.tensor([int(need <= FREE_SHARE * free)], device=device)
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank runs it or none does
+        if not fits.item():
+            results.append({"skip": f"needs {need / 2**30:.2f} GiB on every rank, more than {FREE_SHARE:.0%} of "
+                                    "the free memory of one of them"})
+            continue
+        inp, out = ddp.collective_buffers(cfg.collective, numel, rank.world_size, dtype, device)
+        calls = min(MAX_CALLS, max(1, CALLS_BYTES // cfg.size_bytes))
+        for _ in range(opts.warmup_steps):  # NCCL sets up channels and buffers at a size's first calls
+            ddp.run_collective(cfg.collective, inp, out)
+        timer = StepTimer(device)
+        for _ in range(opts.steps):
+            with timer.step():
+                for _ in range(calls):
+                    ddp.run_collective(cfg.collective, inp, out)
+        results.append({"us": [ms * 1e3 / calls for ms in timer.samples()], "calls": calls})
+        del inp, out
+    return results
+
+
+def collective_measurement(cfg: CollectiveConfig, per_rank: list[dict], nodes: int,
+                           line_rate_GBps: float | None) -> Measurement:
+    """One row: the time per call averaged over ranks, sample by sample (nccl-tests averages over ranks too)."""
+    values = dict(size_bytes=cfg.size_bytes, nodes=nodes)
+    if "skip" in per_rank[0]:
+        return Measurement(values, status="oom", reason=per_rank[0]["skip"])
+    stats = Stats.of(np.mean([r["us"] for r in per_rank], axis=0), unit="us")
+    ms = stats.median / 1e3
+    busbw = metrics.busbw_GBps(cfg.collective, cfg.size_bytes, ms, cfg.world_size)
+    values.update(calls_per_sample=per_rank[0]["calls"], algbw_GBps=metrics.algbw_GBps(cfg.size_bytes, ms),
+                  busbw_GBps=busbw, pct_of_line_rate=metrics.pct_of_peak(busbw, line_rate_GBps))
+    return Measurement(values, stats=stats)
+
+
+@dataclass
+class CollectivesRun:
+    """The collectives sweep's run function. One launch measures every row
+    (a launch per size would mostly time process start-up); each row is then
+    read from it in turn."""
+
+    opts: CollectiveOptions
+    configs: list[CollectiveConfig]
+    results: dict = field(default_factory=dict)
+    failure: launch.RankError | None = None
+
+    def measure_all(self) -> list[dict] | None:
+        spec = self.opts.hosts.spec(self.opts.world, f"collectives-{self.configs!r}")
+        if spec is None:
+            return None
+        args = (tuple(self.configs), self.opts, cpu_threads(self.opts.hosts.nproc))
+        return launch.launch(collectives_rank, args, spec)
+
+    def join(self, cfg: CollectiveConfig) -> bool:
+        """On a host other than node 0: take part in the one launch, at the first row."""
+        if cfg != self.configs[0] or self.opts.hosts.spec(self.opts.world, "") is None:
+            return False
+        with contextlib.suppress(launch.RankError):
+            self.measure_all()
+        return True
+
+    def __call__(self, cfg: CollectiveConfig, ctx: Context) -> Measurement:
+        if not self.results and self.failure is None:
+            try:
+                per_rank = self.measure_all()
+                self.results = {c: [r[i] for r in per_rank] for i, c in enumerate(self.configs)}
+            except launch.RankError as exc:
+                self.failure = exc
+        if self.failure is not None:
+            return Measurement(status=self.failure.kind, reason=str(self.failure))
+        return collective_measurement(cfg, self.results[cfg], self.opts.hosts.nodes(cfg.world_size),
+                                      self.opts.line_rate_GBps)
+
+
+COLLECTIVE_DISPLAY = (
+    Column("median_us", "us", "{:.4g}"),
+    Column("iqr_us", "IQR", "{:.2g}"),
+    Column("algbw_GBps", "algbw GB/s", "{:.3g}"),
+    Column("busbw_GBps", "busbw GB/s", "{:.3g}"),
+    Column("pct_of_line_rate", "% line", "{:.0f}"),
+)
+
+
+def collectives_sweep(opts: CollectiveOptions) -> Sweep:
+    configs = opts.configs()
+    return Sweep(
+        suite="ddp-collectives",
+        configs=configs,
+        run=CollectivesRun(opts, configs),
+        params=("size", "collective", "world_size", "dtype"),
+        metrics=("size_bytes", "nodes", "calls_per_sample", "algbw_GBps", "busbw_GBps", "pct_of_line_rate"),
+        display=COLLECTIVE_DISPLAY,
+        label="size",
+        primary="busbw_GBps",
+        higher_is_better=True,
+        time_unit="us",
+    )
+
+
+# ----------------------------------------------------------------------------- hosts other than node 0
+
+
+def follow(sweep_: Sweep) -> int:
+    """On a host other than node 0: take part in every launch of the sweep that
+    spans this host, and write nothing (node 0 writes the rows). Returns how
+    many launches this host joined."""
+    joined = 0
+    for cfg in sweep_.configs:
+        if sweep_.run.join(cfg):
+            joined += 1
+            time.sleep(FOLLOWER_PAUSE_S)
+    return joined

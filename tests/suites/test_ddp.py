@@ -1,0 +1,274 @@
+"""The DDP suite: options, the rows' arithmetic on hand-made rank results, and
+real two-process gloo runs of the command (rows, collectives, a killed
+worker, two "hosts" on this machine)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bench import launch, metrics
+from bench.cli import app
+from bench.commands.ddp import _processes
+from bench.errors import BadInput
+from impls.data import DataConfig
+from suites import ddp as suite
+
+ROOT = Path(__file__).resolve().parents[2]
+# A model and run small enough that a launch is mostly process start-up.
+SMALL = ["--device", "cpu", "--procs", "2", "--model", "tiny", "--data", "bytes", "--batch", "2", "--seq", "32",
+         "--steps", "3", "--warmup-steps", "1", "--timeout", "30"]
+
+
+def hosts(**kw) -> suite.Hosts:
+    return suite.Hosts(**{"nproc": 4, "device_type": "cpu", **kw})
+
+
+def scaling(**kw) -> suite.ScalingOptions:
+    return suite.ScalingOptions(**{"hosts": hosts(), "data": DataConfig.from_name("bytes"), "model": "tiny",
+                                   "precision": "fp32", "batch": 8, "seq": 64, **kw})
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def test_world_size_ladder():
+    assert hosts().ladder() == (1, 2, 4)
+    assert hosts(nproc=3).ladder() == (1, 2, 3)
+    assert hosts(nproc=1).ladder() == (1,)
+    assert hosts(nnodes=2, rdzv_endpoint="node0:29500").ladder() == (1, 2, 4, 8)
+    assert hosts(nnodes=3, rdzv_endpoint="node0:29500").ladder() == (1, 2, 4, 8, 12)
+
+
+def test_who_takes_part_in_each_launch():
+    node0, node1 = (hosts(nnodes=2, node_rank=r, rdzv_endpoint="node0:29500") for r in (0, 1))
+    # Worlds that fit on one host run on node 0 alone, standalone.
+    assert node1.spec(2, "k") is None
+    local = node0.spec(2, "k")
+    assert (local.nproc, local.nnodes, local.node_rank) == (2, 1, 0)
+    # Wider worlds span hosts, every host deriving the same run id from the row.
+    a, b = node0.spec(8, "row"), node1.spec(8, "row")
+    assert (a.nproc, a.nnodes, a.node_rank, b.node_rank) == (4, 2, 0, 1)
+    assert a.rdzv_id == b.rdzv_id != node0.spec(8, "another row").rdzv_id
+    assert a.rdzv_endpoint == "node0:29500"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(world_sizes=(1, 8)), "outside 1..4"),
+    (dict(hosts=hosts(nnodes=2, rdzv_endpoint="h:1"), world_sizes=(6,)), "multiple of the 4"),
+    (dict(strong=True, batch=6), "--strong splits --batch 6 over 4"),
+    (dict(seq=512), "longer than tiny's context"),
+    (dict(precision="fp64"), "unknown --precision"),
+    (dict(compression=("zip",)), "unknown --compression"),
+    (dict(bucket_mb=(0.0,)), "--bucket-mb"),
+    (dict(steps=0), "--steps"),
+])
+def test_bad_options(kw, message):
+    with pytest.raises(BadInput, match=message):
+        scaling(**kw)
+
+
+def test_rows_baseline_first_then_every_knob_set_and_world():
+    configs = scaling(bucket_mb=(10.0, 100.0), compression=("none", "bf16")).configs()
+    assert [c.setup for c in configs[:4]] == ["no-ddp", "ddp-1", "ddp-2", "ddp-4"]
+    assert len(configs) == 1 + 4 * 3
+    knob_sets = {(b, c) for b in (10.0, 100.0) for c in ("none", "bf16")}
+    assert {(c.bucket_mb, c.compression) for c in configs[1:]} == knob_sets
+    # Weak scaling keeps the per-rank batch; strong splits the global one.
+    weak = configs[3]
+    assert (weak.batch_per_rank, weak.global_batch) == (8, 32)
+    strong = scaling(strong=True).configs()[-1]
+    assert (strong.world_size, strong.batch_per_rank, strong.global_batch) == (4, 2, 8)
+
+
+@pytest.mark.parametrize("text, n", [("1K", 1024), ("1KiB", 1024), ("64M", 64 * 2**20), ("1g", 2**30), ("4096", 4096)])
+def test_parse_size(text, n):
+    assert suite.parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "K", "1.5M", "-1K", "1T"])
+def test_parse_size_rejects(text):
+    with pytest.raises(BadInput, match="as a size"):
+        suite.parse_size(text)
+
+
+def test_collective_sizes_split_evenly_over_ranks():
+    configs = suite.CollectiveOptions(hosts(nproc=3), collectives=("all_gather",), min_bytes=1024,
+                                      max_bytes=4096).configs()
+    # fp32, 3 ranks: 256 elements -> 255, 512 -> 510, 1024 -> 1023
+    assert [(c.size, c.size_bytes) for c in configs] == [("1 KiB", 1020), ("2 KiB", 2040), ("4 KiB", 4092)]
+
+
+# -- the rows' arithmetic ---------------------------------------------------------------------------
+
+
+def test_training_row_by_hand():
+    cfg = scaling().configs()[2]  # ddp-2, weak: 8 sequences of 64 tokens per rank
+    per_rank = [
+        {"step_ms": [10.0, 12.0, 11.0], "no_sync_ms": [9.0, 9.0, 9.5], "peak_mem_MiB": None, "params": 1000},
+        {"step_ms": [11.0, 13.0, 14.0], "no_sync_ms": [9.5, 10.0, 10.5], "peak_mem_MiB": None, "params": 1000},
+    ]
+    m = suite.train_measurement(cfg, per_rank, nodes=1, base_tokens_per_s=40_000.0, peak_tflops=None)
+    v = m.values
+    # The job's step is its slowest rank's, step by step: max -> [11, 13, 14], median 13 ms.
+    assert m.stats.samples == (11.0, 13.0, 14.0) and m.stats.median == 13.0
+    assert (v["slowest_rank"], v["slowest_rank_median_ms"]) == (1, 13.0)
+    # 2 ranks x 8 x 64 = 1024 tokens in 13 ms.
+    assert v["tokens_per_s"] == pytest.approx(1024 / 0.013)
+    assert v["samples_per_s"] == pytest.approx(16 / 0.013)
+    assert v["efficiency"] == pytest.approx(1024 / 0.013 / (2 * 40_000.0))
+    # no_sync, per-step max [9.5, 10, 10.5]: median 10, so 3 ms were left exposed.
+    assert (v["no_sync_median_ms"], v["exposed_comm_ms"]) == (10.0, 3.0)
+    assert v["world_size"] == 2 and v["mfu"] is None and v["peak_mem_MiB"] is None
+
+
+def test_collective_row_by_hand():
+    cfg = suite.CollectiveConfig("all_reduce", "64 MiB", 64 * 2**20, world_size=4, dtype="fp32")
+    per_rank = [{"us": [100.0, 200.0, 300.0], "calls": 1}, {"us": [300.0, 400.0, 500.0], "calls": 1}]
+    m = suite.collective_measurement(cfg, per_rank, nodes=1, line_rate_GBps=450.0)
+    # Averaged over ranks sample by sample: [200, 300, 400] us, median 300 us.
+    assert m.stats.samples == (200.0, 300.0, 400.0) and m.stats.unit == "us"
+    algbw = 64 * 2**20 / 300e-6 / 1e9
+    assert m.values["algbw_GBps"] == pytest.approx(algbw)
+    assert m.values["busbw_GBps"] == pytest.approx(algbw * 2 * 3 / 4)
+    assert m.values["pct_of_line_rate"] == pytest.approx(100 * algbw * 1.5 / 450)
+    skipped = suite.collective_measurement(cfg, [{"skip": "needs 2 GiB"}] * 2, 1, None)
+    assert (skipped.status, skipped.reason) == ("oom", "needs 2 GiB")
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "2", "--device", "cpu"], "--gpus needs CUDA GPUs"),
+    (["--procs", "0", "--device", "cpu"], "--procs must be at least 1"),
+    (["--device", "cpu", "--strong", "--batch", "3"], "--strong splits"),
+    (["--device", "cpu", "--precision", "tf32"], "cannot run here"),
+    (["--device", "cpu", "--nnodes", "2"], "--rdzv-endpoint"),
+    (["--device", "cpu", "--static-graph", "maybe"], "off, on or both"),
+    (["--device", "cpu", "--collectives", "--max-size", "1Q"], "as a size"),
+])
+def test_bad_input_is_one_line_before_anything_launches(args, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "launch", lambda *a: pytest.fail("launched despite bad input"))
+    result = CliRunner().invoke(app, ["ddp", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_more_gpus_than_the_machine_has_is_bad_input(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    with pytest.raises(BadInput, match="asked for 8 GPUs, this machine has 4"):
+        _processes(8, None, torch.device("cuda", 0))
+    assert _processes(None, None, torch.device("cuda", 0)) == 4
+
+
+def _run(tmp_path: Path, *args: str):
+    result = CliRunner().invoke(app, ["ddp", *SMALL, *args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (csv,) = tmp_path.glob("*.csv")
+    return pd.read_csv(csv), json.loads(csv.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
+    monkeypatch.delenv(launch.FAULT_ENV, raising=False)
+    df, meta = _run(tmp_path)
+    assert meta["complete"] and meta["label"] == "setup" and meta["primary"] == "tokens_per_s"
+    assert list(df["setup"]) == ["no-ddp", "ddp-1", "ddp-2"]
+    assert list(df["status"]) == ["ok"] * 3, df["reason"].tolist()
+    assert list(df["world_size"]) == [1, 1, 2] and list(df["global_batch"]) == [2, 2, 4]
+    base = df["tokens_per_s"][0]
+    for _, row in df.iterrows():
+        assert row["tokens_per_s"] == pytest.approx(row["global_batch"] * 32 / (row["median_ms"] / 1e3))
+        assert row["efficiency"] == pytest.approx(row["tokens_per_s"] / (row["world_size"] * base))
+        assert row["n"] == 3 and row["min_ms"] <= row["slowest_rank_median_ms"] <= row["max_ms"]
+    ddp_rows = df[df["setup"] != "no-ddp"]
+    assert (ddp_rows["exposed_comm_ms"] == ddp_rows["median_ms"] - ddp_rows["no_sync_median_ms"]).all()
+    assert np.isnan(df["exposed_comm_ms"][0])  # no DDP, nothing to expose
+
+
+@pytest.mark.slow
+def test_collective_rows_from_two_gloo_processes(tmp_path, monkeypatch):
+    monkeypatch.delenv(launch.FAULT_ENV, raising=False)
+    df, meta = _run(tmp_path, "--collectives", "--max-size", "8K")
+    assert meta["suite"] == "ddp-collectives" and meta["primary"] == "busbw_GBps"
+    assert len(df) == 3 * 4 and (df["status"] == "ok").all(), df["reason"].tolist()
+    assert set(df["collective"]) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert list(df["size_bytes"][:4]) == [1024, 2048, 4096, 8192] and (df["world_size"] == 2).all()
+    for _, row in df.iterrows():
+        algbw = metrics.algbw_GBps(row["size_bytes"], row["median_us"] / 1e3)
+        factor = 1.0 if row["collective"] == "all_reduce" else 0.5  # 2(n-1)/n and (n-1)/n at n = 2
+        assert row["algbw_GBps"] == pytest.approx(algbw)
+        assert row["busbw_GBps"] == pytest.approx(algbw * factor)
+
+
+def _processes_in_session(sid: int) -> list[str]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of /proc/PID/stat: the session id
+            found.append(stat.parent.name)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
+    # Rank 1 of the 2-process row exits at its second step; the baseline row has finished by then.
+    scratch = tmp_path / "tmp"  # where the failed launch keeps its workers' output (TMPDIR)
+    scratch.mkdir()
+    env = {**os.environ, launch.FAULT_ENV: "rank=1,step=1,kind=exit,world=2", "TMPDIR": str(scratch)}
+    cmd = [sys.executable, "-m", "bench", "ddp", *SMALL, "--world-sizes", "2", "--out", str(tmp_path)]
+    # In a session of its own, so that whatever it leaves behind can be found.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("error: ddp run stopped: rank 1 "), lines[0]
+    assert "without raising an exception (last: step 1)" in lines[0]
+    assert "1 finished row(s) kept in" in lines[0] and f"its output: {scratch}" in lines[0]
+    (csv,) = tmp_path.glob("ddp-*.csv")
+    df = pd.read_csv(csv)
+    assert list(df["setup"]) == ["no-ddp"] and df["status"][0] == "ok"
+    assert json.loads(csv.with_suffix(".json").read_text())["complete"] is False
+    time.sleep(0.5)
+    assert _processes_in_session(proc.pid) == []  # no orphan worker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_hosts_on_one_machine(tmp_path):
+    """Two `genbench ddp` processes play node 0 and node 1 of a two-host run:
+    the 2-rank row spans both through the static rendezvous, node 0 alone writes."""
+    env = {k: v for k, v in os.environ.items() if k != launch.FAULT_ENV}
+    common = [sys.executable, "-m", "bench", "ddp", *SMALL, "--procs", "1", "--nnodes", "2",
+              "--rdzv-endpoint", f"localhost:{_free_port()}", "--world-sizes", "2"]
+    nodes = [subprocess.Popen([*common, "--node-rank", str(r), "--out", str(tmp_path / f"node{r}")], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outputs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs
+    assert "node 1: took part in 1 launch(es)" in outputs[0][0]
+    assert not (tmp_path / "node1").exists()
+    (csv,) = (tmp_path / "node0").glob("ddp-*.csv")
+    df = pd.read_csv(csv)
+    assert list(df["setup"]) == ["no-ddp", "ddp-2"] and (df["status"] == "ok").all(), df["reason"].tolist()
+    assert list(df["nodes"]) == [1, 2] and list(df["world_size"]) == [1, 2]
