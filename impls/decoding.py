@@ -1,0 +1,371 @@
+"""Batch-1 decoding loops on one GPT with a static KV cache: vanilla greedy (or
+sampled) decoding, Medusa heads with tree verification, speculative decoding
+with a small draft model, and prompt-lookup (n-gram) decoding.
+
+    dec = MedusaDecoder(model, heads, tree, max_len=1024, mode="graph")
+    tokens = dec.generate(prompt, max_new=256)       # (256,) on the CPU
+    dec.steps(), dec.accept_histogram()              # how many tokens each step kept
+
+Every decoder keeps its whole state in fixed-size device tensors: the token
+sequence `seq`, `cur` (how many tokens have their K/V in the cache; seq[cur] is
+the next token, already chosen but not yet run through the model), and the
+acceptance counts. One decoding step is a function of that state with static
+shapes and no host synchronization, so it runs eagerly (CPU), captured once in a
+CUDA graph and replayed ("graph"), or compiled by torch.compile and then
+captured ("compile"). The same mode applies to every method of a comparison.
+The host only reads `cur` every few steps to know when to stop.
+
+Greedy decoding is lossless for every speculative method here: a guessed token
+is kept only if it is the base model's own argmax after the tokens before it,
+so the output is the vanilla greedy output (up to rounding differences between
+a 1-token and an N-token forward, which can flip a near-tie).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from impls import medusa
+from impls.gpt import GPT
+
+MODES = ("eager", "graph", "compile")
+WARMUP_STEPS = 3  # calls before a CUDA graph capture: allocator, cuBLAS handles, compilation
+
+
+class StaticKV:
+    """A model's KV cache with every layer's K and V in one tensor.
+
+    GPT.setup_cache gives each layer its own buffers; here they become views of
+    one (layers, 2, B, H, L, D) tensor, so compacting the accepted path is one
+    gather and one scatter for the whole model instead of four per layer
+    (GPT.move_cache does the same copy layer by layer). Each decoder owns one;
+    `bind` points the model's layers at it, so several decoders can share a
+    model.
+    """
+
+    def __init__(self, model: GPT, max_len: int, batch: int = 1):
+        model.setup_cache(batch=batch, max_len=max_len)
+        self.caches = [block.attn.kv_cache for block in model.transformer.h]
+        k = self.caches[0].k
+        self.store = torch.zeros((len(self.caches), 2, *k.shape), dtype=k.dtype, device=k.device)
+        for i, cache in enumerate(self.caches):
+            cache.k, cache.v = self.store[i, 0], self.store[i, 1]  # (B, H, L, D) views
+        self.model, self.max_len = model, max_len
+
+    def bind(self) -> None:
+        for block, cache in zip(self.model.transformer.h, self.caches):
+            block.attn.kv_cache = cache
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V at slots src to slots dst in every layer (gathered first, so overlaps are safe)."""
+        self.store[:, :, :, :, dst] = self.store[:, :, :, :, src]
+
+
+def _capture(fn, device: torch.device):
+    """Record fn's kernels once in a CUDA graph; return its replay.
+
+    Warm-up runs on a side stream, as torch.cuda.graphs asks, so that lazy
+    initialization (cuBLAS workspaces, autotuning, compilation) is not captured.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_STEPS):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class Decoder:
+    """State and loop shared by every method; subclasses define `_step`."""
+
+    name = ""
+
+    def __init__(self, model: GPT, *, max_len: int, depth: int = 0, mode: str = "eager", temperature: float = 0.0,
+                 posterior_threshold: float = 0.09, posterior_alpha: float = 0.3):
+        assert mode in MODES, f"mode must be one of {MODES}"
+        assert mode == "eager" or model.lm_head.weight.is_cuda, "graph and compile modes need a CUDA model"
+        self.model, self.mode, self.temperature = model, mode, temperature
+        # Typical acceptance (medusa.typical_accept), used when temperature > 0.
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        self.depth = depth  # most candidates one step can accept after its root
+        self.device = model.lm_head.weight.device
+        self.max_len = max_len
+        self.kv = StaticKV(model, max_len)
+        to = dict(device=self.device, dtype=torch.long)
+        # Tokens by position. Steps write D + 2 tokens past cur; the margin keeps that in bounds.
+        self.seq = torch.zeros(max_len + depth + 2, **to)
+        self.cur = torch.zeros(1, **to)
+        self.hist = torch.zeros(depth + 1, **to)  # steps by candidates accepted after the root
+        self._one = torch.ones(1, **to)
+        self._span = torch.arange(depth + 1, **to)  # 0..D
+        self.prompt_len = 0
+        self._run = None
+
+    # -- the pieces a subclass fills in
+
+    def _step(self) -> None:
+        """One decoding step: advance `cur` by the tokens kept, choose the next root."""
+        raise NotImplementedError
+
+    def _after_prefill(self, prompt: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Extra state a method derives from the prompt (heads' guesses, the draft's cache)."""
+
+    # -- shared
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next root: argmax, or a sample at the temperature."""
+        if self.temperature > 0:
+            return medusa.sample(logits, self.temperature)
+        return logits.argmax(dim=-1)
+
+    def _accept(self, tokens: torch.Tensor, logits: torch.Tensor, b: medusa.TreeBuffers) -> medusa.Accepted:
+        if self.temperature > 0:
+            return medusa.typical_accept(tokens, logits, b, self.temperature, self.posterior_threshold,
+                                         self.posterior_alpha)
+        return medusa.greedy_accept(tokens, logits, b)
+
+    def _commit(self, path_tokens: torch.Tensor, n: torch.Tensor, bonus: torch.Tensor) -> None:
+        """Append path_tokens[:n + 1] (the root and n accepted candidates) and the next root."""
+        p = self.cur
+        span = self._span[:path_tokens.numel()]
+        self.seq[p + span] = path_tokens  # anything past n is overwritten by later steps
+        self.seq[p + n + 1] = bonus
+        self.hist.index_add_(0, n, self._one)
+        self.cur.add_(n + 1)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Run the prompt (P,) through the model (eagerly: its length varies) and
+        choose the first new token; resets every counter."""
+        P = prompt.numel()
+        assert 0 < P and P + self.depth + 1 < self.max_len, f"a prompt of {P} tokens does not fit {self.max_len} slots"
+        self.kv.bind()
+        prompt = prompt.to(self.device)
+        self.seq.zero_()
+        self.seq[:P] = prompt
+        self.hist.zero_()
+        logits, _, hidden = self.model(prompt[None], input_pos=torch.arange(P, device=self.device), return_hidden=True)
+        self.seq[P] = self._pick(logits[0, -1])
+        self.cur.fill_(P)
+        self.prompt_len = P
+        self._after_prefill(prompt, hidden[0, -1])
+
+    def prepare(self) -> None:
+        """Capture (or compile and capture) the step once; eager mode needs nothing.
+
+        Capturing runs a few steps, so it is done on a throwaway one-token
+        prompt before the first real prefill.
+        """
+        if self._run is not None:
+            return
+        if self.mode == "eager":
+            self._run = self._step
+            return
+        self.prefill(torch.zeros(1, dtype=torch.long, device=self.device))
+        fn = self._step
+        if self.mode == "compile":
+            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            self._run = _capture(fn, self.device)
+
+    @torch.no_grad()
+    def decode(self, max_new: int) -> None:
+        """Step until at least max_new tokens follow the prompt.
+
+        Each step keeps between 1 and D + 1 tokens, so after
+        ceil(remaining / (D + 1)) steps the target cannot have been passed by
+        more than D tokens; `cur` is read (one host sync) only after each such
+        run of steps. Vanilla decoding (D = 0) never syncs before the end.
+        """
+        assert self._run is not None, "call prepare() before decoding"
+        done = 1  # prefill chose the first token
+        while done < max_new:
+            for _ in range(max(1, math.ceil((max_new - done) / (self.depth + 1)))):
+                self._run()
+            done = int(self.cur.item()) - self.prompt_len + 1
+
+    def generate(self, prompt: torch.Tensor, max_new: int) -> torch.Tensor:
+        self.prepare()
+        self.prefill(prompt)
+        self.decode(max_new)
+        return self.tokens(max_new)
+
+    def tokens(self, n: int) -> torch.Tensor:
+        """The first n generated tokens (n,), on the CPU."""
+        return self.seq[self.prompt_len:self.prompt_len + n].to("cpu", copy=True)  # seq is reused
+
+    def accept_histogram(self) -> list[int]:
+        """Steps of the last generation by tokens kept: [steps keeping 1, 2, ..., D + 1]."""
+        return self.hist.tolist()
+
+    def steps(self) -> int:
+        return sum(self.accept_histogram())
+
+
+class VanillaDecoder(Decoder):
+    """Plain autoregressive decoding: one forward of one token per step."""
+
+    name = "vanilla"
+
+    def _step(self):
+        p = self.cur
+        logits, _ = self.model(self.seq[p][None], input_pos=p)
+        self.seq[p + 1] = self._pick(logits[0, -1])
+        self.cur.add_(1)  # nothing else to count: every step keeps exactly one token
+
+    def accept_histogram(self) -> list[int]:
+        return [int(self.cur.item()) - self.prompt_len]
+
+
+class MedusaDecoder(Decoder):
+    """Medusa: verify a tree of the heads' guesses in one forward pass."""
+
+    name = "medusa"
+
+    def __init__(self, model: GPT, heads: medusa.MedusaHeads, tree: medusa.Tree, *, max_len: int, **kw):
+        assert tree.depth <= heads.n_heads, f"a tree of depth {tree.depth} needs as many heads, not {heads.n_heads}"
+        super().__init__(model, max_len=max_len, depth=tree.depth, **kw)
+        self.heads, self.tree = heads, tree
+        self.b = tree.buffers(self.device)
+        self.topk = torch.zeros(heads.n_heads, medusa.TOPK, dtype=torch.long, device=self.device)
+
+    def _guess(self, hidden: torch.Tensor) -> None:
+        """hidden (C,) or (1, C) -> the heads' top-k tokens (K, TOPK)."""
+        top = self.heads(hidden.reshape(1, -1)).topk(medusa.TOPK, dim=-1).indices  # (K, 1, TOPK)
+        self.topk.copy_(top.reshape(self.topk.shape))
+
+    def _after_prefill(self, prompt, hidden):
+        self._guess(hidden)
+
+    def _step(self):
+        p, b = self.cur, self.b
+        tokens = medusa.tree_candidates(self.seq[p], self.topk, b)  # (N,)
+        mask = medusa.tree_mask(b, p, self.max_len)  # (N, L)
+        logits, _, hidden = self.model(tokens[None], input_pos=p + b.depth, cache_pos=p + b.node,
+                                       mask=mask[None, None], return_hidden=True)
+        acc = self._accept(tokens, logits[0], b)
+        path = b.retrieve[acc.path].reshape(-1)  # (D + 1,) node ids, root first
+        self.kv.move(*medusa.accepted_slots(p, path))
+        self._guess(hidden[0, acc.last])
+        self._commit(tokens[path], acc.n, acc.bonus)
+
+
+class _ChainDecoder(Decoder):
+    """Speculation along one chain of k guesses, checked by one causal forward
+    of k + 1 tokens: the chain sits at consecutive positions, so its K/V land in
+    place and nothing needs compacting."""
+
+    def __init__(self, model: GPT, k: int, **kw):
+        assert k >= 1, "at least one guessed token"
+        super().__init__(model, depth=k, **kw)
+        self.k = k
+        self.b = medusa.Tree.chain(k).buffers(self.device)
+
+    def _propose(self) -> torch.Tensor:
+        """k guessed tokens (k,) to follow seq[cur]."""
+        raise NotImplementedError
+
+    def _step(self):
+        p = self.cur
+        chain = torch.cat([self.seq[p], self._propose()])  # (k + 1,)
+        logits, _ = self.model(chain[None], input_pos=p + self._span)
+        acc = self._accept(chain, logits[0], self.b)
+        self._commit(chain, acc.n, acc.bonus)
+
+
+class DraftDecoder(_ChainDecoder):
+    """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023) with greedy
+    guesses from a small draft model sharing the tokenizer."""
+
+    name = "draft"
+
+    def __init__(self, model: GPT, draft: GPT, k: int = 4, *, max_len: int, **kw):
+        self.draft = draft
+        self.draft_kv = StaticKV(draft, max_len)
+        super().__init__(model, k, max_len=max_len, **kw)
+        self._two = torch.arange(-1, 1, device=self.device)
+
+    def _after_prefill(self, prompt, hidden):
+        self.draft_kv.bind()
+        self.draft(prompt[None], input_pos=torch.arange(prompt.numel(), device=self.device))
+
+    def _propose(self):
+        p = self.cur
+        # The draft's cache holds every committed position but possibly the last
+        # one (when the whole previous chain was accepted, the draft never saw
+        # its last guess): feed the last committed token and the root together,
+        # a fixed shape whatever was accepted. Rewriting a slot it already had is harmless.
+        pos = p + self._two  # (2,) cur - 1, cur
+        logits, _ = self.draft(self.seq[pos][None], input_pos=pos)
+        guesses = [logits[0, -1].argmax(dim=-1, keepdim=True)]
+        for j in range(1, self.k):
+            logits, _ = self.draft(guesses[-1][None], input_pos=p + j)
+            guesses.append(logits[0, -1].argmax(dim=-1, keepdim=True))
+        return torch.cat(guesses)
+
+
+def lookup_continuation(seq: torch.Tensor, cur: torch.Tensor, k: int, max_ngram: int = 3) -> torch.Tensor:
+    """Prompt-lookup guesses (Saxena 2023, "prompt lookup decoding"): find the
+    last n tokens seq[cur - n + 1 .. cur] earlier in seq[..cur] and propose the
+    k tokens that followed them, trying n = max_ngram first.
+
+    Among matches the most recent one is taken whose continuation is all known
+    (ends by cur): in a repeating stretch that is the latest full period. With no
+    match the guesses are seq[cur] repeated, which verification simply rejects.
+    Static shapes throughout: seq (S,), cur (1,) -> (k,).
+    """
+    S = seq.numel()
+    start = torch.zeros((), dtype=torch.long, device=seq.device)
+    found = torch.zeros((), dtype=torch.bool, device=seq.device)
+    for n in range(max_ngram, 0, -1):
+        tail = seq[(cur - n + 1 + torch.arange(n, device=seq.device)).clamp(min=0)]  # (n,)
+        windows = seq.unfold(0, n, 1)  # (S - n + 1, n)
+        starts = torch.arange(S - n + 1, device=seq.device)
+        hit = (windows == tail).all(dim=1) & (starts + n + k - 1 <= cur) & (cur - n + 1 >= 0)
+        latest = (hit.long() * (starts + 1)).max()  # 1 + start of the latest match, 0 if none
+        take = ~found & (latest > 0)
+        start = torch.where(take, latest - 1 + n, start)  # where its continuation begins
+        found = found | (latest > 0)
+    guesses = seq[(start + torch.arange(k, device=seq.device)).clamp(max=S - 1)]
+    return torch.where(found, guesses, seq[cur].expand(k))
+
+
+class LookupDecoder(_ChainDecoder):
+    """Prompt-lookup decoding: guesses copied from earlier in the text; no extra model."""
+
+    name = "lookup"
+
+    def __init__(self, model: GPT, k: int = 8, max_ngram: int = 3, *, max_len: int, **kw):
+        super().__init__(model, k, max_len=max_len, **kw)
+        self.max_ngram = max_ngram
+
+    def _propose(self):
+        return lookup_continuation(self.seq, self.cur, self.k, self.max_ngram)
+
+
+@torch.no_grad()
+def greedy_continue(model: GPT, prompts: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Continue each row of prompts (B, P) greedily by n_new tokens -> (B, P + n_new).
+
+    Batched, eager, with the model's own static cache: the self-distillation data
+    for Medusa heads. The cache is removed afterwards.
+    """
+    B, P = prompts.shape
+    model.setup_cache(batch=B, max_len=P + n_new)
+    try:
+        out = torch.empty(B, P + n_new, dtype=torch.long, device=prompts.device)
+        out[:, :P] = prompts
+        logits, _ = model(prompts, input_pos=torch.arange(P, device=prompts.device))
+        for t in range(P, P + n_new):
+            out[:, t] = logits[:, -1].argmax(dim=-1)
+            if t + 1 < P + n_new:
+                logits, _ = model(out[:, t:t + 1], input_pos=torch.tensor([t], device=prompts.device))
+        return out
+    finally:
+        model.clear_cache()

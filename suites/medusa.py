@@ -1,0 +1,1028 @@
+"""The Medusa suite: speculative decoding with Medusa heads against plain
+greedy decoding of the same model, with a draft model and prompt lookup beside
+them, batch 1.
+
+    genbench medusa --device cpu --model tiny --max-new-tokens 48 --prompts 4
+    genbench medusa --model medium --dtype bf16            # an H200-sized run
+    genbench medusa train --model tiny                     # train and cache only
+
+The base GPT, the Medusa heads and the draft model are trained here, on the
+offline corpus of impls/data.py, the first time a preset is used, and cached
+under $GENBENCH_CACHE/medusa/ keyed by a hash of the model config, the data and
+the training settings. `--model PATH` takes a local Hugging Face model instead
+(vanilla and lookup only).
+
+How the pieces are trained:
+- base model and draft model: next-token prediction on the corpus;
+- heads, by self-distillation with the backbone frozen: corpus prompts from the
+  train split are continued greedily by the base model, and head k learns, at
+  every position of those continuations, the token the base model wrote k + 1
+  places after its next one. The targets are thus exactly what greedy decoding
+  will ask the heads to guess.
+
+Each row is one method. Every prompt is decoded once after an untimed warm-up;
+a row's samples are the per-prompt times (prefill + decode, ms), tokens/s is
+the median over prompts of max_new_tokens / time. Every speculative method's
+greedy output is compared token for token with vanilla's, and vanilla's with
+a cache-free forward; a divergence is explained by a near-tie when the two
+tokens' logits at the first difference are within NEAR_TIE_ULPS units in the
+last place of the decoding dtype, and otherwise makes the row a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench import metrics
+from bench.env import DTYPES
+from bench.errors import BadInput, Unsupported
+from bench.runner import Column, Context, Measurement, Sweep
+from bench.stats import Stats
+from bench.timing import StepTimer
+from impls import decoding, hf, medusa
+from impls.data import DataConfig, TextData, cache_dir, load_data
+from impls.gpt import GPT, GPTConfig
+from impls.precision import PRECISIONS
+from impls.train import train_step
+
+METHODS = ("vanilla", "medusa", "draft", "lookup")
+TREES = ("default", "greedy")
+COMPILE = {"auto": None, "none": "eager", "cuda-graph": "graph", "inductor": "compile"}
+# A divergence from greedy decoding counts as a near-tie when the two tokens'
+# logits differ by at most this many units in the last place of the decoding
+# dtype: a 1-token and an N-token forward round differently, by a few ulps.
+NEAR_TIE_ULPS = 4.0
+CODE_VERSION = 1  # part of every checkpoint key: bump when training changes
+LOOKUP_NGRAM = 3
+
+Progress = Callable[[str, int, int, str], None]  # (phase, step, total, info)
+
+
+def _quiet(phase: str, step: int, total: int, info: str = "") -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Presets
+
+
+@dataclass(frozen=True)
+class LMTraining:
+    """Next-token training of a GPT on the corpus (base and draft models)."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int = 20
+    # A budget, not a measurement: training stops when it is spent and the
+    # learning-rate schedule follows whichever of steps and seconds runs out
+    # first. The checkpoint records how many steps ran.
+    max_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class HeadsTraining:
+    """Self-distillation of the Medusa heads."""
+
+    prompts: int  # train-split prompts the base model continues greedily
+    prompt_len: int
+    gen_len: int
+    steps: int
+    batch_size: int  # positions per step
+    lr: float
+    gen_batch: int = 256  # prompts continued at once
+    max_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class MedusaPreset:
+    base: GPTConfig  # vocab_size is replaced by the tokenizer's
+    data: str  # impls.data preset
+    base_train: LMTraining
+    heads_train: HeadsTraining
+    draft: GPTConfig
+    draft_train: LMTraining
+    prompt_len: int  # benchmark prompts, from the val split
+    max_new_tokens: int
+    prompts: int
+
+
+PRESETS = {
+    # CPU smoke runs: about 15 s of training on two idle cores. Too little for good
+    # text: its greedy output soon repeats itself, which speculation finds easy.
+    "tiny": MedusaPreset(
+        base=GPTConfig.from_name("tiny"),
+        data="stdlib-small",
+        base_train=LMTraining(steps=300, batch_size=8, seq_len=128, lr=6e-3),
+        heads_train=HeadsTraining(prompts=96, prompt_len=32, gen_len=64, steps=100, batch_size=256, lr=3e-3),
+        draft=GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=256),
+        draft_train=LMTraining(steps=100, batch_size=8, seq_len=128, lr=6e-3),
+        prompt_len=32, max_new_tokens=48, prompts=4,
+    ),
+    # A few minutes on one GPU.
+    "small": MedusaPreset(
+        base=GPTConfig.from_name("small"),
+        data="stdlib",
+        base_train=LMTraining(steps=2000, batch_size=32, seq_len=512, lr=1e-3, warmup=50),
+        heads_train=HeadsTraining(prompts=1024, prompt_len=64, gen_len=192, steps=600, batch_size=8192, lr=1e-3),
+        draft=GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=512),
+        draft_train=LMTraining(steps=1000, batch_size=32, seq_len=512, lr=2e-3, warmup=50),
+        prompt_len=128, max_new_tokens=256, prompts=16,
+    ),
+    # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
+    # datacenter GPU. The time budgets cap training the three models from scratch
+    # at about two minutes on an H200 (base ~75 s, heads ~15 s plus ~5 s of greedy
+    # generation, draft ~12 s), whatever the steps reached by then.
+    "medium": MedusaPreset(
+        base=GPTConfig.from_name("medium"),
+        data="stdlib",
+        base_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=6e-4, warmup=50, max_seconds=75),
+        heads_train=HeadsTraining(prompts=2048, prompt_len=64, gen_len=192, steps=1000, batch_size=8192, lr=1e-3,
+                                  gen_batch=512, max_seconds=15),
+        draft=GPTConfig(n_layer=2, n_head=8, n_embd=512, block_size=1024),
+        draft_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=2e-3, warmup=50, max_seconds=12),
+        prompt_len=128, max_new_tokens=512, prompts=16,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class MedusaOptions:
+    """What the command line asks for; None means the preset's value."""
+
+    model: str = "tiny"  # a preset name or a Hugging Face model folder
+    methods: tuple[str, ...] = METHODS
+    heads: int = 4
+    tree: str = "default"  # default, greedy, or a list of paths (see impls.medusa.parse_tree)
+    tree_size: int = medusa.DEFAULT_TREE_SIZE
+    max_new_tokens: int | None = None
+    prompts: int | None = None
+    prompt_len: int | None = None
+    prompt_file: str | None = None
+    temperature: float = 0.0
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    dtype: str = "fp32"
+    compile: str = "auto"
+    draft_tokens: int = 4
+    lookup_tokens: int = 8
+    data: str | None = None
+    checkpoint: str | None = None
+    base_steps: int | None = None
+    heads_steps: int | None = None
+    draft_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        if self.model not in PRESETS and not Path(self.model).is_dir():
+            raise BadInput(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise BadInput(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        for name, value in (("--heads", self.heads), ("--tree-size", self.tree_size),
+                            ("--draft-tokens", self.draft_tokens), ("--lookup-tokens", self.lookup_tokens),
+                            ("--prompt-len", self.prompt_len), ("--base-steps", self.base_steps),
+                            ("--heads-steps", self.heads_steps), ("--draft-steps", self.draft_steps)):
+            if value is not None and value < 1:
+                raise BadInput(f"{name} must be at least 1, got {value}")
+        if self.prompts is not None and self.prompts < 0:
+            raise BadInput(f"--prompts must be 0 or more, got {self.prompts}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise BadInput(f"--method must be among {', '.join(METHODS)}, not {', '.join(unknown) or 'nothing'}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.compile not in COMPILE:
+            raise BadInput(f"--compile must be one of {', '.join(COMPILE)}, not {self.compile!r}")
+        if self.temperature < 0:
+            raise BadInput(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
+            raise BadInput("--posterior-threshold and --posterior-alpha must be in (0, 1]")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise BadInput(f"--prompt-file {self.prompt_file}: no such file")
+        if self.data is not None and self.data not in _data_presets():
+            raise BadInput(f"--data must be one of {', '.join(_data_presets())}, not {self.data!r}")
+        if self.tree not in TREES:
+            try:
+                tree = medusa.parse_tree(self.tree)
+            except ValueError as exc:
+                raise BadInput(f"--tree: {exc}") from None
+            if tree.depth > self.heads:
+                raise BadInput(f"--tree is {tree.depth} deep but there are only {self.heads} heads (--heads)")
+
+    @property
+    def hf(self) -> bool:
+        return self.model not in PRESETS
+
+    @property
+    def preset(self) -> MedusaPreset:
+        assert not self.hf
+        p = PRESETS[self.model]
+        return dataclasses.replace(
+            p,
+            base_train=_steps(p.base_train, self.base_steps),
+            heads_train=_steps(p.heads_train, self.heads_steps),
+            draft_train=_steps(p.draft_train, self.draft_steps),
+        )
+
+
+def _steps(training, steps: int | None):
+    # An explicit step count is taken as asked: no time budget cuts it short.
+    return training if steps is None else dataclasses.replace(training, steps=steps, max_seconds=None)
+
+
+def _data_presets():
+    from impls import data
+
+    return tuple(data.PRESETS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint cache
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps([CODE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_path(kind: str, key: str) -> Path:
+    return cache_dir() / "medusa" / f"{kind}-{key}.pt"
+
+
+def _save(path: Path, payload: dict) -> None:
+    # Written beside and renamed into place: an interrupted save never leaves a torn file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's to remove
+        raise BadInput(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to retrain") from None
+    if not isinstance(payload, dict) or not {"kind", "config", "state_dict"} <= set(payload):
+        raise BadInput(f"{path} is not a genbench medusa checkpoint (no kind/config/state_dict)")
+    return payload
+
+
+def _gpt_from(payload: dict, expected: GPTConfig, path: Path, what: str) -> GPT:
+    """A GPT from a checkpoint, after checking it is the model asked for."""
+    try:
+        stored = GPTConfig(**payload["config"])
+    except (TypeError, AssertionError) as exc:
+        raise BadInput(f"{path}: its config cannot be read as a GPTConfig ({exc})") from None
+    if stored.vocab_size != expected.vocab_size:
+        raise BadInput(f"{path}: vocabulary {stored.vocab_size} does not match the tokenizer's {expected.vocab_size}")
+    if stored != expected:
+        diff = ", ".join(f"{f.name} {getattr(stored, f.name)} != {getattr(expected, f.name)}"
+                         for f in dataclasses.fields(GPTConfig) if getattr(stored, f.name) != getattr(expected, f.name))
+        raise BadInput(f"{path}: the {what} config does not match ({diff})")
+    model = GPT(stored)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise BadInput(f"{path}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def _train_precision(device: torch.device):
+    if device.type == "cuda" and PRECISIONS["bf16"].why_not(device) is None:
+        return PRECISIONS["bf16"]
+    return PRECISIONS["fp32"]
+
+
+def _lr(t: LMTraining | HeadsTraining, step: int, fraction: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth over the run (steps or seconds)."""
+    warmup = getattr(t, "warmup", 0)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
+
+
+class _Budget:
+    """How far a run is: the larger of its share of steps and of seconds."""
+
+    def __init__(self, steps: int, max_seconds: float | None):
+        self.steps, self.max_seconds, self.start = steps, max_seconds, time.monotonic()
+
+    def fraction(self, step: int) -> float:
+        f = step / self.steps
+        if self.max_seconds:
+            f = max(f, (time.monotonic() - self.start) / self.max_seconds)
+        return f
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+@torch.no_grad()
+def _val_loss(model: GPT, data: TextData, seq_len: int, device: torch.device, precision, batches: int = 8) -> float:
+    model.eval()
+    losses = []
+    for i in range(batches):
+        x, y = data.get_batch("val", 8, min(seq_len, len(data.val) - 1), seed=10_000 + i, device=device)
+        with precision.context(device):
+            losses.append(model(x, y)[1].item())
+    return sum(losses) / len(losses)
+
+
+def train_lm(config: GPTConfig, data: TextData, t: LMTraining, device: torch.device, seed: int,
+             progress: Progress = _quiet, phase: str = "base") -> tuple[GPT, dict]:
+    """Train a GPT from scratch on the corpus; returns it (fp32, on device) and what happened."""
+    torch.manual_seed(seed)
+    model = GPT(config).to(device)
+    precision = _train_precision(device)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=t.lr, betas=(0.9, 0.95), device_type=device.type)
+    scaler = precision.scaler(device)
+    g = torch.Generator().manual_seed(seed)
+    budget = _Budget(t.steps, t.max_seconds)
+    seq_len = min(t.seq_len, config.block_size)
+    model.train()
+    step, loss = 0, None
+    while step < t.steps and budget.fraction(step) < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = _lr(t, step, budget.fraction(step))
+        x, y = data.get_batch("train", t.batch_size, seq_len, generator=g, device=device)
+        loss = train_step(model, opt, scaler, precision, x, y, device)
+        step += 1
+        if step % 10 == 0 or step == t.steps:  # reading the loss waits for the device
+            progress(phase, step, t.steps, f"loss {loss.item():.3f}")
+    seconds = budget.seconds()
+    info = dict(steps=step, seconds=round(seconds, 1), train_loss=None if loss is None else loss.item(),
+                val_loss=_val_loss(model, data, seq_len, device, precision), params=model.num_params(False),
+                precision=precision.name)
+    progress(phase, t.steps, t.steps, f"val loss {info['val_loss']:.3f} after {step} steps")
+    model.eval()
+    return model, info
+
+
+def _inference_copy(model: GPT, device: torch.device) -> GPT:
+    """The frozen base model as decoding will see it: bf16 on a GPU that has it, else fp32."""
+    dtype = torch.bfloat16 if _train_precision(device).name == "bf16" else torch.float32
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
+def train_heads(model: GPT, data: TextData, n_heads: int, h: HeadsTraining, device: torch.device, seed: int,
+                progress: Progress = _quiet) -> tuple[medusa.MedusaHeads, dict]:
+    """Self-distilled Medusa heads for a frozen base model; returns them (fp32) and their scores."""
+    frozen = _inference_copy(model, device)
+    P = h.prompt_len
+    prompts = data.get_batch("train", h.prompts, P, seed=seed + 1)[0].to(device)
+    seqs = []
+    for chunk in prompts.split(h.gen_batch):
+        seqs.append(decoding.greedy_continue(frozen, chunk, h.gen_len))
+        progress("distill", sum(len(s) for s in seqs), h.prompts, "greedy continuations of train prompts")
+    seq = torch.cat(seqs)  # (n, P + G)
+    with torch.no_grad():
+        hidden = torch.cat([frozen(chunk, return_hidden=True)[2] for chunk in seq.split(64)])  # (n, T, C)
+    # Positions that have at least the first head's target: P - 1 .. T - 3.
+    T = seq.shape[1]
+    targets = medusa.head_targets(seq, n_heads, start=P)[:, :, P - 1:T - 2]  # (K, n, G - 1)
+    hidden = hidden[:, P - 1:T - 2]
+    n_eval = max(1, len(seq) // 8)  # the last eighth of the continuations is held out for the scores
+    x_train = hidden[:-n_eval].reshape(-1, hidden.shape[-1])
+    y_train = targets[:, :-n_eval].reshape(n_heads, -1)
+    x_eval = hidden[-n_eval:].reshape(-1, hidden.shape[-1])
+    y_eval = targets[:, -n_eval:].reshape(n_heads, -1)
+    del frozen, hidden
+
+    torch.manual_seed(seed)
+    heads = medusa.MedusaHeads.from_lm_head(model.lm_head.weight.detach().float(), n_heads).to(device)
+    opt = torch.optim.AdamW(heads.parameters(), lr=h.lr, weight_decay=0.0)
+    precision = _train_precision(device)
+    g = torch.Generator().manual_seed(seed + 2)
+    budget = _Budget(h.steps, h.max_seconds)
+    step = 0
+    while step < h.steps and budget.fraction(step) < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = _lr(h, step, budget.fraction(step))
+        idx = torch.randint(len(x_train), (h.batch_size,), generator=g).to(device)
+        with precision.context(device):
+            losses = medusa.head_losses(heads(x_train[idx]), y_train[:, idx])
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % 10 == 0 or step == h.steps:
+            progress("heads", step, h.steps, "loss " + " ".join(f"{v:.2f}" for v in losses.tolist()))
+    heads.eval()
+    scores = score_heads(heads, x_eval, y_eval, device)
+    progress("heads", h.steps, h.steps, "top-1 " + " ".join(f"{v:.2f}" for v in scores.top1))
+    info = dict(steps=step, seconds=round(budget.seconds(), 1), positions=len(x_train),
+                params=sum(p.numel() for p in heads.parameters()), **asdict(scores))
+    return heads, info
+
+
+@torch.no_grad()
+def score_heads(heads: medusa.MedusaHeads, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> medusa.HeadScores:
+    precision = _train_precision(device)
+    loss_sum = torch.zeros(heads.n_heads, dtype=torch.float64, device=device)
+    hits = torch.zeros(heads.n_heads, medusa.TOPK, dtype=torch.long, device=device)
+    counts = torch.zeros(heads.n_heads, dtype=torch.long, device=device)
+    for xs, ys in zip(x.split(2048), y.split(2048, dim=1)):
+        with precision.context(device):
+            logits = heads(xs)
+        n = (ys >= 0).sum(dim=1)
+        loss_sum += medusa.head_losses(logits, ys).double() * n
+        h, c = medusa.head_counts(logits, ys)
+        hits += h
+        counts += c
+    return medusa.head_scores((loss_sum / counts.clamp_min(1)).tolist(), hits, counts)
+
+
+# ---------------------------------------------------------------------------
+# Preparing a run: models trained or loaded, prompts, tree
+
+
+@dataclass
+class Part:
+    """One trained (or loaded) component, for the train table and the notes."""
+
+    name: str
+    params: int
+    cached: bool
+    path: str
+    info: dict
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built once before the rows."""
+
+    options: MedusaOptions
+    device: torch.device
+    dtype: torch.dtype
+    mode: str  # eager, graph or compile
+    model: Any  # GPT, or hf.HFModel
+    prompts: list[torch.Tensor]
+    max_new: int
+    max_len: int
+    heads: medusa.MedusaHeads | None = None
+    draft: GPT | None = None
+    tree: medusa.Tree | None = None
+    scores: medusa.HeadScores | None = None
+    parts: list[Part] = field(default_factory=list)
+    # Filled while the rows run.
+    decoders: dict = field(default_factory=dict)  # method -> decoder, or the exception that stopped it
+    memory: dict = field(default_factory=dict)  # method -> MiB
+    mode_note: str = ""
+    reference: list[torch.Tensor] | None = None
+    vanilla_ms: float | None = None
+
+    @property
+    def hf(self) -> bool:
+        return isinstance(self.model, hf.HFModel)
+
+    @property
+    def base_params(self) -> int:
+        return self.model.num_params() if self.hf else self.model.num_params(non_embedding=False)
+
+
+def _cached_or_trained(kind: str, key: str, progress: Progress, build: Callable[[], tuple[Any, dict, dict]],
+                       restore: Callable[[dict, Path], Any]) -> tuple[Any, Part, dict]:
+    """Load checkpoint `kind-key` if it exists, else train it and save it."""
+    path = checkpoint_path(kind, key)
+    if path.exists():
+        payload = _load(path)
+        progress(kind, 1, 1, f"cached: {path}")
+        obj = restore(payload, path)
+        return obj, Part(kind, payload["info"].get("params", 0), True, str(path), payload["info"]), payload
+    obj, info, extra = build()
+    payload = dict(kind=kind, key=key, info=info, state_dict={k: v.detach().cpu() for k, v in obj.state_dict().items()},
+                   **extra)
+    _save(path, payload)
+    return obj, Part(kind, info.get("params", 0), False, str(path), info), payload
+
+
+def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _quiet,
+            train_only: bool = False) -> Prepared:
+    """Train or load what the methods need, pick the prompts, check the lengths."""
+    dtype = DTYPES[opts.dtype]
+    mode = COMPILE[opts.compile] or ("graph" if device.type == "cuda" else "eager")
+    if mode != "eager" and device.type != "cuda":
+        raise BadInput(f"--compile {opts.compile} needs a CUDA device; on the CPU use --compile none")
+    if opts.hf:
+        return _prepare_hf(opts, device, dtype, mode, progress)
+    preset = opts.preset
+    data_name = opts.data or preset.data
+    progress("data", 0, 1, f"corpus {data_name} (built once, then cached)")
+    data = load_data(DataConfig.from_name(data_name))
+    progress("data", 1, 1, f"{len(data.tokens):,} tokens, vocabulary {data.vocab_size}")
+    base_cfg = dataclasses.replace(preset.base, vocab_size=data.vocab_size)
+    parts = []
+
+    # Base model
+    if opts.checkpoint:
+        path = Path(opts.checkpoint)
+        if not path.is_file():
+            raise BadInput(f"--checkpoint {path}: no such file")
+        payload = _load(path)
+        if payload.get("kind") != "base":
+            raise BadInput(f"--checkpoint {path} holds a {payload.get('kind')!r} model, not a base model")
+        model = _gpt_from(payload, base_cfg, path, "base model")
+        base_key = payload.get("key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        parts.append(Part("base", model.num_params(False), True, str(path), payload.get("info", {})))
+        model = model.to(device)
+    else:
+        base_key = _key("base", asdict(base_cfg), data.path.name, asdict(preset.base_train), opts.seed)
+
+        def build_base():
+            m, info = train_lm(base_cfg, data, preset.base_train, device, opts.seed, progress, "base")
+            return m, info, dict(config=asdict(base_cfg), data=data.path.name, train=asdict(preset.base_train))
+
+        model, part, _ = _cached_or_trained("base", base_key, progress, build_base,
+                                            lambda p, path: _gpt_from(p, base_cfg, path, "base model").to(device))
+        parts.append(part)
+
+    want = set(opts.methods) | ({"medusa", "draft"} if train_only else set())
+    heads = scores = tree = draft = None
+    if "medusa" in want:
+        heads_key = _key("heads", base_key, opts.heads, asdict(preset.heads_train), opts.seed)
+
+        def build_heads():
+            h, info = train_heads(model, data, opts.heads, preset.heads_train, device, opts.seed, progress)
+            return h, info, dict(config=dict(n_heads=opts.heads, n_embd=base_cfg.n_embd, vocab_size=data.vocab_size),
+                                 base=base_key, train=asdict(preset.heads_train))
+
+        def restore_heads(p, path):
+            cfg = p["config"]
+            want = (base_cfg.n_embd, data.vocab_size, opts.heads)
+            if (cfg.get("n_embd"), cfg.get("vocab_size"), cfg.get("n_heads")) != want:
+                raise BadInput(f"{path}: heads for n_embd {cfg.get('n_embd')}, vocabulary {cfg.get('vocab_size')}, "
+                               f"{cfg.get('n_heads')} heads do not fit this base model")
+            h = medusa.MedusaHeads(base_cfg.n_embd, data.vocab_size, opts.heads)
+            h.load_state_dict(p["state_dict"])
+            return h.to(device)
+
+        heads, part, payload = _cached_or_trained("heads", heads_key, progress, build_heads, restore_heads)
+        parts.append(part)
+        info = payload["info"]
+        scores = medusa.HeadScores(tuple(info["loss"]), tuple(info["top1"]), tuple(info["top5"]),
+                                   tuple(tuple(r) for r in info["rank_accuracy"]))
+        if opts.tree == "default":
+            tree = medusa.default_tree(opts.heads, opts.tree_size)
+        elif opts.tree == "greedy":
+            tree = medusa.greedy_tree(scores.rank_accuracy, opts.tree_size)
+        else:
+            tree = medusa.parse_tree(opts.tree)
+    if "draft" in want:
+        draft_cfg = dataclasses.replace(preset.draft, vocab_size=data.vocab_size,
+                                        block_size=max(preset.draft.block_size, base_cfg.block_size))
+        draft_key = _key("draft", asdict(draft_cfg), data.path.name, asdict(preset.draft_train), opts.seed)
+
+        def build_draft():
+            m, info = train_lm(draft_cfg, data, preset.draft_train, device, opts.seed + 3, progress, "draft")
+            return m, info, dict(config=asdict(draft_cfg), data=data.path.name, train=asdict(preset.draft_train))
+
+        draft, part, _ = _cached_or_trained("draft", draft_key, progress, build_draft,
+                                            lambda p, path: _gpt_from(p, draft_cfg, path, "draft model").to(device))
+        parts.append(part)
+
+    model = model.to(dtype).eval().requires_grad_(False)
+    heads = heads.to(dtype).eval().requires_grad_(False) if heads is not None else None
+    draft = draft.to(dtype).eval().requires_grad_(False) if draft is not None else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the optimizers' memory, before anything is measured
+
+    prompt_len = opts.prompt_len or preset.prompt_len
+    max_new = opts.max_new_tokens or preset.max_new_tokens
+    n_prompts = preset.prompts if opts.prompts is None else opts.prompts
+    prompts = _corpus_prompts(data, n_prompts, prompt_len, data.encode) + _file_prompts(opts, data.encode)
+    depth = _depth(opts, tree)
+    max_len = _check_lengths(prompts, max_new, depth, tree.size if tree else 1, base_cfg.block_size, train_only)
+    return Prepared(opts, device, dtype, mode, model, prompts, max_new, max_len, heads=heads, draft=draft, tree=tree,
+                    scores=scores, parts=parts)
+
+
+def _prepare_hf(opts: MedusaOptions, device, dtype, mode, progress) -> Prepared:
+    reason = hf.why_not()
+    if reason:
+        raise BadInput(reason)
+    if not hf.is_model_folder(opts.model):
+        raise BadInput(f"--model {opts.model}: no config.json there, so not a Hugging Face model folder")
+    if opts.checkpoint:
+        raise BadInput("--checkpoint is for genbench's own GPT; a Hugging Face folder is its own checkpoint")
+    try:
+        lm = hf.load(opts.model, device, dtype)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise BadInput(f"--model {opts.model}: transformers cannot load it offline ({first})") from None
+    data_name = opts.data or "stdlib"
+    progress("data", 0, 1, f"corpus {data_name} for prompts")
+    data = load_data(DataConfig.from_name(data_name))
+    progress("data", 1, 1, "")
+    if lm.tokenizer is not None:
+        tok = lm.tokenizer
+
+        def encode(text):
+            return tok.encode(text, add_special_tokens=False)
+    else:
+        if lm.vocab_size < data.vocab_size:
+            raise BadInput(f"--model {opts.model} has no tokenizer and a vocabulary of {lm.vocab_size}, smaller than "
+                           f"the {data_name} tokenizer's {data.vocab_size}: add its tokenizer to the folder")
+        encode = data.encode
+    prompt_len = opts.prompt_len or 64
+    max_new = opts.max_new_tokens or 128
+    n_prompts = 8 if opts.prompts is None else opts.prompts
+    if lm.tokenizer is not None:
+        # Corpus text re-encoded with the model's own tokenizer.
+        texts = [data.decode(ids) for ids in data.prompts(n_prompts, 4 * prompt_len)] if n_prompts else []
+        prompts = [torch.tensor(encode(t)[:prompt_len], dtype=torch.long) for t in texts]
+    else:
+        prompts = _corpus_prompts(data, n_prompts, prompt_len, encode)
+    prompts += _file_prompts(opts, encode)
+    depth = opts.lookup_tokens if "lookup" in opts.methods else 0
+    max_len = _check_lengths(prompts, max_new, depth, 1, lm.max_positions, False)
+    note = f"eager: Hugging Face models run eagerly here (asked for {mode})" if mode != "eager" else ""
+    return Prepared(opts, device, dtype, "eager", lm, prompts, max_new, max_len,
+                    parts=[Part("base", lm.num_params(), True, str(opts.model), {})], mode_note=note)
+
+
+def _corpus_prompts(data: TextData, n: int, length: int, encode) -> list[torch.Tensor]:
+    if n == 0:
+        return []
+    try:
+        return list(data.prompts(n, length))
+    except ValueError as exc:
+        raise BadInput(f"--prompt-len {length}: {exc}") from None
+
+
+def _file_prompts(opts: MedusaOptions, encode) -> list[torch.Tensor]:
+    """Prompts from --prompt-file: the whole file, or parts separated by lines holding only '---'."""
+    if not opts.prompt_file:
+        return []
+    text = Path(opts.prompt_file).read_text(encoding="utf-8", errors="replace")
+    parts, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.strip() == "---":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    parts.append("".join(current))
+    prompts = [torch.tensor(encode(p), dtype=torch.long) for p in parts if p.strip()]
+    if not prompts:
+        raise BadInput(f"--prompt-file {opts.prompt_file} holds no text")
+    return prompts
+
+
+def _depth(opts: MedusaOptions, tree: medusa.Tree | None) -> int:
+    """Most tokens past its root that any method's step may look at."""
+    depths = [0]
+    if "medusa" in opts.methods and tree is not None:
+        depths.append(tree.depth)
+    if "draft" in opts.methods:
+        depths.append(opts.draft_tokens)
+    if "lookup" in opts.methods:
+        depths.append(opts.lookup_tokens)
+    return max(depths)
+
+
+def _check_lengths(prompts, max_new: int, depth: int, tree_size: int, block_size: int, train_only: bool) -> int:
+    """The cache length every decoder gets, after checking that every position fits the model.
+
+    The last run of steps may pass max_new by up to `depth` tokens, and its last
+    step looks `depth` further: positions stay below P + max_new + 2 * depth.
+    """
+    if train_only:
+        return 0
+    if not prompts:
+        raise BadInput("no prompts: give --prompts N (N > 0) or --prompt-file")
+    longest = max(p.numel() for p in prompts)
+    need = longest + max_new + 2 * depth + 1
+    if need > block_size:
+        raise BadInput(f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new} + {2 * depth + 1} "
+                       f"for speculation needs {need} positions; the model has {block_size}")
+    # Slots: the tree's N nodes are written after cur; a multiple of 64 keeps
+    # the attention mask's rows aligned for the fused attention kernels.
+    return 64 * math.ceil((longest + max_new + depth + tree_size + 2) / 64)
+
+
+# ---------------------------------------------------------------------------
+# Rows
+
+
+@dataclass(frozen=True)
+class MedusaRow:
+    method: str
+    model: str
+    dtype: str
+    batch: int
+    max_new_tokens: int
+    prompts: int
+    temperature: float
+    heads: int
+    tree: str
+
+
+def _make_decoder(prep: Prepared, method: str, mode: str):
+    o = prep.options
+    common = dict(max_len=prep.max_len, temperature=o.temperature)
+    spec = dict(posterior_threshold=o.posterior_threshold, posterior_alpha=o.posterior_alpha)
+    if prep.hf:
+        if method == "vanilla":
+            return hf.HFVanillaDecoder(prep.model, **common)
+        return hf.HFLookupDecoder(prep.model, o.lookup_tokens, LOOKUP_NGRAM, **common, **spec)
+    common["mode"] = mode
+    if method == "vanilla":
+        return decoding.VanillaDecoder(prep.model, **common)
+    if method == "medusa":
+        return decoding.MedusaDecoder(prep.model, prep.heads, prep.tree, **common, **spec)
+    if method == "draft":
+        return decoding.DraftDecoder(prep.model, prep.draft, o.draft_tokens, **common, **spec)
+    return decoding.LookupDecoder(prep.model, o.lookup_tokens, LOOKUP_NGRAM, **common, **spec)
+
+
+def _unsupported(prep: Prepared, method: str) -> str | None:
+    if prep.hf and method in ("medusa", "draft"):
+        return (f"{method} needs {'heads' if method == 'medusa' else 'a draft model'} trained for the model; "
+                "genbench trains them for its own GPT presets only (a Hugging Face model runs vanilla and lookup)")
+    return None
+
+
+def _build_all(prep: Prepared, ctx: Context) -> None:
+    """Build, capture and warm up every method's decoder, measuring its memory.
+
+    The speed mode is all or none: if capturing or compiling fails for any
+    method, every method runs eagerly and the rows say why.
+    """
+    methods = [m for m in dict.fromkeys(("vanilla", *prep.options.methods)) if not _unsupported(prep, m)]
+    if prep.options.temperature > 0:
+        methods = [m for m in methods if m in prep.options.methods]  # no greedy reference to compute
+
+    def build(method: str, mode: str):
+        holder = []
+
+        def make_and_warm():
+            dec = _make_decoder(prep, method, mode)
+            dec.prepare()
+            dec.generate(prep.prompts[0], prep.max_new)  # warm-up, discarded
+            holder.append(dec)
+
+        # On a CPU there is no allocator counter: peak_memory_mib does not call fn there.
+        prep.memory[method] = ctx.peak_memory_mib(make_and_warm) if ctx.device.type == "cuda" else make_and_warm()
+        return holder[0]
+
+    for attempt in ([prep.mode, "eager"] if prep.mode != "eager" else ["eager"]):
+        prep.decoders.clear()
+        failed = None
+        for method in methods:
+            try:
+                prep.decoders[method] = build(method, attempt)
+            except torch.OutOfMemoryError as exc:
+                prep.decoders[method] = exc
+            except Exception as exc:  # the fallback decides; the row shows the reason
+                if attempt != "eager":
+                    failed = (method, exc)
+                    break
+                prep.decoders[method] = exc
+        if failed is None:
+            prep.mode = attempt
+            return
+        method, exc = failed
+        prep.mode_note = (f"eager: {prep.mode} failed for {method} ({type(exc).__name__}: "
+                          f"{(str(exc).strip().splitlines() or [''])[0][:120]}), so every method ran eager")
+        prep.decoders.clear()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _plain_logits(prep: Prepared, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of ids (T,) from a forward without any cache."""
+    if prep.hf:
+        return prep.model.logits(ids)
+    return prep.model(ids[None].to(prep.device))[0][0]
+
+
+def _divergence(prep: Prepared, prompt: torch.Tensor, want: torch.Tensor, got: torch.Tensor,
+                logits: torch.Tensor | None = None) -> float | None:
+    """None if got == want, else how far apart (ulps) the two tokens' logits are
+    at the first difference, after the prompt and want's tokens before it."""
+    diff = (want != got).nonzero()
+    if len(diff) == 0:
+        return None
+    j = int(diff[0])
+    if logits is None:
+        row = _plain_logits(prep, torch.cat([prompt, want[:j]]))[-1]
+    else:
+        row = logits[j]
+    a, b = float(row[want[j]]), float(row[got[j]])
+    return metrics.gap_in_ulps(a - b, max(abs(a), abs(b)), torch.finfo(prep.dtype).eps)
+
+
+def _check(prep: Prepared, method: str, outputs: list[torch.Tensor]) -> tuple[dict, int]:
+    """Greedy identity: each output against vanilla's (vanilla's against a
+    cache-free forward). Returns the row's values and the unexplained count."""
+    gaps = []
+    for i, (prompt, out) in enumerate(zip(prep.prompts, outputs)):
+        if method == "vanilla":
+            # Teacher-forced: the cache-free argmax after each prefix of the output.
+            logits = _plain_logits(prep, torch.cat([prompt, out]))[prompt.numel() - 1:-1]  # (max_new, V)
+            gaps.append(_divergence(prep, prompt, out, logits.argmax(-1).cpu(), logits))
+        else:
+            gaps.append(_divergence(prep, prompt, prep.reference[i], out))
+    diverged = [g for g in gaps if g is not None]
+    near = [g for g in diverged if g <= NEAR_TIE_ULPS]
+    values = dict(
+        identical_to_greedy=f"{len(gaps) - len(diverged)}/{len(gaps)}",
+        near_tie_divergences=len(near),
+        unexplained_divergences=len(diverged) - len(near),
+        divergence_gap_ulps=";".join(f"{g:.3g}" for g in diverged),
+    )
+    return values, len(diverged) - len(near)
+
+
+def _spec(prep: Prepared, method: str) -> str:
+    o = prep.options
+    if method == "medusa":
+        return f"tree {o.tree if o.tree in TREES else 'custom'}: {prep.tree.size} nodes, depth {prep.tree.depth}"
+    if method == "draft":
+        c = prep.draft.config
+        return f"draft {c.n_layer}L/{c.n_embd} ({prep.draft.num_params(False) / 1e6:.1f}M), {o.draft_tokens} guesses"
+    if method == "lookup":
+        return f"n-gram <= {LOOKUP_NGRAM}, {o.lookup_tokens} guesses"
+    return ""
+
+
+def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
+    reason = _unsupported(prep, cfg.method)
+    if reason:
+        raise Unsupported(reason)
+    if not prep.decoders:
+        _build_all(prep, ctx)
+    dec = prep.decoders[cfg.method]
+    if isinstance(dec, Exception):
+        raise dec
+    greedy = cfg.temperature == 0
+    if greedy and prep.reference is None and cfg.method != "vanilla":
+        ref = prep.decoders["vanilla"]
+        if isinstance(ref, Exception):
+            raise RuntimeError(f"no vanilla reference to check against: {ref}")
+        prep.reference = [ref.generate(p, prep.max_new) for p in prep.prompts]
+
+    prefill_timer, decode_timer = StepTimer(ctx.device), StepTimer(ctx.device)
+    outputs, steps, hist = [], [], []
+    for i, prompt in enumerate(prep.prompts):
+        torch.manual_seed(ctx.seed + i)  # the same samples for every method when sampling
+        with prefill_timer.step():
+            dec.prefill(prompt)
+        with decode_timer.step():
+            dec.decode(prep.max_new)
+        outputs.append(dec.tokens(prep.max_new))
+        steps.append(dec.steps())
+        h = dec.accept_histogram()
+        hist = [a + b for a, b in zip(hist, h)] if hist else h
+    prefill_ms, decode_ms = prefill_timer.samples(), decode_timer.samples()
+    total_ms = [a + b for a, b in zip(prefill_ms, decode_ms)]
+    stats = Stats.of(total_ms)
+    if cfg.method == "vanilla":
+        prep.vanilla_ms = stats.median
+        if greedy:
+            prep.reference = outputs
+    values = dict(
+        tokens_per_s=statistics.median(metrics.per_second(prep.max_new, ms) for ms in total_ms),
+        speedup=metrics.speedup(prep.vanilla_ms, stats.median) if prep.vanilla_ms else None,
+        mean_accept_length=metrics.mean_accept_length(hist),
+        accept_hist=";".join(map(str, hist)),
+        ms_per_step=statistics.median(ms / max(1, s) for ms, s in zip(decode_ms, steps)),
+        steps_per_prompt=sum(steps) / len(steps),
+        prefill_ms=statistics.median(prefill_ms),
+        peak_mem_MiB=prep.memory.get(cfg.method),
+        base_params_M=prep.base_params / 1e6,
+        extra_params_M=_extra_params(prep, cfg.method) / 1e6,
+        speed=prep.mode_note or prep.mode,
+        spec=_spec(prep, cfg.method),
+    )
+    if cfg.method == "medusa" and prep.scores is not None:
+        values.update(head_top1=";".join(f"{v:.3f}" for v in prep.scores.top1),
+                      head_top5=";".join(f"{v:.3f}" for v in prep.scores.top5))
+    status, reason = "ok", ""
+    if greedy:
+        check, unexplained = _check(prep, cfg.method, outputs)
+        values.update(check)
+        if unexplained:
+            status = "mismatch"
+            reason = (f"{unexplained} of {len(outputs)} outputs differ from greedy decoding without a near-tie "
+                      f"(gaps in ulps: {check['divergence_gap_ulps']})")
+        elif check["near_tie_divergences"]:
+            reason = (f"{check['near_tie_divergences']} output(s) part from greedy at a near-tie "
+                      f"(<= {NEAR_TIE_ULPS:g} ulps)")
+    ctx.profile(lambda: (dec.prefill(prep.prompts[0]), dec.decode(prep.max_new)))  # --profile: one generation
+    return Measurement(values, stats=stats, status=status, reason=reason)
+
+
+def _extra_params(prep: Prepared, method: str) -> int:
+    if method == "medusa" and prep.heads is not None:
+        return sum(p.numel() for p in prep.heads.parameters())
+    if method == "draft" and prep.draft is not None:
+        return prep.draft.num_params(False)
+    return 0
+
+
+DISPLAY = (
+    Column("tokens_per_s", "tok/s", "{:.4g}"),
+    Column("median_ms", "ms/prompt", "{:.4g}"),
+    Column("ms_per_step", "ms/step", "{:.3g}"),
+    Column("mean_accept_length", "accept", "{:.2f}"),
+    Column("identical_to_greedy", "greedy", "{}"),
+    Column("peak_mem_MiB", "MiB", "{:.0f}"),
+)
+
+METRICS = ("tokens_per_s", "speedup", "mean_accept_length", "accept_hist", "ms_per_step", "steps_per_prompt",
+           "prefill_ms", "peak_mem_MiB", "identical_to_greedy", "near_tie_divergences", "unexplained_divergences",
+           "divergence_gap_ulps", "head_top1", "head_top5", "base_params_M", "extra_params_M", "speed", "spec")
+
+
+def configs(prep: Prepared) -> list[MedusaRow]:
+    o = prep.options
+    # vanilla first: its times and outputs are what the others are measured against
+    methods = sorted(o.methods, key=lambda m: m != "vanilla")
+    return [MedusaRow(method=m, model=o.model if not prep.hf else Path(o.model).name, dtype=o.dtype, batch=1,
+                      max_new_tokens=prep.max_new, prompts=len(prep.prompts), temperature=o.temperature,
+                      heads=o.heads, tree=o.tree) for m in methods]
+
+
+def sweep(prep: Prepared) -> Sweep:
+    return Sweep(
+        suite="medusa",
+        configs=configs(prep),
+        run=lambda cfg, ctx: run(prep, cfg, ctx),
+        params=tuple(f.name for f in dataclasses.fields(MedusaRow)),
+        metrics=METRICS,
+        display=DISPLAY,
+        label="method",
+        baseline="vanilla",
+        note="spec",
+    )
+
+
+# ---------------------------------------------------------------------------
+# `genbench medusa train`: what was trained, as rows
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    part: str  # base, draft, head1 .. headK
+    model: str
+
+
+TRAIN_METRICS = ("params_M", "steps", "train_seconds", "val_loss", "top1", "top5", "cached", "checkpoint")
+
+
+def train_sweep(prep: Prepared) -> Sweep:
+    rows = {}
+    for part in prep.parts:
+        if part.name == "heads":
+            info = part.info
+            for k in range(len(info.get("loss", ()))):
+                rows[f"head{k + 1}"] = dict(params_M=part.params / len(info["loss"]) / 1e6, steps=info.get("steps"),
+                                           train_seconds=info.get("seconds"), val_loss=info["loss"][k],
+                                           top1=info["top1"][k], top5=info["top5"][k], cached=part.cached,
+                                           checkpoint=part.path)
+        else:
+            rows[part.name] = dict(params_M=part.params / 1e6, steps=part.info.get("steps"),
+                                   train_seconds=part.info.get("seconds"), val_loss=part.info.get("val_loss"),
+                                   cached=part.cached, checkpoint=part.path)
+    model = prep.options.model
+
+    def run_train(cfg: TrainRow, ctx: Context) -> Measurement:
+        return Measurement(rows[cfg.part])
+
+    return Sweep(
+        suite="medusa-train",
+        configs=[TrainRow(name, model) for name in rows],
+        run=run_train,
+        params=("part", "model"),
+        metrics=TRAIN_METRICS,
+        display=(Column("params_M", "M params", "{:.2f}"), Column("steps", "steps", "{}"),
+                 Column("train_seconds", "s", "{:.1f}"), Column("val_loss", "val loss", "{:.3f}"),
+                 Column("top1", "top-1", "{:.3f}"), Column("top5", "top-5", "{:.3f}")),
+        label="part",
+        primary="val_loss",
+    )
