@@ -17,10 +17,11 @@ without matching colours against the legend.
 Figures are built with matplotlib's object-oriented API (`Figure`, no pyplot):
 no global state, and saving to PNG renders with Agg whatever the backend.
 
-Per-step series (a loss curve, accepted tokens per step) that don't fit in a
+Per-step series (a loss curve, tokens kept per step) that don't fit in a
 CSV row can sit in an .npz beside it that the JSON names under "series", with
 arrays keyed "row<i>.<name>" (row i of the CSV, 0-based): "row3.loss",
-"row3.accept_length".
+"row3.accept_length". The suites write the short ones into the CSV instead,
+joined by ';': precision's `loss_curve`, medusa's `accept_hist`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench.compare import Run, higher_is_better
 from bench.errors import BadInput
+from bench.metrics import mean_accept_length
 
 PLOTS: dict[str, Callable[[Run], Figure]] = {}
 
@@ -107,9 +109,17 @@ def _colors(labels: Iterable) -> dict:
     return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(labels), key=str))}
 
 
+def _value(v) -> str:
+    """A parameter as written in a title: 300.0 -> '300' (pandas reads a column
+    with an empty cell as floats), 0.7 -> '0.7', 'bf16' -> 'bf16'."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def _describe(columns: list[str], values) -> str:
     values = values if isinstance(values, tuple) else (values,)
-    return "  ".join(f"{c}={v}" for c, v in zip(columns, values))
+    return "  ".join(f"{c}={_value(v)}" for c, v in zip(columns, values))
 
 
 def _fixed(run: Run, df: pd.DataFrame, skip: Iterable[str] = ()) -> str:
@@ -211,7 +221,7 @@ def _bars(ax: Axes, names: list[str], values, colors: list[str], xlabel: str, er
 
 def _row_names(run: Run, df: pd.DataFrame) -> list[str]:
     shown = [run.label, *(p for p in _varying(df, run.params) if p != run.label)]
-    return [" ".join(str(r[c]) if c == run.label else f"{c}={r[c]}" for c in shown if c in df.columns)
+    return [" ".join(str(r[c]) if c == run.label else f"{c}={_value(r[c])}" for c in shown if c in df.columns)
             for _, r in df.iterrows()]
 
 
@@ -382,33 +392,53 @@ def _busbw(ax: Axes, df: pd.DataFrame, size: str, label: str, colors: dict) -> N
     ax.set_ylabel("bus bandwidth, GB/s (higher is better)")
 
 
+def _accept_histograms(run: Run, df: pd.DataFrame) -> dict[int, np.ndarray]:
+    """Decoding steps by tokens kept, by CSV row: h[k] = steps that kept k + 1
+    tokens. From the medusa suite's `accept_hist` column (read from the raw
+    text: a vanilla-only run's single counts would have been read as numbers),
+    else from per-step lengths in an "accept_length" series beside the CSV."""
+    if "accept_hist" in run.rows.columns:
+        texts = run.rows.loc[df.index, "accept_hist"]
+        return {i: np.array([int(v) for v in text.split(";")]) for i, text in texts.items() if text}
+    series = load_series(run)
+    return {i: np.bincount(series[i]["accept_length"].astype(int))[1:]
+            for i in df.index if "accept_length" in series.get(i, {})}
+
+
+def _grouped_bars(ax: Axes, histograms: dict[int, np.ndarray], names: dict[int, str], colors: dict[int, str]) -> None:
+    """Each row's share of steps per number of tokens kept, side by side at each whole number."""
+    top = max(len(h) for h in histograms.values())
+    width = 0.8 / len(histograms)
+    for j, (i, counts) in enumerate(histograms.items()):
+        tokens = np.arange(1, len(counts) + 1)
+        ax.bar(tokens + (j - (len(histograms) - 1) / 2) * width, counts / counts.sum(), width=width,
+               color=colors[i], label=f"{names[i]} (mean {mean_accept_length(counts):.2f})")
+    ax.set_xticks(np.arange(1, top + 1))
+    ax.set_xlabel("tokens kept per decoding step")
+    ax.set_ylabel("share of steps")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 @plots("medusa")
 def medusa(run: Run) -> Figure:
-    """Decoding throughput per method, and how many tokens each step accepted."""
+    """Decoding throughput per method, and how many tokens each step kept."""
     df = ok_rows(run)
     label = run.label
     rate = "tokens_per_s" if "tokens_per_s" in df.columns else run.primary
     colors = _colors(df[label])
+    names = dict(zip(df.index, _row_names(run, df)))
     fig = Figure(figsize=(13, 1.5 + max(3.5, 0.35 * len(df))), layout="constrained")
     ax_rate, ax_accept = fig.subplots(1, 2)
-    _bars(ax_rate, _row_names(run, df), df[rate], [colors[v] for v in df[label]], rate + _direction(run, rate))
-    series = load_series(run)
-    accepted = {i: series[i]["accept_length"] for i in df.index if "accept_length" in series.get(i, {})}
-    if accepted:
-        top = int(max(a.max() for a in accepted.values()))
-        bins = np.arange(0.5, top + 1.5)  # one bin per whole number of accepted tokens
-        names = dict(zip(df.index, _row_names(run, df)))
-        for i, lengths in accepted.items():
-            ax_accept.hist(lengths, bins=bins, histtype="step", linewidth=2, density=True,
-                           color=colors[df.loc[i, label]], label=names[i])
-        ax_accept.set_xlabel("tokens accepted per decoding step")
-        ax_accept.set_ylabel("share of steps")
-        ax_accept.set_xticks(np.arange(1, top + 1))
-        ax_accept.legend(fontsize=8)
-    elif "accept_length" in df.columns and df["accept_length"].notna().any():
-        _bars(ax_accept, _row_names(run, df), df["accept_length"], [colors[v] for v in df[label]],
-              "mean tokens accepted per step (higher is better)")
+    _bars(ax_rate, list(names.values()), df[rate], [colors[v] for v in df[label]], rate + _direction(run, rate))
+    histograms = {i: h for i, h in _accept_histograms(run, df).items() if h.sum() > 0}
+    if histograms:
+        _grouped_bars(ax_accept, histograms, names, {i: colors[df.loc[i, label]] for i in histograms})
+    elif "mean_accept_length" in df.columns and df["mean_accept_length"].notna().any():
+        means = df.dropna(subset=["mean_accept_length"])
+        _bars(ax_accept, [names[i] for i in means.index], means["mean_accept_length"],
+              [colors[v] for v in means[label]], "mean tokens kept per decoding step (higher is better)")
     else:
-        _no_data(ax_accept, "no acceptance lengths recorded with this run")
+        _no_data(ax_accept, "no acceptance histogram (accept_hist) or mean_accept_length in this run")
     fig.suptitle(_title(run, "speculative decoding", df))
     return fig

@@ -189,16 +189,60 @@ def test_precision_chart_with_a_loss_series(tmp_path):
     assert len(loss.get_lines()) == 2
 
 
-def test_medusa_chart_without_series_falls_back_to_the_mean(tmp_path):
-    meta = {"params": ["method"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
-    columns = ["suite", "method", "status", "reason", *stat_columns(), "tokens_per_s", "accept_length"]
-    rows = [{"method": m, "samples": [1.0] * 5, "tokens_per_s": t, "accept_length": a}
-            for m, t, a in (("greedy", 100.0, 1.0), ("medusa", 230.0, 2.6))]
-    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns)))
+MEDUSA_META = {"params": ["method", "heads"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
+MEDUSA_COLUMNS = ["suite", "method", "heads", "status", "reason", *stat_columns(), "tokens_per_s",
+                  "mean_accept_length", "accept_hist"]
+
+
+def medusa_run(folder, hists):
+    """Rows as the medusa suite writes them: accept_hist[k] = steps that kept
+    k + 1 tokens, joined by ';' (a single count for vanilla decoding)."""
+    rows = []
+    for method, (rate, hist) in hists.items():
+        counts = [int(v) for v in hist.split(";")] if hist else []
+        mean = sum((k + 1) * h for k, h in enumerate(counts)) / sum(counts) if counts else None
+        rows.append({"method": method, "heads": 4, "samples": [1.0] * 5, "tokens_per_s": rate,
+                     "mean_accept_length": mean, "accept_hist": hist})
+    rows.append({"method": "typical", "heads": 4, "status": "error", "reason": "x", "accept_hist": ""})
+    return write_run(folder, rows, suite="medusa", meta=MEDUSA_META, columns=MEDUSA_COLUMNS)
+
+
+def test_medusa_acceptance_histogram(tmp_path):
+    csv_path = medusa_run(tmp_path, {"vanilla": (100.0, "400"), "medusa": (230.0, "100;200;60;40"),
+                                     "lookup": (180.0, "150;50")})
+    fig = plot.figure(load_run(csv_path))
     rate, accept = fig.axes
-    assert [round(p.get_width()) for p in rate.patches] == [100, 230]
+    assert [round(p.get_width()) for p in rate.patches] == [100, 230, 180]
     assert "higher is better" in rate.get_xlabel()
+    assert not accept.texts  # not the no-data note
+    assert accept.get_xlabel() == "tokens kept per decoding step" and accept.get_ylabel() == "share of steps"
+    assert list(accept.get_xticks()) == [1, 2, 3, 4]
+    # Grouped bars, each row's normalised to 1, in the colour of its bar on the left.
+    bars = {c.get_label(): c for c in accept.containers}
+    assert [round(p.get_height(), 3) for p in bars["medusa (mean 2.10)"]] == [0.25, 0.5, 0.15, 0.1]
+    assert [round(p.get_height(), 3) for p in bars["vanilla (mean 1.00)"]] == [1.0]
+    assert [round(p.get_height(), 3) for p in bars["lookup (mean 1.25)"]] == [0.75, 0.25]
+    assert len({round(p.get_x(), 6) for c in accept.containers for p in c}) == 7  # side by side, none on another
+    assert [bars[name][0].get_facecolor() for name in bars] == [p.get_facecolor() for p in rate.patches]
+    assert [t.get_text() for t in accept.get_legend().get_texts()] == list(bars)
+
+
+def test_medusa_chart_without_histograms_falls_back_to_the_mean(tmp_path):
+    meta = {"params": ["method"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
+    columns = ["suite", "method", "status", "reason", *stat_columns(), "tokens_per_s", "mean_accept_length"]
+    rows = [{"method": m, "samples": [1.0] * 5, "tokens_per_s": t, "mean_accept_length": a}
+            for m, t, a in (("vanilla", 100.0, 1.0), ("medusa", 230.0, 2.6))]
+    _, accept = plot.figure(load_run(write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns))).axes
     assert [round(p.get_width(), 1) for p in accept.patches] == [1.0, 2.6]
+    assert "mean tokens kept" in accept.get_xlabel()
+
+
+def test_medusa_chart_with_neither_says_so(tmp_path):
+    meta = {"params": ["method"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
+    columns = ["suite", "method", "status", "reason", *stat_columns(), "tokens_per_s"]
+    rows = [{"method": "vanilla", "samples": [1.0] * 5, "tokens_per_s": 100.0}]
+    _, accept = plot.figure(load_run(write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns))).axes
+    assert not accept.patches and "no acceptance histogram" in accept.texts[0].get_text()
 
 
 def test_medusa_acceptance_histogram_from_series(tmp_path):
@@ -208,8 +252,27 @@ def test_medusa_acceptance_histogram_from_series(tmp_path):
     csv_path = write_run(tmp_path, rows, suite="medusa", meta=meta, columns=columns)
     _add_series(csv_path, {"row0.accept_length": np.ones(40), "row1.accept_length": np.array([1, 2, 2, 3, 4] * 8)})
     _, accept = plot.figure(load_run(csv_path)).axes
-    assert accept.get_xlabel() == "tokens accepted per decoding step" and list(accept.get_xticks()) == [1, 2, 3, 4]
-    assert [t.get_text() for t in accept.get_legend().get_texts()] == ["vanilla", "medusa"]
+    assert list(accept.get_xticks()) == [1, 2, 3, 4]
+    assert [t.get_text() for t in accept.get_legend().get_texts()] == ["vanilla (mean 1.00)", "medusa (mean 2.40)"]
+    assert [round(p.get_height(), 3) for p in accept.containers[1]] == [0.2, 0.4, 0.2, 0.2]
+
+
+def test_whole_number_parameters_are_written_as_integers():
+    """pandas reads a column with an empty cell as floats: steps=300, not steps=300.0."""
+    assert plot._describe(["steps", "lr", "dtype", "causal"], (300.0, 0.5, "bf16", True)) == \
+        "steps=300  lr=0.5  dtype=bf16  causal=True"
+
+
+def test_precision_subtitle_with_rate_rows(tmp_path):
+    """The --matmul rate rows leave steps empty, so the column is read as floats."""
+    meta = {"params": ["precision", "model", "steps"], "label": "precision", "primary": "median_ms",
+            "higher_is_better": False}
+    columns = ["suite", "precision", "model", "steps", "status", "reason", *stat_columns(), "loss_curve"]
+    rows = [{"precision": p, "model": "tiny", "steps": 300, "samples": [ms] * 5, "loss_curve": "4.0;3.0;2.5"}
+            for p, ms in (("fp32", 30.0), ("bf16", 12.0))]
+    rows.append({"precision": "matmul-bf16", "model": "matmul", "steps": "", "loss_curve": ""})
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="precision", meta=meta, columns=columns)))
+    assert fig.get_suptitle().splitlines()[1] == "model=tiny  steps=300"
 
 
 @pytest.mark.parametrize("make, message", [
