@@ -144,14 +144,14 @@ PRESETS = {
     ),
     # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
     # datacenter GPU. The time budgets cap training the three models from scratch
-    # at about two minutes on an H200 (base ~75 s, heads ~15 s plus ~5 s of greedy
-    # generation, draft ~12 s), whatever the steps reached by then.
+    # at about three minutes on an H200 (base ~75 s, heads ~45 s plus ~15 s of
+    # greedy generation, draft ~12 s), whatever the steps reached by then.
     "medium": MedusaPreset(
         base=GPTConfig.from_name("medium"),
         data="stdlib",
         base_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=6e-4, warmup=50, max_seconds=75),
-        heads_train=HeadsTraining(prompts=2048, prompt_len=64, gen_len=192, steps=1000, batch_size=8192, lr=1e-3,
-                                  gen_batch=512, max_seconds=15),
+        heads_train=HeadsTraining(prompts=8192, prompt_len=64, gen_len=192, steps=4000, batch_size=8192, lr=1e-3,
+                                  gen_batch=1024, max_seconds=45),
         draft=GPTConfig(n_layer=2, n_head=8, n_embd=512, block_size=1024),
         draft_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=2e-3, warmup=50, max_seconds=12),
         prompt_len=128, max_new_tokens=512, prompts=16,

@@ -1,0 +1,155 @@
+"""Where a batch-1 decoding step's time goes (issue 7 development script).
+
+Random weights (timing does not depend on them), impls.gpt "medium" shape,
+bf16, every piece captured in a CUDA graph and replayed, as the medusa suite
+runs its steps. Prints one line per piece and writes step_costs.json:
+
+    PYTHONPATH=. python3 results/reference/h200/medusa_dev/step_costs.py OUT_DIR [--compile]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from impls import decoding, medusa
+from impls.gpt import GPT, GPTConfig
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script only
+VOCAB, PROMPT, MAX_LEN = 8192, 128, 1024
+REPS = 300 if DEV.type == "cuda" else 2
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def capture(fn):
+    return decoding._capture(fn, DEV) if DEV.type == "cuda" else fn
+
+
+def per_call_ms(run, reps: int = REPS, reset=None) -> tuple[float, float]:
+    """Median and spread (min..max over 5 batches) of one replay, in ms; reset() runs untimed before each batch."""
+    for _ in range(20 if DEV.type == "cuda" else 1):
+        run()
+    times = []
+    for _ in range(5):
+        if reset is not None:
+            reset()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        sync()  # replays queue back to back; one sync per batch leaves only its own latency
+        times.append((time.perf_counter() - t0) * 1e3 / reps)
+    return statistics.median(times), max(times) - min(times)
+
+
+def kernels_per_call(fn) -> int:
+    """Device kernels one eager call launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if DEV.type != "cuda":
+        return None
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name
+               and "Memset" not in e.name)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    compile_too = "--compile" in sys.argv
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=16, n_head=16, n_embd=1024, block_size=1024, vocab_size=VOCAB)
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    model = GPT(cfg).to(DEV, dtype).eval().requires_grad_(False)
+    heads = medusa.MedusaHeads(cfg.n_embd, VOCAB, 5).to(DEV, dtype).eval().requires_grad_(False)
+    rows = []
+
+    def note(name, ms, spread, kernels=None, **extra):
+        rows.append(dict(name=name, ms=ms, spread_ms=spread, kernels=kernels, **extra))
+        print(f"{name:40s} {ms * 1000:8.1f} us  (spread {spread * 1000:5.1f})  kernels {kernels}", flush=True)
+
+    with torch.no_grad():
+        kv = decoding.StaticKV(model, MAX_LEN)
+        cur = torch.tensor([PROMPT], device=DEV)
+        for T in (1, 2, 9, 16, 32, 64, 128, 256):
+            tokens = torch.randint(VOCAB, (1, T), device=DEV)
+            pos = cur + torch.arange(T, device=DEV)
+
+            def fwd():
+                return model(tokens, input_pos=pos)
+
+            note(f"forward T={T}", *per_call_ms(capture(fwd)), kernels_per_call(fwd))
+
+        hidden = torch.randn(1, cfg.n_embd, device=DEV, dtype=dtype)
+
+        def guess():
+            return heads(hidden).topk(medusa.TOPK, dim=-1).indices
+
+        note("heads + topk", *per_call_ms(capture(guess)), kernels_per_call(guess))
+        for size in (64, 128, 256):
+            tree = medusa.default_tree(5, size)
+            b = tree.buffers(DEV)
+            logits = torch.randn(tree.size, VOCAB, device=DEV, dtype=dtype)
+            toks = torch.randint(VOCAB, (tree.size,), device=DEV)
+
+            def accept():
+                return medusa.greedy_accept(toks, logits, b)
+
+            note(f"greedy_accept N={size}", *per_call_ms(capture(accept)), kernels_per_call(accept))
+
+            def mask():
+                return medusa.tree_mask(b, cur, MAX_LEN)
+
+            note(f"tree_mask N={size}", *per_call_ms(capture(mask)), kernels_per_call(mask))
+        path = torch.arange(6, device=DEV)
+
+        def move():
+            kv.move(*medusa.accepted_slots(cur, path))
+
+        note("kv move (6 slots)", *per_call_ms(capture(move)), kernels_per_call(move))
+
+        prompt = torch.randint(VOCAB, (PROMPT,), device=DEV)
+        modes = ("graph", "compile") if compile_too else ("graph",)
+        modes = modes if DEV.type == "cuda" else ("eager",)
+        for mode in modes:
+            decoders = [("vanilla", lambda: decoding.VanillaDecoder(model, max_len=MAX_LEN, mode=mode))]
+            for size in (64, 128, 256):
+                tree = medusa.default_tree(5, size)
+                decoders.append((f"medusa N={size}", lambda tree=tree: decoding.MedusaDecoder(
+                    model, heads, tree, max_len=MAX_LEN, mode=mode)))
+            decoders.append(("lookup k=8", lambda: decoding.LookupDecoder(model, 8, max_len=MAX_LEN, mode=mode)))
+            for name, make in decoders:
+                t0 = time.perf_counter()
+                dec = make()
+                dec.prepare()
+                prep_s = time.perf_counter() - t0
+
+                # Each batch of 60 steps starts from a fresh prefill, so that even a
+                # step accepting its whole depth every time stays inside the cache.
+                dec.prefill(prompt)
+                ms, spread = per_call_ms(dec._run, reps=60 if DEV.type == "cuda" else 2, reset=lambda dec=dec: dec.prefill(prompt))
+                eager = dec._step
+                dec.prefill(prompt)
+                k = kernels_per_call(eager) if mode == "graph" else None
+                note(f"{mode} step {name}", ms, spread, k, prepare_s=round(prep_s, 1))
+
+    (out / "step_costs.json").write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", torch=torch.__version__, config=cfg.__dict__, max_len=MAX_LEN,
+        rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
