@@ -23,7 +23,8 @@ Failures, so that a suite can tell a bad configuration from a broken run:
   stopped by the launcher. A suite turns it into a row and the sweep goes on.
 - a rank dies without an exception (killed, crashed, exited), a collective
   times out, or no rank makes progress within the timeout: `LaunchFailed`,
-  whose one-line message names the rank and the cause. It ends the run.
+  whose one-line message names the rank and the cause. It is a `Fatal`
+  (bench/errors.py): it ends the run, the finished rows staying on disk.
   Timeouts: the process group's own (`timeout_s`, which ends a collective
   that waits on a hung peer), and a watchdog here that stops the workers when
   a rank's heartbeat is older than `timeout_s` plus a margin.
@@ -69,7 +70,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from bench.errors import BadInput, Unsupported
+from bench.errors import BadInput, Fatal, Unsupported
 
 FAULT_ENV = "GENBENCH_DDP_FAULT"
 # The watchdog waits this much longer than the process group's timeout (a share
@@ -130,12 +131,9 @@ class RankError(Exception):
         self.kind, self.rank, self.message = kind, rank, message
 
 
-class LaunchFailed(BaseException):
-    """A worker died, hung or lost its peers: the run cannot go on.
-
-    A BaseException, like KeyboardInterrupt, so that it passes through the
-    runner's per-configuration isolation (which turns an Exception into a row)
-    and ends the sweep, the finished rows staying on disk."""
+class LaunchFailed(Fatal):
+    """A worker died, hung or lost its peers: the run cannot go on (the next
+    launch would meet the same fault, or wait on it)."""
 
     def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)

@@ -5,7 +5,9 @@ which of their fields become CSV columns, the extra columns its rows carry, and
 `run(config, ctx) -> Measurement`. The runner owns everything else: the
 progress bar, isolating each configuration (out of memory, unsupported, an
 unexpected error each become a row with a status, and the sweep goes on), the
-result files, and the tables at the end.
+result files, and the tables at the end. Two things end the sweep instead, the
+finished rows staying on disk: Ctrl-C (`Interrupted`) and a `Fatal` error
+(re-raised saying which sweep stopped and where its rows are).
 
 Statuses: ok, mismatch (failed the correctness gate: listed, never timed as a
 win), oom, unsupported (with the reason), error (with the exception).
@@ -24,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import memory, timing
-from bench.errors import Unsupported
+from bench.errors import Fatal, Unsupported
 from bench.profile import Profile, Profiler
 from bench.results import ResultWriter
 from bench.stats import Stats, stat_columns
@@ -137,6 +139,8 @@ def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
     """Run one configuration, turning its failure into a status."""
     try:
         return sweep.run(config, ctx)
+    except Fatal:  # ends the run, not just this configuration
+        raise
     except Unsupported as exc:
         return Measurement(status="unsupported", reason=str(exc))
     except torch.OutOfMemoryError as exc:
@@ -188,6 +192,9 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
         complete = True
     except KeyboardInterrupt:
         raise Interrupted(writer.csv_path, len(writer.rows)) from None
+    except Fatal as exc:
+        exc.suite, exc.csv_path, exc.rows = sweep.suite, writer.csv_path, len(writer.rows)
+        raise
     finally:
         writer.close(complete)
     return writer

@@ -1,6 +1,6 @@
 """The pieces every genbench command shares: the Typer app, the common
-options, turning user mistakes and Ctrl-C into exit codes, and running a
-suite's sweep through the harness.
+options, turning user mistakes, fatal errors and Ctrl-C into exit codes, and
+running a suite's sweep through the harness.
 
 Each suite's command lives in its own module here and registers itself on
 `app`; bench/cli.py imports them all.
@@ -20,7 +20,7 @@ from rich.console import Console
 
 import bench.env
 from bench import calibrate, profile, report
-from bench.errors import BadInput
+from bench.errors import BadInput, Fatal
 from bench.runner import Context, Interrupted, Sweep, run_sweep
 
 app = typer.Typer(
@@ -67,7 +67,9 @@ class RunOptions:
 
 
 def cli_errors(fn):
-    """A user's mistake becomes one red line and exit 2; Ctrl-C exits 130."""
+    """A user's mistake becomes one red line and exit 2; an error that ended the
+    run (`Fatal`) one red line saying where the finished rows are, and exit 1;
+    Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -76,6 +78,11 @@ def cli_errors(fn):
         except BadInput as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even in logs
             raise typer.Exit(2) from None
+        except Fatal as exc:
+            kept = f". {exc.rows} finished row(s) kept in {exc.csv_path}" if exc.csv_path is not None else ""
+            err_console.print(f"[bold red]error:[/] {exc.suite or 'the'} run stopped: {exc}{kept}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except Interrupted as exc:
             err_console.print(f"[yellow]{exc}[/]", highlight=False)
             raise typer.Exit(130) from None

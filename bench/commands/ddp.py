@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,7 @@ import torch
 import typer
 
 from bench import launch
-from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, err_console, run_suite
+from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite
 from bench.commands.precision import _data_config  # --data/--tokenizer/--vocab-size, as the precision suite reads them
 from bench.env import resolve_device
 from bench.errors import BadInput
@@ -68,16 +67,6 @@ def _positive(value: int, option: str) -> int:
     if value < 1:
         raise BadInput(f"{option} must be at least 1, got {value}")
     return value
-
-
-def _kept_rows(out: Path, suite_name: str, since: float) -> str:
-    """Where the failed run's finished rows are (the runner wrote them as they finished)."""
-    written = [p for p in Path(out).glob(f"{suite_name}-*.csv") if p.stat().st_mtime >= since - 1]
-    if not written:
-        return "no row had finished"
-    csv = max(written, key=lambda p: p.stat().st_mtime)
-    rows = max(0, sum(1 for _ in csv.open()) - 1)
-    return f"{rows} finished row(s) kept in {csv}"
 
 
 @app.command("ddp")
@@ -159,14 +148,13 @@ def ddp_command(
             except ValueError as exc:
                 raise BadInput(f"--data: {exc}") from None
         sweep = suite.sweep(opts, seed)
-    started = time.time()
-    try:
-        if node_rank > 0:
+    if node_rank > 0:
+        try:
             joined = suite.follow(sweep)
-            console.print(f"node {node_rank}: took part in {joined} launch(es); node 0 wrote the results")
-            return
-        run_suite(sweep, RunOptions(dev, out, seed, profile=profile))
-    except launch.LaunchFailed as exc:
-        kept = _kept_rows(out, sweep.suite, started) if node_rank == 0 else "node 0 keeps the finished rows"
-        err_console.print(f"[bold red]error:[/] ddp run stopped: {exc}. {kept}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        except launch.LaunchFailed as exc:  # a Fatal, printed by cli_errors; the rows are node 0's
+            stopped = launch.LaunchFailed(f"{exc}. node 0 keeps the finished rows", exc.rank)
+            stopped.suite = sweep.suite
+            raise stopped from None
+        console.print(f"node {node_rank}: took part in {joined} launch(es); node 0 wrote the results")
+        return
+    run_suite(sweep, RunOptions(dev, out, seed, profile=profile))

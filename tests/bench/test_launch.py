@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bench import launch
-from bench.errors import BadInput, Unsupported
+from bench.errors import BadInput, Fatal, Unsupported
 from bench.launch import LaunchFailed, LaunchSpec, RankError
 
 
@@ -182,7 +182,7 @@ def test_diagnose_prefers_a_ranks_own_exception_the_earliest():
 def test_diagnose_names_a_rank_that_died_without_an_exception():
     beats = {1: ("step 4", 100.0)}
     cause = launch.diagnose({1: SimpleNamespace(exitcode=-9)}, {0: _report(0, "comm", 101.0)}, beats, spec())
-    assert isinstance(cause, LaunchFailed)
+    assert isinstance(cause, LaunchFailed) and isinstance(cause, Fatal)  # it ends the run, not just the row
     assert str(cause) == "rank 1 was killed by SIGKILL without raising an exception (last: step 4)"
 
 

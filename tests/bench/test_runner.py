@@ -1,4 +1,4 @@
-"""The sweep loop: statuses, isolation, files, interruption."""
+"""The sweep loop: statuses, isolation, files, interruption, fatal errors."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from bench import report
-from bench.errors import Unsupported
+from bench.errors import Fatal, Unsupported
 from bench.results import load_samples
 from bench.runner import Context, Interrupted, Measurement, Sweep, run_sweep
 from bench.stats import Stats
@@ -32,6 +32,8 @@ def _run(cfg: Toy, ctx: Context) -> Measurement:
         return Measurement({"rel_err": 0.5}, status="mismatch", reason="rel_err too large")
     if cfg.impl == "ctrl-c":
         raise KeyboardInterrupt
+    if cfg.impl == "fatal":
+        raise Fatal("rank 1 exited with code 3")
     ms = {"fast": 1.0, "slow": 2.0}[cfg.impl]
     return Measurement({"rel_err": 0.0}, stats=Stats.of([ms, ms * 1.01, ms * 0.99, ms, ms]))
 
@@ -73,6 +75,18 @@ def test_interrupted_run_keeps_finished_rows(tmp_path):
     assert text.endswith("\n") and len(text.splitlines()) == 3  # header + 2 whole rows
     meta = json.loads(info.value.csv_path.with_suffix(".json").read_text())
     assert meta["complete"] is False and meta["rows"] == 2
+
+
+def test_a_fatal_error_ends_the_run_keeping_finished_rows(tmp_path):
+    sweep = _sweep(["slow", "fatal", "fast"])
+    with pytest.raises(Fatal, match="rank 1 exited with code 3") as info:
+        run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, Console(file=open("/dev/null", "w")))
+    (csv_path,) = tmp_path.glob("toy-*.csv")
+    assert (info.value.suite, info.value.csv_path, info.value.rows) == ("toy", csv_path, 1)
+    rows = _read(csv_path)
+    assert [(r["impl"], r["status"]) for r in rows] == [("slow", "ok")]  # no row for the fatal config, none after
+    meta = json.loads(csv_path.with_suffix(".json").read_text())
+    assert meta["complete"] is False and meta["rows"] == 1
 
 
 def test_full_float_precision_in_csv(tmp_path):

@@ -212,6 +212,25 @@ def test_collective_rows_from_two_gloo_processes(tmp_path, monkeypatch):
         assert row["busbw_GBps"] == pytest.approx(algbw * factor)
 
 
+def test_a_failed_launch_is_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch):
+    # No real launch: the baseline's fails as a row would, the next one ends the run.
+    failures = iter([launch.RankError("error", 0, "ValueError: bad row"), launch.LaunchFailed("rank 1 was killed", 1)])
+
+    def fail(*args):
+        raise next(failures)
+
+    monkeypatch.setattr(launch, "launch", fail)
+    result = CliRunner().invoke(app, ["ddp", *SMALL, "--world-sizes", "1,2", "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    (csv,) = tmp_path.glob("ddp-*.csv")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1] == f"error: ddp run stopped: rank 1 was killed. 1 finished row(s) kept in {csv}", lines
+    assert "Traceback" not in result.output
+    df = pd.read_csv(csv)
+    assert list(df["setup"]) == ["no-ddp"] and list(df["status"]) == ["error"]
+    assert json.loads(csv.with_suffix(".json").read_text())["complete"] is False
+
+
 def _processes_in_session(sid: int) -> list[str]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
