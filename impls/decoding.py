@@ -237,7 +237,7 @@ class MedusaDecoder(Decoder):
 
     def _guess(self, hidden: torch.Tensor) -> None:
         """hidden (C,) or (1, C) -> the heads' top-k tokens (K, TOPK)."""
-        top = self.heads(hidden.reshape(1, -1)).topk(medusa.TOPK, dim=-1).indices  # (K, 1, TOPK)
+        top = medusa.topk_indices(self.heads(hidden.reshape(1, -1)), medusa.TOPK)  # (K, 1, TOPK)
         self.topk.copy_(top.reshape(self.topk.shape))
 
     def _after_prefill(self, prompt, hidden):

@@ -99,7 +99,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H, L, D)
-            # mask: bool, True where a query may attend; broadcastable to (B, H, T, L).
+            # mask: additive (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, T, L).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -231,6 +231,9 @@ class GPT(nn.Module):
             if mask is None:
                 slots = torch.arange(cache.k.shape[2], device=idx.device)
                 mask = slots[None, :] <= input_pos[:, None]  # (T, L): causal over slots
+            # SDPA turns a bool mask into an additive one on every call: done once
+            # here instead of once per layer (a kernel per layer per decoding step).
+            mask = torch.full(mask.shape, float("-inf"), dtype=cache.k.dtype, device=idx.device).masked_fill_(mask, 0.0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache_pos, mask)

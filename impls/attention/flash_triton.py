@@ -248,13 +248,16 @@ def _store_rows(base, tile, row0, S, stride_s, ROWS: tl.constexpr, HEAD_DIM: tl.
 @triton.jit
 def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, lo, hi, qk_scale,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                 CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+                 CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
+                 WARP_SPEC: tl.constexpr = False):
     """Online softmax over key blocks lo .. hi for one resident Q block.
 
     acc (BLOCK_M, D_PAD) is the unnormalised output, m_i the running row max of
     the base-2 logits, l_i the running row sum of exp2(logit - m_i).
+    WARP_SPEC asks Triton to split the loop into producer and consumer warps
+    (its automatic warp specialization; on Hopper only with TMA loads).
     """
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
         qk = _dot(q, tl.trans(k), None)  # (BLOCK_M, BLOCK_N), fp32
@@ -288,7 +291,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_os,
                 H, GROUP, S, S_BUCKET, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     # grid: (cdiv(S, BLOCK_M), B * H); one program owns rows start_m .. start_m + BLOCK_M of one head.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal starts on a K block boundary
     n_m = tl.cdiv(S, BLOCK_M)
@@ -327,7 +330,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         full = (S // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      0, full, qk_scale,
-                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA)
+                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC)
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      full, S, qk_scale,
                                      BLOCK_N, HEAD_DIM, D_PAD, False, True, USE_TMA)

@@ -327,10 +327,15 @@ EXPERIMENT = [
     (False, "128x64 w8 s2 r128", dict(num_warps=8, num_stages=2, maxnreg=128)),
     (True, "128x64 w8 s2 r128", dict(num_warps=8, num_stages=2, maxnreg=128)),
     (True, "128x64 w8 s2 r168", dict(num_warps=8, num_stages=2, maxnreg=168)),
+    # Triton's automatic warp specialization of the main key loop (TMA loads only on Hopper).
+    (True, "128x64 w8 s2 ws", dict(num_warps=8, num_stages=2, warp_spec=True)),
+    (True, "128x64 w8 s3 ws", dict(num_warps=8, num_stages=3, warp_spec=True)),
+    (True, "128x64 w4 s2 ws", dict(num_warps=4, num_stages=2, warp_spec=True)),
+    (True, "128x128 w8 s2 ws", dict(num_warps=8, num_stages=2, warp_spec=True, BLOCK_N=128)),
 ]
 
 
-def experiment(rep_ms):
+def experiment(rep_ms, only: str = ""):
     import triton
     from triton.testing import do_bench
     rows = []
@@ -345,8 +350,12 @@ def experiment(rep_ms):
             small = [torch.randn(1, h, 333, D, device=DEVICE, dtype=torch.bfloat16, generator=gen) for h in (4, 2, 2)]
             small_ref = reference(*small, causal, 1 / math.sqrt(D))
             for use_tma, label, opts in EXPERIMENT:
+                if only and only != label:
+                    continue
                 row = dict(case=f"D128-S8192-{'causal' if causal else 'full'}", variant=label, tma=use_tma)
-                cfg = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, **opts)
+                opts = dict(opts)
+                blocks = {"BLOCK_M": 128, "BLOCK_N": opts.pop("BLOCK_N", 64), "WARP_SPEC": opts.pop("warp_spec", False)}
+                cfg = triton.Config(blocks, **opts)
                 try:
                     with forced_fwd(cfg):
                         out = ft.attention(q, k, v, causal, use_tma=use_tma)
@@ -372,6 +381,7 @@ def main():
     p.add_argument("--no-tma", action="store_true", help="skip descriptor (TMA) variants")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
+    p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition budget per measurement")
@@ -404,7 +414,7 @@ def main():
         jobs = [j for j in check_jobs(False) if j[0] in args.check_dtypes.split(",")]
         procs = start_checks(jobs, args.workers, "/tmp/flash_checks")
         if args.experiment:
-            write_csv(os.path.join(args.out, "experiment.csv"), experiment(args.rep_ms))
+            write_csv(os.path.join(args.out, "experiment.csv"), experiment(args.rep_ms, args.variant))
             write_csv(os.path.join(args.out, "kernels.csv"), kernel_report())
         rows = collect_checks(procs)
         write_csv(os.path.join(args.out, "correctness.csv"), rows)

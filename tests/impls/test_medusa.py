@@ -90,6 +90,22 @@ def test_heads_start_as_the_base_head_and_match_a_float64_loop():
         torch.testing.assert_close(logits[k].double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [8192, 50257, 300, 128])
+def test_two_pass_topk_is_torch_topk(vocab):
+    # Distinct values (a permutation), so the top k and its order are unique.
+    logits = torch.stack([torch.randperm(vocab, generator=torch.Generator().manual_seed(s)).float()
+                          for s in range(5)])[:, None, :]  # (K, 1, V), as the heads give them
+    got = medusa.topk_indices(logits, 10)
+    assert got.shape == (5, 1, 10)
+    assert torch.equal(got, logits.topk(10, dim=-1).indices)
+
+
+def test_two_pass_topk_keeps_the_largest_values_under_ties():
+    logits = torch.randn(3, 1024).to(torch.bfloat16)  # bf16 rounding makes ties
+    got = medusa.topk_indices(logits, 10)
+    assert torch.equal(logits.gather(-1, got), logits.topk(10, dim=-1).values)
+
+
 def test_head_targets_by_hand():
     seq = torch.arange(10, 18)[None]  # (1, 8): tokens 10..17, prompt 10 11 12
     t = medusa.head_targets(seq, n_heads=2, start=3)
