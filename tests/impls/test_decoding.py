@@ -117,6 +117,24 @@ def test_decoders_can_share_a_model(trained):
     assert torch.equal(vanilla.generate(prompt, 30), first)  # its own cache again, not Medusa's
 
 
+def test_cache_lengths_change_which_slots_are_read_not_the_tokens(trained, monkeypatch):
+    model, heads = trained
+    prompt = _prompts(1)[0]
+    want = decoding.VanillaDecoder(model, max_len=MAX_LEN).generate(prompt, 120)
+    monkeypatch.setattr(decoding, "BUCKET", 32)  # lengths 32, 64, ..., 192: a generation crosses several
+    decoders = {"vanilla": decoding.VanillaDecoder(model, max_len=MAX_LEN), **_decoders(model, heads, copy.deepcopy(model))}
+    for name, dec in decoders.items():
+        assert dec.lengths == [32, 64, 96, 128, 160, 192]
+        dec.prepare()
+        used = []
+        for n, run in list(dec._runs.items()):
+            dec._runs[n] = lambda n=n, run=run: (used.append(n), run())
+        # A length too short for a step's slots would index past the cache and raise.
+        assert torch.equal(dec.generate(prompt, 120), want), name
+        assert used == sorted(used) and len(set(used)) >= 4, (name, sorted(set(used)))
+        assert used[0] == 32 if name != "medusa" else used[0] == 64  # a 32-node tree needs 12 + 32 slots
+
+
 @pytest.mark.parametrize("max_new", [1, 2, 7, 33])
 def test_decode_stops_within_one_step_of_the_target(trained, max_new):
     model, heads = trained
@@ -194,9 +212,9 @@ def test_cuda_modes_match_eager(trained, mode):
     for prompt in _prompts():
         prompt = prompt.cuda()
         for name in eager:
-            want = eager[name].generate(prompt, 50)
+            want = eager[name].generate(prompt, 120)  # crosses cache lengths 128 -> 192
             fast[name].prepare()
             fast[name].prefill(prompt)
-            fast[name].decode(50)
-            assert torch.equal(fast[name].tokens(50), want), (mode, name)
+            fast[name].decode(120)
+            assert torch.equal(fast[name].tokens(120), want), (mode, name)
             assert fast[name].accept_histogram() == eager[name].accept_histogram(), (mode, name)
