@@ -35,6 +35,7 @@ launch: the autograd backward runs on a different thread than the forward.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from types import SimpleNamespace
@@ -76,7 +77,9 @@ PREFER_TMA = False
 # --------------------------------------------------------------------------
 # Block configurations for triton.autotune, keyed on the sequence-length
 # bucket, head dim, causal flag, load path and (added by the autotuner) dtype.
-# The choice per key is cached for the life of the process.
+# The choice per key is kept for the life of the process and, where this
+# Triton can (`cache_results`), in Triton's cache folder on disk, so that the
+# next run on the same GPU and Triton does not tune again.
 # --------------------------------------------------------------------------
 
 SMEM_LIMIT = 227 * 1024  # shared memory one block may use on the H100/H200
@@ -183,6 +186,7 @@ _prune_dkdv = _prune(lambda kw: 2 * kw["BLOCK_N"], lambda kw: 2 * kw["BLOCK_M"],
 _prune_dq = _prune(lambda kw: 2 * kw["BLOCK_M"], lambda kw: 2 * kw["BLOCK_N"], lambda kw: kw["BLOCK_M"])
 
 _AUTOTUNE_KEY = ["S_BUCKET", "HEAD_DIM", "CAUSAL", "USE_TMA"]  # the autotuner adds the tensors' dtypes
+_AUTOTUNE_DISK = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _SCALARS = ["H", "GROUP", "S", "S_BUCKET"]  # one compiled kernel serves every value
 
 
@@ -282,7 +286,8 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
+                 **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qs,
@@ -394,7 +399,8 @@ def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, str
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.autotune(configs=DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv},
+                 **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_qs,
@@ -475,7 +481,8 @@ def _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, S, ro
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})
+@triton.autotune(configs=DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq},
+                 **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_qs,
