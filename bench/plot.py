@@ -5,14 +5,16 @@ registered for the run's suite, else a bar chart of its primary metric.
 
     attention  TFLOP/s and peak memory against sequence length, one line per
                implementation, log axes, one row of panels per (mode, mask, ...)
-    precision  step time per precision, and the loss curves (`loss_curve`)
+    precision  step time per precision, the loss curves (`loss_curve`), and each
+               curve minus fp32's, smoothed: does the loss still match?
     ddp        scaling efficiency against world size, busbw against message size
     medusa     tokens/s per method, and the histogram of accepted tokens per step
 
 A new suite adds its chart with `@plots("suite")` on a function from a `Run`
 to a matplotlib Figure. Every line is named at its right end as well as in the
 legend, in a colour kept for its label in every panel, so a chart reads
-without matching colours against the legend.
+without matching colours against the legend (the precision loss curves,
+which coincide, are named at the ends of their differences instead).
 
 Figures are built with matplotlib's object-oriented API (`Figure`, no pyplot):
 no global state, and saving to PNG renders with Agg whatever the backend.
@@ -163,22 +165,45 @@ def _lines(ax: Axes, df: pd.DataFrame, x: str, y: str, series: str, colors: dict
         ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))
     ax.margins(x=0.15)  # room for the names at the line ends
     ax.grid(True, which="both", alpha=0.3)
-    _name_ends(ax, ends, log)
+    _name_ends(ax, ends)
     return True
 
 
-def _name_ends(ax: Axes, ends: list[tuple[str, float, float, str]], log: bool) -> None:
-    """Write each line's name at its last point, nudging names that end at
-    the same x apart so that lines ending close together stay readable."""
-    scale, unscale = (np.log10, lambda v: 10**v) if log else (lambda v: v, lambda v: v)
-    lo, hi = ax.get_ylim()
-    gap = 0.05 * (scale(hi) - scale(lo))  # about one line of 8-point text on a 3.5-inch panel
+def _name_ends(ax: Axes, ends: list[tuple[str, float, float, str]], fontsize: float = 8) -> None:
+    """Write each line's name just right of its last point, in the line's
+    colour. Names of lines ending at the same x are spread apart, about their
+    ends, by at least a line of text; a name moved off its line's end gets a
+    thin leader to it. Call once the axis limits are final."""
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaling before reading transforms
+    to_axes = ax.transData + ax.transAxes.inverted()  # data -> 0..1 over the axes, log axes included
+    height_pt = ax.bbox.height * 72 / ax.figure.dpi
+    gap = max(0.05, 1.4 * fontsize / height_pt)  # one line of text, as a fraction of the axis height
     for x in {e[1] for e in ends}:
-        placed: list[float] = []
-        for name, _, y, color in sorted((e for e in ends if e[1] == x), key=lambda e: e[2]):
-            pos = scale(y) if not placed else max(scale(y), placed[-1] + gap)
-            placed.append(pos)
-            ax.text(x, unscale(pos), f"  {name}", va="center", fontsize=8, color=color)
+        group = sorted((e for e in ends if e[1] == x), key=lambda e: e[2])
+        ys = to_axes.transform([(x, e[2]) for e in group])[:, 1]
+        for (name, _, y, color), at, to in zip(group, ys, _spread(ys, gap)):
+            text_y = to_axes.inverted().transform((0, to))[1]
+            leader = dict(arrowstyle="-", color=color, linewidth=0.6, relpos=(0, 0.5), shrinkA=1, shrinkB=1)
+            ax.annotate(name, (x, y), xytext=(6, text_y), textcoords=("offset points", "data"), va="center",
+                        fontsize=fontsize, color=color, arrowprops=leader if abs(to - at) > gap / 3 else None)
+
+
+def _spread(ys, gap: float) -> list[float]:
+    """Positions for the ascending targets `ys` (fractions of the axis
+    height), at least `gap` apart: names that would overlap form a group
+    centred on its targets' mean (so a crowd spreads both ways, not only up),
+    kept within the axes, groups merging until none overlap."""
+
+    def start(group: list[float]) -> float:
+        centred = float(np.mean(group)) - gap * (len(group) - 1) / 2
+        return min(max(centred, gap / 2), 1 - gap / 2 - gap * (len(group) - 1))
+
+    groups: list[list[float]] = []
+    for y in ys:
+        groups.append([y])
+        while len(groups) > 1 and start(groups[-1]) < start(groups[-2]) + gap * len(groups[-2]):
+            groups[-1] = groups.pop(-2) + groups[-1]
+    return [start(g) + gap * k for g in groups for k in range(len(g))]
 
 
 def _two_and_five(v: float, _pos=None) -> str:
@@ -303,41 +328,90 @@ def _loss_curves(run: Run, df: pd.DataFrame) -> dict[int, np.ndarray]:
     return {i: series[i]["loss"] for i in df.index if "loss" in series.get(i, {})}
 
 
+SMOOTH_STEPS = 10  # the differences' rolling mean: step-to-step loss noise hides a drift of a few hundredths
+BAND = "-band"  # the precision suite's reference run again on other batches (suites/precision.py)
+
+
 @plots("precision")
 def precision(run: Run) -> Figure:
-    """Step time per precision (median and IQR), and the loss curves."""
+    """Step time per precision (median and IQR); the loss curves, and under
+    them each curve minus the reference's (fp32), which is what says whether
+    a precision still trains like fp32: the curves themselves coincide."""
     df = ok_rows(run)
     curves = _loss_curves(run, df)
     if curves:  # rows without a curve (the --matmul rate rows) have no step time either
         df = df.loc[list(curves)]
     names = dict(zip(df.index, _row_names(run, df)))
     time = run.primary or "median_ms"
-    colors = _colors(df[run.label])
-    fig = Figure(figsize=(13, 1.5 + max(3.5, 0.35 * len(df))), layout="constrained")
-    ax_time, ax_loss = fig.subplots(1, 2)
+    by_label = _colors(df[run.label])
+    colors = {i: by_label[v] for i, v in df[run.label].items()}  # by CSV row
+    ref = _reference(df[run.label]) if curves else None
+    fig = Figure(figsize=(13, 1.5 + max(5, 0.35 * len(df))), layout="constrained")
+    grid = fig.add_gridspec(2 if ref is not None else 1, 2, height_ratios=(3, 2) if ref is not None else None)
+    ax_time = fig.add_subplot(grid[:, 0])
+    ax_loss = fig.add_subplot(grid[0, 1])
     if time in df.columns and df[time].notna().any():
         # Whiskers: the IQR's width centred on the median (the CSV keeps the width, not the quartiles).
         iqr = df.get(time.replace("median_", "iqr_")) / 2 if time.startswith("median_") else None
-        _bars(ax_time, list(names.values()), df[time], [colors[v] for v in df[run.label]],
+        _bars(ax_time, list(names.values()), df[time], list(colors.values()),
               f"step time, {time}{_direction(run, time)}; whiskers: IQR", errors=iqr)
     else:
         _no_data(ax_time, "no step times")
-    ends = []
-    for i, loss in curves.items():
-        color = colors[df.loc[i, run.label]]
-        ax_loss.plot(np.arange(len(loss)), loss, color=color, label=names[i])
-        ends.append((names[i], len(loss) - 1, loss[-1], color))
-    if curves:
-        ax_loss.set_xlabel("step")
-        ax_loss.set_ylabel("training loss")
-        ax_loss.margins(x=0.2)
-        ax_loss.grid(True, alpha=0.3)
-        _name_ends(ax_loss, ends, log=False)
-    else:
+    if not curves:
         _no_data(ax_loss, "no loss curves recorded with this run")
+    else:
+        for i, loss in curves.items():
+            ax_loss.plot(np.arange(len(loss)), loss, color=colors[i], label=names[i], linewidth=1)
+        ax_loss.set_xlim(0, max(len(c) for c in curves.values()) - 1)  # step 0 to the last step
+        ax_loss.set_ylabel("training loss")
+        ax_loss.grid(True, alpha=0.3)
+        if ref is None:  # nothing to compare with: name the curves here
+            ax_loss.set_xlabel("step")
+            _name_ends(ax_loss, [(names[i], len(c) - 1, c[-1], colors[i]) for i, c in curves.items()])
+        else:
+            ax_loss.tick_params(labelbottom=False)
+            band = [i for i in curves if str(df.loc[i, run.label]).endswith(BAND)]
+            _difference_panel(fig.add_subplot(grid[1, 1], sharex=ax_loss), curves, ref, band, names, colors)
     _legend(fig, [ax_loss])
     fig.suptitle(_title(run, "step time and loss per precision", df))
     return fig
+
+
+def _reference(labels: pd.Series):
+    """The row every other is compared with: the run the band row repeats
+    (`fp32` for `fp32-band`), else fp32; None if there is none."""
+    bands = [label for label in labels.astype(str) if label.endswith(BAND)]
+    ref = labels.index[labels.astype(str) == (bands[0].removesuffix(BAND) if bands else "fp32")]
+    return ref[0] if len(ref) else None
+
+
+def _loss_differences(curves: dict[int, np.ndarray], ref: int) -> dict[int, np.ndarray]:
+    """Each loss curve minus the reference's, over the steps both have, as a
+    centred rolling mean over SMOOTH_STEPS steps."""
+    out = {}
+    for i, loss in curves.items():
+        n = min(len(loss), len(curves[ref]))
+        diff = pd.Series(loss[:n] - curves[ref][:n])
+        out[i] = diff.rolling(SMOOTH_STEPS, center=True, min_periods=1).mean().to_numpy()
+    return out
+
+
+def _difference_panel(ax: Axes, curves: dict, ref: int, band: list[int], names: dict, colors: dict) -> None:
+    """loss - reference loss per step, each curve named at its end. The band
+    run (the reference on other batches) is left out: data order alone moves
+    the loss far more than a precision does, and its curve would flatten the
+    others to a line; its size is given instead."""
+    diffs = _loss_differences(curves, ref)
+    for i in band:
+        band_diff = diffs.pop(i)
+        ax.set_title(f"{names[i]} ({names[ref]} on other batches) is off this scale: its difference reaches "
+                     f"{np.nanmax(np.abs(band_diff)):.2f}", loc="left", fontsize=8, color=colors[i])
+    for i, diff in diffs.items():
+        ax.plot(np.arange(len(diff)), diff, color=colors[i], label=names[i], linewidth=1.5 if i == ref else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss − {names[ref]} loss\n({SMOOTH_STEPS}-step mean)")
+    ax.grid(True, alpha=0.3)
+    _name_ends(ax, [(names[i], len(d) - 1, d[-1], colors[i]) for i, d in diffs.items()])
 
 
 _MESSAGE_SIZE = ("size_bytes", "message_bytes", "nbytes", "bytes", "size", "msg_bytes", "message_MiB", "size_MiB")

@@ -86,9 +86,10 @@ def test_attention_names_that_end_together_are_spread_apart(tmp_path):
     fig = plot.figure(load_run(attention_run(tmp_path)))
     rate = fig.axes[0]
     ys = sorted(np.log10(t.get_position()[1]) for t in rate.texts if t.get_text().strip() in IMPLS and
-                t.get_position()[0] == 4096)
+                t.xy[0] == 8192)
+    assert len(ys) == 2  # sdpa and tiled (naive stops at 4k)
     lo, hi = np.log10(rate.get_ylim())
-    assert len(ys) == 1 or min(np.diff(ys)) >= 0.05 * (hi - lo) - 1e-9
+    assert min(np.diff(ys)) >= 0.05 * (hi - lo) - 1e-9
 
 
 def test_attention_on_cpu_has_no_memory_panels(tmp_path):
@@ -169,13 +170,15 @@ def test_precision_chart_with_loss_curves(tmp_path):
             for i, (p, ms) in enumerate((("fp32", 30.0), ("bf16", 12.0), ("fp8", 9.0)))]
     rows.append({"precision": "bf16", "model": "matmul", "samples": [0.5] * 5, "loss_curve": ""})
     fig = plot.figure(load_run(write_run(tmp_path, rows, suite="precision", meta=meta, columns=columns)))
-    time, loss = fig.axes
+    time, loss, diff = fig.axes
     assert [t.get_text() for t in time.get_yticklabels()] == ["fp32", "bf16", "fp8"]
     assert [round(p.get_width()) for p in time.patches] == [30, 12, 9]
     assert "step time" in time.get_xlabel()
     assert [line.get_label() for line in loss.get_lines()] == ["fp32", "bf16", "fp8"]
     assert len(loss.get_lines()[0].get_xdata()) == 50
-    assert loss.get_xlabel() == "step" and loss.get_ylabel() == "training loss"
+    assert loss.get_ylabel() == "training loss" and diff.get_xlabel() == "step"
+    assert loss.get_xlim() == (0, 49)  # step 0 to the last step, no margin
+    assert [line.get_label() for line in diff.get_lines()] == ["fp32", "bf16", "fp8"]
     assert "model=tiny" in fig.get_suptitle()
 
 
@@ -185,9 +188,92 @@ def test_precision_chart_with_a_loss_series(tmp_path):
     rows = [{"precision": p, "samples": [ms] * 5} for p, ms in (("fp32", 30.0), ("bf16", 12.0))]
     csv_path = write_run(tmp_path, rows, suite="precision", meta=meta, columns=columns)
     _add_series(csv_path, {f"row{i}.loss": 4 * np.exp(-np.arange(50) / (20 + i)) for i in range(2)})
-    _, loss = plot.figure(load_run(csv_path)).axes
-    assert len(loss.get_lines()) == 2
+    _, loss, diff = plot.figure(load_run(csv_path)).axes
+    assert len(loss.get_lines()) == 2 and len(diff.get_lines()) == 2
 
+
+
+PRECISION_META = {"params": ["precision"], "label": "precision", "primary": "median_ms", "higher_is_better": False}
+PRECISION_COLUMNS = ["suite", "precision", "status", "reason", *stat_columns(), "trained_steps", "loss_curve"]
+
+
+def precision_run(folder, offsets: dict, steps=60, band_steps=20):
+    """fp32's loss curve, a 20-step fp32-band run on other batches (well off
+    fp32), and one row per precision: fp32's curve plus an offset per step."""
+    fp32 = 4 + 6 * np.exp(-np.arange(steps) / 15)
+    curves = {"fp32": fp32, "fp32-band": fp32[:band_steps] + 0.5 * np.cos(np.arange(band_steps)),
+              **{p: fp32 + off for p, off in offsets.items()}}
+    rows = [{"precision": p, "samples": [10.0] * 5, "trained_steps": len(c),
+             "loss_curve": ";".join(repr(float(v)) for v in c)} for p, c in curves.items()]
+    return write_run(folder, rows, suite="precision", meta=PRECISION_META, columns=PRECISION_COLUMNS)
+
+
+def _axes_y(ax, text):
+    """A name's height as a fraction of its panel's."""
+    return (ax.transData + ax.transAxes.inverted()).transform((0, text.get_position()[1]))[1]
+
+
+def test_precision_difference_panel_is_loss_minus_fp32_smoothed(tmp_path):
+    alternating = 0.05 + 0.02 * (-1) ** np.arange(60)  # step-to-step noise around a drift of 0.05
+    fig = plot.figure(load_run(precision_run(tmp_path, {"bf16": 0.1, "fp8": alternating})))
+    _, loss, diff = fig.axes
+    lines = {line.get_label(): line.get_ydata() for line in diff.get_lines()}
+    assert sorted(lines) == ["bf16", "fp32", "fp8"]  # the band is left out ...
+    assert "fp32-band" in diff.get_title(loc="left") and "off this scale" in diff.get_title(loc="left")
+    assert np.allclose(lines["fp32"], 0) and np.allclose(lines["bf16"], 0.1)
+    # ... and the 10-step mean takes the noise out: away from the ends, 0.05 exactly.
+    assert np.allclose(lines["fp8"][5:-5], 0.05) and not np.allclose(alternating[5:-5], 0.05)
+    assert "fp32 loss" in diff.get_ylabel() and "10-step mean" in diff.get_ylabel()
+
+
+def test_precision_loss_axis_runs_from_step_0_to_the_last(tmp_path):
+    _, loss, diff = plot.figure(load_run(precision_run(tmp_path, {"bf16": 0.1}))).axes
+    assert loss.get_xlim() == (0, 59) and diff.get_xlim() == (0, 59)
+    band = next(line for line in loss.get_lines() if line.get_label() == "fp32-band")
+    assert len(band.get_xdata()) == 20  # drawn over the steps it trained, not stretched
+
+
+def test_precision_curves_are_named_at_their_ends_and_apart(tmp_path):
+    """Ends 0.001 apart (bf16, fp16) would print one name over the other."""
+    fig = plot.figure(load_run(precision_run(tmp_path, {"bf16": 0.1, "fp16": 0.101, "tf32": 0.0005})))
+    _, loss, diff = fig.axes
+    assert not loss.texts  # the loss curves coincide: the legend names them
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fp32", "fp32-band", "bf16", "fp16", "tf32"]
+    colors = {line.get_label(): line.get_color() for line in diff.get_lines()}
+    names = {t.get_text(): t for t in diff.texts}
+    assert sorted(names) == sorted(colors) == ["bf16", "fp16", "fp32", "tf32"]
+    for name, text in names.items():
+        line = next(line for line in diff.get_lines() if line.get_label() == name)
+        assert text.xy == (59, line.get_ydata()[-1])  # anchored at its own curve's last point
+        assert text.get_color() == colors[name]
+    heights = sorted(_axes_y(diff, t) for t in names.values())
+    assert min(np.diff(heights)) >= 0.05 - 1e-9
+    assert all(0 <= h <= 1 for h in heights)
+    # A name moved off its curve's end is tied to it by a leader line.
+    assert any(t.arrow_patch is not None for t in names.values())
+
+
+def test_precision_without_fp32_has_no_difference_panel(tmp_path):
+    rows = [{"precision": p, "samples": [10.0] * 5, "loss_curve": ";".join(str(4.0 - s / 10) for s in range(n))}
+            for p, n in (("bf16", 30), ("fp8", 20))]
+    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="precision", meta=PRECISION_META,
+                                         columns=PRECISION_COLUMNS)))
+    _, loss = fig.axes
+    assert loss.get_xlim() == (0, 29) and loss.get_xlabel() == "step"
+    ends = {t.get_text(): t.xy for t in loss.texts}
+    assert ends == {"bf16": (29, pytest.approx(1.1)), "fp8": (19, pytest.approx(2.1))}
+
+
+@pytest.mark.parametrize("ys, expected", [
+    ([0.2, 0.5, 0.8], [0.2, 0.5, 0.8]),  # already apart: where they are
+    ([0.5, 0.5, 0.5], [0.4, 0.5, 0.6]),  # a crowd spreads both ways about its mean
+    ([0.45, 0.5, 0.9], [0.425, 0.525, 0.9]),
+    ([0.3, 0.35, 0.38, 0.42], [0.2125, 0.3125, 0.4125, 0.5125]),  # groups merge until none overlap
+    ([0.0, 0.01], [0.05, 0.15]),  # kept inside the axes
+    ([0.99, 1.0], [0.85, 0.95]),
+])
+def test_spread_names(ys, expected):
+    assert plot._spread(ys, 0.1) == pytest.approx(expected)
 
 MEDUSA_META = {"params": ["method", "heads"], "label": "method", "primary": "tokens_per_s", "higher_is_better": True}
 MEDUSA_COLUMNS = ["suite", "method", "heads", "status", "reason", *stat_columns(), "tokens_per_s",
