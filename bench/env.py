@@ -1,5 +1,8 @@
 """What machine and software a run happened on, and where genbench keeps its cache.
 
+`cache_dir()` is the single place that decides where built artefacts live; the
+harness and the suites pass it down to impls/ (e.g. `load_data(config, cache_dir())`).
+
 `collect(...)` returns the dictionary written as each run's JSON sidecar; the
 `compare` command reads it back to warn when two runs differ in hardware or
 software. `resolve_device` turns `--device auto|cuda|cpu` into a torch.device
@@ -27,11 +30,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cache_dir() -> Path:
-    """$GENBENCH_CACHE, else the user's cache folder (XDG) / genbench."""
-    root = os.environ.get("GENBENCH_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    ) / "genbench"
-    path = Path(root)
+    """The one folder genbench keeps what it builds in (calibrated peaks, tokenized
+    corpora, trained checkpoints), created if missing: $GENBENCH_CACHE, else
+    $XDG_CACHE_HOME/genbench, else ~/.cache/genbench. An empty variable counts as unset."""
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(os.environ.get("GENBENCH_CACHE") or Path(user_cache) / "genbench")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

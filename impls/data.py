@@ -5,12 +5,13 @@ machine with Python has, so nothing is downloaded. Users may pass their own text
 files or folders instead. A byte-level BPE tokenizer is trained on the corpus with
 HuggingFace `tokenizers`; a plain byte tokenizer (vocabulary 256) needs no training.
 
-    data = load_data(DataConfig.from_name("stdlib"))     # first call builds, later calls reuse
+    data = load_data(DataConfig.from_name("stdlib"), cache)  # first call builds, later calls reuse
     x, y = data.get_batch("train", batch_size=8, seq_len=256, generator=torch.Generator().manual_seed(0))
     prompts = data.prompts(n=16, length=64)              # (16, 64) token ids from the held-out tail
 
-The trained tokenizer and the token array are cached under cache_dir()
-($GENBENCH_CACHE, else ~/.cache/genbench), keyed by a hash of the inputs.
+The trained tokenizer and the token array are cached under `cache`/data/, keyed
+by a hash of the inputs. The caller picks `cache` (genbench passes the harness's
+bench.env.cache_dir()), so this module knows nothing of where genbench keeps files.
 """
 
 import hashlib
@@ -31,11 +32,6 @@ EOT = "<|endoftext|>"  # separates documents in the BPE token stream
 # Suffixes a folder given in `paths` contributes; a file named directly is always read.
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-def cache_dir() -> Path:
-    """Where genbench keeps built artefacts: $GENBENCH_CACHE if set, else ~/.cache/genbench."""
-    return Path(os.environ.get("GENBENCH_CACHE") or Path.home() / ".cache" / "genbench")
 
 
 @dataclass(frozen=True)
@@ -283,16 +279,15 @@ class TextData:
         return self.tokenizer.decode(ids)
 
 
-def load_data(config: DataConfig | None = None) -> TextData:
-    """The corpus of `config`, built on the first call and read from the cache afterwards.
+def load_data(config: DataConfig, cache: Path) -> TextData:
+    """The corpus of `config`, built into `cache`/data/ on the first call and read from there afterwards.
 
     Building is written into a temporary folder and renamed into place, so processes
     racing on the same key (e.g. DDP ranks) never read a half-written cache; to avoid
     building once per rank, let rank 0 call this first and the others after a barrier.
     """
-    config = config or DataConfig()
     files = corpus_files(config.paths)
-    path = cache_dir() / "data" / _cache_key(config, files)
+    path = Path(cache) / "data" / _cache_key(config, files)
     if not (path / "meta.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"

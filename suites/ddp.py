@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from bench import calibrate, launch, memory, metrics
+from bench.env import cache_dir
 from bench.errors import BadInput, Unsupported
 from bench.profile import ACTIVE, WAIT, WARMUP, Profiler
 from bench.runner import Column, Context, Measurement, Sweep
@@ -269,7 +270,7 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
     torch.set_num_threads(job.threads)
     device = rank.device
     precision = PRECISIONS[cfg.precision]
-    data = load_data(job.data)  # the launching process built it: this reads the cache
+    data = load_data(job.data, cache_dir())  # the launching process built it: this reads the cache
     # Each rank its own batches, as a DistributedSampler would give them.
     generator = torch.Generator().manual_seed(job.seed * 1_000_003 + rank.rank)
     run: dict = {}

@@ -8,9 +8,9 @@ them, batch 1.
 
 The base GPT, the Medusa heads and the draft model are trained here, on the
 offline corpus of impls/data.py, the first time a preset is used, and cached
-under $GENBENCH_CACHE/medusa/ keyed by a hash of the model config, the data and
-the training settings. `--model PATH` takes a local Hugging Face model instead
-(vanilla and lookup only).
+by bench/checkpoints.py under $GENBENCH_CACHE/medusa/, keyed by a hash of the
+model config, the data and the training settings. `--model PATH` takes a local
+Hugging Face model instead (vanilla and lookup only).
 
 How the pieces are trained:
 - base model and draft model: next-token prediction on the corpus;
@@ -34,9 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,14 +43,14 @@ from typing import Any, Callable
 
 import torch
 
-from bench import metrics
-from bench.env import DTYPES
+from bench import checkpoints, metrics
+from bench.env import DTYPES, cache_dir
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from bench.stats import Stats
 from bench.timing import StepTimer
 from impls import decoding, hf, medusa
-from impls.data import DataConfig, TextData, cache_dir, load_data
+from impls.data import DataConfig, TextData, load_data
 from impls.gpt import GPT, GPTConfig
 from impls.precision import PRECISIONS
 from impls.train import train_step
@@ -259,30 +257,11 @@ def _data_presets():
 
 
 def _key(*parts: Any) -> str:
-    blob = json.dumps([CODE_VERSION, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def checkpoint_path(kind: str, key: str) -> Path:
-    return cache_dir() / "medusa" / f"{kind}-{key}.pt"
-
-
-def _save(path: Path, payload: dict) -> None:
-    # Written beside and renamed into place: an interrupted save never leaves a torn file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    return checkpoints.key(CODE_VERSION, *parts)
 
 
 def _load(path: Path) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the user's to remove
-        raise BadInput(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to retrain") from None
-    if not isinstance(payload, dict) or not {"kind", "config", "state_dict"} <= set(payload):
-        raise BadInput(f"{path} is not a genbench medusa checkpoint (no kind/config/state_dict)")
-    return payload
+    return checkpoints.load(path, "medusa", required=("kind", "config", "state_dict"))
 
 
 def _gpt_from(payload: dict, expected: GPTConfig, path: Path, what: str) -> GPT:
@@ -505,7 +484,7 @@ class Prepared:
 def _cached_or_trained(kind: str, key: str, progress: Progress, build: Callable[[], tuple[Any, dict, dict]],
                        restore: Callable[[dict, Path], Any]) -> tuple[Any, Part, dict]:
     """Load checkpoint `kind-key` if it exists, else train it and save it."""
-    path = checkpoint_path(kind, key)
+    path = checkpoints.path("medusa", kind, key)
     if path.exists():
         payload = _load(path)
         progress(kind, 1, 1, f"cached: {path}")
@@ -514,7 +493,7 @@ def _cached_or_trained(kind: str, key: str, progress: Progress, build: Callable[
     obj, info, extra = build()
     payload = dict(kind=kind, key=key, info=info, state_dict={k: v.detach().cpu() for k, v in obj.state_dict().items()},
                    **extra)
-    _save(path, payload)
+    checkpoints.save(path, payload)
     return obj, Part(kind, info.get("params", 0), False, str(path), info), payload
 
 
@@ -530,7 +509,7 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _qui
     preset = opts.preset
     data_name = opts.data or preset.data
     progress("data", 0, 1, f"corpus {data_name} (built once, then cached)")
-    data = load_data(DataConfig.from_name(data_name))
+    data = load_data(DataConfig.from_name(data_name), cache_dir())
     progress("data", 1, 1, f"{len(data.tokens):,} tokens, vocabulary {data.vocab_size}")
     base_cfg = dataclasses.replace(preset.base, vocab_size=data.vocab_size)
     parts = []
@@ -633,7 +612,7 @@ def _prepare_hf(opts: MedusaOptions, device, dtype, mode, progress) -> Prepared:
         raise BadInput(f"--model {opts.model}: transformers cannot load it offline ({first})") from None
     data_name = opts.data or "stdlib"
     progress("data", 0, 1, f"corpus {data_name} for prompts")
-    data = load_data(DataConfig.from_name(data_name))
+    data = load_data(DataConfig.from_name(data_name), cache_dir())
     progress("data", 1, 1, "")
     if lm.tokenizer is not None:
         tok = lm.tokenizer

@@ -11,7 +11,7 @@ import typer
 from bench import launch
 from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite
 from bench.commands.precision import _data_config  # --data/--tokenizer/--vocab-size, as the precision suite reads them
-from bench.env import resolve_device
+from bench.env import cache_dir, resolve_device
 from bench.errors import BadInput
 from impls import data as textdata
 from impls.gpt import PRESETS as MODELS
@@ -144,7 +144,7 @@ def ddp_command(
             raise BadInput(f"--precision {opts.precision} cannot run here: {reason}")
         with console.status("reading and tokenizing the training text (cached after the first run)"):
             try:
-                textdata.load_data(opts.data)  # once, here: the workers then read the cache
+                textdata.load_data(opts.data, cache_dir())  # once, here: the workers then read the cache
             except ValueError as exc:
                 raise BadInput(f"--data: {exc}") from None
         sweep = suite.sweep(opts, seed)

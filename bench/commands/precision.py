@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, app, cli_errors, console, run_suite
-from bench.env import resolve_device
+from bench.env import cache_dir, resolve_device
 from bench.errors import BadInput
 from impls import data as textdata
 from impls.gpt import PRESETS as MODELS
@@ -91,7 +91,7 @@ def precision_command(
     data_config = _data_config(data, tokenizer, vocab_size, model)
     with console.status("reading and tokenizing the training text (cached after the first run)"):
         try:
-            text = textdata.load_data(data_config)
+            text = textdata.load_data(data_config, cache_dir())
         except ValueError as exc:
             raise BadInput(f"--data: {exc}") from None
     shortest = min(len(text.train), len(text.val))

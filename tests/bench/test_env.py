@@ -10,8 +10,22 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.commands import env as env_command
+from bench.env import cache_dir
 
 runner = CliRunner()
+
+
+def test_cache_dir_env_then_xdg_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "cache" and (tmp_path / "cache").is_dir()  # created on first use
+    monkeypatch.delenv("GENBENCH_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "genbench"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty means unset (XDG base directory spec)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "genbench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "genbench"
 
 
 def test_env_on_cpu_without_peaks(tmp_path, monkeypatch):

@@ -179,10 +179,9 @@ def test_configure_optimizer_groups():
     assert not opt.defaults.get("fused")
 
 
-def test_tiny_training_reduces_loss_on_stdlib(tmp_path, monkeypatch):
+def test_tiny_training_reduces_loss_on_stdlib(tmp_path):
     # Real text, byte tokenizer (no training), 1 MB of the standard library.
-    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
-    data = load_data(DataConfig(tokenizer="byte", max_bytes=2**20))
+    data = load_data(DataConfig(tokenizer="byte", max_bytes=2**20), tmp_path)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", vocab_size=data.vocab_size, block_size=64))
     opt = model.configure_optimizer(weight_decay=0.0, lr=3e-3, betas=(0.9, 0.95), device_type="cpu")

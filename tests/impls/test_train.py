@@ -67,8 +67,8 @@ def test_tf32_covers_the_backward_and_is_restored():
     assert torch.get_float32_matmul_precision() == before
 
 
-def test_evaluate_is_repeatable_and_leaves_training_mode():
-    data = load_data(DataConfig.from_name("bytes"))
+def test_evaluate_is_repeatable_and_leaves_training_mode(tmp_path):
+    data = load_data(DataConfig.from_name("bytes"), tmp_path)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", vocab_size=data.vocab_size))
     p = PRECISIONS["fp32"]

@@ -4,6 +4,7 @@ the rows' identity check, bad input, and a Hugging Face model folder."""
 import csv
 import dataclasses
 import json
+import re
 import statistics
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
+from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Context, measure_one
 from impls import medusa
@@ -85,6 +87,8 @@ def test_training_is_cached_and_reported(prepared):
     prep, phases = prepared
     assert {"data", "base", "distill", "heads", "draft"} <= set(phases)  # all trained, with progress
     assert [p.name for p in prep.parts] == ["base", "heads", "draft"]
+    for p in prep.parts:  # where earlier versions put them, so that their caches still load
+        assert re.fullmatch(re.escape(str(cache_dir() / "medusa" / p.name)) + r"-[0-9a-f]{16}\.pt", p.path)
     heads = next(p for p in prep.parts if p.name == "heads")
     top1, top5 = heads.info["top1"], heads.info["top5"]
     assert len(top1) == 4 and all(0 <= a <= b <= 1 for a, b in zip(top1, top5))
@@ -201,7 +205,7 @@ def test_prompt_file_adds_prompts(tmp_path):
     opts = suite.MedusaOptions(model="tiny", max_new_tokens=8, prompts=1, prompt_file=str(text),
                                methods=("vanilla",), **FAST)
     prep = suite.prepare(opts, CPU)
-    data = load_data(DataConfig.from_name("stdlib-small"))
+    data = load_data(DataConfig.from_name("stdlib-small"), cache_dir())
     assert len(prep.prompts) == 3  # one from the corpus, two from the file
     assert prep.prompts[1].tolist() == data.encode(first) and prep.prompts[2].tolist() == data.encode(second)
     (tmp_path / "empty.txt").write_text("---\n\n")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from bench import metrics
 from bench.cli import app
+from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Context, measure_one
 from impls.data import DataConfig, load_data
@@ -30,7 +31,7 @@ SMALL = dict(model="tiny", steps=8, batch=2, seq_len=32, eval_batches=2, lr=3e-3
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(DataConfig.from_name("bytes"))
+    return load_data(DataConfig.from_name("bytes"), cache_dir())
 
 
 # -- options and rows ------------------------------------------------------------------------------
