@@ -286,6 +286,44 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
     return acc, m_i, l_i
 
 
+@triton.jit
+def _fwd_kv_loop_pipelined(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, lo, hi, qk_scale,
+                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                           USE_TMA: tl.constexpr):
+    """The unmasked key loop of _fwd_kv_loop (lo .. hi whole blocks, every key
+    visible), software-pipelined by one block as FA-3 does within a warpgroup:
+    QK^T of block j + 1 is issued before the softmax of block j, so that the
+    tensor cores can work on it while the same warps compute exponentials.
+    An experiment (FLASH_NOTES.md): whether Triton keeps the early `wgmma`
+    asynchronous across the softmax decides whether it pays.
+    """
+    if lo < hi:
+        k = _load_rows(k_src, lo, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, False, USE_TMA)
+        qk = _dot(q, tl.trans(k), None)
+        for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_rows(k_src, start_n + BLOCK_N, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, False, USE_TMA)
+            qk_next = _dot(q, tl.trans(k), None)
+            v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, D_PAD, False, USE_TMA)
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+            qk = qk_next
+        v = _load_rows(v_src, hi - BLOCK_N, S, stride_vs, BLOCK_N, HEAD_DIM, D_PAD, False, USE_TMA)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
+    """One unmasked online-softmax update with the block's scores qk and values v."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
@@ -296,7 +334,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_os,
                 H, GROUP, S, S_BUCKET, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+                PIPELINE: tl.constexpr = False):
     # grid: (cdiv(S, BLOCK_M), B * H); one program owns rows start_m .. start_m + BLOCK_M of one head.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal starts on a K block boundary
     n_m = tl.cdiv(S, BLOCK_M)
@@ -323,9 +362,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     if CAUSAL:
         # Key blocks left of the diagonal: every key visible, all rows < S.
-        acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
-                                     0, start_m, qk_scale,
-                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA)
+        if PIPELINE:
+            acc, m_i, l_i = _fwd_kv_loop_pipelined(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S,
+                                                   0, start_m, qk_scale, BLOCK_N, HEAD_DIM, D_PAD, USE_TMA)
+        else:
+            acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
+                                         0, start_m, qk_scale,
+                                         BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA)
         # The diagonal band: causal mask and the sequence tail. Every row sees
         # key start_m in the band's first block, so no row's max stays -inf.
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
@@ -333,9 +376,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                      BLOCK_N, HEAD_DIM, D_PAD, True, True, USE_TMA)
     else:
         full = (S // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
-                                     0, full, qk_scale,
-                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC)
+        if PIPELINE:
+            acc, m_i, l_i = _fwd_kv_loop_pipelined(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S,
+                                                   0, full, qk_scale, BLOCK_N, HEAD_DIM, D_PAD, USE_TMA)
+        else:
+            acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
+                                         0, full, qk_scale,
+                                         BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC)
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      full, S, qk_scale,
                                      BLOCK_N, HEAD_DIM, D_PAD, False, True, USE_TMA)

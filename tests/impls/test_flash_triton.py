@@ -129,6 +129,22 @@ def test_forward_only_many_lengths():
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_pipelined_key_loop_matches_float64(causal, monkeypatch):
+    # The forward's experimental software-pipelined loop (PIPELINE): lengths
+    # with no whole key block (its loop is skipped), one block, and several
+    # blocks plus a tail; causal row blocks whose loop is empty or not.
+    import triton
+
+    config = ft.FWD_CONFIGS[0]
+    forced = triton.Config({**config.kwargs, "PIPELINE": True}, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+    monkeypatch.setattr(ft._fwd_kernel, "configs", [forced])
+    for seed, S in enumerate((5, 16, 70, 135)):
+        check(1, 2, 1, S, 32, causal, torch.bfloat16, backward=False, seed=seed)
+
+
+@needs_kernel
 def test_explicit_scale():
     check(1, 2, 2, 50, 32, True, torch.float32, scale=0.3)
 
