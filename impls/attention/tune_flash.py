@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from impls.attention import flash_triton as ft
+from impls.attention import naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1
 KERNELS = {"fwd": ft._fwd_kernel, "dkdv": ft._bwd_dkdv_kernel, "dq": ft._bwd_dq_kernel}
@@ -82,14 +83,8 @@ def check_jobs(tma: bool):
 # ---------------------------------------------------------------- helpers
 
 def reference(q, k, v, causal, scale):
-    """softmax(q k^T * scale + mask) v in float64, kv heads repeated for GQA."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    s = q @ k.transpose(-1, -2) * scale
-    if causal:
-        S = q.shape[2]
-        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return s.softmax(-1) @ v
+    """The naive implementation in float64 (differentiable: the tests call backward on it)."""
+    return naive.attention(q.double(), k.double(), v.double(), causal, scale)
 
 
 def short(cfg):

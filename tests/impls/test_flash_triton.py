@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from impls.attention import flash_triton as ft  # noqa: E402
+from impls.attention import naive  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,15 +42,8 @@ TOL = {
 
 
 def reference(q, k, v, causal, scale):
-    """Plain softmax(q k^T * scale + causal mask) v in float64; kv heads repeated for GQA."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    scores = q @ k.transpose(-1, -2) * scale
-    if causal:
-        S = q.shape[2]
-        above = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above, float("-inf"))
-    return scores.softmax(-1) @ v
+    """The naive implementation in float64 (differentiable: the tests call backward on it)."""
+    return naive.attention(q.double(), k.double(), v.double(), causal, scale)
 
 
 def rel_err(x, ref):
