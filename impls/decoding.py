@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from impls import medusa
+from impls import decoding_triton, medusa
 from impls.gpt import GPT
 
 MODES = ("eager", "graph", "compile")
@@ -103,27 +103,43 @@ class Decoder:
 
     name = ""
 
-    def __init__(self, model: GPT, *, max_len: int, depth: int = 0, width: int = 1, mode: str = "eager",
-                 temperature: float = 0.0, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3):
+    def __init__(self, model: GPT, *, max_len: int, tree: medusa.Tree = medusa.Tree(()), mode: str = "eager",
+                 temperature: float = 0.0, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                 fused: bool | None = None):
         assert mode in MODES, f"mode must be one of {MODES}"
         assert mode == "eager" or model.lm_head.weight.is_cuda, "graph and compile modes need a CUDA model"
         self.model, self.mode, self.temperature = model, mode, temperature
         # Typical acceptance (medusa.typical_accept), used when temperature > 0.
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
-        self.depth = depth  # most candidates one step can accept after its root
-        self.width = width  # cache slots one step writes from cur on
         self.device = model.lm_head.weight.device
+        # The tree one step verifies: vanilla's is the root alone, the chain
+        # methods' a chain of k guesses, Medusa's the heads' candidates.
+        self.tree, self.b = tree, tree.buffers(self.device)
+        self.depth = tree.depth  # most candidates one step can accept after its root
+        self.width = tree.size  # cache slots one step writes from cur on
+        # The step's mask, acceptance and bookkeeping as Triton kernels
+        # (impls/decoding_triton.py): by default on a GPU, for greedy decoding,
+        # in eager and graph modes (torch.compile fuses the PyTorch version itself).
+        can_fuse = decoding_triton.available(self.device) and temperature == 0 and mode != "compile"
+        assert not fused or can_fuse, f"fused steps need triton on a GPU (or its interpreter), greedy, not compiled"
+        self.fused = can_fuse and self.device.type == "cuda" if fused is None else fused
         self.max_len = max_len
         self.kv = StaticKV(model, max_len)
         self.kvs = [self.kv]  # every cache a step reads (a draft model has its own)
         self.lengths = sorted({min(n, max_len) for n in range(BUCKET, max_len + BUCKET, BUCKET)})
         to = dict(device=self.device, dtype=torch.long)
         # Tokens by position. Steps write D + 2 tokens past cur; the margin keeps that in bounds.
-        self.seq = torch.zeros(max_len + depth + 2, **to)
+        self.seq = torch.zeros(max_len + self.depth + 2, **to)
         self.cur = torch.zeros(1, **to)
-        self.hist = torch.zeros(depth + 1, **to)  # steps by candidates accepted after the root
+        self.hist = torch.zeros(self.depth + 1, **to)  # steps by candidates accepted after the root
         self._one = torch.ones(1, **to)
-        self._span = torch.arange(depth + 1, **to)  # 0..D
+        self._span = torch.arange(self.depth + 1, **to)  # 0..D
+        if self.fused:  # the kernels' inputs and outputs, kept so that a captured step reuses them
+            self._ancestors = self.b.ancestors.to(torch.uint8)
+            self._valid = self.b.valid.to(torch.uint8)
+            self._src, self._dst = torch.zeros(2, self.depth + 1, **to)  # K/V slots to compact
+            self._last = torch.zeros(1, **to)  # the last accepted node
+            self._root = torch.zeros(1, **to)  # the next root (Medusa points it into its candidates)
         self.prompt_len = 0
         self._runs: dict[int, object] = {}  # cache length -> the step, captured (or not) for it
 
@@ -158,6 +174,20 @@ class Decoder:
         self.seq[p + n + 1] = bonus
         self.hist.index_add_(0, n, self._one)
         self.cur.add_(n + 1)
+
+    def _mask(self) -> torch.Tensor | None:
+        """The attention mask of this step's tree at cur, (1, 1, N, length); None
+        lets the model build its causal one (vanilla and chains on the PyTorch path)."""
+        if self.fused:
+            return decoding_triton.tree_mask(self._ancestors, self.cur, self.kv.length, self.kv.store.dtype)[None, None]
+        if self.b.retrieve.shape[0] == 1:  # the root alone, or one chain: causal, the model's own mask
+            return None
+        return medusa.tree_mask(self.b, self.cur, self.kv.length)[None, None]
+
+    def _fused_accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Greedy acceptance and _commit as one kernel; fills _src, _dst, _last, _root."""
+        decoding_triton.greedy_commit(logits.argmax(dim=-1), tokens, self.b.retrieve, self._valid, self.cur,
+                                      self.seq, self.hist, self._src, self._dst, self._last, self._root)
 
     def _eager_step(self, length: int) -> None:
         self._attend(length)
@@ -257,7 +287,11 @@ class VanillaDecoder(Decoder):
 
     def _step(self):
         p = self.cur
-        logits, _ = self.model(self.seq[p][None], input_pos=p)
+        token = self.seq[p]
+        logits, _ = self.model(token[None], input_pos=p, mask=self._mask())
+        if self.fused:
+            self._fused_accept(token, logits[0])
+            return
         self.seq[p + 1] = self._pick(logits[0, -1])
         self.cur.add_(1)  # nothing else to count: every step keeps exactly one token
 
@@ -272,30 +306,43 @@ class MedusaDecoder(Decoder):
 
     def __init__(self, model: GPT, heads: medusa.MedusaHeads, tree: medusa.Tree, *, max_len: int, **kw):
         assert tree.depth <= heads.n_heads, f"a tree of depth {tree.depth} needs as many heads, not {heads.n_heads}"
-        super().__init__(model, max_len=max_len, depth=tree.depth, width=tree.size, **kw)
-        self.heads, self.tree = heads, tree
-        self.b = tree.buffers(self.device)
-        self.topk = torch.zeros(heads.n_heads, medusa.TOPK, dtype=torch.long, device=self.device)
+        super().__init__(model, max_len=max_len, tree=tree, **kw)
+        self.heads = heads
+        # The next root, then each head's top-k: what tree_candidates places in the tree.
+        self.cand = torch.zeros(1 + heads.n_heads * medusa.TOPK, dtype=torch.long, device=self.device)
+        if self.fused:
+            self._root = self.cand[:1]  # the acceptance kernel writes the next root straight into it
 
     def _guess(self, hidden: torch.Tensor) -> None:
-        """hidden (C,) or (1, C) -> the heads' top-k tokens (K, TOPK)."""
-        top = medusa.topk_indices(self.heads(hidden.reshape(1, -1)), medusa.TOPK)  # (K, 1, TOPK)
-        self.topk.copy_(top.reshape(self.topk.shape))
+        """hidden (1, C) -> the heads' top-k tokens, into cand[1:]."""
+        logits = self.heads(hidden.reshape(1, -1)).reshape(self.heads.n_heads, -1)  # (K, V)
+        top = self.cand[1:].view(self.heads.n_heads, medusa.TOPK)
+        if self.fused and logits.shape[-1] <= decoding_triton.MAX_TOPK_BLOCK:
+            decoding_triton.topk_rows(logits, medusa.TOPK, top)
+        else:
+            top.copy_(medusa.topk_indices(logits, medusa.TOPK))
 
     def _after_prefill(self, prompt, hidden):
+        self.cand[:1] = self.seq[self.cur]
         self._guess(hidden)
 
     def _step(self):
         p, b = self.cur, self.b
-        tokens = medusa.tree_candidates(self.seq[p], self.topk, b)  # (N,)
-        mask = medusa.tree_mask(b, p, self.kv.length)  # (N, L)
+        tokens = medusa.tree_candidates(self.cand, b)  # (N,)
         logits, _, hidden = self.model(tokens[None], input_pos=p + b.depth, cache_pos=p + b.node,
-                                       mask=mask[None, None], return_hidden=True)
-        acc = self._accept(tokens, logits[0], b)
-        path = b.retrieve[acc.path].reshape(-1)  # (D + 1,) node ids, root first
-        self.kv.move(*medusa.accepted_slots(p, path))
-        self._guess(hidden[0, acc.last])
-        self._commit(tokens[path], acc.n, acc.bonus)
+                                       mask=self._mask(), return_hidden=True)
+        if self.fused:
+            self._fused_accept(tokens, logits[0])
+            self.kv.move(self._src, self._dst)
+            last = self._last
+        else:
+            acc = self._accept(tokens, logits[0], b)
+            path = b.retrieve[acc.path].reshape(-1)  # (D + 1,) node ids, root first
+            self.kv.move(*medusa.accepted_slots(p, path))
+            self._commit(tokens[path], acc.n, acc.bonus)
+            self.cand[:1] = acc.bonus
+            last = acc.last
+        self._guess(hidden[0, last])
 
 
 class _ChainDecoder(Decoder):
@@ -305,9 +352,8 @@ class _ChainDecoder(Decoder):
 
     def __init__(self, model: GPT, k: int, **kw):
         assert k >= 1, "at least one guessed token"
-        super().__init__(model, depth=k, width=k + 1, **kw)
+        super().__init__(model, tree=medusa.Tree.chain(k), **kw)
         self.k = k
-        self.b = medusa.Tree.chain(k).buffers(self.device)
 
     def _propose(self) -> torch.Tensor:
         """k guessed tokens (k,) to follow seq[cur]."""
@@ -316,7 +362,10 @@ class _ChainDecoder(Decoder):
     def _step(self):
         p = self.cur
         chain = torch.cat([self.seq[p], self._propose()])  # (k + 1,)
-        logits, _ = self.model(chain[None], input_pos=p + self._span)
+        logits, _ = self.model(chain[None], input_pos=p + self._span, mask=self._mask())
+        if self.fused:
+            self._fused_accept(chain, logits[0])
+            return
         acc = self._accept(chain, logits[0], self.b)
         self._commit(chain, acc.n, acc.bonus)
 

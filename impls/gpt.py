@@ -216,7 +216,8 @@ class GPT(nn.Module):
         set up, is neither read nor written. With input_pos the cache (see setup_cache) is used: input_pos (T,) gives the new tokens' positions,
         cache_pos (T,) the slots their K/V are written to (default: input_pos), and mask, a
         bool tensor broadcastable to (B, 1, T, max_len), says which slots each new token
-        may attend to (default: causal, slot <= position). A Medusa tree passes its own
+        may attend to (default: causal, slot <= position); an additive float mask of the
+        cache's dtype is used as it is. A Medusa tree passes its own
         mask, positions prefix_len + depth, and distinct slots prefix_len + node index.
         return_hidden also returns the final hidden states (B, T, C), after ln_f.
         """
@@ -231,9 +232,10 @@ class GPT(nn.Module):
             if mask is None:
                 slots = torch.arange(cache.k.shape[2], device=idx.device)
                 mask = slots[None, :] <= input_pos[:, None]  # (T, L): causal over slots
-            # SDPA turns a bool mask into an additive one on every call: done once
-            # here instead of once per layer (a kernel per layer per decoding step).
-            mask = torch.full(mask.shape, float("-inf"), dtype=cache.k.dtype, device=idx.device).masked_fill_(mask, 0.0)
+            if mask.dtype == torch.bool:
+                # SDPA turns a bool mask into an additive one on every call: done once
+                # here instead of once per layer (a kernel per layer per decoding step).
+                mask = torch.full(mask.shape, float("-inf"), dtype=cache.k.dtype, device=idx.device).masked_fill_(mask, 0.0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache_pos, mask)

@@ -7,7 +7,7 @@ LLM Inference Acceleration Framework with Multiple Decoding Heads").
 
     tree = default_tree(n_heads=4, size=64)   # or greedy_tree(measured_rank_accuracy, 64), parse_tree("0;1;0.0")
     b = tree.buffers(device)
-    tokens = tree_candidates(root, head_topk, b)          # (N,) the tree's tokens
+    tokens = tree_candidates(torch.cat([root, head_topk.flatten()]), b)   # (N,) the tree's tokens
     mask = tree_mask(b, cur_len, max_len)                 # (N, max_len) who sees whom
     logits, _, hidden = model(tokens[None], input_pos=cur_len + b.depth,
                               cache_pos=cur_len + b.node, mask=mask[None, None], return_hidden=True)
@@ -210,7 +210,7 @@ class Tree:
         index = {p: i for i, p in enumerate(nodes)}
         N, D = len(nodes), self.depth
         depth = torch.tensor([len(p) for p in nodes])
-        # Root first, then head d's rank-r guess sits at 1 + (d-1)*TOPK + r in tree_candidates' flat list.
+        # Root first, then head d's rank-r guess sits at 1 + (d-1)*TOPK + r in tree_candidates' list.
         flat = torch.tensor([0] + [1 + (len(p) - 1) * TOPK + p[-1] for p in self.paths])
         ancestors = torch.zeros(N, N, dtype=torch.bool)
         for i, p in enumerate(nodes):
@@ -314,9 +314,9 @@ def default_tree(n_heads: int, size: int = DEFAULT_TREE_SIZE) -> Tree:
 # One verification step
 
 
-def tree_candidates(root: torch.Tensor, head_topk: torch.Tensor, b: TreeBuffers) -> torch.Tensor:
-    """root (1,), head_topk (K, TOPK) -> the tree's tokens (N,)."""
-    return torch.cat([root.reshape(1), head_topk.reshape(-1)])[b.flat_index]
+def tree_candidates(candidates: torch.Tensor, b: TreeBuffers) -> torch.Tensor:
+    """candidates (1 + K * TOPK,): the root, then each head's top-k -> the tree's tokens (N,)."""
+    return candidates[b.flat_index]
 
 
 def tree_mask(b: TreeBuffers, cur_len: torch.Tensor, max_len: int) -> torch.Tensor:

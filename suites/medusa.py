@@ -49,7 +49,7 @@ from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from bench.stats import Stats
 from bench.timing import StepTimer
-from impls import decoding, hf, medusa
+from impls import decoding, decoding_triton, hf, medusa
 from impls.data import DataConfig, TextData, load_data
 from impls.gpt import GPT, GPTConfig
 from impls.precision import PRECISIONS
@@ -58,6 +58,9 @@ from impls.train import train_step
 METHODS = ("vanilla", "medusa", "draft", "lookup")
 TREES = ("default", "greedy")
 COMPILE = {"auto": None, "none": "eager", "cuda-graph": "graph", "inductor": "compile"}
+# The small pieces of a greedy step around the forward (mask, acceptance, top-k):
+# Triton kernels (impls/decoding_triton.py, the default on a GPU) or PyTorch ops.
+STEP_KERNELS = {"auto": None, "triton": True, "torch": False}
 # A divergence from greedy decoding counts as a near-tie when the two tokens'
 # logits differ by at most this many units in the last place of the decoding
 # dtype: a 1-token and an N-token forward round differently, by a few ulps.
@@ -179,6 +182,7 @@ class MedusaOptions:
     posterior_alpha: float = 0.3
     dtype: str = "fp32"
     compile: str = "auto"
+    step_kernels: str = "auto"  # auto, triton or torch: see STEP_KERNELS
     draft_tokens: int = 4
     lookup_tokens: int = 8
     data: str | None = None
@@ -209,6 +213,8 @@ class MedusaOptions:
             raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.compile not in COMPILE:
             raise BadInput(f"--compile must be one of {', '.join(COMPILE)}, not {self.compile!r}")
+        if self.step_kernels not in STEP_KERNELS:
+            raise BadInput(f"--step-kernels must be one of {', '.join(STEP_KERNELS)}, not {self.step_kernels!r}")
         if self.temperature < 0:
             raise BadInput(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
@@ -504,6 +510,12 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _qui
     mode = COMPILE[opts.compile] or ("graph" if device.type == "cuda" else "eager")
     if mode != "eager" and device.type != "cuda":
         raise BadInput(f"--compile {opts.compile} needs a CUDA device; on the CPU use --compile none")
+    if opts.step_kernels == "triton":
+        if not decoding_triton.available(device):
+            raise BadInput("--step-kernels triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU) "
+                           f"and triton{': ' + decoding_triton.TRITON_ERROR if decoding_triton.TRITON_ERROR else ''}")
+        if opts.temperature > 0 or mode == "compile" or opts.hf:
+            raise BadInput("--step-kernels triton is for greedy decoding of genbench's GPT presets, without --compile inductor")
     if opts.hf:
         return _prepare_hf(opts, device, dtype, mode, progress)
     preset = opts.preset
@@ -726,7 +738,7 @@ def _make_decoder(prep: Prepared, method: str, mode: str):
         if method == "vanilla":
             return hf.HFVanillaDecoder(prep.model, **common)
         return hf.HFLookupDecoder(prep.model, o.lookup_tokens, LOOKUP_NGRAM, **common, **spec)
-    common["mode"] = mode
+    common.update(mode=mode, fused=STEP_KERNELS[o.step_kernels])
     if method == "vanilla":
         return decoding.VanillaDecoder(prep.model, **common)
     if method == "medusa":
@@ -895,7 +907,7 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
         peak_mem_MiB=prep.memory.get(cfg.method),
         base_params_M=prep.base_params / 1e6,
         extra_params_M=_extra_params(prep, cfg.method) / 1e6,
-        speed=prep.mode_note or prep.mode,
+        speed=(prep.mode_note or prep.mode) + ("+triton" if getattr(dec, "fused", False) else ""),
         spec=_spec(prep, cfg.method),
     )
     if cfg.method == "medusa" and prep.scores is not None:

@@ -77,6 +77,8 @@ def medusa(
     dtype: DtypeOpt = None,
     compile: Annotated[str, typer.Option(help="auto (cuda-graph on a GPU, none on CPU), none, cuda-graph (each step captured "
                                               "once, replayed), inductor (torch.compile, then captured); the same for every method.")] = "auto",
+    step_kernels: Annotated[str, typer.Option(help="The small pieces of a greedy step around the forward (mask, acceptance, "
+                                                   "top-k): triton kernels, torch ops, or auto (triton on a GPU); the same for every method.")] = "auto",
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     base_steps: BaseStepsOpt = None,
@@ -99,7 +101,7 @@ def medusa(
         max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=prompt_len,
         prompt_file=str(prompt_file) if prompt_file else None, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, dtype=dtype, compile=compile,
-        draft_tokens=draft_tokens, lookup_tokens=lookup_tokens, data=data,
+        step_kernels=step_kernels, draft_tokens=draft_tokens, lookup_tokens=lookup_tokens, data=data,
         checkpoint=str(checkpoint) if checkpoint else None, base_steps=base_steps, heads_steps=heads_steps,
         draft_steps=draft_steps, seed=seed,
     )

@@ -47,7 +47,7 @@ def test_hand_tree_mask_and_positions():
 def test_tree_candidates_follow_the_ranks():
     b = HAND.buffers()
     topk = torch.arange(3 * medusa.TOPK).reshape(3, medusa.TOPK) + 100  # head k rank r -> 100 + 10k + r
-    tokens = medusa.tree_candidates(torch.tensor([7]), topk, b)
+    tokens = medusa.tree_candidates(torch.cat([torch.tensor([7]), topk.flatten()]), b)
     assert tokens.tolist() == [7, 100, 101, 110, 111, 110, 120]
 
 

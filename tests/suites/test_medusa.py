@@ -43,6 +43,7 @@ def prepared():
     (dict(methods=("vanilla", "beam")), "--method must be among"),
     (dict(dtype="fp8"), "--dtype"),
     (dict(compile="fast"), "--compile"),
+    (dict(step_kernels="cuda"), "--step-kernels must be one of"),
     (dict(heads=0), "--heads must be at least 1"),
     (dict(temperature=-1.0), "--temperature"),
     (dict(model="no/such/folder"), "neither a preset"),
@@ -118,6 +119,20 @@ def test_rows_check_greedy_identity(prepared):
     assert rows["medusa"].values["mean_accept_length"] >= 1.0
     assert len(rows["medusa"].values["accept_hist"].split(";")) == prep.tree.depth + 1
     assert len(rows["medusa"].values["head_top1"].split(";")) == 4
+
+
+@pytest.mark.skipif(suite.decoding_triton.triton is None, reason="needs triton (its interpreter on the CPU)")
+def test_triton_step_kernels_rows(prepared):
+    # The same rows with the step's Triton kernels, through the interpreter: still greedy, and the row says so.
+    opts = dataclasses.replace(prepared[0].options, step_kernels="triton")
+    prep = suite.prepare(opts, CPU)
+    sweep = suite.sweep(prep)
+    for cfg in sweep.configs:
+        m = measure_one(sweep, cfg, Context(CPU))
+        assert m.status == "ok" and m.values["identical_to_greedy"] == "2/2", (cfg.method, m.reason)
+        assert m.values["speed"] == "eager+triton"
+    with pytest.raises(BadInput, match="--step-kernels triton is for greedy"):
+        suite.prepare(dataclasses.replace(opts, temperature=0.7), CPU)
 
 
 def test_a_lossy_method_is_a_mismatch(prepared, monkeypatch):

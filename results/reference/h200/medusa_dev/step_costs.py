@@ -4,7 +4,12 @@ Random weights (timing does not depend on them), impls.gpt "medium" shape,
 bf16, every piece captured in a CUDA graph and replayed, as the medusa suite
 runs its steps. Prints one line per piece and writes step_costs.json:
 
-    PYTHONPATH=. python3 results/reference/h200/medusa_dev/step_costs.py OUT_DIR [--compile]
+    PYTHONPATH=. python3 results/reference/h200/medusa_dev/step_costs.py OUT_DIR [--compile] [--steps-only]
+        [--shapes 2048x16,4096x8]
+
+--steps-only skips the forward and SDPA-backend tables; --shapes adds, for
+each n_embd x n_layer, the whole steps of vanilla and Medusa (64 nodes) with
+the step's Triton kernels and with PyTorch ops.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from impls import decoding, medusa
+from impls import decoding, decoding_triton, medusa
 from impls.gpt import GPT, GPTConfig
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script only
@@ -66,10 +71,46 @@ def kernels_per_call(fn) -> int:
                and "Memset" not in e.name)
 
 
+def whole_steps(model, heads, note, modes, sizes=(64, 128, 256), length=None) -> None:
+    """One decoding step of each method, replayed as the suite replays it, at cache length `length`."""
+    prompt = torch.randint(VOCAB, (PROMPT,), device=DEV)
+    for mode in modes:
+        kernels = (True, False) if mode != "compile" and decoding_triton.available(DEV) else (False,)
+        decoders = []
+        for fused in kernels:
+            tag = mode + ("+triton" if fused else "")
+            decoders.append((f"{tag} step vanilla", lambda fused=fused: decoding.VanillaDecoder(
+                model, max_len=MAX_LEN, mode=mode, fused=fused)))
+            for size in sizes if mode != "compile" else (64,):
+                tree = medusa.default_tree(heads.n_heads, size)
+                decoders.append((f"{tag} step medusa N={size}", lambda tree=tree, fused=fused: decoding.MedusaDecoder(
+                    model, heads, tree, max_len=MAX_LEN, mode=mode, fused=fused)))
+            if mode != "compile":
+                decoders.append((f"{tag} step lookup k=8", lambda fused=fused: decoding.LookupDecoder(
+                    model, 8, max_len=MAX_LEN, mode=mode, fused=fused)))
+        for name, make in decoders:
+            t0 = time.perf_counter()
+            dec = make()
+            dec.prepare()
+            prep_s = time.perf_counter() - t0
+            n = length or dec.lengths[-1]
+            # Each batch of 60 steps starts from a fresh prefill, so that even a
+            # step accepting its whole depth every time stays inside the cache.
+            dec.prefill(prompt)
+            ms, spread = per_call_ms(dec._runs[n], reps=60 if DEV.type == "cuda" else 2,
+                                     reset=lambda dec=dec: dec.prefill(prompt))
+            dec.prefill(prompt)
+            dec._attend(n)
+            k = kernels_per_call(dec._step) if mode == "graph" else None
+            note(f"{name} L={n}", ms, spread, k, prepare_s=round(prep_s, 1))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     compile_too = "--compile" in sys.argv
+    steps_only = "--steps-only" in sys.argv
+    shapes = sys.argv[sys.argv.index("--shapes") + 1].split(",") if "--shapes" in sys.argv else []
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=16, n_head=16, n_embd=1024, block_size=1024, vocab_size=VOCAB)
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
@@ -84,7 +125,7 @@ def main() -> None:
     with torch.no_grad():
         kv = decoding.StaticKV(model, MAX_LEN)
         cur = torch.tensor([PROMPT], device=DEV)
-        for T in (1, 2, 64, 128, 256):
+        for T in (1, 2, 64, 128, 256) if not steps_only else ():
             tokens = torch.randint(VOCAB, (1, T), device=DEV)
             pos = cur + torch.arange(T, device=DEV)
 
@@ -98,7 +139,7 @@ def main() -> None:
 
         backends = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                     "math": SDPBackend.MATH}
-        for L in (256, 512, 768, 1024):
+        for L in (256, 512, 768, 1024) if not steps_only else ():
             kv_l = decoding.StaticKV(model, L)
             for T in (1, 64):
                 tokens = torch.randint(VOCAB, (1, T), device=DEV)
@@ -148,34 +189,48 @@ def main() -> None:
 
         note("kv move (6 slots)", *per_call_ms(capture(move)), kernels_per_call(move))
 
-        prompt = torch.randint(VOCAB, (PROMPT,), device=DEV)
+        # The step's pieces as Triton kernels (impls/decoding_triton.py).
+        if decoding_triton.available(DEV):
+            K = heads.n_heads
+            out_top = torch.zeros(K, medusa.TOPK, dtype=torch.long, device=DEV)
+            note("topk triton (5, 8192)", *per_call_ms(capture(
+                lambda: decoding_triton.topk_rows(head_logits.reshape(K, -1), medusa.TOPK, out_top))))
+            tree = medusa.default_tree(5, 64)
+            b = tree.buffers(DEV)
+            anc, valid = b.ancestors.to(torch.uint8), b.valid.to(torch.uint8)
+            note("tree_mask triton N=64", *per_call_ms(capture(
+                lambda: decoding_triton.tree_mask(anc, cur, MAX_LEN, dtype))))
+            logits = torch.randn(tree.size, VOCAB, device=DEV, dtype=dtype)
+            toks = torch.randint(VOCAB, (tree.size,), device=DEV)
+            seq, hist = torch.zeros(MAX_LEN + 8, dtype=torch.long, device=DEV), torch.zeros(6, dtype=torch.long, device=DEV)
+            c = cur.clone()
+            bufs = [torch.zeros(k, dtype=torch.long, device=DEV) for k in (6, 6, 1, 1)]
+
+            def commit():
+                c.fill_(PROMPT)
+                decoding_triton.greedy_commit(logits.argmax(dim=-1), toks, b.retrieve, valid, c, seq, hist, *bufs)
+
+            note("argmax + greedy_commit triton N=64", *per_call_ms(capture(commit)))
+
         modes = ("graph", "compile") if compile_too else ("graph",)
         modes = modes if DEV.type == "cuda" else ("eager",)
-        for mode in modes:
-            decoders = [("vanilla", lambda: decoding.VanillaDecoder(model, max_len=MAX_LEN, mode=mode))]
-            for size in (64, 128, 256) if mode != "compile" else (64,):
-                tree = medusa.default_tree(5, size)
-                decoders.append((f"medusa N={size}", lambda tree=tree: decoding.MedusaDecoder(
-                    model, heads, tree, max_len=MAX_LEN, mode=mode)))
-            if mode != "compile":
-                decoders.append(("lookup k=8", lambda: decoding.LookupDecoder(model, 8, max_len=MAX_LEN, mode=mode)))
-            for name, make in decoders:
-                t0 = time.perf_counter()
-                dec = make()
-                dec.prepare()
-                prep_s = time.perf_counter() - t0
-
-                # Each batch of 60 steps starts from a fresh prefill, so that even a
-                # step accepting its whole depth every time stays inside the cache.
-                dec.prefill(prompt)
-                ms, spread = per_call_ms(dec._runs[dec.lengths[-1]], reps=60 if DEV.type == "cuda" else 2, reset=lambda dec=dec: dec.prefill(prompt))
-                eager = dec._step
-                dec.prefill(prompt)
-                k = kernels_per_call(eager) if mode == "graph" else None
-                note(f"{mode} step {name}", ms, spread, k, prepare_s=round(prep_s, 1))
+        whole_steps(model, heads, note, modes, length=512 if DEV.type == "cuda" else None)
+        shape_cfgs = []
+        for shape in shapes:
+            d, layers = (int(x) for x in shape.split("x"))
+            del model, heads, kv
+            torch.cuda.empty_cache() if DEV.type == "cuda" else None
+            c2 = GPTConfig(n_layer=layers, n_head=max(16, d // 128), n_embd=d, block_size=1024, vocab_size=VOCAB)
+            model = GPT(c2).to(DEV, dtype).eval().requires_grad_(False)
+            heads = medusa.MedusaHeads(d, VOCAB, 5).to(DEV, dtype).eval().requires_grad_(False)
+            kv = None
+            print(f"-- shape n_embd {d} x n_layer {layers}: {model.num_params() / 1e6:.0f}M params", flush=True)
+            shape_cfgs.append(c2.__dict__)
+            whole_steps(model, heads, lambda name, *a, **k: note(f"{shape} {name}", *a, **k), modes[:1], sizes=(64,),
+                        length=512 if DEV.type == "cuda" else None)
 
     (out / "step_costs.json").write_text(json.dumps(dict(
-        device=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", torch=torch.__version__, config=cfg.__dict__, max_len=MAX_LEN,
+        device=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", torch=torch.__version__, config=cfg.__dict__, shapes=shape_cfgs, max_len=MAX_LEN,
         rows=rows), indent=1))
 
 
