@@ -126,7 +126,11 @@ class Decoder:
         self.max_len = max_len
         self.kv = StaticKV(model, max_len)
         self.kvs = [self.kv]  # every cache a step reads (a draft model has its own)
-        self.lengths = sorted({min(n, max_len) for n in range(BUCKET, max_len + BUCKET, BUCKET)})
+        # Capturing runs a few steps from slot 1 (see prepare): shorter lengths
+        # could not hold them, and a longer one serves the prompts that would use them.
+        need = 1 + (WARMUP_STEPS + 1) * (self.depth + 1) + self.width
+        assert max_len >= need, f"{max_len} cache slots cannot hold the steps of a capture ({need})"
+        self.lengths = sorted({min(n, max_len) for n in range(BUCKET, max_len + BUCKET, BUCKET) if n >= need} | {max_len})
         to = dict(device=self.device, dtype=torch.long)
         # Tokens by position. Steps write D + 2 tokens past cur; the margin keeps that in bounds.
         self.seq = torch.zeros(max_len + self.depth + 2, **to)

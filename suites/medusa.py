@@ -145,14 +145,14 @@ PRESETS = {
     ),
     # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
     # datacenter GPU. The time budgets cap training the three models from scratch
-    # at about three minutes on an H200 (base ~75 s, heads ~45 s plus ~15 s of
+    # at about four minutes on an H200 (base ~75 s, heads ~90 s plus ~35 s of
     # greedy generation, draft ~12 s), whatever the steps reached by then.
     "medium": MedusaPreset(
         base=GPTConfig.from_name("medium"),
         data="stdlib",
         base_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=6e-4, warmup=50, max_seconds=75),
-        heads_train=HeadsTraining(prompts=8192, prompt_len=64, gen_len=192, steps=4000, batch_size=8192, lr=1e-3,
-                                  gen_batch=1024, max_seconds=45),
+        heads_train=HeadsTraining(prompts=24576, prompt_len=64, gen_len=192, steps=8000, batch_size=8192, lr=1e-3,
+                                  gen_batch=1024, max_seconds=90),
         draft=GPTConfig(n_layer=2, n_head=8, n_embd=512, block_size=1024),
         draft_train=LMTraining(steps=1500, batch_size=32, seq_len=512, lr=2e-3, warmup=50, max_seconds=12),
         prompt_len=128, max_new_tokens=512, prompts=16,
@@ -708,9 +708,11 @@ def _check_lengths(prompts, max_new: int, depth: int, tree_size: int, block_size
     if need > block_size:
         raise BadInput(f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new} + {2 * depth + 1} "
                        f"for speculation needs {need} positions; the model has {block_size}")
-    # Slots: the tree's N nodes are written after cur; a multiple of 64 keeps
+    # Slots: the tree's N nodes are written after cur, and capturing a step runs
+    # a few from slot 1 (impls.decoding.Decoder.prepare); a multiple of 64 keeps
     # the attention mask's rows aligned for the fused attention kernels.
-    return 64 * math.ceil((longest + max_new + depth + tree_size + 2) / 64)
+    slots = max(longest + max_new + depth, 1 + (decoding.WARMUP_STEPS + 1) * (depth + 1)) + tree_size + 2
+    return 64 * math.ceil(slots / 64)
 
 
 # ---------------------------------------------------------------------------

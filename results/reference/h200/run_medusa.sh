@@ -12,26 +12,22 @@ budget() { local left=$((deadline - SECONDS)); echo $(( left < $1 ? (left > 1 ? 
 log() { echo "== $(date -u +%H:%M:%S) $*"; }
 medusa=(python3 -m bench medusa --device cuda --model medium --heads 5 --tree greedy --prompts 16 --max-new-tokens 512)
 
-# bf16, every method, CUDA graphs; trains the base model, heads and draft model from an empty cache.
+# The step's costs with random weights: Triton step kernels against PyTorch ops, and larger shapes.
+log step-costs
+timeout -s INT "$(budget 110)" python3 results/reference/h200/medusa_dev/step_costs.py "$OUT/steps" --steps-only \
+  --shapes 2048x16,2048x24,4096x8 2>&1 | grep -v -i warn | tee "$OUT/steps.txt"
+
+# bf16, every method, CUDA graphs and the Triton step kernels; trains the base
+# model, heads and draft model from an empty cache.
 log medusa-bf16
-timeout -s INT "$(budget 280)" "${medusa[@]}" --dtype bf16 --out "$OUT/medusa" 2>&1 | tee "$OUT/medusa.txt"
+timeout -s INT "$(budget 300)" "${medusa[@]}" --dtype bf16 --out "$OUT/medusa" 2>&1 | tee "$OUT/medusa.txt"
+
+# The same models with the step's PyTorch ops instead of the Triton kernels.
+log medusa-bf16-torch-ops
+timeout -s INT "$(budget 60)" "${medusa[@]}" --dtype bf16 --step-kernels torch --method vanilla --method medusa \
+  --out "$OUT/medusa-torch-ops" 2>&1 | tee "$OUT/medusa-torch-ops.txt"
 
 # Greedy identity in fp32, every method.
 log medusa-fp32
-timeout -s INT "$(budget 80)" "${medusa[@]}" --dtype fp32 --out "$OUT/medusa-fp32" 2>&1 | tee "$OUT/medusa-fp32.txt"
-
-# The GPU paths of the decoding tests (CUDA graphs and torch.compile against eager).
-log gpu-tests
-timeout -s INT "$(budget 120)" python3 -m pytest -q -rs -p no:cacheprovider tests/impls/test_decoding.py 2>&1 \
-  | tail -5 | tee "$OUT/pytest-gpu.txt"
-
-# Issue 6 on the GPU: --profile on the medusa suite (the traces and the top-10 tables).
-log medusa-profile
-timeout -s INT "$(budget 90)" "${medusa[@]}" --dtype bf16 --prompts 2 --max-new-tokens 128 --method vanilla \
-  --method medusa --profile --out "$OUT/medusa-profile" 2>&1 | tee "$OUT/medusa-profile.txt"
-
-# torch.compile (inductor) before capture, vanilla and Medusa.
-log medusa-inductor
-timeout -s INT "$(budget 100)" "${medusa[@]}" --dtype bf16 --compile inductor --method vanilla --method medusa \
-  --out "$OUT/medusa-inductor" 2>&1 | tee "$OUT/medusa-inductor.txt"
+timeout -s INT "$(budget 90)" "${medusa[@]}" --dtype fp32 --out "$OUT/medusa-fp32" 2>&1 | tee "$OUT/medusa-fp32.txt"
 log done
