@@ -94,10 +94,10 @@ def whole_steps(model, heads, note, modes, sizes=(64, 128, 256), length=None) ->
             dec.prepare()
             prep_s = time.perf_counter() - t0
             n = length or dec.lengths[-1]
-            # Each batch of 60 steps starts from a fresh prefill, so that even a
+            # Each batch of 40 steps starts from a fresh prefill, so that even a
             # step accepting its whole depth every time stays inside the cache.
             dec.prefill(prompt)
-            ms, spread = per_call_ms(dec._runs[n], reps=60 if DEV.type == "cuda" else 2,
+            ms, spread = per_call_ms(dec._runs[n], reps=40 if DEV.type == "cuda" else 2,
                                      reset=lambda dec=dec: dec.prefill(prompt))
             dec.prefill(prompt)
             dec._attend(n)
