@@ -13,7 +13,10 @@ acceptance counts. One decoding step is a function of that state with static
 shapes and no host synchronization, so it runs eagerly (CPU), captured once in a
 CUDA graph and replayed ("graph"), or compiled by torch.compile and then
 captured ("compile"). The same mode applies to every method of a comparison.
-The host only reads `cur` every few steps to know when to stop.
+The host only reads `cur` every few steps to know when to stop. On a GPU the
+pieces of a greedy step around the forward (mask, acceptance, bookkeeping, the
+heads' top-k) are single Triton kernels (impls/decoding_triton.py; `fused`),
+for every method alike.
 
 Attention reads the first `length` slots of the static cache, masked, not all
 of them: a step is captured once per cache length in steps of BUCKET slots,

@@ -105,10 +105,6 @@ else:
         # thread): one's softmax runs under the other's wgmma. +4 % at
         # D=128, S=8k non-causal, -5 % causal on the H200 (FLASH_NOTES.md v3).
         _cfg(8, 2, maxnreg=128, BLOCK_M=128, BLOCK_N=64),
-        # The same two rescaling the accumulator only when a row's max grows by
-        # more than 2^8 (LAZY_RESCALE, FLASH_NOTES.md v6).
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, LAZY_RESCALE=True),
-        _cfg(8, 2, maxnreg=128, BLOCK_M=128, BLOCK_N=64, LAZY_RESCALE=True),
         _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
         _cfg(8, 4, BLOCK_M=128, BLOCK_N=64),
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
@@ -257,17 +253,13 @@ def _store_rows(base, tile, row0, S, stride_s, ROWS: tl.constexpr, HEAD_DIM: tl.
 def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, lo, hi, qk_scale,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
-                 WARP_SPEC: tl.constexpr = False, LAZY_RESCALE: tl.constexpr = False):
+                 WARP_SPEC: tl.constexpr = False):
     """Online softmax over key blocks lo .. hi for one resident Q block.
 
     acc (BLOCK_M, D_PAD) is the unnormalised output, m_i the running row max of
     the base-2 logits, l_i the running row sum of exp2(logit - m_i).
     WARP_SPEC asks Triton to split the loop into producer and consumer warps
     (its automatic warp specialization; on Hopper only with TMA loads).
-    LAZY_RESCALE (unmasked blocks only) keeps m_i, and skips rescaling acc and
-    l_i, until some row's max has grown by more than 8 (a factor 2^8), as
-    FlashAttention-4 does: the exponentials then stay below 256, and the result
-    is the same once acc is divided by l_i.
     """
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -281,11 +273,6 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
             qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp2(qk - m_new[:, None])
-        elif LAZY_RESCALE:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            rescale = tl.max(m_new - m_i, 0) > 8.0  # one decision for the whole block
-            m_new = tl.where(rescale, m_new, m_i)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
         else:
             # Unmasked blocks: the scale is folded into the exponent's one FMA.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -293,11 +280,7 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
-        if LAZY_RESCALE and not (CAUSAL_MASK or BOUNDS):
-            if rescale:  # otherwise alpha is 1
-                acc = acc * alpha[:, None]
-        else:
-            acc = acc * alpha[:, None]
+        acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, m_i, l_i
@@ -313,8 +296,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_os,
                 H, GROUP, S, S_BUCKET, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False,
-                LAZY_RESCALE: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     # grid: (cdiv(S, BLOCK_M), B * H); one program owns rows start_m .. start_m + BLOCK_M of one head.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal starts on a K block boundary
     n_m = tl.cdiv(S, BLOCK_M)
@@ -343,7 +325,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         # Key blocks left of the diagonal: every key visible, all rows < S.
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      0, start_m, qk_scale,
-                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, False, LAZY_RESCALE)
+                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA)
         # The diagonal band: causal mask and the sequence tail. Every row sees
         # key start_m in the band's first block, so no row's max stays -inf.
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
@@ -353,7 +335,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         full = (S // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      0, full, qk_scale,
-                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC, LAZY_RESCALE)
+                                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC)
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows,
                                      full, S, qk_scale,
                                      BLOCK_N, HEAD_DIM, D_PAD, False, True, USE_TMA)
@@ -562,7 +544,7 @@ def _describe(kernel) -> str:
     c = kernel.best_config
     cap = getattr(c, "maxnreg", None)
     return (f"BLOCK_M={c.kwargs['BLOCK_M']} BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} stages={c.num_stages}"
-            + (f" maxnreg={cap}" if cap else "") + (" lazy-rescale" if c.kwargs.get("LAZY_RESCALE") else ""))
+            + (f" maxnreg={cap}" if cap else ""))
 
 
 def last_config() -> str:

@@ -327,11 +327,6 @@ EXPERIMENT = [
     (True, "128x64 w8 s3 ws", dict(num_warps=8, num_stages=3, warp_spec=True)),
     (True, "128x64 w4 s2 ws", dict(num_warps=4, num_stages=2, warp_spec=True)),
     (True, "128x128 w8 s2 ws", dict(num_warps=8, num_stages=2, warp_spec=True, BLOCK_N=128)),
-    # v6: acc rescaled only when a row's max grows by more than 2^8 (LAZY_RESCALE; FLASH_NOTES.md).
-    (False, "128x64 w8 s3 lazy", dict(num_warps=8, num_stages=3, lazy=True)),
-    (False, "128x64 w8 s2 r128 lazy", dict(num_warps=8, num_stages=2, maxnreg=128, lazy=True)),
-    (True, "128x64 w8 s3 lazy", dict(num_warps=8, num_stages=3, lazy=True)),
-    (True, "128x64 w4 s2 lazy", dict(num_warps=4, num_stages=2, lazy=True)),
 ]
 
 
@@ -354,8 +349,7 @@ def experiment(rep_ms, only: str = ""):
                     continue
                 row = dict(case=f"D128-S8192-{'causal' if causal else 'full'}", variant=label, tma=use_tma)
                 opts = dict(opts)
-                blocks = {"BLOCK_M": 128, "BLOCK_N": opts.pop("BLOCK_N", 64), "WARP_SPEC": opts.pop("warp_spec", False),
-                          "LAZY_RESCALE": opts.pop("lazy", False)}
+                blocks = {"BLOCK_M": 128, "BLOCK_N": opts.pop("BLOCK_N", 64), "WARP_SPEC": opts.pop("warp_spec", False)}
                 cfg = triton.Config(blocks, **opts)
                 try:
                     with forced_fwd(cfg):
