@@ -124,7 +124,7 @@ class Decoder:
         # (impls/decoding_triton.py): by default on a GPU, for greedy decoding,
         # in eager and graph modes (torch.compile fuses the PyTorch version itself).
         can_fuse = decoding_triton.available(self.device) and temperature == 0 and mode != "compile"
-        assert not fused or can_fuse, f"fused steps need triton on a GPU (or its interpreter), greedy, not compiled"
+        assert not fused or can_fuse, "fused steps need triton on a GPU (or its interpreter), greedy, not compiled"
         self.fused = can_fuse and self.device.type == "cuda" if fused is None else fused
         self.max_len = max_len
         self.kv = StaticKV(model, max_len)

@@ -146,7 +146,7 @@ PRESETS = {
     # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
     # datacenter GPU. On an H200 the step counts bind, not the time budgets, so
     # that a preset trains the same models each time: about four minutes in all
-    # (base ~70 s, heads ~90 s plus ~50 s of greedy generation, draft ~11 s).
+    # (base ~70 s, heads ~100 s plus ~60 s of greedy generation, draft ~6 s).
     # Slower GPUs stop at the budgets. The heads learn from continuations as
     # long as the benchmark's (128-token prompts, hundreds of new tokens), where
     # the base model's greedy text settles into the repetitions that speculation feeds on.
