@@ -10,11 +10,12 @@ The algorithm is FlashAttention-2 (Dao, 2023, arXiv:2307.08691):
   base 2 with softmax scale * log2(e) folded into one multiply). Causal blocks
   wholly above the diagonal are never visited; only the blocks on the diagonal
   pay for a mask. The log-sum-exp of every row is saved for the backward.
-- backward (Algorithm 2 of the paper, split in two kernels instead of using
-  atomics, see FLASH_NOTES.md for why): a preprocess computes
-  delta = rowsum(dO * O); a dK/dV kernel holds a K/V block and streams Q/dO
-  blocks past it; a dQ kernel holds a Q/dO block and streams K/V. Both
-  recompute P = exp2(QK^T * scale * log2(e) - lse) instead of storing it.
+- backward (Algorithm 2 of the paper, split in two kernels instead of summing
+  dQ with atomics, which measured 10-12 % slower: FLASH_NOTES.md, v7): a
+  preprocess computes delta = rowsum(dO * O); a dK/dV kernel holds a K/V
+  block and streams Q/dO blocks past it; a dQ kernel holds a Q/dO block and
+  streams K/V. Both recompute P = exp2(QK^T * scale * log2(e) - lse) instead
+  of storing it.
 
 Layouts: q is (B, H, S, D); k and v are (B, Hkv, S, D) with Hkv dividing H
 (grouped-query attention, query head h reads kv head h // (H // Hkv)). Any
@@ -72,10 +73,6 @@ _UPCAST_DOTS = tl.constexpr(INTERPRET)
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
 # set from the measured comparison in FLASH_NOTES.md.
 PREFER_TMA = False
-# The backward in one kernel, dQ summed by fp32 atomics (5 products instead of
-# 7, summation order not fixed), instead of a dK/dV kernel and a dQ kernel.
-# Off until measured: FLASH_NOTES.md v7.
-ATOMIC_DQ = False
 
 
 # --------------------------------------------------------------------------
@@ -369,19 +366,15 @@ def _bwd_delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, stride_qs, stride_ds, stride_dqs, S, cols,
-                 lo, hi, qk_scale,
+def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, S, cols, lo, hi, qk_scale,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                 CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
-                 ATOMIC_DQ: tl.constexpr = False):
+                 CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK, dV of one resident K/V block (rows `cols`) over query blocks lo .. hi.
 
     Works on transposed tiles (keys down, queries across) so that both
     accumulations are plain (BLOCK_N, BLOCK_M) x (BLOCK_M, D) products. Query
     rows past S read as q = dO = 0 with lse = delta = 0, which makes their
-    dS and dO rows zero: they add nothing. ATOMIC_DQ also adds this key
-    block's share of dQ = dS K to the fp32 rows at dq_ptr, with atomics (the
-    one-kernel backward; FLASH_NOTES.md v7).
+    dS and dO rows zero: they add nothing.
     """
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -404,28 +397,22 @@ def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, stride
         dpT = _dot(v, tl.trans(do), None)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk)  # dK += dS^T Q (the softmax scale is applied once at the end)
-        if ATOMIC_DQ:
-            dq = _dot(tl.trans(dsT).to(k.dtype), k, None)  # (BLOCK_M, D_PAD): this key block's dS K
-            d = tl.arange(0, D_PAD)
-            tl.atomic_add(dq_ptr + rows[:, None] * stride_dqs + d[None, :], dq,
-                          mask=(rows[:, None] < S) & (d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_AUTOTUNE_KEY + ["ATOMIC_DQ"], prune_configs_by={"early_config_prune": _prune_dkdv},
+@triton.autotune(configs=DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
                      stride_db, stride_dh, stride_ds,
                      stride_dkb, stride_dkh, stride_dks,
                      stride_dvb, stride_dvh, stride_dvs,
-                     stride_dqb, stride_dqh, stride_dqs,
                      H, GROUP, S, S_BUCKET, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid: (cdiv(S, BLOCK_N), B * Hkv); one program owns key rows start_n .. start_n + BLOCK_N of one kv
     # head and sums over the GROUP query heads that share it (no atomics needed).
     tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the causal diagonal ends on a Q block boundary
@@ -447,26 +434,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
         do_src = _make_desc(DO + b * stride_db + h * stride_dh, S, stride_ds, BLOCK_M, D_PAD, USE_TMA)
         lse_ptr = LSE + (b * H + h) * S
         delta_ptr = DELTA + (b * H + h) * S
-        dq_ptr = DQ + b * stride_dqb + h * stride_dqh  # used with ATOMIC_DQ only
         if CAUSAL:
             # Query rows start_n .. start_n + BLOCK_N cross the diagonal: masked.
             # Rows above start_n see none of these keys and are skipped.
             diag_end = start_n + BLOCK_N
-            dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, stride_qs, stride_ds,
-                                  stride_dqs, S, cols, start_n, tl.minimum(diag_end, S), qk_scale,
-                                  BLOCK_M, HEAD_DIM, D_PAD, True, True, USE_TMA, ATOMIC_DQ)
+            dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, S, cols,
+                                  start_n, tl.minimum(diag_end, S), qk_scale,
+                                  BLOCK_M, HEAD_DIM, D_PAD, True, True, USE_TMA)
             full = tl.maximum(diag_end, (S // BLOCK_M) * BLOCK_M)
         else:
             diag_end = 0
             full = (S // BLOCK_M) * BLOCK_M
         # Whole query blocks below the diagonal: no mask.
-        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, stride_qs, stride_ds,
-                              stride_dqs, S, cols, diag_end, full, qk_scale,
-                              BLOCK_M, HEAD_DIM, D_PAD, False, False, USE_TMA, ATOMIC_DQ)
+        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, S, cols,
+                              diag_end, full, qk_scale,
+                              BLOCK_M, HEAD_DIM, D_PAD, False, False, USE_TMA)
         # The last, partial query block.
-        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, stride_qs, stride_ds,
-                              stride_dqs, S, cols, full, S, qk_scale,
-                              BLOCK_M, HEAD_DIM, D_PAD, False, True, USE_TMA, ATOMIC_DQ)
+        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, S, cols,
+                              full, S, qk_scale,
+                              BLOCK_M, HEAD_DIM, D_PAD, False, True, USE_TMA)
 
     _store_rows(DK + b * stride_dkb + hk * stride_dkh, dk * sm_scale, start_n, S, stride_dks, BLOCK_N, HEAD_DIM, D_PAD)
     _store_rows(DV + b * stride_dvb + hk * stride_dvh, dv, start_n, S, stride_dvs, BLOCK_N, HEAD_DIM, D_PAD)
@@ -660,23 +646,17 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma):
     if use_tma:
         triton.set_allocator(_scratch)  # this may be autograd's worker thread
     common = (S, _seq_bucket(S), scale * LOG2E, scale, D, d_pad, bool(causal), bool(use_tma))
-    # ATOMIC_DQ: dQ summed in fp32 by the dK/dV kernel's atomics, instead of its own kernel.
-    dq_acc = torch.zeros(B, H, S, D, dtype=torch.float32, device=q.device) if ATOMIC_DQ else dq
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, dk, dv, dq_acc, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *_strides(dq_acc),
-        H, group, *common, ATOMIC_DQ,
+        q, k, v, do, dk, dv, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, group, *common,
     )
-    _last["bwd dkdv"] = _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
-    if ATOMIC_DQ:
-        dq.copy_(dq_acc.mul_(scale))
-        _last["bwd dq"] = "atomics in dkdv"
-        return dq, dk, dv
     _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, group, *common,
     )
+    _last["bwd dkdv"] = _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
     _last["bwd dq"] = _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
     return dq, dk, dv
 

@@ -18,8 +18,7 @@ that it fits in one call to a lent GPU:
 
 Writes correctness.csv, timing.csv, autotune.csv and kernels.csv under --out
 and prints a short table last. `--experiment` times only the forward variants
-in EXPERIMENT (experiment.csv), `--bwd-experiment` forward+backward with each
-backward (bwd_experiment.csv); `--check-dtypes float16,float32` runs only
+in EXPERIMENT (experiment.csv); `--check-dtypes float16,float32` runs only
 those correctness jobs; `--dry-run` exercises the correctness phase on CPU
 under TRITON_INTERPRET=1. results/reference/h200/flash_dev/README.md has the
 exact commands behind FLASH_NOTES.md.
@@ -369,45 +368,6 @@ def experiment(rep_ms, only: str = ""):
     return rows
 
 
-def bwd_experiment(rep_ms):
-    """v7: forward+backward with the two-kernel backward against the one-kernel
-    backward whose dQ is summed by atomics (ft.ATOMIC_DQ), each autotuned."""
-    from triton.testing import do_bench
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    rows = []
-    B, H, S, D = 2, 16, 8192, 128
-    q, k, v, do = make_inputs(B, H, S, D, "bhsd")
-    gen = torch.Generator(device=DEVICE).manual_seed(11)
-    small = [torch.randn(1, h, 333, D, device=DEVICE, dtype=torch.bfloat16, generator=gen).requires_grad_()
-             for h in (4, 2, 2)]
-    small_do = torch.randn_like(small[0])
-    for causal in (False, True):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do)
-        small64 = [t.detach().double().requires_grad_() for t in small]
-        small_ref = torch.autograd.grad(reference(*small64, causal, 1 / math.sqrt(D)), small64, small_do.double())
-        for atomic in (False, True):
-            ft.ATOMIC_DQ = atomic
-            row = dict(case=f"D128-S8192-{'causal' if causal else 'full'}", backward="atomic dQ" if atomic else "two kernels")
-            try:
-                def step(q=q, k=k, v=v, do=do):
-                    return torch.autograd.grad(ft.attention(q, k, v, causal), (q, k, v), do)
-                grads = step()
-                ms = [do_bench(step, warmup=25, rep=rep_ms, return_mode="median") for _ in range(2)]
-                small_grads = torch.autograd.grad(ft.attention(*small, causal), small, small_do)
-                row.update(fwdbwd_ms=ms[0], fwdbwd_ms_again=ms[1], fwdbwd_tflops=tflops(B, H, S, D, causal, min(ms), True),
-                           config=ft.last_config(),
-                           **{f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)},
-                           **{f"vs_float64_S333_d{n}": rel_err(g, r) for n, g, r in zip("qkv", small_grads, small_ref)})
-            except Exception as exc:  # noqa: BLE001 - a variant that fails is a row
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            finally:
-                ft.ATOMIC_DQ = False
-            rows.append(row)
-            print(row, flush=True)
-    return rows
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "results/flash_dev"))
@@ -417,7 +377,6 @@ def main():
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
-    p.add_argument("--bwd-experiment", action="store_true", help="only forward+backward, two-kernel vs atomic-dQ backward")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition budget per measurement")
@@ -445,11 +404,6 @@ def main():
     mm, bw = ceilings()
     print(f"ceilings: bf16 matmul 8192^3 {mm:.0f} TFLOP/s, copy {bw:.2f} TB/s (read+write)  [{time.time()-t0:.0f}s]",
           flush=True)
-
-    if args.bwd_experiment:
-        write_csv(os.path.join(args.out, "bwd_experiment.csv"), bwd_experiment(args.rep_ms))
-        write_csv(os.path.join(args.out, "kernels.csv"), kernel_report())
-        return
 
     if args.experiment or args.check_dtypes:
         jobs = [j for j in check_jobs(False) if j[0] in args.check_dtypes.split(",")]

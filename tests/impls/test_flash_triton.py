@@ -116,23 +116,6 @@ def test_bshd_view_runs_in_place_and_matches(causal):
 
 
 @needs_kernel
-@pytest.mark.parametrize(
-    "B, H, Hkv, S, D, causal, dtype, layout",
-    [
-        (1, 2, 2, 1, 32, True, torch.bfloat16, "bhsd"),  # a single token
-        (2, 4, 2, 100, 64, False, torch.bfloat16, "bhsd"),  # GQA: two query heads add into their own dQ
-        (1, 4, 1, 130, 32, True, torch.float16, "bhsd"),  # a tail past whole blocks
-        (1, 2, 2, 77, 96, True, torch.float32, "bshd"),  # head dim padded; q a transposed view
-    ],
-)
-def test_atomic_dq_backward_matches_float64(B, H, Hkv, S, D, causal, dtype, layout, monkeypatch):
-    # The one-kernel backward (ATOMIC_DQ): dQ summed over key blocks by atomics.
-    monkeypatch.setattr(ft, "ATOMIC_DQ", True)
-    check(B, H, Hkv, S, D, causal, dtype, layout=layout)
-    assert ft.last_config().endswith("bwd dq atomics in dkdv")
-
-
-@needs_kernel
 def test_forward_only_many_lengths():
     for seed, S in enumerate((2, 31, 63, 65, 129)):
         for causal in (False, True):

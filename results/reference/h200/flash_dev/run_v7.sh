@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Recorded command only: ATOMIC_DQ and tune_flash --bwd-experiment were removed after this
+# ran at 33c4016 (they lived in a97971b..33c4016). Results: FLASH_NOTES.md "v7", v7/.
 # The flash kernel's v7 experiment (FLASH_NOTES.md "v7 plan"): forward+backward
 # with the two-kernel backward against the one-kernel backward whose dQ is
 # summed by atomics, then the kernel's GPU-only tests (-m gpu: the others are
