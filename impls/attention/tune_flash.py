@@ -368,6 +368,91 @@ def experiment(rep_ms, only: str = ""):
     return rows
 
 
+def gluon_experiment(rep_ms):
+    """The Gluon forward (flash_gluon.py): every config against float64 on small odd shapes, then
+    timed at the issue's shapes next to the Triton forward and SDPA's cuDNN and flash backends."""
+    from triton.testing import do_bench
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from impls.attention import flash_gluon as fg
+    check_rows, rows, kernels = [], [], []
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    for D in (128, 64):
+        for cfg in fg.CONFIGS[D]:
+            for dtype in (torch.bfloat16, torch.float16):
+                for S, causal, layout, (H, Hkv) in [(333, False, "bhsd", (4, 2)), (333, True, "bshd", (4, 2)),
+                                                  (1, False, "bhsd", (2, 2)), (64, True, "bhsd", (2, 1)),
+                                                  (700, True, "bhsd", (4, 4)), (257, False, "bshd", (6, 3))]:
+                    if dtype == torch.float16 and S != 333:
+                        continue
+                    shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
+                    q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen)
+                               for h in (H, Hkv, Hkv))
+                    if layout == "bshd":
+                        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                    scale = 1 / math.sqrt(D)
+                    row = dict(D=D, config=str(cfg), dtype=str(dtype).removeprefix("torch."), S=S, causal=causal,
+                               layout=layout, H=H, Hkv=Hkv)
+                    try:
+                        o, lse = fg.forward(q, k, v, causal, scale, cfg)
+                        ref = reference(q, k, v, causal, scale)
+                        row["out"] = rel_err(o, ref)
+                        logits = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * scale
+                        if causal:
+                            logits = logits.masked_fill(torch.ones(S, S, dtype=torch.bool, device=DEVICE).triu(1),
+                                                        float("-inf"))
+                        row["lse"] = (lse.double() - torch.logsumexp(logits, -1) * ft.LOG2E).abs().max().item()
+                        row["same_layout"] = o.stride() == q.stride()
+                    except Exception as exc:  # noqa: BLE001 - a failing config is a row
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    check_rows.append(row)
+                    print(row, flush=True)
+    for D in (128, 64):
+        for causal in (False, True):
+            for layout in ("bhsd", "bshd") if (D == 128 and not causal) else ("bhsd",):
+                B, H, S = 2, 16, 8192
+                q, k, v, _ = make_inputs(B, H, S, D, layout)
+                case = f"D{D}-S{S}-{'causal' if causal else 'full'}" + ("-bshd" if layout == "bshd" else "")
+                with torch.no_grad():
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal).double()
+                    variants = [("sdpa-cudnn", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
+                                ("sdpa-flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)),
+                                ("triton", lambda: ft.attention(q, k, v, causal))]
+                    variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
+                                 for c in fg.CONFIGS[D]]
+                    variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
+                    for label, fn in variants:
+                        row = dict(case=case, impl=label)
+                        try:
+                            out = fn()
+                            row["vs_cudnn"] = rel_err(out, ref)
+                            ms = [do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") for _ in range(2)]
+                            row.update(fwd_ms=ms[0], fwd_ms_again=ms[1],
+                                       fwd_tflops=tflops(B, H, S, D, causal, min(ms), False))
+                            if label.startswith("gluon"):
+                                row["config"] = fg.last_config
+                                if label != "gluon autotuned":
+                                    kern = fg._launch(q, k, v, torch.empty_like(q),
+                                                      torch.empty(B, H, S, device=DEVICE), causal, 0.1,
+                                                      eval(label.removeprefix("gluon ")))
+                                    kernels.append(dict(case=case, config=label, regs=kern.n_regs,
+                                                        spills=kern.n_spills, smem=kern.metadata.shared))
+                            elif label == "triton":
+                                row["config"] = ft.last_config()
+                        except Exception as exc:  # noqa: BLE001 - a failing variant is a row
+                            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        rows.append(row)
+                        print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()},
+                              flush=True)
+    return check_rows, rows, kernels
+
+
+def _sdpa(backend, q, k, v, causal):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "results/flash_dev"))
@@ -376,6 +461,7 @@ def main():
     p.add_argument("--no-tma", action="store_true", help="skip descriptor (TMA) variants")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
+    p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
@@ -404,6 +490,13 @@ def main():
     mm, bw = ceilings()
     print(f"ceilings: bf16 matmul 8192^3 {mm:.0f} TFLOP/s, copy {bw:.2f} TB/s (read+write)  [{time.time()-t0:.0f}s]",
           flush=True)
+
+    if args.gluon:
+        checks, rows, kernels = gluon_experiment(args.rep_ms)
+        write_csv(os.path.join(args.out, "gluon_correctness.csv"), checks)
+        write_csv(os.path.join(args.out, "gluon_timing.csv"), rows)
+        write_csv(os.path.join(args.out, "gluon_kernels.csv"), kernels)
+        return
 
     if args.experiment or args.check_dtypes:
         jobs = [j for j in check_jobs(False) if j[0] in args.check_dtypes.split(",")]

@@ -1,0 +1,310 @@
+"""The FlashAttention forward for Hopper written in Gluon, Triton's explicit layer.
+
+    from impls.attention import flash_gluon
+    if flash_gluon.supported(q, k, v) is None:
+        o, lse = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
+
+Why a second forward: the Triton-language kernel in flash_triton.py spends
+the sum of its matmul and softmax time on every key block (FLASH_NOTES.md,
+v2 to v6): Triton 3.6 waits on each async `wgmma` before the softmax, and no
+knob of the language changed that. Gluon, which ships with Triton, lets the
+kernel issue `wgmma`s asynchronously and wait for them where it chooses. Per
+key block j the kernel issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1},
+waits for S_j only, and computes the softmax of block j while the tensor
+cores run the P V product (FlashAttention-3's intra-warpgroup overlap, Shah
+et al., 2024, arXiv:2407.08608). K and V blocks arrive by TMA into a ring of
+shared-memory stages, issued by the same warps two blocks ahead.
+
+Layout: one program owns BLOCK_M rows of Q of one head, on 8 warps (two
+warpgroups of 64 rows each). Q, K and V are read through 2-d tensor
+descriptors over their storage with the sequence stride as the row stride,
+so both contiguous (B, H, S, D) tensors and transposed (B, S, H, D) views
+run without a copy: a head's tile starts at row (b*stride_b + h*stride_h) //
+stride_s and column (...) % stride_s of that matrix. A block past a head's
+last row reads the next head's rows (or zeros past the end of the storage);
+those keys are masked to -inf and those query rows are never stored.
+
+Only the forward is here; the backward of `tiled` is flash_triton's, which
+reads the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so this
+kernel is tested on the GPU only (tests/impls/test_flash_gluon.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    GLUON_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - any import failure makes the kernel unavailable; supported() says why
+    GLUON_ERROR = f"gluon not importable: {type(exc).__name__}: {exc}"
+
+LOG2E = 1.4426950408889634
+
+if GLUON_ERROR is None:
+
+    @gluon.jit
+    def _softmax_block(s, m_i, l_i, qk_scale, start_n, rows, S,
+                       s_layout: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        # One key block's online-softmax update on the raw scores s = q k^T (fp32).
+        # Returns the block's probabilities (fp32, against the new running max),
+        # the factor alpha that rescales what was summed before, and the new m and l.
+        if MASK:
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _load_kv(desc, smem, bars, row, col, j, pred, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        st = j % STAGES
+        bar = bars.index(st)
+        mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(desc, [row + j * BLOCK_N, col], bar, smem.index(st), pred=pred)
+
+    @gluon.jit
+    def _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
+                 k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        # Key block j (>= 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
+        # together; the softmax of S_j runs while the tensor cores do the second.
+        st = j % STAGES
+        ph = (j // STAGES) & 1
+        mbarrier.wait(k_bars.index(st), ph)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        prev = j - 1
+        mbarrier.wait(v_bars.index(prev % STAGES), (prev // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(prev % STAGES), o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+        # Both warpgroups are past Q K_j^T and past P_{j-2} V_{j-2}: the stages
+        # that held K_j and V_{j-2} can be refilled, STAGES blocks ahead.
+        gl.thread_barrier()
+        _load_kv(k_desc, k_smem, k_bars, k_row, k_col, j + STAGES, j + STAGES < n_blocks, STAGES, BLOCK_N)
+        _load_kv(v_desc, v_smem, v_bars, v_row, v_col, j - 2 + STAGES, (j >= 2) & (j - 2 + STAGES < n_blocks),
+                 STAGES, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, j * BLOCK_N, rows, S,
+                                            s_layout, MASK, CAUSAL, BLOCK_N)
+        o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o.type.layout))[:, None]
+        p_new = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        return o, m_i, l_i, p_new
+
+    @gluon.jit
+    def _gl_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
+                       stride_qb, stride_qh, stride_qs,
+                       stride_kb, stride_kh, stride_ks,
+                       stride_vb, stride_vh, stride_vs,
+                       stride_ob, stride_oh, stride_os,
+                       H, GROUP, S, qk_scale,
+                       HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       num_warps: gl.constexpr):
+        gl.static_assert(BLOCK_M % BLOCK_N == 0)
+        gl.static_assert(STAGES >= 2)
+        n_m = gl.cdiv(S, BLOCK_M)
+        if CAUSAL:
+            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M  # heaviest row blocks first
+        else:
+            start_m = gl.program_id(0) * BLOCK_M
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // GROUP
+
+        # Where this head's (S, D) matrix starts in each descriptor's 2-d view.
+        q_off = b * stride_qb + h * stride_qh
+        k_off = b * stride_kb + hk * stride_kh
+        v_off = b * stride_vb + hk * stride_vh
+        q_row = (q_off // stride_qs).to(gl.int32)
+        q_col = (q_off % stride_qs).to(gl.int32)
+        k_row = (k_off // stride_ks).to(gl.int32)
+        k_col = (k_off % stride_ks).to(gl.int32)
+        v_row = (v_off // stride_vs).to(gl.int32)
+        v_col = (v_off % stride_vs).to(gl.int32)
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+
+        if CAUSAL:
+            hi = gl.minimum(start_m + BLOCK_M, S)
+            mask_from = start_m // BLOCK_N  # first key block that needs the causal mask
+        else:
+            hi = S
+            mask_from = S // BLOCK_N  # the partial last block, if any
+        n_blocks = gl.cdiv(hi, BLOCK_N)
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _load_kv(k_desc, k_smem, k_bars, k_row, k_col, i, i < n_blocks, STAGES, BLOCK_N)
+            _load_kv(v_desc, v_smem, v_bars, v_row, v_col, i, i < n_blocks, STAGES, BLOCK_N)
+
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        # Block 0 on its own: no P V product is waiting yet.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bars.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+        gl.thread_barrier()
+        _load_kv(k_desc, k_smem, k_bars, k_row, k_col, STAGES, STAGES < n_blocks, STAGES, BLOCK_N)
+        if mask_from == 0:
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, 0, rows, S, s_layout, True, CAUSAL, BLOCK_N)
+        else:
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, 0, rows, S, s_layout, False, CAUSAL, BLOCK_N)
+        p_prev = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+
+        for j in range(1, gl.maximum(mask_from, 1)):
+            o, m_i, l_i, p_prev = _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars,
+                                           k_desc, v_desc, k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
+                                           s_layout, p_layout, False, CAUSAL, BLOCK_M, BLOCK_N, STAGES)
+        for j in range(gl.maximum(mask_from, 1), n_blocks):
+            o, m_i, l_i, p_prev = _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars,
+                                           k_desc, v_desc, k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
+                                           s_layout, p_layout, True, CAUSAL, BLOCK_M, BLOCK_N, STAGES)
+
+        last = n_blocks - 1
+        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), o, is_async=True)
+        o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o = o / l_o[:, None]
+        gl.store(LSE + bh.to(gl.int64) * S + rows, m_i + gl.log2(l_i), mask=rows < S)
+        o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = O + b * stride_ob + h * stride_oh + o_rows[:, None].to(gl.int64) * stride_os + o_cols[None, :]
+        gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
+
+
+# --------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, STAGES) on 8 warps. Shared memory: a 128-row Q tile plus
+# STAGES K and V tiles; at D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits
+# three stages (224 KB of the 227) and 128x64 three in 128 KB.
+CONFIGS = {
+    64: [(128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 2)],
+    128: [(128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 2)],
+}
+NUM_WARPS = 8
+
+_chosen: dict[tuple, tuple[int, int, int]] = {}
+last_config = ""
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if forward() runs these inputs here, else a short reason (flash_triton's kernel runs them)."""
+    if GLUON_ERROR is not None:
+        return GLUON_ERROR
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return "the Gluon kernel is written for Hopper (sm_90) GPUs"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "the Gluon kernel takes fp16 and bf16"
+    if q.shape[-1] not in CONFIGS:
+        return f"the Gluon kernel takes head dims {sorted(CONFIGS)}"
+    for t in (q, k, v):
+        if t.dtype != q.dtype or _view_2d(t) is None:
+            return "a tensor's layout has no 2-d TMA view (16-byte aligned rows, heads not straddling rows)"
+    return None
+
+
+def _view_2d(t: torch.Tensor):
+    """(rows, row stride) of the 2-d matrix over t's storage whose rows are t's sequence positions, or None.
+
+    Every (batch, head) must start inside a row with its D columns in that row,
+    and the row stride and base must be 16-byte aligned, as TMA requires.
+    """
+    B, H, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or ss < D or (ss * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    offs = (torch.arange(B).view(B, 1) * sb + torch.arange(H).view(1, H) * sh)
+    if int((offs % ss).max()) + D > ss:
+        return None
+    rows = (int(offs.max()) + (S - 1) * ss) // ss + 1
+    return rows, ss
+
+
+def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
+    rows, ss = _view_2d(t)
+    D = t.shape[-1]
+    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, D], gl_dtype)
+    return TensorDescriptor(t, [rows, ss], [ss, 1], [block_rows, D], layout)
+
+
+def _launch(q, k, v, o, lse, causal, scale, config):
+    B, H, S, D = q.shape
+    block_m, block_n, stages = config
+    grid = (triton.cdiv(S, block_m), B * H)
+    return _gl_fwd_kernel[grid](
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, H // k.shape[1], S, scale * LOG2E,
+        D, bool(causal), block_m, block_n, stages, num_warps=NUM_WARPS,
+    )
+
+
+def _tune(q, k, v, o, lse, causal, scale):
+    # Times each config once per (length bucket, head dim, causal, dtype) and
+    # keeps the fastest for the process, as triton.autotune does.
+    from triton.testing import do_bench
+
+    key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype)
+    if key not in _chosen:
+        times = {c: do_bench(lambda c=c: _launch(q, k, v, o, lse, causal, scale, c), warmup=5, rep=25,
+                             return_mode="median")
+                 for c in CONFIGS[q.shape[-1]]}
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int] | None = None):
+    """(o, lse) for q (B, H, S, D), k and v (B, Hkv, S, D): o in q's layout, lse (B, H, S) base 2, fp32."""
+    global last_config
+    B, H, S, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+    if config is None:
+        config = _tune(q, k, v, o, lse, causal, scale)
+    _launch(q, k, v, o, lse, causal, scale, config)
+    last_config = f"BLOCK_M={config[0]} BLOCK_N={config[1]} stages={config[2]} warps={NUM_WARPS}"
+    return o, lse
