@@ -225,6 +225,10 @@ CONFIGS = {
     128: [(128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 2)],
 }
 NUM_WARPS = 8
+# Head dims where `tiled` runs this forward instead of flash_triton's: where it
+# measured faster on the H200 (FLASH_NOTES.md v8: D=128 530 vs 512 TFLOP/s
+# non-causal, 500 vs 470 causal; D=64 409 vs 446, so not there).
+PREFERRED_HEAD_DIMS = (128,)
 
 _chosen: dict[tuple, tuple[int, int, int]] = {}
 last_config = ""
