@@ -212,18 +212,210 @@ if GLUON_ERROR is None:
         o_ptrs = O + b * stride_ob + h * stride_oh + o_rows[:, None].to(gl.int64) * stride_os + o_cols[None, :]
         gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
 
+    # ----------------------------------------------------------------------
+    # Warp-specialized variant (FlashAttention-3's layout of the work): one
+    # loader warp issues every TMA copy; two consumer warpgroups own 64 query
+    # rows each. With PINGPONG they take turns issuing their two products
+    # (two mbarriers pass the turn), so one warpgroup's softmax runs while the
+    # other's products occupy the tensor cores.
+    # ----------------------------------------------------------------------
+
+    @gluon.jit
+    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                   q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        for j in range(n_blocks):
+            st = j % STAGES
+            free = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
+            mbarrier.wait(k_empty.index(st), free)
+            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(st), k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), free)
+            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def _ws_consumer(q, row0, my_turn, other_turn, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                     O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
+                     causal, pingpong):
+        # Partition arguments cannot be constexprs in this Gluon: tile sizes come
+        # from the shared-memory shapes, and causal/pingpong are runtime flags.
+        # q is this warpgroup's 64-row slice of the Q tile, starting at row0.
+        ROWS: gl.constexpr = q.shape[0]
+        HEAD_DIM: gl.constexpr = q.shape[1]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(my_turn, 0, pred=pingpong != 0)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        mbarrier.arrive(other_turn, count=1, pred=pingpong != 0)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        if mask_from == 0:
+            p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, True)
+        else:
+            p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, False)
+        p_prev = gl.convert_layout(p.to(q.dtype), p_layout)
+
+        for j in range(1, gl.maximum(mask_from, 1)):
+            o, m_i, l_i, p_prev = _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
+                                           v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+                                           s_layout, p_layout, False)
+        for j in range(gl.maximum(mask_from, 1), n_blocks):
+            o, m_i, l_i, p_prev = _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
+                                           v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+                                           s_layout, p_layout, True)
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), o, is_async=True)
+        o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o = o / l_o[:, None]
+        gl.store(LSE + bh.to(gl.int64) * S + rows, m_i + gl.log2(l_i), mask=rows < S)
+        o_rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = O + b * stride_ob + h * stride_oh + o_rows[:, None].to(gl.int64) * stride_os + o_cols[None, :]
+        gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
+
+    @gluon.jit
+    def _ws_softmax(s, m_i, l_i, qk_scale, start_n, rows, S, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # _softmax_block with the causal flag at run time (it only matters in masked blocks).
+        if MASK:
+            cols = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+            keep = (cols[None, :] < S) & ((cols[None, :] <= rows[:, None]) | (causal == 0))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                 qk_scale, rows, S, causal, pingpong, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                 MASK: gl.constexpr):
+        ROWS: gl.constexpr = q.shape[0]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        st = j % STAGES
+        prev = j - 1
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev % STAGES), (prev // STAGES) & 1)
+        mbarrier.wait(my_turn, j & 1, pred=pingpong != 0)
+        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(prev % STAGES), o, is_async=True)
+        mbarrier.arrive(other_turn, count=1, pred=pingpong != 0)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, j * BLOCK_N, rows, S, causal, s_layout, MASK)
+        o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+        mbarrier.arrive(v_empty.index(prev % STAGES), count=1)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o.type.layout))[:, None]
+        p_new = gl.convert_layout(p.to(q.dtype), p_layout)
+        return o, m_i, l_i, p_new
+
+    @gluon.jit
+    def _gl_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE,
+                          stride_qb, stride_qh, stride_qs,
+                          stride_kb, stride_kh, stride_ks,
+                          stride_vb, stride_vh, stride_vs,
+                          stride_ob, stride_oh, stride_os,
+                          H, GROUP, S, qk_scale,
+                          HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
+        gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
+        gl.static_assert(BLOCK_M % BLOCK_N == 0)
+        n_m = gl.cdiv(S, BLOCK_M)
+        if CAUSAL:
+            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M
+        else:
+            start_m = gl.program_id(0) * BLOCK_M
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // GROUP
+        q_off = b * stride_qb + h * stride_qh
+        k_off = b * stride_kb + hk * stride_kh
+        v_off = b * stride_vb + hk * stride_vh
+        q_row = (q_off // stride_qs).to(gl.int32)
+        q_col = (q_off % stride_qs).to(gl.int32)
+        k_row = (k_off // stride_ks).to(gl.int32)
+        k_col = (k_off % stride_ks).to(gl.int32)
+        v_row = (v_off // stride_vs).to(gl.int32)
+        v_col = (v_off % stride_vs).to(gl.int32)
+        if CAUSAL:
+            hi = gl.minimum(start_m + BLOCK_M, S)
+            mask_from = start_m // BLOCK_N
+        else:
+            hi = S
+            mask_from = S // BLOCK_N
+        n_blocks = gl.cdiv(hi, BLOCK_N)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        mbarrier.arrive(turn.index(0), count=1)  # the first warpgroup issues first
+
+        shared = (k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
+                  CAUSAL * 1, PINGPONG * 1)
+        gl.warp_specialize([
+            (_ws_consumer, (q_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
+            (_ws_consumer, (q_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
+            (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                          q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 # --------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, STAGES) on 8 warps. Shared memory: a 128-row Q tile plus
-# STAGES K and V tiles; at D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits
-# three stages (224 KB of the 227) and 128x64 three in 128 KB.
+# (BLOCK_M, BLOCK_N, STAGES, kind). kind "async": _gl_fwd_kernel, 8 warps that
+# both load and compute; "ws": _gl_fwd_ws_kernel, a loader warp and two
+# consumer warpgroups; "pingpong": the same with the two warpgroups taking
+# turns at the tensor cores. Shared memory: a 128-row Q tile plus STAGES K and
+# V tiles; at D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages
+# (224 KB of the 227) and 128x64 three in 128 KB.
 CONFIGS = {
-    64: [(128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 2)],
-    128: [(128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 2)],
+    64: [(128, 64, 3, "async"), (128, 128, 2, "async"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"),
+         (128, 64, 3, "pingpong"), (128, 128, 2, "ws")],
+    128: [(128, 128, 3, "async"), (128, 128, 2, "async"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"),
+          (128, 64, 3, "pingpong"), (128, 64, 4, "pingpong"), (128, 128, 2, "ws")],
 }
+CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
 NUM_WARPS = 8
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
 # measured faster on the H200 (FLASH_NOTES.md v8: D=128 530 vs 512 TFLOP/s
@@ -277,14 +469,14 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
 
 def _launch(q, k, v, o, lse, causal, scale, config):
     B, H, S, D = q.shape
-    block_m, block_n, stages = config
+    block_m, block_n, stages, kind = config
     grid = (triton.cdiv(S, block_m), B * H)
-    return _gl_fwd_kernel[grid](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, H // k.shape[1], S, scale * LOG2E,
-        D, bool(causal), block_m, block_n, stages, num_warps=NUM_WARPS,
-    )
+    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
+    if kind == "async":
+        return _gl_fwd_kernel[grid](*args, num_warps=NUM_WARPS)
+    return _gl_fwd_ws_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 
 def _tune(q, k, v, o, lse, causal, scale):
@@ -301,7 +493,7 @@ def _tune(q, k, v, o, lse, causal, scale):
     return _chosen[key]
 
 
-def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int] | None = None):
+def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, str] | None = None):
     """(o, lse) for q (B, H, S, D), k and v (B, Hkv, S, D): o in q's layout, lse (B, H, S) base 2, fp32."""
     global last_config
     B, H, S, D = q.shape
@@ -310,5 +502,7 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int] | 
     if config is None:
         config = _tune(q, k, v, o, lse, causal, scale)
     _launch(q, k, v, o, lse, causal, scale, config)
-    last_config = f"BLOCK_M={config[0]} BLOCK_N={config[1]} stages={config[2]} warps={NUM_WARPS}"
+    block_m, block_n, stages, kind = config
+    warps = f"warps={NUM_WARPS}" if kind == "async" else "1 loader warp + 2 consumer warpgroups"
+    last_config = f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps}"
     return o, lse
