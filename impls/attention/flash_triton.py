@@ -32,6 +32,17 @@ engine) instead of pointer arithmetic; `attention(..., use_tma=True)` asks for
 it. Descriptors built inside a kernel need a scratch allocator, which Triton
 keeps per thread (a ContextVar), so this module installs one before every such
 launch: the autograd backward runs on a different thread than the forward.
+
+On Hopper, for the head dims in flash_gluon.PREFERRED_HEAD_DIMS (128), the
+forward is flash_gluon.py's, a Gluon kernel whose softmax of one key block
+runs under the tensor cores' P V product of the previous one; Triton-language
+code could not get that overlap (FLASH_NOTES.md, v2-v6). It measured faster
+on the H200 at D=128 and slower at D=64 (FLASH_NOTES.md, v8;
+results/reference/h200/flash_dev/v8/gluon_timing.csv). It writes the same
+base-2 log-sum-exp, so the backward stays this module's. `attention(...,
+gluon=False)` keeps the Triton forward, `gluon=True` takes Gluon's wherever it
+can run; last_config() names the family of each kernel that ran. flash_gluon
+is imported only on the first CUDA call, never on CPU or under the interpreter.
 """
 
 from __future__ import annotations
@@ -538,6 +549,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # Host side
 # --------------------------------------------------------------------------
 
+# What ran last, one entry per kernel ("fwd", "bwd dkdv", "bwd dq"), each
+# already prefixed with its kernel family: "triton fwd BLOCK_M=...", "gluon fwd ...".
 _last: dict[str, str] = {}
 
 
@@ -549,10 +562,63 @@ def _describe(kernel) -> str:
 
 
 def last_config() -> str:
-    """Which kernels and block configurations ran last, e.g. for a result row."""
+    """Which kernels and block configurations ran last, e.g. for a result row.
+
+    One entry per kernel, each named with its family, e.g. "gluon fwd BLOCK_M=128
+    BLOCK_N=128 stages=3 warps=8; triton bwd dkdv BLOCK_M=64 ...; triton bwd dq ...".
+    """
     if not _last:
-        return "triton: nothing run yet"
-    return "; ".join(f"triton {name} {desc}" for name, desc in _last.items())
+        return "flash: nothing run yet"
+    return "; ".join(_last.values())
+
+
+# flash_gluon, imported on the first call that could use it: None until then,
+# False if the import failed (_GLUON_ERROR says why).
+_GLUON = None
+_GLUON_ERROR: str | None = None
+
+
+def _gluon_module(q: torch.Tensor):
+    """flash_gluon where its forward could run q (a CUDA tensor, no interpreter), else None.
+
+    Imported lazily so that CPU and TRITON_INTERPRET=1 runs never load Gluon
+    (triton.experimental.gluon), which no interpreter runs.
+    """
+    global _GLUON, _GLUON_ERROR
+    if TRITON_ERROR is not None or INTERPRET or not q.is_cuda:
+        return None
+    if _GLUON is None:
+        try:
+            from impls.attention import flash_gluon
+            _GLUON = flash_gluon
+        except Exception as exc:  # noqa: BLE001 - without Gluon the Triton forward runs
+            _GLUON, _GLUON_ERROR = False, f"flash_gluon not importable: {type(exc).__name__}: {exc}"
+    return _GLUON or None
+
+
+def gluon_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if flash_gluon's forward can run these inputs here, else why not (the Triton forward runs then)."""
+    fg = _gluon_module(q)
+    if fg is None:
+        if _GLUON_ERROR is not None:
+            return _GLUON_ERROR
+        return "the Gluon forward needs a CUDA tensor on a Hopper GPU, outside Triton's interpreter"
+    return fg.supported(q, k, v)
+
+
+def uses_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool | None = None) -> bool:
+    """Whether attention(q, k, v, ..., gluon=gluon) runs flash_gluon's forward instead of the Triton one.
+
+    gluon=None: where it can run and the head dim is one of
+    flash_gluon.PREFERRED_HEAD_DIMS (where it measured faster); True: wherever
+    it can run; False: never.
+    """
+    if gluon is False:
+        return False
+    fg = _gluon_module(q)
+    if fg is None or fg.supported(q, k, v) is not None:
+        return False
+    return bool(gluon) or q.shape[-1] in fg.PREFERRED_HEAD_DIMS
 
 
 def tma_available() -> bool:
@@ -627,7 +693,17 @@ def _forward(q, k, v, causal, scale, use_tma):
         D, _pad_dim(D), bool(causal), bool(use_tma),
     )
     _last.clear()
-    _last["fwd"] = _describe(_fwd_kernel) + (" tma" if use_tma else "")
+    _last["fwd"] = "triton fwd " + _describe(_fwd_kernel) + (" tma" if use_tma else "")
+    return o, lse
+
+
+def _gluon_forward(q, k, v, causal, scale):
+    # flash_gluon's forward: o in q's layout and the same base-2 lse as _forward
+    # writes, so _backward runs unchanged on them.
+    fg = _gluon_module(q)
+    o, lse = fg.forward(q, k, v, causal, scale)
+    _last.clear()
+    _last["fwd"] = "gluon fwd " + fg.last_config
     return o, lse
 
 
@@ -656,15 +732,19 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma):
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, group, *common,
     )
-    _last["bwd dkdv"] = _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
-    _last["bwd dq"] = _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
+    _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
+    _last["bwd dq"] = "triton bwd dq " + _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, use_tma):
-        o, lse = _forward(q, k, v, causal, scale, use_tma)
+    def forward(ctx, q, k, v, causal, scale, use_tma, gluon=False):
+        # gluon: run flash_gluon's forward (attention() decides, see uses_gluon); the backward is always Triton's.
+        if gluon:
+            o, lse = _gluon_forward(q, k, v, causal, scale)
+        else:
+            o, lse = _forward(q, k, v, causal, scale, use_tma)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.use_tma = causal, scale, use_tma
         return o
@@ -673,17 +753,21 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.use_tma)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              scale: float | None = None, *, use_tma: bool | None = None) -> torch.Tensor:
+              scale: float | None = None, *, use_tma: bool | None = None,
+              gluon: bool | None = None) -> torch.Tensor:
     """softmax(q k^T * scale (+ causal mask)) v for q (B, H, S, D), k and v (B, Hkv, S, D).
 
     Returns (B, H, S, D) in q's dtype and layout; differentiable in q, k, v.
     scale defaults to 1/sqrt(D). use_tma: None picks descriptor loads where
     they were measured to pay (PREFER_TMA), True asks for them where they can
-    run, False forces pointer loads.
+    run, False forces pointer loads. gluon: None runs flash_gluon's forward
+    where it can run and was measured faster (flash_gluon.PREFERRED_HEAD_DIMS),
+    True wherever it can run, False never; the backward is Triton's either way.
+    last_config() says which ran.
     """
     reason = supported(q, k, v, causal)
     if reason is not None:
@@ -692,4 +776,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         scale = 1.0 / math.sqrt(q.shape[-1])
     want = PREFER_TMA if use_tma is None else use_tma
     tma = bool(want) and tma_available() and _tma_allowed(q, k, v)
-    return _FlashAttention.apply(q, k, v, bool(causal), float(scale), tma)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(scale), tma, uses_gluon(q, k, v, gluon))
