@@ -13,6 +13,8 @@ that it fits in one call to a lent GPU:
 3. autotuned timings, forward and forward+backward, of our kernel (pointer
    loads and, on Hopper, descriptor loads) and of SDPA's flash, cuDNN and
    memory-efficient backends, with triton.testing.do_bench (median, L2 flushed);
+   this tool always runs the Triton forward (attention(..., gluon=False)):
+   `--gluon` checks and times flash_gluon's;
 4. the autotuner's per-config timings and each compiled kernel's registers,
    spills and shared memory.
 
@@ -136,7 +138,7 @@ def run_check(job, B=1, H=4, Hkv=2, S=333 if DEVICE == "cuda" else 70):
     try:
         with forced(fi, ki, qi):
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            out = ft.attention(qg, kg, vg, causal, use_tma=use_tma)
+            out = ft.attention(qg, kg, vg, causal, use_tma=use_tma, gluon=False)
             out.backward(do)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
@@ -181,9 +183,9 @@ def impls(tma: bool):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return f
 
-    out = {"triton": lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=False)}
+    out = {"triton": lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=False, gluon=False)}
     if tma:
-        out["triton-tma"] = lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=True)
+        out["triton-tma"] = lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=True, gluon=False)
     out.update({"sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
                 "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)})
     return out
@@ -353,12 +355,12 @@ def experiment(rep_ms, only: str = ""):
                 cfg = triton.Config(blocks, **opts)
                 try:
                     with forced_fwd(cfg):
-                        out = ft.attention(q, k, v, causal, use_tma=use_tma)
-                        ms = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma), warmup=25,
+                        out = ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False)
+                        ms = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
                                       rep=rep_ms, return_mode="median")
-                        ms2 = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma), warmup=25,
+                        ms2 = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
                                        rep=rep_ms, return_mode="median")
-                        err_small = rel_err(ft.attention(*small, causal, use_tma=use_tma), small_ref)
+                        err_small = rel_err(ft.attention(*small, causal, use_tma=use_tma, gluon=False), small_ref)
                     row.update(fwd_ms=ms, fwd_ms_again=ms2, fwd_tflops=tflops(B, H, S, D, causal, min(ms, ms2), False),
                                vs_cudnn=rel_err(out, ref), vs_float64_S333=err_small)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is a row
@@ -417,7 +419,7 @@ def gluon_experiment(rep_ms):
                         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal).double()
                     variants = [("sdpa-cudnn", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
                                 ("sdpa-flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)),
-                                ("triton", lambda: ft.attention(q, k, v, causal))]
+                                ("triton", lambda: ft.attention(q, k, v, causal, gluon=False))]
                     variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
                                  for c in fg.CONFIGS[D]]
                     variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
