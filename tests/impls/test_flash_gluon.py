@@ -1,0 +1,221 @@
+"""Tests for impls/attention/flash_gluon.py, the Gluon forward for Hopper, and
+for how flash_triton.attention() picks between it and the Triton forward.
+
+No interpreter runs Gluon, so the kernel itself is tested on a Hopper GPU only
+(tests marked `gpu`, skipped elsewhere with the reason). The CPU tests check
+that off Hopper everything stays on the Triton kernel, and, with a stand-in
+for flash_gluon, the choice of forward, the backward on its output and the
+last_config() string. On the GPU machine, only the Gluon GPU tests:
+
+    python3 -m pytest -q tests/impls/test_flash_gluon.py -m gpu
+"""
+
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported; the suite's conftest does the same.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from impls.attention import flash_gluon as fg  # noqa: E402
+from impls.attention import flash_triton as ft  # noqa: E402
+from tests.impls.test_flash_triton import TOL, make, reference, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_kernel = pytest.mark.skipif(ft.TRITON_ERROR is not None, reason=str(ft.TRITON_ERROR))
+
+
+def _hopper_reason() -> str | None:
+    if fg.GLUON_ERROR is not None:
+        return fg.GLUON_ERROR
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (the Gluon kernel has no interpreter)"
+    if ft.INTERPRET:
+        return "TRITON_INTERPRET is set: Gluon does not run under the interpreter"
+    cap = torch.cuda.get_device_capability()
+    if cap[0] != 9:
+        return f"the Gluon kernel needs a Hopper (sm_90) GPU, this is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+HOPPER_REASON = _hopper_reason()
+hopper = pytest.mark.skipif(HOPPER_REASON is not None, reason=str(HOPPER_REASON))
+
+
+def inputs(B, H, Hkv, S, D, dtype, layout="bhsd", seed=0, grad=False):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (make((B, h, S, D), dtype, layout, gen=gen).requires_grad_(grad) for h in (H, Hkv, Hkv))
+    return q, k, v
+
+
+def lse_reference(q, k, v, causal, scale):
+    """float64 logsumexp of the scaled logits in base 2 (B, H, S): what both forwards save for the backward."""
+    H, Hkv, S = q.shape[1], k.shape[1], q.shape[2]
+    logits = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * scale
+    if causal:
+        logits = logits.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.logsumexp(logits, -1) * ft.LOG2E
+
+
+def check_forward(q, k, v, causal, config=None):
+    """flash_gluon.forward against float64: o (relative), lse (absolute, base 2), o in q's layout."""
+    D = q.shape[-1]
+    scale = 1 / math.sqrt(D)
+    o, lse = fg.forward(q, k, v, causal, scale, config)
+    assert o.shape == q.shape and o.dtype == q.dtype and o.stride() == q.stride()
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    err = rel_err(o, reference(q, k, v, causal, scale))
+    lse_err = (lse.double() - lse_reference(q, k, v, causal, scale)).abs().max().item()
+    where = f"S={q.shape[2]} D={D} causal={causal} {q.dtype} config={config or fg.last_config}"
+    assert err < TOL[q.dtype], f"out relative error {err:.2e} over {TOL[q.dtype]} ({where})"
+    # lse is fp32 with the logits summed in fp32: H200 measured ~1e-6 (flash_dev/v8).
+    assert lse_err < 1e-3, f"lse off by {lse_err:.2e} ({where})"
+
+
+def check_attention_grads(B, H, Hkv, S, D, causal, dtype, layout="bhsd", seed=0, **kwargs):
+    """flash_triton.attention(**kwargs) forward and backward against float64; returns last_config()."""
+    q, k, v = inputs(B, H, Hkv, S, D, dtype, layout, seed, grad=True)
+    out = ft.attention(q, k, v, causal, **kwargs)
+    desc = ft.last_config()
+    dout = torch.randn(out.shape, dtype=dtype, device=q.device, generator=torch.Generator(q.device).manual_seed(seed))
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, causal, 1 / math.sqrt(D))
+    ref.backward(dout.double())
+    errors = dict(out=rel_err(out, ref), dq=rel_err(q.grad, q64.grad), dk=rel_err(k.grad, k64.grad),
+                  dv=rel_err(v.grad, v64.grad))
+    assert all(e < TOL[dtype] for e in errors.values()), f"relative errors {errors} over {TOL[dtype]} ({desc})"
+    return ft.last_config()
+
+
+# ---------------------------------------------------------------- CPU (and any device)
+
+
+def test_supported_refuses_cpu_tensors():
+    q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
+    reason = fg.supported(q, q, q)
+    assert reason is not None and reason
+    assert ft.gluon_reason(q, q, q) is not None
+    assert not ft.uses_gluon(q, q, q, gluon=True)
+
+
+@needs_kernel
+@pytest.mark.skipif(not ft.INTERPRET, reason="the interpreter path: CPU only")
+def test_gluon_true_under_interpreter_runs_triton():
+    # gluon=True asks for the Gluon forward "wherever it can run": nowhere on CPU.
+    desc = check_attention_grads(1, 2, 1, 20, 32, True, torch.float16, gluon=True)
+    parts = desc.split("; ")
+    assert [p.split(" BLOCK_M=")[0] for p in parts] == ["triton fwd", "triton bwd dkdv", "triton bwd dq"], desc
+    assert ft._GLUON is None, "flash_triton imported flash_gluon on the interpreter path"
+
+
+@needs_kernel
+@pytest.mark.skipif(not ft.INTERPRET, reason="the interpreter path: CPU only")
+def test_interpreter_run_does_not_import_gluon():
+    # A fresh process: flash_triton on the interpreter never loads flash_gluon.
+    code = (
+        "import os, sys, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from impls.attention import flash_triton as ft\n"
+        "q = torch.randn(1, 1, 5, 16)\n"
+        "ft.attention(q, q, q, True, gluon=True)\n"
+        "assert ft.last_config().startswith('triton fwd'), ft.last_config()\n"
+        "assert 'impls.attention.flash_gluon' not in sys.modules\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
+
+
+@needs_kernel
+@pytest.mark.skipif(not ft.INTERPRET, reason="the interpreter path: CPU only")
+@pytest.mark.parametrize("D, gluon, expect", [
+    (32, None, "gluon"),   # a preferred head dim
+    (16, None, "triton"),  # supported, not preferred
+    (16, True, "gluon"),   # forced where it can run
+    (32, False, "triton"),  # opted out
+])
+def test_choice_of_forward_with_a_stand_in(monkeypatch, D, gluon, expect):
+    # A stand-in flash_gluon whose forward is the Triton one: checks attention()'s
+    # choice, that the backward runs on the chosen forward's o/lse, and last_config().
+    def forward(q, k, v, causal, scale, config=None):
+        o, lse = ft._forward(q, k, v, causal, scale, False)
+        fake.last_config = "BLOCK_M=32 BLOCK_N=16 stages=1 warps=4"
+        return o, lse
+
+    fake = SimpleNamespace(supported=lambda q, k, v: None, PREFERRED_HEAD_DIMS=(32,), forward=forward,
+                           last_config="")
+    monkeypatch.setattr(ft, "_gluon_module", lambda q: fake)
+    assert ft.uses_gluon(*inputs(1, 1, 1, 4, D, torch.float32), gluon=gluon) == (expect == "gluon")
+    desc = check_attention_grads(1, 2, 1, 19, D, True, torch.float32, gluon=gluon)
+    parts = desc.split("; ")
+    assert parts[0].startswith(f"{expect} fwd BLOCK_M="), desc
+    assert parts[1].startswith("triton bwd dkdv BLOCK_M=") and parts[2].startswith("triton bwd dq BLOCK_M="), desc
+    if expect == "gluon":
+        assert parts[0] == "gluon fwd BLOCK_M=32 BLOCK_N=16 stages=1 warps=4"
+
+
+# ---------------------------------------------------------------- Hopper GPU only
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_matches_float64(dtype, D, causal):
+    # Odd lengths (one token, one block, tails of 1 and 77 rows), GQA groups of 2, autotuned config.
+    for seed, S in enumerate((1, 64, 257, 333)):
+        check_forward(*inputs(1, 4, 2, S, D, dtype, seed=seed), causal)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_bshd_view(causal):
+    # (B, S, H, D) tensors seen as (B, H, S, D) through transpose(1, 2): read in place, o in the same layout.
+    q, k, v = inputs(2, 6, 3, 257, 128, torch.bfloat16, layout="bshd", seed=5)
+    check_forward(q, k, v, causal)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, config", [(D, c) for D in sorted(fg.CONFIGS) for c in fg.CONFIGS[D]],
+                         ids=lambda x: str(x).replace(" ", ""))
+def test_gpu_each_config(D, config):
+    for causal in (False, True):
+        check_forward(*inputs(1, 4, 2, 333, D, torch.bfloat16, seed=D), causal, config)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_attention_gluon_forward_triton_backward(D, causal):
+    desc = check_attention_grads(1, 4, 2, 333, D, causal, torch.bfloat16, gluon=True)
+    assert desc.startswith("gluon fwd ") and "; triton bwd dkdv " in desc and "; triton bwd dq " in desc
+
+
+@hopper
+@pytest.mark.gpu
+def test_gpu_attention_gluon_bshd_fp16_grads():
+    desc = check_attention_grads(2, 4, 2, 257, 128, True, torch.float16, layout="bshd", seed=3, gluon=True)
+    assert desc.startswith("gluon fwd")
+
+
+@hopper
+@pytest.mark.gpu
+def test_gpu_default_choice_follows_preferred_head_dims():
+    for D in (64, 128):
+        q, k, v = inputs(1, 2, 2, 100, D, torch.bfloat16)
+        ft.attention(q, k, v, True)
+        family = "gluon" if D in fg.PREFERRED_HEAD_DIMS else "triton"
+        assert ft.last_config().startswith(f"{family} fwd"), (D, ft.last_config())
+        ft.attention(q, k, v, True, gluon=False)
+        assert ft.last_config().startswith("triton fwd"), ft.last_config()
