@@ -6,17 +6,22 @@
 
 Why a second forward: the Triton-language kernel in flash_triton.py spends
 the sum of its matmul and softmax time on every key block (FLASH_NOTES.md,
-v2 to v6): Triton 3.6 waits on each async `wgmma` before the softmax, and no
-knob of the language changed that. Gluon, which ships with Triton, lets the
-kernel issue `wgmma`s asynchronously and wait for them where it chooses. Per
-key block j the kernel issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1},
-waits for S_j only, and computes the softmax of block j while the tensor
-cores run the P V product (FlashAttention-3's intra-warpgroup overlap, Shah
-et al., 2024, arXiv:2407.08608). K and V blocks arrive by TMA into a ring of
-shared-memory stages, issued by the same warps two blocks ahead.
+v2 to v6): one instruction stream does both, Triton 3.6 waits on each async
+`wgmma` before the softmax, and no knob of the language changed that. Gluon,
+which ships with Triton, exposes warp specialization, mbarriers and async
+`wgmma` directly, which is how FlashAttention-3 (Shah et al., 2024,
+arXiv:2407.08608) hides the softmax:
+- one loader warp issues every TMA copy (Q once, then K and V blocks into a
+  ring of shared-memory stages, each stage refilled once both consumers have
+  arrived on its "empty" barrier);
+- two consumer warpgroups own 64 query rows each. Per key block j each issues
+  S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits for S_j only,
+  and computes the softmax of block j while the tensor cores run the P V
+  product;
+- with "pingpong" the two warpgroups also take turns issuing (two mbarriers
+  pass the turn), so one's softmax runs under the other's products.
 
-Layout: one program owns BLOCK_M rows of Q of one head, on 8 warps (two
-warpgroups of 64 rows each). Q, K and V are read through 2-d tensor
+Layout: one program owns 128 rows of Q of one head. Q, K and V are read through 2-d tensor
 descriptors over their storage with the sequence stride as the row stride,
 so both contiguous (B, H, S, D) tensors and transposed (B, S, H, D) views
 run without a copy: a head's tile starts at row (b*stride_b + h*stride_h) //
@@ -49,180 +54,8 @@ LOG2E = 1.4426950408889634
 if GLUON_ERROR is None:
 
     @gluon.jit
-    def _softmax_block(s, m_i, l_i, qk_scale, start_n, rows, S,
-                       s_layout: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        # One key block's online-softmax update on the raw scores s = q k^T (fp32).
-        # Returns the block's probabilities (fp32, against the new running max),
-        # the factor alpha that rescales what was summed before, and the new m and l.
-        if MASK:
-            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            keep = cols[None, :] < S
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = gl.where(keep, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        return p, alpha, m_new, l_i
-
-    @gluon.jit
-    def _load_kv(desc, smem, bars, row, col, j, pred, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-        st = j % STAGES
-        bar = bars.index(st)
-        mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc, [row + j * BLOCK_N, col], bar, smem.index(st), pred=pred)
-
-    @gluon.jit
-    def _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
-                 k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
-                 s_layout: gl.constexpr, p_layout: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        # Key block j (>= 1): S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
-        # together; the softmax of S_j runs while the tensor cores do the second.
-        st = j % STAGES
-        ph = (j // STAGES) & 1
-        mbarrier.wait(k_bars.index(st), ph)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)),
-                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        prev = j - 1
-        mbarrier.wait(v_bars.index(prev % STAGES), (prev // STAGES) & 1)
-        o_tok = warpgroup_mma(p_prev, v_smem.index(prev % STAGES), o, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-        # Both warpgroups are past Q K_j^T and past P_{j-2} V_{j-2}: the stages
-        # that held K_j and V_{j-2} can be refilled, STAGES blocks ahead.
-        gl.thread_barrier()
-        _load_kv(k_desc, k_smem, k_bars, k_row, k_col, j + STAGES, j + STAGES < n_blocks, STAGES, BLOCK_N)
-        _load_kv(v_desc, v_smem, v_bars, v_row, v_col, j - 2 + STAGES, (j >= 2) & (j - 2 + STAGES < n_blocks),
-                 STAGES, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, j * BLOCK_N, rows, S,
-                                            s_layout, MASK, CAUSAL, BLOCK_N)
-        o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o.type.layout))[:, None]
-        p_new = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-        return o, m_i, l_i, p_new
-
-    @gluon.jit
-    def _gl_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
-                       stride_qb, stride_qh, stride_qs,
-                       stride_kb, stride_kh, stride_ks,
-                       stride_vb, stride_vh, stride_vs,
-                       stride_ob, stride_oh, stride_os,
-                       H, GROUP, S, qk_scale,
-                       HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       num_warps: gl.constexpr):
-        gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        gl.static_assert(STAGES >= 2)
-        n_m = gl.cdiv(S, BLOCK_M)
-        if CAUSAL:
-            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M  # heaviest row blocks first
-        else:
-            start_m = gl.program_id(0) * BLOCK_M
-        bh = gl.program_id(1)
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // GROUP
-
-        # Where this head's (S, D) matrix starts in each descriptor's 2-d view.
-        q_off = b * stride_qb + h * stride_qh
-        k_off = b * stride_kb + hk * stride_kh
-        v_off = b * stride_vb + hk * stride_vh
-        q_row = (q_off // stride_qs).to(gl.int32)
-        q_col = (q_off % stride_qs).to(gl.int32)
-        k_row = (k_off // stride_ks).to(gl.int32)
-        k_col = (k_off % stride_ks).to(gl.int32)
-        v_row = (v_off // stride_vs).to(gl.int32)
-        v_col = (v_off % stride_vs).to(gl.int32)
-
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-
-        if CAUSAL:
-            hi = gl.minimum(start_m + BLOCK_M, S)
-            mask_from = start_m // BLOCK_N  # first key block that needs the causal mask
-        else:
-            hi = S
-            mask_from = S // BLOCK_N  # the partial last block, if any
-        n_blocks = gl.cdiv(hi, BLOCK_N)
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
-        for i in gl.static_range(STAGES):
-            _load_kv(k_desc, k_smem, k_bars, k_row, k_col, i, i < n_blocks, STAGES, BLOCK_N)
-            _load_kv(v_desc, v_smem, v_bars, v_row, v_col, i, i < n_blocks, STAGES, BLOCK_N)
-
-        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-        # Block 0 on its own: no P V product is waiting yet.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
-                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-        gl.thread_barrier()
-        _load_kv(k_desc, k_smem, k_bars, k_row, k_col, STAGES, STAGES < n_blocks, STAGES, BLOCK_N)
-        if mask_from == 0:
-            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, 0, rows, S, s_layout, True, CAUSAL, BLOCK_N)
-        else:
-            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, qk_scale, 0, rows, S, s_layout, False, CAUSAL, BLOCK_N)
-        p_prev = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-
-        for j in range(1, gl.maximum(mask_from, 1)):
-            o, m_i, l_i, p_prev = _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars,
-                                           k_desc, v_desc, k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
-                                           s_layout, p_layout, False, CAUSAL, BLOCK_M, BLOCK_N, STAGES)
-        for j in range(gl.maximum(mask_from, 1), n_blocks):
-            o, m_i, l_i, p_prev = _kv_step(j, o, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars,
-                                           k_desc, v_desc, k_row, k_col, v_row, v_col, n_blocks, qk_scale, rows, S,
-                                           s_layout, p_layout, True, CAUSAL, BLOCK_M, BLOCK_N, STAGES)
-
-        last = n_blocks - 1
-        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-        o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), o, is_async=True)
-        o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
-
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        o = o / l_o[:, None]
-        gl.store(LSE + bh.to(gl.int64) * S + rows, m_i + gl.log2(l_i), mask=rows < S)
-        o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = O + b * stride_ob + h * stride_oh + o_rows[:, None].to(gl.int64) * stride_os + o_cols[None, :]
-        gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
-
-    # ----------------------------------------------------------------------
-    # Warp-specialized variant (FlashAttention-3's layout of the work): one
-    # loader warp issues every TMA copy; two consumer warpgroups own 64 query
-    # rows each. With PINGPONG they take turns issuing their two products
-    # (two mbarriers pass the turn), so one warpgroup's softmax runs while the
-    # other's products occupy the tensor cores.
-    # ----------------------------------------------------------------------
-
-    @gluon.jit
-    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                   q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -238,9 +71,9 @@ if GLUON_ERROR is None:
             tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
-    def _ws_consumer(q, row0, my_turn, other_turn, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                     O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
-                     causal, pingpong):
+    def _consumer(q, row0, my_turn, other_turn, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
+                  causal, pingpong):
         # Partition arguments cannot be constexprs in this Gluon: tile sizes come
         # from the shared-memory shapes, and causal/pingpong are runtime flags.
         # q is this warpgroup's 64-row slice of the Q tile, starting at row0.
@@ -267,19 +100,19 @@ if GLUON_ERROR is None:
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         if mask_from == 0:
-            p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, True)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, True)
         else:
-            p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, False)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, False)
         p_prev = gl.convert_layout(p.to(q.dtype), p_layout)
 
         for j in range(1, gl.maximum(mask_from, 1)):
-            o, m_i, l_i, p_prev = _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
-                                           v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
-                                           s_layout, p_layout, False)
+            o, m_i, l_i, p_prev = _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
+                                             v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+                                             s_layout, p_layout, False)
         for j in range(gl.maximum(mask_from, 1), n_blocks):
-            o, m_i, l_i, p_prev = _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
-                                           v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
-                                           s_layout, p_layout, True)
+            o, m_i, l_i, p_prev = _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
+                                             v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+                                             s_layout, p_layout, True)
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), o, is_async=True)
@@ -294,8 +127,11 @@ if GLUON_ERROR is None:
         gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
 
     @gluon.jit
-    def _ws_softmax(s, m_i, l_i, qk_scale, start_n, rows, S, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # _softmax_block with the causal flag at run time (it only matters in masked blocks).
+    def _softmax_update(s, m_i, l_i, qk_scale, start_n, rows, S, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One key block's online-softmax update on raw scores s = q k^T (fp32): the
+        # block's probabilities against the new running max, the factor alpha that
+        # rescales what was summed before, the new max and sum. The causal flag is a
+        # run-time value: it only matters in the masked (diagonal and tail) blocks.
         if MASK:
             cols = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
             keep = (cols[None, :] < S) & ((cols[None, :] <= rows[:, None]) | (causal == 0))
@@ -307,9 +143,10 @@ if GLUON_ERROR is None:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _ws_step(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                 qk_scale, rows, S, causal, pingpong, s_layout: gl.constexpr, p_layout: gl.constexpr,
-                 MASK: gl.constexpr):
+    def _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty,
+                   v_empty, qk_scale, rows, S, causal, pingpong, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                   MASK: gl.constexpr):
+        # Key block j >= 1 for one consumer warpgroup.
         ROWS: gl.constexpr = q.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -324,7 +161,7 @@ if GLUON_ERROR is None:
         mbarrier.arrive(other_turn, count=1, pred=pingpong != 0)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st), count=1)
-        p, alpha, m_i, l_i = _ws_softmax(s, m_i, l_i, qk_scale, j * BLOCK_N, rows, S, causal, s_layout, MASK)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale, j * BLOCK_N, rows, S, causal, s_layout, MASK)
         o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
         mbarrier.arrive(v_empty.index(prev % STAGES), count=1)
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o.type.layout))[:, None]
@@ -332,15 +169,15 @@ if GLUON_ERROR is None:
         return o, m_i, l_i, p_new
 
     @gluon.jit
-    def _gl_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE,
-                          stride_qb, stride_qh, stride_qs,
-                          stride_kb, stride_kh, stride_ks,
-                          stride_vb, stride_vh, stride_vs,
-                          stride_ob, stride_oh, stride_os,
-                          H, GROUP, S, qk_scale,
-                          HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
+                    stride_qb, stride_qh, stride_qs,
+                    stride_kb, stride_kh, stride_ks,
+                    stride_vb, stride_vh, stride_vs,
+                    stride_ob, stride_oh, stride_os,
+                    H, GROUP, S, qk_scale,
+                    HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
         gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -393,9 +230,9 @@ if GLUON_ERROR is None:
                   O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
                   CAUSAL * 1, PINGPONG * 1)
         gl.warp_specialize([
-            (_ws_consumer, (q_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
-            (_ws_consumer, (q_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
-            (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+            (_consumer, (q_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
+            (_consumer, (q_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                           q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -403,23 +240,20 @@ if GLUON_ERROR is None:
 # Host side
 # --------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, STAGES, kind). kind "async": _gl_fwd_kernel, 8 warps that
-# both load and compute; "ws": _gl_fwd_ws_kernel, a loader warp and two
-# consumer warpgroups; "pingpong": the same with the two warpgroups taking
-# turns at the tensor cores. Shared memory: a 128-row Q tile plus STAGES K and
-# V tiles; at D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages
-# (224 KB of the 227) and 128x64 three in 128 KB.
+# (BLOCK_M, BLOCK_N, STAGES, kind) for _fwd_kernel; kind "pingpong" makes
+# the two consumer warpgroups take turns at the tensor cores, "ws" lets them
+# run freely. Shared memory: a 128-row Q tile plus STAGES K and V tiles; at
+# D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages (224 KB of
+# the 227). The H200's picks at S=8k (FLASH_NOTES.md v9): D=128 128x128 s2,
+# either kind, within 1 %; D=64 128x128 s2 ws.
 CONFIGS = {
-    64: [(128, 64, 3, "async"), (128, 128, 2, "async"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"),
-         (128, 64, 3, "pingpong"), (128, 128, 2, "ws")],
-    128: [(128, 128, 3, "async"), (128, 128, 2, "async"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"),
-          (128, 64, 3, "pingpong"), (128, 64, 4, "pingpong"), (128, 128, 2, "ws")],
+    64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong")],
+    128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong")],
 }
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
-NUM_WARPS = 8
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
-# measured faster on the H200 (FLASH_NOTES.md v8: D=128 530 vs 512 TFLOP/s
-# non-causal, 500 vs 470 causal; D=64 409 vs 446, so not there).
+# measured faster on the H200 (FLASH_NOTES.md v9: D=128 608 vs 504 TFLOP/s
+# non-causal, 588 vs 463 causal; at D=64 the two tie, 445 vs 441 and 405 vs 398).
 PREFERRED_HEAD_DIMS = (128,)
 
 _chosen: dict[tuple, tuple[int, int, int]] = {}
@@ -474,9 +308,9 @@ def _launch(q, k, v, o, lse, causal, scale, config):
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
-    if kind == "async":
-        return _gl_fwd_kernel[grid](*args, num_warps=NUM_WARPS)
-    return _gl_fwd_ws_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
+    # 4 warps launch the kernel: they become the first consumer warpgroup, the
+    # second one and the loader warp are warp_specialize's workers.
+    return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 
 def _tune(q, k, v, o, lse, causal, scale):
@@ -503,6 +337,5 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
         config = _tune(q, k, v, o, lse, causal, scale)
     _launch(q, k, v, o, lse, causal, scale, config)
     block_m, block_n, stages, kind = config
-    warps = f"warps={NUM_WARPS}" if kind == "async" else "1 loader warp + 2 consumer warpgroups"
-    last_config = f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps}"
+    last_config = f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} 1 loader warp + 2 consumer warpgroups"
     return o, lse
