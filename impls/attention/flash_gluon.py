@@ -235,6 +235,175 @@ if GLUON_ERROR is None:
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                           q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
+    # ----------------------------------------------------------------------
+    # Backward, dK and dV: one program owns 128 key rows of one kv head (64
+    # per consumer warpgroup, K and V resident in shared memory) and streams
+    # the 64-row Q and dO blocks of every query head of its group past them,
+    # the loader warp keeping a ring of STAGES blocks ahead. Per block each
+    # warpgroup issues S^T = K Q^T and dP^T = V dO^T together, forms P^T from
+    # S^T while dP^T runs, issues dV += P^T dO, forms dS^T = P^T (dP^T - delta)
+    # while dV's product runs, and issues dK += dS^T Q.
+    # ----------------------------------------------------------------------
+
+    @gluon.jit
+    def _dkdv_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
+                     k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
+                     stride_db, stride_dh, stride_ds, q_lo, n_q):
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + start_n, k_col], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [v_row + start_n, v_col], kv_bar, v_smem)
+        t = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            q_off = b * stride_qb + h * stride_qh
+            d_off = b * stride_db + h * stride_dh
+            q_row = (q_off // stride_qs).to(gl.int32)
+            q_col = (q_off % stride_qs).to(gl.int32)
+            d_row = (d_off // stride_ds).to(gl.int32)
+            d_col = (d_off % stride_ds).to(gl.int32)
+            for i in range(q_lo, n_q):
+                st = t % STAGES
+                mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
+                bar = ready.index(st)
+                mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, q_col], bar, q_smem.index(st))
+                tma.async_copy_global_to_shared(do_desc, [d_row + i * BLOCK_M, d_col], bar, do_smem.index(st))
+                t += 1
+
+    @gluon.jit
+    def _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale,
+                    causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one consumer warpgroup's 64 keys.
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        ROWS: gl.constexpr = k.shape[0]
+        st = t % STAGES
+        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        lse = gl.load(lse_ptr + qrows, mask=qrows < S, other=0.0)
+        delta = gl.load(delta_ptr + qrows, mask=qrows < S, other=0.0)
+        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
+        q = q_smem.index(st)
+        do = do_smem.index(st)
+        zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if MASK:
+            keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
+            p_t = gl.where(keep, p_t, 0.0)
+        acc_layout: gl.constexpr = dv.type.layout
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        p_t = p_t.to(q.dtype)  # kept in 16 bits until dS: 16 registers a thread fewer than fp32
+        p16 = gl.convert_layout(p_t, op_layout)
+        dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))
+        ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
+        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
+        dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
+        dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+        mbarrier.arrive(empty.index(st), count=1)
+        return dk, dv
+
+    @gluon.jit
+    def _dkdv_consumer(k, v, row0, q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
+                       stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                       b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
+        ROWS: gl.constexpr = k.shape[0]
+        HEAD_DIM: gl.constexpr = k.shape[1]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        krows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        t = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            lse_ptr = LSE + (b * H + h) * S
+            delta_ptr = DELTA + (b * H + h) * S
+            for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
+                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
+                                     krows, S, qk_scale, causal, s_layout, True)
+                t += 1
+            for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
+                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
+                                     krows, S, qk_scale, causal, s_layout, False)
+                t += 1
+            for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
+                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
+                                     krows, S, qk_scale, causal, s_layout, True)
+                t += 1
+        rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        keep = rows[:, None] < S
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows[:, None].to(gl.int64) * stride_dks + cols[None, :]
+        gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keep)
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows[:, None].to(gl.int64) * stride_dvs + cols[None, :]
+        gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
+
+    @gluon.jit
+    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, DK, DV, LSE, DELTA,
+                     stride_qb, stride_qh, stride_qs,
+                     stride_kb, stride_kh, stride_ks,
+                     stride_vb, stride_vh, stride_vs,
+                     stride_db, stride_dh, stride_ds,
+                     stride_dkb, stride_dkh, stride_dks,
+                     stride_dvb, stride_dvh, stride_dvs,
+                     H, GROUP, S, qk_scale, sm_scale,
+                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(BLOCK_N % BLOCK_M == 0)
+        start_n = gl.program_id(0) * BLOCK_N
+        bhk = gl.program_id(1)
+        Hkv = H // GROUP
+        b = (bhk // Hkv).to(gl.int64)
+        hk = (bhk % Hkv).to(gl.int64)
+        k_off = b * stride_kb + hk * stride_kh
+        v_off = b * stride_vb + hk * stride_vh
+        k_row = (k_off // stride_ks).to(gl.int32)
+        k_col = (k_off % stride_ks).to(gl.int32)
+        v_row = (v_off // stride_vs).to(gl.int32)
+        v_col = (v_off % stride_vs).to(gl.int32)
+        n_q = gl.cdiv(S, BLOCK_M)
+        full_q = S // BLOCK_M
+        if CAUSAL:
+            q_lo = start_n // BLOCK_M  # queries above start_n see none of these keys
+            diag_hi = gl.minimum(gl.cdiv(start_n + BLOCK_N, BLOCK_M), n_q)
+        else:
+            q_lo = 0
+            diag_hi = 0
+
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+
+        shared = (q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
+                  stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                  b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
+        gl.warp_specialize([
+            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0) + shared),
+            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
+            (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
+                            k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
+                            stride_db, stride_dh, stride_ds, q_lo, n_q)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 # --------------------------------------------------------------------------
 # Host side
@@ -339,3 +508,50 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
     block_m, block_n, stages, kind = config
     last_config = f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} 1 loader warp + 2 consumer warpgroups"
     return o, lse
+
+
+# (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
+# 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
+BWD_CONFIGS = [(64, 2), (64, 3)]
+_bwd_chosen: dict[tuple, tuple[int, int]] = {}
+last_bwd_config = ""
+
+
+def supported_bwd(q, k, v, do) -> str | None:
+    """None if backward_dkdv() runs these inputs here, else a short reason."""
+    reason = supported(q, k, v)
+    if reason is None and (do.dtype != q.dtype or _view_2d(do) is None):
+        reason = "dO has no 2-d TMA view"
+    return reason
+
+
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
+    B, H, S, D = q.shape
+    block_m, stages = config
+    grid = (triton.cdiv(S, 128), B * k.shape[1])
+    return _dkdv_kernel[grid](
+        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
+        dk, dv, lse, delta,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        H, H // k.shape[1], S, scale * LOG2E, scale,
+        D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
+    )
+
+
+def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+    """(dk, dv) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
+    global last_bwd_config
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if config is None:
+        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype, q.shape[1] // k.shape[1])
+        if key not in _bwd_chosen:
+            from triton.testing import do_bench
+            times = {c: do_bench(lambda c=c: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, c),
+                                 warmup=5, rep=25, return_mode="median")
+                     for c in BWD_CONFIGS}
+            _bwd_chosen[key] = min(times, key=times.get)
+        config = _bwd_chosen[key]
+    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config)
+    last_bwd_config = (f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
+                       "1 loader warp + 2 consumer warpgroups")
+    return dk, dv

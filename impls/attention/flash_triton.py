@@ -707,7 +707,7 @@ def _gluon_forward(q, k, v, causal, scale):
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, causal, scale, use_tma):
+def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
@@ -722,17 +722,22 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma):
     if use_tma:
         triton.set_allocator(_scratch)  # this may be autograd's worker thread
     common = (S, _seq_bucket(S), scale * LOG2E, scale, D, d_pad, bool(causal), bool(use_tma))
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, group, *common,
-    )
+    fg = _gluon_module(q) if gluon else None
+    if fg and fg.supported_bwd(q, k, v, do) is None:
+        dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
+        _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
+    else:
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, dk, dv, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            H, group, *common,
+        )
+        _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
     _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, group, *common,
     )
-    _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
     _last["bwd dq"] = "triton bwd dq " + _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
     return dq, dk, dv
 
@@ -740,19 +745,20 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, use_tma, gluon=False):
-        # gluon: run flash_gluon's forward (attention() decides, see uses_gluon); the backward is always Triton's.
+        # gluon: run flash_gluon's forward and dK/dV kernels (attention() decides, see uses_gluon);
+        # delta and dQ are Triton's either way.
         if gluon:
             o, lse = _gluon_forward(q, k, v, causal, scale)
         else:
             o, lse = _forward(q, k, v, causal, scale, use_tma)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.use_tma = causal, scale, use_tma
+        ctx.causal, ctx.scale, ctx.use_tma, ctx.gluon = causal, scale, use_tma, gluon
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.use_tma)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.use_tma, ctx.gluon)
         return dq, dk, dv, None, None, None, None
 
 

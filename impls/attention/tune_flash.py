@@ -449,6 +449,88 @@ def gluon_experiment(rep_ms):
     return check_rows, rows, kernels
 
 
+def gluon_bwd_experiment(rep_ms):
+    """The Gluon dK/dV kernel: gradients against float64 on small odd shapes (each config), then
+    forward+backward and the dK/dV kernel alone at the issue's shape, Gluon against Triton and cuDNN."""
+    from triton.testing import do_bench
+    from torch.nn.attention import SDPBackend
+    from impls.attention import flash_gluon as fg
+    check_rows, rows = [], []
+    gen = torch.Generator(device=DEVICE).manual_seed(12)
+    for cfg in fg.BWD_CONFIGS:
+        for D, S, causal, layout, (H, Hkv), dtype in [
+                (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
+                (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
+                (64, 700, False, "bshd", (6, 3), torch.float16), (128, 1, False, "bhsd", (2, 2), torch.bfloat16)]:
+            shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
+            q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
+            if layout == "bshd":
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+            do = torch.randn_like(q)
+            row = dict(config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
+                       dtype=str(dtype).removeprefix("torch."))
+            try:
+                fg._bwd_chosen.clear()
+                saved = fg.BWD_CONFIGS
+                fg.BWD_CONFIGS = [cfg]
+                try:
+                    grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
+                finally:
+                    fg.BWD_CONFIGS = saved
+                row["kernel"] = ft.last_config()
+                ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
+                row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
+            except Exception as exc:  # noqa: BLE001 - a failing config is a row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            check_rows.append(row)
+            print({k2: (f"{v2:.2e}" if isinstance(v2, float) else v2) for k2, v2 in row.items() if k2 != "kernel"},
+                  flush=True)
+    fg._bwd_chosen.clear()
+    for causal in (False, True):
+        B, H, S, D = 2, 16, 8192, 128
+        q, k, v, do = make_inputs(B, H, S, D, "bhsd")
+        case = f"D{D}-S{S}-{'causal' if causal else 'full'}"
+        ref = torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal), (q, k, v), do)
+        variants = [("sdpa-cudnn", lambda: torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
+                                                                (q, k, v), do)),
+                    ("triton fwd+bwd", lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=False),
+                                                                   (q, k, v), do)),
+                    ("gluon fwd + gluon dkdv + triton dq",
+                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do))]
+        for label, fn in variants:
+            row = dict(case=case, impl=label)
+            try:
+                grads = fn()
+                row.update({f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)})
+                ms = [do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") for _ in range(2)]
+                row.update(fwdbwd_ms=ms[0], fwdbwd_ms_again=ms[1], fwdbwd_tflops=tflops(B, H, S, D, causal, min(ms), True))
+                if label != "sdpa-cudnn":
+                    row["config"] = ft.last_config()
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
+        # The dK/dV kernels alone, from the same lse and delta.
+        with torch.no_grad():
+            o, lse = ft._forward(q, k, v, causal, 1 / math.sqrt(D), False)
+            delta = (o.float() * do.float()).sum(-1)
+            for cfg in fg.BWD_CONFIGS:
+                ms = do_bench(lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, 1 / math.sqrt(D), cfg),
+                              warmup=10, rep=rep_ms, return_mode="median")
+                rows.append(dict(case=case, impl=f"gluon dkdv {cfg}", kernel_ms=ms))
+                print(rows[-1], flush=True)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            common = (S, ft._seq_bucket(S), 1 / math.sqrt(D) * ft.LOG2E, 1 / math.sqrt(D), D, D, causal, False)
+            launch = lambda: ft._bwd_dkdv_kernel[lambda meta: (ft.triton.cdiv(S, meta["BLOCK_N"]), B * H)](  # noqa: E731
+                q, k, v, do, dk, dv, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
+                *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common)
+            ms = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
+            rows.append(dict(case=case, impl="triton dkdv", kernel_ms=ms, config=ft._describe(ft._bwd_dkdv_kernel)))
+            print(rows[-1], flush=True)
+    return check_rows, rows
+
+
 def _sdpa(backend, q, k, v, causal):
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel(backend):
@@ -464,6 +546,7 @@ def main():
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
     p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
+    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon dK/dV kernel: checks and timings")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
@@ -492,6 +575,12 @@ def main():
     mm, bw = ceilings()
     print(f"ceilings: bf16 matmul 8192^3 {mm:.0f} TFLOP/s, copy {bw:.2f} TB/s (read+write)  [{time.time()-t0:.0f}s]",
           flush=True)
+
+    if args.gluon_bwd:
+        checks, rows = gluon_bwd_experiment(args.rep_ms)
+        write_csv(os.path.join(args.out, "gluon_bwd_correctness.csv"), checks)
+        write_csv(os.path.join(args.out, "gluon_bwd_timing.csv"), rows)
+        return
 
     if args.gluon:
         checks, rows, kernels = gluon_experiment(args.rep_ms)

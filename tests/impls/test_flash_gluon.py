@@ -150,7 +150,7 @@ def test_choice_of_forward_with_a_stand_in(monkeypatch, D, gluon, expect):
         return o, lse
 
     fake = SimpleNamespace(supported=lambda q, k, v: None, PREFERRED_HEAD_DIMS=(32,), forward=forward,
-                           last_config="")
+                           last_config="", supported_bwd=lambda q, k, v, do: "stand-in: no dK/dV kernel")
     monkeypatch.setattr(ft, "_gluon_module", lambda q: fake)
     assert ft.uses_gluon(*inputs(1, 1, 1, 4, D, torch.float32), gluon=gluon) == (expect == "gluon")
     desc = check_attention_grads(1, 2, 1, 19, D, True, torch.float32, gluon=gluon)
@@ -197,9 +197,21 @@ def test_gpu_each_config(D, config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_attention_gluon_forward_triton_backward(D, causal):
+def test_gpu_attention_gluon_grads(D, causal):
+    # Gluon forward and dK/dV kernels, Triton's delta and dQ, against float64 gradients.
     desc = check_attention_grads(1, 4, 2, 333, D, causal, torch.bfloat16, gluon=True)
-    assert desc.startswith("gluon fwd ") and "; triton bwd dkdv " in desc and "; triton bwd dq " in desc
+    assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv " in desc and "; triton bwd dq " in desc
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", fg.BWD_CONFIGS if fg is not None else [], ids=str)
+def test_gpu_each_dkdv_config(monkeypatch, config):
+    monkeypatch.setattr(fg, "BWD_CONFIGS", [config])
+    monkeypatch.setattr(fg, "_bwd_chosen", {})
+    for causal, S in ((False, 333), (True, 200)):
+        desc = check_attention_grads(1, 4, 2, S, 128, causal, torch.bfloat16, seed=S, gluon=True)
+        assert f"BLOCK_M={config[0]} stages={config[1]}" in desc, desc
 
 
 @hopper
