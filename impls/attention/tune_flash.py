@@ -449,7 +449,7 @@ def gluon_experiment(rep_ms):
     return check_rows, rows, kernels
 
 
-def gluon_bwd_experiment(rep_ms):
+def gluon_bwd_experiment(rep_ms, out):
     """The Gluon dK/dV kernel: gradients against float64 on small odd shapes (each config), then
     forward+backward and the dK/dV kernel alone at the issue's shape, Gluon against Triton and cuDNN."""
     from triton.testing import do_bench
@@ -481,9 +481,13 @@ def gluon_bwd_experiment(rep_ms):
                 row["kernel"] = ft.last_config()
                 ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
                 row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
+                # Relative errors are undefined where the reference is zero (S=1: dq = dk = 0).
+                row.update({f"{n}_abs": (g.double() - r).abs().max().item()
+                            for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
             except Exception as exc:  # noqa: BLE001 - a failing config is a row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             check_rows.append(row)
+            write_csv(os.path.join(out, "gluon_bwd_correctness.csv"), check_rows)
             print({k2: (f"{v2:.2e}" if isinstance(v2, float) else v2) for k2, v2 in row.items() if k2 != "kernel"},
                   flush=True)
     fg._bwd_chosen.clear()
@@ -510,6 +514,7 @@ def gluon_bwd_experiment(rep_ms):
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
+            write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
         # The dK/dV kernels alone, from the same lse and delta.
         with torch.no_grad():
@@ -519,6 +524,7 @@ def gluon_bwd_experiment(rep_ms):
                 ms = do_bench(lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, 1 / math.sqrt(D), cfg),
                               warmup=10, rep=rep_ms, return_mode="median")
                 rows.append(dict(case=case, impl=f"gluon dkdv {cfg}", kernel_ms=ms))
+                write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
                 print(rows[-1], flush=True)
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             common = (S, ft._seq_bucket(S), 1 / math.sqrt(D) * ft.LOG2E, 1 / math.sqrt(D), D, D, causal, False)
@@ -527,6 +533,7 @@ def gluon_bwd_experiment(rep_ms):
                 *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common)
             ms = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
             rows.append(dict(case=case, impl="triton dkdv", kernel_ms=ms, config=ft._describe(ft._bwd_dkdv_kernel)))
+            write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print(rows[-1], flush=True)
     return check_rows, rows
 
@@ -577,9 +584,7 @@ def main():
           flush=True)
 
     if args.gluon_bwd:
-        checks, rows = gluon_bwd_experiment(args.rep_ms)
-        write_csv(os.path.join(args.out, "gluon_bwd_correctness.csv"), checks)
-        write_csv(os.path.join(args.out, "gluon_bwd_timing.csv"), rows)
+        gluon_bwd_experiment(args.rep_ms, args.out)  # writes its CSVs row by row
         return
 
     if args.gluon:
