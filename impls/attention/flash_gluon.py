@@ -3,6 +3,7 @@
     from impls.attention import flash_gluon
     if flash_gluon.supported(q, k, v) is None:
         o, lse = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
+        dk, dv = flash_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
 
 Why a second forward: the Triton-language kernel in flash_triton.py spends
 the sum of its matmul and softmax time on every key block (FLASH_NOTES.md,
@@ -29,9 +30,12 @@ stride_s and column (...) % stride_s of that matrix. A block past a head's
 last row reads the next head's rows (or zeros past the end of the storage);
 those keys are masked to -inf and those query rows are never stored.
 
-Only the forward is here; the backward of `tiled` is flash_triton's, which
-reads the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so this
-kernel is tested on the GPU only (tests/impls/test_flash_gluon.py).
+The backward's dK/dV kernel (`backward_dkdv`) has the same split: the loader
+streams Q and dO blocks past 128 resident key rows, 64 per consumer
+warpgroup. The rest of `tiled`'s backward (delta = rowsum(dO * O) and dQ) is
+flash_triton's, which reads the same base-2 log-sum-exp. No Triton
+interpreter runs Gluon, so these kernels are tested on the GPU only
+(tests/impls/test_flash_gluon.py); FLASH_NOTES.md v8-v10 has their figures.
 """
 
 from __future__ import annotations
