@@ -1,4 +1,4 @@
-"""The FlashAttention forward for Hopper written in Gluon, Triton's explicit layer.
+"""FlashAttention kernels for Hopper written in Gluon, Triton's explicit layer: the forward and dK/dV.
 
     from impls.attention import flash_gluon
     if flash_gluon.supported(q, k, v) is None:
