@@ -58,12 +58,17 @@ LOG2E = 1.4426950408889634
 if GLUON_ERROR is None:
 
     @gluon.jit
-    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
+    def _origin(offset, stride_s):
+        # (row, column) of a head's first element in the 2-d view whose row stride is stride_s.
+        return (offset // stride_s).to(gl.int32), (offset % stride_s).to(gl.int32)
+
+    @gluon.jit
+    def _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                      k_row, k_col, v_row, v_col, n_blocks):
+        # Key blocks 0 .. n_blocks-1 of K and V into a ring of stages; a stage is
+        # refilled once both consumer warpgroups have arrived on its "empty" barrier.
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
         for j in range(n_blocks):
             st = j % STAGES
             free = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
@@ -73,6 +78,14 @@ if GLUON_ERROR is None:
             mbarrier.wait(v_empty.index(st), free)
             mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                      k_row, k_col, v_row, v_col, n_blocks)
 
     @gluon.jit
     def _consumer(q, row0, my_turn, other_turn, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
@@ -194,15 +207,9 @@ if GLUON_ERROR is None:
         b = (bh // H).to(gl.int64)
         h = (bh % H).to(gl.int64)
         hk = h // GROUP
-        q_off = b * stride_qb + h * stride_qh
-        k_off = b * stride_kb + hk * stride_kh
-        v_off = b * stride_vb + hk * stride_vh
-        q_row = (q_off // stride_qs).to(gl.int32)
-        q_col = (q_off % stride_qs).to(gl.int32)
-        k_row = (k_off // stride_ks).to(gl.int32)
-        k_col = (k_off % stride_ks).to(gl.int32)
-        v_row = (v_off // stride_vs).to(gl.int32)
-        v_col = (v_off % stride_vs).to(gl.int32)
+        q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
+        k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
+        v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, S)
             mask_from = start_m // BLOCK_N
@@ -261,12 +268,8 @@ if GLUON_ERROR is None:
         t = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            q_off = b * stride_qb + h * stride_qh
-            d_off = b * stride_db + h * stride_dh
-            q_row = (q_off // stride_qs).to(gl.int32)
-            q_col = (q_off % stride_qs).to(gl.int32)
-            d_row = (d_off // stride_ds).to(gl.int32)
-            d_col = (d_off % stride_ds).to(gl.int32)
+            q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
+            d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
             for i in range(q_lo, n_q):
                 st = t % STAGES
                 mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
@@ -371,12 +374,8 @@ if GLUON_ERROR is None:
         Hkv = H // GROUP
         b = (bhk // Hkv).to(gl.int64)
         hk = (bhk % Hkv).to(gl.int64)
-        k_off = b * stride_kb + hk * stride_kh
-        v_off = b * stride_vb + hk * stride_vh
-        k_row = (k_off // stride_ks).to(gl.int32)
-        k_col = (k_off % stride_ks).to(gl.int32)
-        v_row = (v_off // stride_vs).to(gl.int32)
-        v_col = (v_off % stride_vs).to(gl.int32)
+        k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
+        v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
         n_q = gl.cdiv(S, BLOCK_M)
         full_q = S // BLOCK_M
         if CAUSAL:
@@ -407,6 +406,143 @@ if GLUON_ERROR is None:
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
                             k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
                             stride_db, stride_dh, stride_ds, q_lo, n_q)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    # ----------------------------------------------------------------------
+    # Backward, dQ: one program owns 128 query rows of one head (64 per
+    # consumer warpgroup, Q and dO resident) and streams K and V blocks past
+    # them through the same ring as the forward. Per block each warpgroup
+    # issues S = Q K^T and dP = dO V^T together, forms P from S while dP runs,
+    # then dS = P (dP - delta), and issues dQ += dS K.
+    # ----------------------------------------------------------------------
+
+    @gluon.jit
+    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qdo_bar,
+                   k_ready, v_ready, k_empty, v_empty, q_row, q_col, d_row, d_col, k_row, k_col, v_row, v_col,
+                   start_m, n_blocks):
+        mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], qdo_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [d_row + start_m, d_col], qdo_bar, do_smem)
+        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                      k_row, k_col, v_row, v_col, n_blocks)
+
+    @gluon.jit
+    def _dq_block(j, dq, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, rows, S,
+                  qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        ROWS: gl.constexpr = q.shape[0]
+        st = j % STAGES
+        ph = (j // STAGES) & 1
+        k = k_smem.index(st)
+        v = v_smem.index(st)
+        mbarrier.wait(k_ready.index(st), ph)
+        mbarrier.wait(v_ready.index(st), ph)
+        zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        s_tok = warpgroup_mma(q, k.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, v.permute((1, 0)), zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if MASK:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            keep = (cols[None, :] < S) & ((cols[None, :] <= rows[:, None]) | (causal == 0))
+            p = gl.where(keep, p, 0.0)
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+        mbarrier.arrive(v_empty.index(st), count=1)
+        ds = p * (dp - delta[:, None])
+        acc_layout: gl.constexpr = dq.type.layout
+        ds16 = gl.convert_layout(ds.to(q.dtype), gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2))
+        dq_tok = warpgroup_mma(ds16, k, dq, is_async=True)
+        dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds16))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        return dq
+
+    @gluon.jit
+    def _dq_consumer(q, do, row0, k_smem, v_smem, qdo_bar, k_ready, v_ready, k_empty, v_empty,
+                     DQ, LSE, DELTA, stride_dqb, stride_dqh, stride_dqs, b, h, bh, S, start_m, n_blocks, mask_from,
+                     qk_scale, sm_scale, causal):
+        ROWS: gl.constexpr = q.shape[0]
+        HEAD_DIM: gl.constexpr = q.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        lse = gl.load(LSE + bh.to(gl.int64) * S + rows, mask=rows < S, other=0.0)
+        delta = gl.load(DELTA + bh.to(gl.int64) * S + rows, mask=rows < S, other=0.0)
+        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(qdo_bar, 0)
+        for j in range(0, mask_from):
+            dq = _dq_block(j, dq, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, rows, S,
+                           qk_scale, causal, s_layout, False)
+        for j in range(mask_from, n_blocks):
+            dq = _dq_block(j, dq, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, rows, S,
+                           qk_scale, causal, s_layout, True)
+        o_rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        ptrs = DQ + b * stride_dqb + h * stride_dqh + o_rows[:, None].to(gl.int64) * stride_dqs + cols[None, :]
+        gl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=o_rows[:, None] < S)
+
+    @gluon.jit
+    def _dq_kernel(q_desc, do_desc, k_desc, v_desc, DQ, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qs,
+                   stride_db, stride_dh, stride_ds,
+                   stride_kb, stride_kh, stride_ks,
+                   stride_vb, stride_vh, stride_vs,
+                   stride_dqb, stride_dqh, stride_dqs,
+                   H, GROUP, S, qk_scale, sm_scale,
+                   HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 query rows
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(BLOCK_M % BLOCK_N == 0)
+        n_m = gl.cdiv(S, BLOCK_M)
+        if CAUSAL:
+            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M  # heaviest row blocks first
+        else:
+            start_m = gl.program_id(0) * BLOCK_M
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // GROUP
+        q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
+        d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
+        k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
+        v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
+        if CAUSAL:
+            hi = gl.minimum(start_m + BLOCK_M, S)
+            mask_from = start_m // BLOCK_N
+        else:
+            hi = S
+            mask_from = S // BLOCK_N
+        n_blocks = gl.cdiv(hi, BLOCK_N)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qdo_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+
+        shared = (k_smem, v_smem, qdo_bar, k_ready, v_ready, k_empty, v_empty,
+                  DQ, LSE, DELTA, stride_dqb, stride_dqh, stride_dqs, b, h, bh, S, start_m, n_blocks, mask_from,
+                  qk_scale, sm_scale, CAUSAL * 1)
+        gl.warp_specialize([
+            (_dq_consumer, (q_smem.slice(0, 64), do_smem.slice(0, 64), 0) + shared),
+            (_dq_consumer, (q_smem.slice(64, 64), do_smem.slice(64, 64), 64) + shared),
+            (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qdo_bar,
+                          k_ready, v_ready, k_empty, v_empty, q_row, q_col, d_row, d_col, k_row, k_col, v_row, v_col,
+                          start_m, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 # --------------------------------------------------------------------------
@@ -559,3 +695,43 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     last_bwd_config = (f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
                        "1 loader warp + 2 consumer warpgroups")
     return dk, dv
+
+
+# (BLOCK_N, STAGES) of the dQ kernel: 128 resident query rows, K/V blocks of
+# BLOCK_N keys through the ring. Compiled for sm_90a here (64 x 3: no spills;
+# 128 x 2: 72-184 bytes of stack at D=128) but not yet run on a GPU
+# (FLASH_NOTES.md v11 plan): flash_triton uses it only with GLUON_DQ set.
+DQ_CONFIGS = [(64, 3), (128, 2)]
+_dq_chosen: dict[tuple, tuple[int, int]] = {}
+last_dq_config = ""
+
+
+def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
+    B, H, S, D = q.shape
+    block_n, stages = config
+    grid = (triton.cdiv(S, 128), B * H)
+    return _dq_kernel[grid](
+        _descriptor(q, 128), _descriptor(do, 128), _descriptor(k, block_n), _descriptor(v, block_n),
+        dq, lse, delta,
+        *q.stride()[:3], *do.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3],
+        H, H // k.shape[1], S, scale * LOG2E, scale,
+        D, bool(causal), 128, block_n, stages, CONSUMER_REGS, num_warps=4,
+    )
+
+
+def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+    """dq from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dQ kernel."""
+    global last_dq_config
+    dq = torch.empty_like(q)
+    if config is None:
+        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype)
+        if key not in _dq_chosen:
+            from triton.testing import do_bench
+            times = {c: do_bench(lambda c=c: _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, c),
+                                 warmup=5, rep=25, return_mode="median")
+                     for c in DQ_CONFIGS}
+            _dq_chosen[key] = min(times, key=times.get)
+        config = _dq_chosen[key]
+    _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config)
+    last_dq_config = f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} 1 loader warp + 2 consumer warpgroups"
+    return dq

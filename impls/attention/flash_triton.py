@@ -83,6 +83,10 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 # operands to fp32 first: exact for fp16/bf16 products, as on the tensor cores.
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
 
+# Whether the backward's dQ is flash_gluon's kernel (with the Gluon forward and
+# dK/dV) instead of this module's: off until it is measured (FLASH_NOTES.md v11 plan).
+GLUON_DQ = False
+
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
 # set from the measured comparison in FLASH_NOTES.md.
 PREFER_TMA = False
@@ -735,12 +739,16 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
             H, group, *common,
         )
         _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, group, *common,
-    )
-    _last["bwd dq"] = "triton bwd dq " + _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
+    if GLUON_DQ and fg and fg.supported_bwd(q, k, v, do) is None:
+        dq = fg.backward_dq(q, k, v, do, lse, delta, causal, scale)
+        _last["bwd dq"] = "gluon bwd dq " + fg.last_dq_config
+    else:
+        _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, group, *common,
+        )
+        _last["bwd dq"] = "triton bwd dq " + _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
     return dq, dk, dv
 
 

@@ -450,14 +450,14 @@ def gluon_experiment(rep_ms):
 
 
 def gluon_bwd_experiment(rep_ms, out):
-    """The Gluon dK/dV kernel: gradients against float64 on small odd shapes (each config), then
-    forward+backward and the dK/dV kernel alone at the issue's shape, Gluon against Triton and cuDNN."""
+    """The Gluon dK/dV and dQ kernels: gradients against float64 on small odd shapes (each config of
+    each), then forward+backward and each kernel alone at the issue's shape, against Triton and cuDNN."""
     from triton.testing import do_bench
     from torch.nn.attention import SDPBackend
     from impls.attention import flash_gluon as fg
     check_rows, rows = [], []
     gen = torch.Generator(device=DEVICE).manual_seed(12)
-    for cfg in fg.BWD_CONFIGS:
+    for kernel, cfg in [("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]:
         for D, S, causal, layout, (H, Hkv), dtype in [
                 (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
                 (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
@@ -468,16 +468,20 @@ def gluon_bwd_experiment(rep_ms, out):
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
             do = torch.randn_like(q)
-            row = dict(config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
+            row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
                        dtype=str(dtype).removeprefix("torch."))
             try:
                 fg._bwd_chosen.clear()
-                saved = fg.BWD_CONFIGS
-                fg.BWD_CONFIGS = [cfg]
+                fg._dq_chosen.clear()
+                name = "BWD_CONFIGS" if kernel == "dkdv" else "DQ_CONFIGS"
+                saved = getattr(fg, name)
+                setattr(fg, name, [cfg])
+                ft.GLUON_DQ = kernel == "dq"
                 try:
                     grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
                 finally:
-                    fg.BWD_CONFIGS = saved
+                    setattr(fg, name, saved)
+                    ft.GLUON_DQ = False
                 row["kernel"] = ft.last_config()
                 ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
                 row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
@@ -501,9 +505,12 @@ def gluon_bwd_experiment(rep_ms, out):
                     ("triton fwd+bwd", lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=False),
                                                                    (q, k, v), do)),
                     ("gluon fwd + gluon dkdv + triton dq",
+                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
+                    ("gluon fwd + gluon dkdv + gluon dq",
                      lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do))]
         for label, fn in variants:
             row = dict(case=case, impl=label)
+            ft.GLUON_DQ = label.endswith("gluon dq")
             try:
                 grads = fn()
                 row.update({f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)})
@@ -513,6 +520,8 @@ def gluon_bwd_experiment(rep_ms, out):
                     row["config"] = ft.last_config()
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            finally:
+                ft.GLUON_DQ = False
             rows.append(row)
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
@@ -535,6 +544,20 @@ def gluon_bwd_experiment(rep_ms, out):
             rows.append(dict(case=case, impl="triton dkdv", kernel_ms=ms, config=ft._describe(ft._bwd_dkdv_kernel)))
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print(rows[-1], flush=True)
+            for cfg in fg.DQ_CONFIGS:
+                ms = do_bench(lambda: fg.backward_dq(q, k, v, do, lse, delta, causal, 1 / math.sqrt(D), cfg),
+                              warmup=10, rep=rep_ms, return_mode="median")
+                rows.append(dict(case=case, impl=f"gluon dq {cfg}", kernel_ms=ms))
+                write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
+                print(rows[-1], flush=True)
+            dq = torch.empty_like(q)
+            launch = lambda: ft._bwd_dq_kernel[lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](  # noqa: E731
+                q, k, v, do, dq, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
+                *ft._strides(do), *ft._strides(dq), H, 1, *common)
+            ms = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
+            rows.append(dict(case=case, impl="triton dq", kernel_ms=ms, config=ft._describe(ft._bwd_dq_kernel)))
+            write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
+            print(rows[-1], flush=True)
     return check_rows, rows
 
 
@@ -553,7 +576,7 @@ def main():
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
     p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
-    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon dK/dV kernel: checks and timings")
+    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon dK/dV and dQ kernels: checks and timings")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")

@@ -216,6 +216,19 @@ def test_gpu_each_dkdv_config(monkeypatch, config):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", fg.DQ_CONFIGS if fg is not None else [], ids=str)
+def test_gpu_each_dq_config(monkeypatch, config):
+    # The Gluon dQ kernel (off by default: flash_triton.GLUON_DQ) with each of its configs.
+    monkeypatch.setattr(ft, "GLUON_DQ", True)
+    monkeypatch.setattr(fg, "DQ_CONFIGS", [config])
+    monkeypatch.setattr(fg, "_dq_chosen", {})
+    for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64)):
+        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True)
+        assert f"gluon bwd dq ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]}" in desc, desc
+
+
+@hopper
+@pytest.mark.gpu
 def test_gpu_attention_gluon_bshd_fp16_grads():
     desc = check_attention_grads(2, 4, 2, 257, 128, True, torch.float16, layout="bshd", seed=3, gluon=True)
     assert desc.startswith("gluon fwd")
