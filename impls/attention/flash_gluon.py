@@ -64,14 +64,15 @@ if GLUON_ERROR is None:
 
     @gluon.jit
     def _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      k_row, k_col, v_row, v_col, n_blocks):
-        # Key blocks 0 .. n_blocks-1 of K and V into a ring of stages; a stage is
-        # refilled once both consumer warpgroups have arrived on its "empty" barrier.
+                      k_row, k_col, v_row, v_col, n_blocks, c0):
+        # Key blocks 0 .. n_blocks-1 of K and V into a ring of stages, at ring
+        # positions c0 .. c0 + n_blocks - 1; a stage is refilled once both
+        # consumer warpgroups have arrived on its "empty" barrier.
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         for j in range(n_blocks):
-            st = j % STAGES
-            free = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
+            st = (c0 + j) % STAGES
+            free = (((c0 + j) // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
             mbarrier.wait(k_empty.index(st), free)
             mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(st), k_smem.index(st))
@@ -85,7 +86,7 @@ if GLUON_ERROR is None:
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
         _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      k_row, k_col, v_row, v_col, n_blocks)
+                      k_row, k_col, v_row, v_col, n_blocks, 0)
 
     @gluon.jit
     def _consumer(q, row0, my_turn, other_turn, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
@@ -94,28 +95,44 @@ if GLUON_ERROR is None:
         # Partition arguments cannot be constexprs in this Gluon: tile sizes come
         # from the shared-memory shapes, and causal/pingpong are runtime flags.
         # q is this warpgroup's 64-row slice of the Q tile, starting at row0.
+        s_layout: gl.constexpr = _mma_layout(k_smem.shape[1])
+        rows = start_m + row0 + gl.arange(0, q.shape[0], layout=gl.SliceLayout(1, s_layout))
+        mbarrier.wait(q_bar, 0)
+        o, m_i, l_i = _attend(q, 0, rows, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                              S, n_blocks, mask_from, qk_scale, causal, pingpong)
+        _store_tile(o, m_i, l_i, rows, O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m + row0)
+
+    @gluon.constexpr_function
+    def _mma_layout(n):
+        # A warpgroup's wgmma accumulator layout for an (m, n) tile.
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _attend(q, c0, rows, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                S, n_blocks, mask_from, qk_scale, causal, pingpong):
+        # One warpgroup's rows against key blocks 0 .. n_blocks-1, which sit at
+        # positions c0 .. c0 + n_blocks - 1 of the K/V ring. Returns the
+        # unnormalised output and the running max and sum. The last V stage is
+        # not released here: a one-tile program has nothing left to load.
         ROWS: gl.constexpr = q.shape[0]
         HEAD_DIM: gl.constexpr = q.shape[1]
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
+        st0 = c0 % STAGES
+        mbarrier.wait(k_ready.index(st0), (c0 // STAGES) & 1)
         mbarrier.wait(my_turn, 0, pred=pingpong != 0)
-        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)),
+        s_tok = warpgroup_mma(q, k_smem.index(st0).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         mbarrier.arrive(other_turn, count=1, pred=pingpong != 0)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0), count=1)
+        mbarrier.arrive(k_empty.index(st0), count=1)
         if mask_from == 0:
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale, 0, rows, S, causal, s_layout, True)
         else:
@@ -123,22 +140,29 @@ if GLUON_ERROR is None:
         p_prev = gl.convert_layout(p.to(q.dtype), p_layout)
 
         for j in range(1, gl.maximum(mask_from, 1)):
-            o, m_i, l_i, p_prev = _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
-                                             v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+            o, m_i, l_i, p_prev = _key_block(j, c0 + j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem,
+                                             k_ready, v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
                                              s_layout, p_layout, False)
         for j in range(gl.maximum(mask_from, 1), n_blocks):
-            o, m_i, l_i, p_prev = _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready,
-                                             v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
+            o, m_i, l_i, p_prev = _key_block(j, c0 + j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem,
+                                             k_ready, v_ready, k_empty, v_empty, qk_scale, rows, S, causal, pingpong,
                                              s_layout, p_layout, True)
-        last = n_blocks - 1
+        last = c0 + n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), o, is_async=True)
         o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+        return o, m_i, l_i
 
+    @gluon.jit
+    def _store_tile(o, m_i, l_i, rows, O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, first_row):
+        # o / l into O (rows first_row .., in O's layout) and the base-2 log-sum-exp into LSE.
+        ROWS: gl.constexpr = o.shape[0]
+        HEAD_DIM: gl.constexpr = o.shape[1]
+        o_layout: gl.constexpr = o.type.layout
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         o = o / l_o[:, None]
         gl.store(LSE + bh.to(gl.int64) * S + rows, m_i + gl.log2(l_i), mask=rows < S)
-        o_rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        o_rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
         o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         o_ptrs = O + b * stride_ob + h * stride_oh + o_rows[:, None].to(gl.int64) * stride_os + o_cols[None, :]
         gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_rows[:, None] < S)
@@ -160,16 +184,16 @@ if GLUON_ERROR is None:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _key_block(j, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty,
+    def _key_block(j, c, o, m_i, l_i, p_prev, q, my_turn, other_turn, k_smem, v_smem, k_ready, v_ready, k_empty,
                    v_empty, qk_scale, rows, S, causal, pingpong, s_layout: gl.constexpr, p_layout: gl.constexpr,
                    MASK: gl.constexpr):
-        # Key block j >= 1 for one consumer warpgroup.
+        # Key block j >= 1 for one consumer warpgroup, at position c of the K/V ring.
         ROWS: gl.constexpr = q.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        st = j % STAGES
-        prev = j - 1
-        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        st = c % STAGES
+        prev = c - 1
+        mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev % STAGES), (prev // STAGES) & 1)
         mbarrier.wait(my_turn, j & 1, pred=pingpong != 0)
         s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)),
@@ -246,6 +270,119 @@ if GLUON_ERROR is None:
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                           q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
+
+    # ----------------------------------------------------------------------
+    # Persistent forward (non-causal): one program per SM walks the (head,
+    # row block) tiles with a stride of the grid, so the last wave is not a
+    # partial one (2048 tiles on 132 SMs are 15.5 waves). The K/V ring and its
+    # barrier phases carry on from tile to tile; Q is double-buffered, four
+    # 64-row slices (buffer, warpgroup), so the next tile's Q loads while the
+    # last one's blocks finish. Not yet run on a GPU (FLASH_NOTES.md v11 plan).
+    # ----------------------------------------------------------------------
+
+    @gluon.jit
+    def _persistent_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                           k_ready, v_ready, k_empty, v_empty, stride_qb, stride_qh, stride_qs,
+                           stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                           H, GROUP, S, n_m, n_tiles):
+        ROWS: gl.constexpr = q_smem.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        n_blocks = gl.cdiv(S, BLOCK_N)
+        c = 0
+        i = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            bh = tile // n_m
+            start_m = (tile % n_m) * (2 * ROWS)
+            b = (bh // H).to(gl.int64)
+            h = (bh % H).to(gl.int64)
+            hk = h // GROUP
+            q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
+            k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
+            v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
+            qb = i % 2
+            mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+            bar = q_ready.index(qb)
+            mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], bar, q_smem.index(2 * qb))
+            tma.async_copy_global_to_shared(q_desc, [q_row + start_m + ROWS, q_col], bar, q_smem.index(2 * qb + 1))
+            _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                          k_row, k_col, v_row, v_col, n_blocks, c)
+            c += n_blocks
+            i += 1
+
+    @gluon.jit
+    def _persistent_consumer(wg, q_smem, turn, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             O, LSE, stride_ob, stride_oh, stride_os, H, S, n_m, n_tiles, qk_scale):
+        ROWS: gl.constexpr = q_smem.shape[1]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+        n_blocks = gl.cdiv(S, BLOCK_N)
+        mask_from = S // BLOCK_N
+        c = 0
+        i = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            bh = tile // n_m
+            first_row = (tile % n_m) * (2 * ROWS) + wg * ROWS
+            b = (bh // H).to(gl.int64)
+            h = (bh % H).to(gl.int64)
+            qb = i % 2
+            q = q_smem.index(2 * qb + wg)
+            rows = first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            mbarrier.wait(q_ready.index(qb), (i // 2) & 1)
+            o, m_i, l_i = _attend(q, c, rows, turn, turn, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                  S, n_blocks, mask_from, qk_scale, 0, 0)
+            last = c + n_blocks - 1
+            mbarrier.arrive(v_empty.index(last % STAGES), count=1)  # the ring goes on into the next tile
+            mbarrier.arrive(q_empty.index(qb), count=1)
+            _store_tile(o, m_i, l_i, rows, O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, first_row)
+            c += n_blocks
+            i += 1
+
+    @gluon.jit
+    def _fwd_persistent_kernel(q_desc, k_desc, v_desc, O, LSE,
+                               stride_qb, stride_qh, stride_qs,
+                               stride_kb, stride_kh, stride_ks,
+                               stride_vb, stride_vh, stride_vs,
+                               stride_ob, stride_oh, stride_os,
+                               H, GROUP, S, n_tiles, qk_scale,
+                               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        # grid: (number of SMs or fewer,); n_tiles = cdiv(S, 128) * B * H; q_desc has 64-row blocks.
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(128 % BLOCK_N == 0)
+        n_m = gl.cdiv(S, 128)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, 64, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # unused: no ping-pong here
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn, count=1)
+
+        shared = (q_smem, turn, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                  O, LSE, stride_ob, stride_oh, stride_os, H, S, n_m, n_tiles, qk_scale)
+        gl.warp_specialize([
+            (_persistent_consumer, (0, ) + shared),
+            (_persistent_consumer, (1, ) + shared),
+            (_persistent_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                                  k_ready, v_ready, k_empty, v_empty, stride_qb, stride_qh, stride_qs,
+                                  stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                                  H, GROUP, S, n_m, n_tiles)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
     # ----------------------------------------------------------------------
     # Backward, dK and dV: one program owns 128 key rows of one kv head (64
     # per consumer warpgroup, K and V resident in shared memory) and streams
@@ -423,7 +560,7 @@ if GLUON_ERROR is None:
         tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], qdo_bar, q_smem)
         tma.async_copy_global_to_shared(do_desc, [d_row + start_m, d_col], qdo_bar, do_smem)
         _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      k_row, k_col, v_row, v_col, n_blocks)
+                      k_row, k_col, v_row, v_col, n_blocks, 0)
 
     @gluon.jit
     def _dq_block(j, dq, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, rows, S,
@@ -559,6 +696,10 @@ CONFIGS = {
     64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong")],
     128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong")],
 }
+# Configs that forward() runs when asked by name but the tuner does not try
+# yet, because they have not run on a GPU: the persistent kernel (non-causal
+# only), for the next measurement (FLASH_NOTES.md v11 plan).
+EXPERIMENTAL_CONFIGS = {64: [(128, 128, 2, "persistent")], 128: [(128, 128, 2, "persistent")]}
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
 # measured faster on the H200 (FLASH_NOTES.md v9: D=128 608 vs 504 TFLOP/s
@@ -619,6 +760,15 @@ def _launch(q, k, v, o, lse, causal, scale, config):
             H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
     # 4 warps launch the kernel: they become the first consumer warpgroup, the
     # second one and the loader warp are warp_specialize's workers.
+    if kind == "persistent":
+        if causal:
+            raise ValueError("the persistent forward is non-causal only")
+        n_tiles = triton.cdiv(S, block_m) * B * H
+        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+        return _fwd_persistent_kernel[(min(n_tiles, n_sm), )](
+            _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, H // k.shape[1], S, n_tiles, scale * LOG2E, D, block_n, stages, CONSUMER_REGS, num_warps=4)
     return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 

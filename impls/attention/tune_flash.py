@@ -379,12 +379,12 @@ def gluon_experiment(rep_ms):
     check_rows, rows, kernels = [], [], []
     gen = torch.Generator(device=DEVICE).manual_seed(11)
     for D in (128, 64):
-        for cfg in fg.CONFIGS[D]:
+        for cfg in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, []):
             for dtype in (torch.bfloat16, torch.float16):
                 for S, causal, layout, (H, Hkv) in [(333, False, "bhsd", (4, 2)), (333, True, "bshd", (4, 2)),
                                                   (1, False, "bhsd", (2, 2)), (64, True, "bhsd", (2, 1)),
                                                   (700, True, "bhsd", (4, 4)), (257, False, "bshd", (6, 3))]:
-                    if dtype == torch.float16 and S != 333:
+                    if (dtype == torch.float16 and S != 333) or (causal and cfg[3] == "persistent"):
                         continue
                     shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
                     q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen)
@@ -421,7 +421,8 @@ def gluon_experiment(rep_ms):
                                 ("sdpa-flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)),
                                 ("triton", lambda: ft.attention(q, k, v, causal, gluon=False))]
                     variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
-                                 for c in fg.CONFIGS[D]]
+                                 for c in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, [])
+                                 if not (causal and c[3] == "persistent")]
                     variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
                     for label, fn in variants:
                         row = dict(case=case, impl=label)

@@ -195,6 +195,18 @@ def test_gpu_each_config(D, config):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("D, config", [(D, c) for D in sorted(fg.EXPERIMENTAL_CONFIGS) for c in fg.EXPERIMENTAL_CONFIGS[D]]
+                         if fg is not None else [], ids=lambda x: str(x).replace(" ", ""))
+def test_gpu_experimental_forward_configs(D, config):
+    # Configs the tuner does not try yet (the persistent kernel: non-causal only). Several heads
+    # and lengths so that each program walks more than one tile, and a (B, S, H, D) view.
+    for seed, (B, H, Hkv, S) in enumerate([(1, 4, 2, 333), (2, 64, 16, 1000), (3, 40, 40, 128)]):
+        check_forward(*inputs(B, H, Hkv, S, D, torch.bfloat16, seed=seed), False, config)
+    check_forward(*inputs(2, 6, 3, 257, D, torch.bfloat16, layout="bshd", seed=9), False, config)
+
+
+@hopper
+@pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_attention_gluon_grads(D, causal):
