@@ -210,6 +210,41 @@ if GLUON_ERROR is None:
         return o, m_i, l_i, p_new
 
     @gluon.jit
+    def _row_block(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        # This program's BLOCK_M query rows of one head (heaviest row blocks
+        # first when causal), the key blocks they visit, and the first of
+        # those that needs a mask (the diagonal, or the partial last block).
+        n_m = gl.cdiv(S, BLOCK_M)
+        if CAUSAL:
+            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M
+            hi = gl.minimum(start_m + BLOCK_M, S)
+            mask_from = start_m // BLOCK_N
+        else:
+            start_m = gl.program_id(0) * BLOCK_M
+            hi = S
+            mask_from = S // BLOCK_N
+        bh = gl.program_id(1)
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        return start_m, bh, b, h, h // GROUP, gl.cdiv(hi, BLOCK_N), mask_from
+
+    @gluon.jit
+    def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        # The K/V stages and their barriers; "empty" waits for both consumer warpgroups.
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                     stride_qb, stride_qh, stride_qs,
                     stride_kb, stride_kh, stride_ks,
@@ -222,41 +257,16 @@ if GLUON_ERROR is None:
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
         gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        n_m = gl.cdiv(S, BLOCK_M)
-        if CAUSAL:
-            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M
-        else:
-            start_m = gl.program_id(0) * BLOCK_M
-        bh = gl.program_id(1)
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // GROUP
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
-        if CAUSAL:
-            hi = gl.minimum(start_m + BLOCK_M, S)
-            mask_from = start_m // BLOCK_N
-        else:
-            hi = S
-            mask_from = S // BLOCK_N
-        n_blocks = gl.cdiv(hi, BLOCK_N)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         mbarrier.arrive(turn.index(0), count=1)  # the first warpgroup issues first
@@ -353,23 +363,13 @@ if GLUON_ERROR is None:
         gl.static_assert(128 % BLOCK_N == 0)
         n_m = gl.cdiv(S, 128)
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, 64, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
         turn = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # unused: no ping-pong here
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
         mbarrier.init(turn, count=1)
 
         shared = (q_smem, turn, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
@@ -634,42 +634,17 @@ if GLUON_ERROR is None:
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 query rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        n_m = gl.cdiv(S, BLOCK_M)
-        if CAUSAL:
-            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M  # heaviest row blocks first
-        else:
-            start_m = gl.program_id(0) * BLOCK_M
-        bh = gl.program_id(1)
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // GROUP
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
-        if CAUSAL:
-            hi = gl.minimum(start_m + BLOCK_M, S)
-            mask_from = start_m // BLOCK_N
-        else:
-            hi = S
-            mask_from = S // BLOCK_N
-        n_blocks = gl.cdiv(hi, BLOCK_N)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
         mbarrier.init(qdo_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
 
         shared = (k_smem, v_smem, qdo_bar, k_ready, v_ready, k_empty, v_empty,
                   DQ, LSE, DELTA, stride_dqb, stride_dqh, stride_dqs, b, h, bh, S, start_m, n_blocks, mask_from,

@@ -526,39 +526,36 @@ def gluon_bwd_experiment(rep_ms, out):
             rows.append(row)
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
-        # The dK/dV kernels alone, from the same lse and delta.
+        # Each backward kernel alone, from the same lse and delta.
         with torch.no_grad():
-            o, lse = ft._forward(q, k, v, causal, 1 / math.sqrt(D), False)
+            scale = 1 / math.sqrt(D)
+            o, lse = ft._forward(q, k, v, causal, scale, False)
             delta = (o.float() * do.float()).sum(-1)
-            for cfg in fg.BWD_CONFIGS:
-                ms = do_bench(lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, 1 / math.sqrt(D), cfg),
-                              warmup=10, rep=rep_ms, return_mode="median")
-                rows.append(dict(case=case, impl=f"gluon dkdv {cfg}", kernel_ms=ms))
-                write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
-                print(rows[-1], flush=True)
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
-            common = (S, ft._seq_bucket(S), 1 / math.sqrt(D) * ft.LOG2E, 1 / math.sqrt(D), D, D, causal, False)
-            launch = lambda: ft._bwd_dkdv_kernel[lambda meta: (ft.triton.cdiv(S, meta["BLOCK_N"]), B * H)](  # noqa: E731
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            common = (S, ft._seq_bucket(S), scale * ft.LOG2E, scale, D, D, causal, False)
+            kernels = [(f"gluon dkdv {c}", lambda c=c: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale, c), None)
+                       for c in fg.BWD_CONFIGS]
+            kernels.append(("triton dkdv", lambda: ft._bwd_dkdv_kernel[
+                lambda meta: (ft.triton.cdiv(S, meta["BLOCK_N"]), B * H)](
                 q, k, v, do, dk, dv, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
-                *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common)
-            ms = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
-            rows.append(dict(case=case, impl="triton dkdv", kernel_ms=ms, config=ft._describe(ft._bwd_dkdv_kernel)))
-            write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
-            print(rows[-1], flush=True)
-            for cfg in fg.DQ_CONFIGS:
-                ms = do_bench(lambda: fg.backward_dq(q, k, v, do, lse, delta, causal, 1 / math.sqrt(D), cfg),
-                              warmup=10, rep=rep_ms, return_mode="median")
-                rows.append(dict(case=case, impl=f"gluon dq {cfg}", kernel_ms=ms))
-                write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
-                print(rows[-1], flush=True)
-            dq = torch.empty_like(q)
-            launch = lambda: ft._bwd_dq_kernel[lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](  # noqa: E731
+                *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common), ft._bwd_dkdv_kernel))
+            kernels += [(f"gluon dq {c}", lambda c=c: fg.backward_dq(q, k, v, do, lse, delta, causal, scale, c), None)
+                        for c in fg.DQ_CONFIGS]
+            kernels.append(("triton dq", lambda: ft._bwd_dq_kernel[
+                lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
-                *ft._strides(do), *ft._strides(dq), H, 1, *common)
-            ms = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
-            rows.append(dict(case=case, impl="triton dq", kernel_ms=ms, config=ft._describe(ft._bwd_dq_kernel)))
-            write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
-            print(rows[-1], flush=True)
+                *ft._strides(do), *ft._strides(dq), H, 1, *common), ft._bwd_dq_kernel))
+            for label, launch, autotuned in kernels:
+                row = dict(case=case, impl=label)
+                try:
+                    row["kernel_ms"] = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
+                    if autotuned is not None:
+                        row["config"] = ft._describe(autotuned)
+                except Exception as exc:  # noqa: BLE001 - a failing kernel is a row
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+                write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
+                print(row, flush=True)
     return check_rows, rows
 
 
