@@ -40,6 +40,8 @@ interpreter runs Gluon, so these kernels are tested on the GPU only
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -54,6 +56,56 @@ except Exception as exc:  # noqa: BLE001 - any import failure makes the kernel u
     GLUON_ERROR = f"gluon not importable: {type(exc).__name__}: {exc}"
 
 LOG2E = 1.4426950408889634
+
+
+class Tuner:
+    """The fastest of a kernel's configs for each shape key, timed once, then kept
+    for the process and on disk (beside Triton's own cache), as triton.autotune
+    keeps its choices; the device, the Triton version and the list of configs
+    are part of the key, so a new list or a new GPU is timed again.
+    """
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+        self.chosen: dict[str, list] = {}  # as on disk: "kernel|device|triton version|key|configs" -> config
+        self._memo: dict[tuple, tuple] = {}  # this process's answers, looked up on every call
+
+    @staticmethod
+    def path() -> str:
+        import os
+        folder = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+        return os.path.join(folder, "genbench-gluon-tuning.json")
+
+    def pick(self, key: tuple, configs: list, time_ms, device: str = "") -> tuple:
+        """The config with the least time_ms(config); one config is returned untimed."""
+        import json
+        import os
+        if len(configs) == 1:
+            return configs[0]
+        memo = (key, device, tuple(configs))
+        if memo in self._memo:
+            return self._memo[memo]
+        version = triton.__version__ if GLUON_ERROR is None else "-"
+        name = f"{self.kernel}|{device}|triton {version}|{key}|{configs}"
+        if name not in self.chosen:
+            try:
+                with open(self.path()) as f:
+                    self.chosen.update(json.load(f))
+            except (OSError, ValueError):
+                pass
+        if name not in self.chosen:
+            times = {c: time_ms(c) for c in configs}
+            self.chosen[name] = list(min(times, key=times.get))
+            try:
+                os.makedirs(os.path.dirname(self.path()), exist_ok=True)
+                tmp = f"{self.path()}.{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(self.chosen, f, indent=0)
+                os.replace(tmp, self.path())
+            except OSError:
+                pass  # the choice still holds for this process
+        self._memo[memo] = tuple(self.chosen[name])
+        return self._memo[memo]
 
 if GLUON_ERROR is None:
 
@@ -681,7 +733,7 @@ CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp ke
 # non-causal, 588 vs 463 causal; at D=64 the two tie, 445 vs 441 and 405 vs 398).
 PREFERRED_HEAD_DIMS = (128,)
 
-_chosen: dict[tuple, tuple[int, int, int]] = {}
+FWD_TUNER = Tuner("fwd")
 last_config = ""
 
 
@@ -707,15 +759,22 @@ def _view_2d(t: torch.Tensor):
     Every (batch, head) must start inside a row with its D columns in that row,
     and the row stride and base must be 16-byte aligned, as TMA requires.
     """
-    B, H, S, D = t.shape
-    sb, sh, ss, sd = t.stride()
-    if sd != 1 or ss < D or (ss * t.element_size()) % 16 or t.data_ptr() % 16:
+    if t.data_ptr() % 16:
         return None
-    offs = (torch.arange(B).view(B, 1) * sb + torch.arange(H).view(1, H) * sh)
-    if int((offs % ss).max()) + D > ss:
+    return _view_2d_of(tuple(t.shape), tuple(t.stride()), t.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _view_2d_of(shape, strides, itemsize):
+    # Pure in the shape and strides, so each layout is worked out once (this runs on every call).
+    B, H, S, D = shape
+    sb, sh, ss, sd = strides
+    if sd != 1 or ss < D or (ss * itemsize) % 16:
         return None
-    rows = (int(offs.max()) + (S - 1) * ss) // ss + 1
-    return rows, ss
+    offs = [b * sb + h * sh for b in range(B) for h in range(H)]
+    if max(o % ss for o in offs) + D > ss:
+        return None
+    return (max(offs) + (S - 1) * ss) // ss + 1, ss
 
 
 def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
@@ -747,18 +806,17 @@ def _launch(q, k, v, o, lse, causal, scale, config):
     return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 
-def _tune(q, k, v, o, lse, causal, scale):
-    # Times each config once per (length bucket, head dim, causal, dtype) and
-    # keeps the fastest for the process, as triton.autotune does.
+def _time_ms(fn) -> float:
     from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
-    key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype)
-    if key not in _chosen:
-        times = {c: do_bench(lambda c=c: _launch(q, k, v, o, lse, causal, scale, c), warmup=5, rep=25,
-                             return_mode="median")
-                 for c in CONFIGS[q.shape[-1]]}
-        _chosen[key] = min(times, key=times.get)
-    return _chosen[key]
+
+def _tune(q, k, v, o, lse, causal, scale):
+    # One choice per (length bucket, head dim, causal, dtype), as triton.autotune keys it.
+    key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype))
+    return FWD_TUNER.pick(key, CONFIGS[q.shape[-1]],
+                          lambda c: _time_ms(lambda: _launch(q, k, v, o, lse, causal, scale, c)),
+                          torch.cuda.get_device_name(q.device))
 
 
 def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, str] | None = None):
@@ -778,7 +836,7 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
 # (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
 # 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
 BWD_CONFIGS = [(64, 2), (64, 3)]
-_bwd_chosen: dict[tuple, tuple[int, int]] = {}
+DKDV_TUNER = Tuner("dkdv")
 last_bwd_config = ""
 
 
@@ -808,14 +866,11 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     global last_bwd_config
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
-        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype, q.shape[1] // k.shape[1])
-        if key not in _bwd_chosen:
-            from triton.testing import do_bench
-            times = {c: do_bench(lambda c=c: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, c),
-                                 warmup=5, rep=25, return_mode="median")
-                     for c in BWD_CONFIGS}
-            _bwd_chosen[key] = min(times, key=times.get)
-        config = _bwd_chosen[key]
+        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
+        config = DKDV_TUNER.pick(key, BWD_CONFIGS,
+                                 lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
+                                                                         scale, c)),
+                                 torch.cuda.get_device_name(q.device))
     _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config)
     last_bwd_config = (f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
                        "1 loader warp + 2 consumer warpgroups")
@@ -827,7 +882,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
 # 128 x 2: 72-184 bytes of stack at D=128) but not yet run on a GPU
 # (FLASH_NOTES.md v11 plan): flash_triton uses it only with GLUON_DQ set.
 DQ_CONFIGS = [(64, 3), (128, 2)]
-_dq_chosen: dict[tuple, tuple[int, int]] = {}
+DQ_TUNER = Tuner("dq")
 last_dq_config = ""
 
 
@@ -849,14 +904,10 @@ def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, config: tup
     global last_dq_config
     dq = torch.empty_like(q)
     if config is None:
-        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), q.dtype)
-        if key not in _dq_chosen:
-            from triton.testing import do_bench
-            times = {c: do_bench(lambda c=c: _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, c),
-                                 warmup=5, rep=25, return_mode="median")
-                     for c in DQ_CONFIGS}
-            _dq_chosen[key] = min(times, key=times.get)
-        config = _dq_chosen[key]
+        key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype))
+        config = DQ_TUNER.pick(key, DQ_CONFIGS,
+                               lambda c: _time_ms(lambda: _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, c)),
+                               torch.cuda.get_device_name(q.device))
     _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config)
     last_dq_config = f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} 1 loader warp + 2 consumer warpgroups"
     return dq

@@ -472,8 +472,6 @@ def gluon_bwd_experiment(rep_ms, out):
             row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
                        dtype=str(dtype).removeprefix("torch."))
             try:
-                fg._bwd_chosen.clear()
-                fg._dq_chosen.clear()
                 name = "BWD_CONFIGS" if kernel == "dkdv" else "DQ_CONFIGS"
                 saved = getattr(fg, name)
                 setattr(fg, name, [cfg])
@@ -495,7 +493,6 @@ def gluon_bwd_experiment(rep_ms, out):
             write_csv(os.path.join(out, "gluon_bwd_correctness.csv"), check_rows)
             print({k2: (f"{v2:.2e}" if isinstance(v2, float) else v2) for k2, v2 in row.items() if k2 != "kernel"},
                   flush=True)
-    fg._bwd_chosen.clear()
     for causal in (False, True):
         B, H, S, D = 2, 16, 8192, 128
         q, k, v, do = make_inputs(B, H, S, D, "bhsd")

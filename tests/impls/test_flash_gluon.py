@@ -98,6 +98,34 @@ def check_attention_grads(B, H, Hkv, S, D, causal, dtype, layout="bhsd", seed=0,
 # ---------------------------------------------------------------- CPU (and any device)
 
 
+def test_tuner_times_once_and_keeps_the_choice_on_disk(tmp_path, monkeypatch):
+    # The Gluon kernels' tuner: the fastest config per key, timed once, then read back from
+    # disk by a new process (a new Tuner), and timed again for a new key, device or config list.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    times = {(128, 128, 2, "ws"): 3.0, (128, 128, 2, "pingpong"): 1.0, (128, 64, 3, "ws"): 2.0}
+    timed = []
+
+    def time_ms(config):
+        timed.append(config)
+        return times[config]
+
+    configs = list(times)
+    assert fg.Tuner("fwd").pick((8192, 128), configs, time_ms, "gpu0") == (128, 128, 2, "pingpong")
+    assert len(timed) == 3
+    assert fg.Tuner("fwd").pick((8192, 128), configs, time_ms, "gpu0") == (128, 128, 2, "pingpong")
+    assert len(timed) == 3
+    fg.Tuner("fwd").pick((1024, 128), configs, time_ms, "gpu0")
+    fg.Tuner("fwd").pick((8192, 128), configs, time_ms, "gpu1")
+    fg.Tuner("dq").pick((8192, 128), configs, time_ms, "gpu0")
+    assert fg.Tuner("fwd").pick((8192, 128), configs[::2], time_ms, "gpu0") == (128, 64, 3, "ws")
+    assert len(timed) == 3 * 4 + 2
+    assert fg.Tuner("fwd").pick((1, 1), [(64, 3)], time_ms) == (64, 3)  # one config: nothing to time
+    assert len(timed) == 14
+    (tmp_path / "genbench-gluon-tuning.json").write_text("not json")  # a damaged file is timed over
+    assert fg.Tuner("fwd").pick((8192, 128), configs, time_ms, "gpu0") == (128, 128, 2, "pingpong")
+    assert len(timed) == 17
+
+
 def test_supported_refuses_cpu_tensors():
     q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
     reason = fg.supported(q, q, q)
@@ -220,7 +248,6 @@ def test_gpu_attention_gluon_grads(D, causal):
 @pytest.mark.parametrize("config", fg.BWD_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dkdv_config(monkeypatch, config):
     monkeypatch.setattr(fg, "BWD_CONFIGS", [config])
-    monkeypatch.setattr(fg, "_bwd_chosen", {})
     for causal, S in ((False, 333), (True, 200)):
         desc = check_attention_grads(1, 4, 2, S, 128, causal, torch.bfloat16, seed=S, gluon=True)
         assert f"BLOCK_M={config[0]} stages={config[1]}" in desc, desc
@@ -233,7 +260,6 @@ def test_gpu_each_dq_config(monkeypatch, config):
     # The Gluon dQ kernel (off by default: flash_triton.GLUON_DQ) with each of its configs.
     monkeypatch.setattr(ft, "GLUON_DQ", True)
     monkeypatch.setattr(fg, "DQ_CONFIGS", [config])
-    monkeypatch.setattr(fg, "_dq_chosen", {})
     for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64)):
         desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True)
         assert f"gluon bwd dq ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]}" in desc, desc
