@@ -48,7 +48,8 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     GLUON_ERROR: str | None = None
@@ -108,6 +109,22 @@ class Tuner:
         return self._memo[memo]
 
 if GLUON_ERROR is None:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language import _core as _gl_core
+
+    @_gl_core.builtin
+    def _tma_reduce_add(desc, coord, src, _semantic=None):
+        # TMA's reduce-add from shared memory into global memory (cp.reduce.async.bulk.tensor
+        # ... .add): Triton 3.6's IR builder has it, its Gluon Hopper module does not expose it.
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
+
+    @gluon.constexpr_function
+    def _nvmma_layout(inner, bitwidth):
+        # The shared-memory layout wgmma reads for a tile whose rows hold `inner` elements.
+        row_bytes = inner * bitwidth // 8
+        swizzle = max([w for w in (0, 32, 64, 128) if w <= row_bytes])
+        return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bitwidth, rank=2)
 
     @gluon.jit
     def _origin(offset, stride_s):
@@ -470,8 +487,10 @@ if GLUON_ERROR is None:
 
     @gluon.jit
     def _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale,
-                    causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # One 64-row query block for one consumer warpgroup's 64 keys.
+                    causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one consumer warpgroup's 64 keys. With a
+        # real (not 1x1) ds_smem, also this block's share of dQ (see _dkdv_kernel).
+        FUSED_DQ: gl.constexpr = ds_smem.shape[0] > 1
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         ROWS: gl.constexpr = k.shape[0]
@@ -497,15 +516,43 @@ if GLUON_ERROR is None:
         dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
         dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))
         ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
+        if FUSED_DQ:
+            if key_tail != 0:  # keys past S (the next head's rows in the 2-d view) must add nothing to dQ
+                ds_t = gl.where(krows[:, None] < S, ds_t, 0.0)
+        ds_b = ds_t.to(q.dtype)
+        ds16 = gl.convert_layout(ds_b, op_layout)
         dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
-        dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
-        mbarrier.arrive(empty.index(st), count=1)
+        if FUSED_DQ:
+            # dQ[block] += dS K over these 64 keys: dS^T goes through shared memory to be read
+            # transposed; the fp32 product, in two halves of the head dim (32 registers each,
+            # not 64), goes back there and TMA adds it into dQ in global memory.
+            tma.store_wait(0)  # this warpgroup's previous reduces have finished reading dq_smem
+            ds_smem.store(ds_b)
+            gl.thread_barrier()
+            fence_async_shared()
+            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+            mbarrier.arrive(empty.index(st), count=1)
+            HALF: gl.constexpr = k.shape[1] // 2
+            half_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                  instr_shape=[16, HALF, 16])
+            for half in gl.static_range(2):
+                dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k.slice(half * HALF, HALF, dim=1),
+                                       gl.zeros([BLOCK_M, HALF], gl.float32, half_layout), use_acc=False,
+                                       is_async=True)
+                dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+                dq_smem.index(half).store(dq_part)
+            gl.thread_barrier()
+            fence_async_shared()
+            for half in gl.static_range(2):
+                _tma_reduce_add(dq_desc, [dq_row + i * BLOCK_M, half * HALF], dq_smem.index(half))
+        else:
+            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+            mbarrier.arrive(empty.index(st), count=1)
         return dk, dv
 
     @gluon.jit
-    def _dkdv_consumer(k, v, row0, q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
-                       stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+    def _dkdv_consumer(k, v, row0, ds_smem, dq_smem, dq_desc, q_smem, do_smem, kv_bar, ready, empty,
+                       DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                        b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
@@ -518,23 +565,30 @@ if GLUON_ERROR is None:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
+        key_tail = (start_n + 2 * ROWS > S) * 1
         t = 0
         for g in range(GROUP):
             h = hk * GROUP + g
             lse_ptr = LSE + (b * H + h) * S
             delta_ptr = DELTA + (b * H + h) * S
+            dq_row = ((b * H + h) * S).to(gl.int32)  # the fp32 dQ accumulator is a contiguous (B, H, S, D)
             for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, True)
+                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
+                                     s_layout, True)
                 t += 1
             for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, False)
+                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
+                                     s_layout, False)
                 t += 1
             for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, True)
+                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
+                                     s_layout, True)
                 t += 1
+        if ds_smem.shape[0] > 1:
+            tma.store_wait(0)  # the last reduce into dQ has read its shared memory
         rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         keep = rows[:, None] < S
@@ -544,7 +598,7 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, DK, DV, LSE, DELTA,
+    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, dq_desc, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
@@ -554,7 +608,11 @@ if GLUON_ERROR is None:
                      H, GROUP, S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                     FUSED_DQ: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        # FUSED_DQ: the kernel also sums dQ = dS K into dq_desc's fp32 (B*H*S, D)
+        # matrix (zeroed by the caller) with TMA reduce-adds, so that no dQ kernel
+        # has to recompute S and dP (5 products a block instead of 7). Otherwise
+        # dq_desc is unused (any descriptor).
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N % BLOCK_M == 0)
@@ -586,12 +644,23 @@ if GLUON_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
 
+        if FUSED_DQ:  # per warpgroup: its dS^T tile (keys, queries) and its fp32 share of dQ, in two halves
+            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N // 2, BLOCK_M],
+                                                _nvmma_layout(BLOCK_M, q_desc.dtype.primitive_bitwidth))
+            dq_smem0 = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+            dq_smem1 = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+        else:  # one-row stand-ins: their shape tells the consumers that dQ is not theirs
+            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, 1, 8], _nvmma_layout(8, 16))
+            dq_smem0 = ds_smem
+            dq_smem1 = ds_smem
         shared = (q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                   b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
         gl.warp_specialize([
-            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0) + shared),
-            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
+            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0, ds_smem.index(0), dq_smem0,
+                              dq_desc) + shared),
+            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64, ds_smem.index(1), dq_smem1,
+                              dq_desc) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
                             k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
                             stride_db, stride_dh, stride_ds, q_lo, n_q)),
@@ -848,16 +917,23 @@ def supported_bwd(q, k, v, do) -> str | None:
     return reason
 
 
-def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=None):
+    # dq_acc: a zeroed fp32 (B, H, S, D) tensor to sum dQ into (the fused variant), or None.
     B, H, S, D = q.shape
     block_m, stages = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
+    if dq_acc is None:
+        dq_desc = _descriptor(k, 128)  # unused by the kernel
+    else:
+        flat = dq_acc.view(-1, D)  # reduced into in halves of the head dim
+        dq_desc = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_m, D // 2],
+                                   gl.NVMMASharedLayout.get_default_for([block_m, D // 2], gl.float32))
     return _dkdv_kernel[grid](
-        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
+        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m), dq_desc,
         dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_m, stages, dq_acc is not None, CONSUMER_REGS, num_warps=4,
     )
 
 
@@ -875,6 +951,37 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     last_bwd_config = (f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
                        "1 loader warp + 2 consumer warpgroups")
     return dk, dv
+
+
+# The dK/dV kernel that also sums dQ (FUSED_DQ): 5 products a block instead of
+# the 7 of dK/dV + dQ kernels. Its dS^T and fp32 dQ tiles take 80 KB more
+# shared memory, so at D=128 only 2 stages fit (213 KB). Compiled for sm_90a
+# here (no wgmma serialization; 40-56 spilled loads/stores a key block
+# non-causal, 120-266 causal) but not yet run on a GPU: flash_triton uses it
+# only with GLUON_FUSED_DQ set (FLASH_NOTES.md v12 plan).
+FUSED_CONFIGS = {64: [(64, 2), (64, 3)], 128: [(64, 2)]}
+FUSED_TUNER = Tuner("dkdv+dq")
+
+
+def backward_fused(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+    """(dq, dk, dv) from one kernel: dK and dV as backward_dkdv, dQ summed in fp32 by TMA reduce-adds."""
+    global last_bwd_config
+    B, H, S, D = q.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_acc = torch.zeros((B, H, S, D), device=q.device, dtype=torch.float32)
+    if config is None:
+        key = (triton.next_power_of_2(S), D, bool(causal), str(q.dtype), H // k.shape[1])
+        scratch = torch.empty_like(dq_acc)  # timing runs add into this one, never into dq_acc
+        config = FUSED_TUNER.pick(key, FUSED_CONFIGS[D],
+                                  lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
+                                                                          scale, c, dq_acc=scratch)),
+                                  torch.cuda.get_device_name(q.device))
+    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=dq_acc)
+    dq = torch.empty_like(q)
+    dq.copy_(dq_acc.mul_(scale))  # dS K summed without the softmax scale; q's dtype and layout
+    last_bwd_config = (f"ws+dq BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
+                       "1 loader warp + 2 consumer warpgroups, dQ by TMA reduce-add")
+    return dq, dk, dv
 
 
 # (BLOCK_N, STAGES) of the dQ kernel: 128 resident query rows, K/V blocks of

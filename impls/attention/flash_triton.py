@@ -86,6 +86,9 @@ _UPCAST_DOTS = tl.constexpr(INTERPRET)
 # Whether the backward's dQ is flash_gluon's kernel (with the Gluon forward and
 # dK/dV) instead of this module's: off until it is measured (FLASH_NOTES.md v11 plan).
 GLUON_DQ = False
+# Whether it is one Gluon kernel for dK, dV and dQ (dQ summed by TMA reduce-adds,
+# 5 products a block instead of 7): off until measured (FLASH_NOTES.md v12 plan).
+GLUON_FUSED_DQ = False
 
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
 # set from the measured comparison in FLASH_NOTES.md.
@@ -729,7 +732,14 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
         triton.set_allocator(_scratch)  # this may be autograd's worker thread
     common = (S, _seq_bucket(S), scale * LOG2E, scale, D, d_pad, bool(causal), bool(use_tma))
     fg = _gluon_module(q) if gluon else None
-    if fg and fg.supported_bwd(q, k, v, do) is None:
+    if fg and fg.supported_bwd(q, k, v, do) is not None:
+        fg = None
+    if fg and GLUON_FUSED_DQ:
+        dq, dk, dv = fg.backward_fused(q, k, v, do, lse, delta, causal, scale)
+        _last["bwd dkdv"] = "gluon bwd dkdv+dq " + fg.last_bwd_config
+        _last.pop("bwd dq", None)
+        return dq, dk, dv
+    if fg:
         dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
         _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
     else:
@@ -739,7 +749,7 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
             H, group, *common,
         )
         _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
-    if GLUON_DQ and fg and fg.supported_bwd(q, k, v, do) is None:
+    if GLUON_DQ and fg:
         dq = fg.backward_dq(q, k, v, do, lse, delta, causal, scale)
         _last["bwd dq"] = "gluon bwd dq " + fg.last_dq_config
     else:

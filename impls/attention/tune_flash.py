@@ -451,14 +451,16 @@ def gluon_experiment(rep_ms):
 
 
 def gluon_bwd_experiment(rep_ms, out):
-    """The Gluon dK/dV and dQ kernels: gradients against float64 on small odd shapes (each config of
-    each), then forward+backward and each kernel alone at the issue's shape, against Triton and cuDNN."""
+    """The Gluon backward kernels (dK/dV, dQ, and dK/dV with dQ fused): gradients against float64 on small
+    odd shapes (each config of each), then forward+backward and each kernel alone at the issue's shape,
+    against Triton and cuDNN."""
     from triton.testing import do_bench
     from torch.nn.attention import SDPBackend
     from impls.attention import flash_gluon as fg
     check_rows, rows = [], []
     gen = torch.Generator(device=DEVICE).manual_seed(12)
-    for kernel, cfg in [("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]:
+    for kernel, cfg in ([("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]
+                        + [("fused", c) for c in fg.FUSED_CONFIGS[128]]):
         for D, S, causal, layout, (H, Hkv), dtype in [
                 (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
                 (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
@@ -472,15 +474,15 @@ def gluon_bwd_experiment(rep_ms, out):
             row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
                        dtype=str(dtype).removeprefix("torch."))
             try:
-                name = "BWD_CONFIGS" if kernel == "dkdv" else "DQ_CONFIGS"
+                name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS", "fused": "FUSED_CONFIGS"}[kernel]
                 saved = getattr(fg, name)
-                setattr(fg, name, [cfg])
-                ft.GLUON_DQ = kernel == "dq"
+                setattr(fg, name, {64: [cfg], 128: [cfg]} if kernel == "fused" else [cfg])
+                ft.GLUON_DQ, ft.GLUON_FUSED_DQ = kernel == "dq", kernel == "fused"
                 try:
                     grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
                 finally:
                     setattr(fg, name, saved)
-                    ft.GLUON_DQ = False
+                    ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
                 row["kernel"] = ft.last_config()
                 ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
                 row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
@@ -505,10 +507,13 @@ def gluon_bwd_experiment(rep_ms, out):
                     ("gluon fwd + gluon dkdv + triton dq",
                      lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
                     ("gluon fwd + gluon dkdv + gluon dq",
+                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
+                    ("gluon fwd + gluon dkdv+dq in one kernel",
                      lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do))]
         for label, fn in variants:
             row = dict(case=case, impl=label)
             ft.GLUON_DQ = label.endswith("gluon dq")
+            ft.GLUON_FUSED_DQ = label.endswith("one kernel")
             try:
                 grads = fn()
                 row.update({f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)})
@@ -519,7 +524,7 @@ def gluon_bwd_experiment(rep_ms, out):
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             finally:
-                ft.GLUON_DQ = False
+                ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
             rows.append(row)
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
@@ -538,6 +543,9 @@ def gluon_bwd_experiment(rep_ms, out):
                 *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common), ft._bwd_dkdv_kernel))
             kernels += [(f"gluon dq {c}", lambda c=c: fg.backward_dq(q, k, v, do, lse, delta, causal, scale, c), None)
                         for c in fg.DQ_CONFIGS]
+            kernels += [(f"gluon dkdv+dq {c}",
+                         lambda c=c: fg.backward_fused(q, k, v, do, lse, delta, causal, scale, c), None)
+                        for c in fg.FUSED_CONFIGS[D]]
             kernels.append(("triton dq", lambda: ft._bwd_dq_kernel[
                 lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),

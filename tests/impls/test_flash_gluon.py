@@ -267,6 +267,33 @@ def test_gpu_each_dq_config(monkeypatch, config):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("D, config", [(D, c) for D in sorted(fg.FUSED_CONFIGS) for c in fg.FUSED_CONFIGS[D]]
+                         if fg is not None else [], ids=lambda x: str(x).replace(" ", ""))
+def test_gpu_each_fused_dq_config(monkeypatch, D, config):
+    # One kernel for dK, dV and dQ (off by default: flash_triton.GLUON_FUSED_DQ). Odd lengths put
+    # query and key tails in the last blocks, where the next head's rows must add nothing to dQ.
+    monkeypatch.setattr(ft, "GLUON_FUSED_DQ", True)
+    monkeypatch.setattr(fg, "FUSED_CONFIGS", {D: [config]})
+    for causal, S in ((False, 333), (True, 200), (False, 128)):
+        desc = check_attention_grads(2, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True)
+        assert f"gluon bwd dkdv+dq ws+dq BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]}" in desc, desc
+        assert "bwd dq" not in desc.replace("dkdv+dq", ""), desc
+
+
+@hopper
+@pytest.mark.gpu
+def test_gpu_fused_dq_after_tuning(monkeypatch, tmp_path):
+    # With more than one config the tuner times them first: those runs must not add into the dQ returned.
+    monkeypatch.setattr(ft, "GLUON_FUSED_DQ", True)
+    monkeypatch.setattr(fg.Tuner, "path", staticmethod(lambda: str(tmp_path / "tuning.json")))  # nothing cached
+    monkeypatch.setattr(fg, "FUSED_TUNER", fg.Tuner("dkdv+dq"))
+    assert len(fg.FUSED_CONFIGS[64]) > 1
+    check_attention_grads(1, 4, 2, 300, 64, True, torch.bfloat16, seed=1, gluon=True)
+    check_attention_grads(2, 4, 4, 257, 64, False, torch.float16, layout="bshd", seed=2, gluon=True)
+
+
+@hopper
+@pytest.mark.gpu
 def test_gpu_attention_gluon_bshd_fp16_grads():
     desc = check_attention_grads(2, 4, 2, 257, 128, True, torch.float16, layout="bshd", seed=3, gluon=True)
     assert desc.startswith("gluon fwd")
