@@ -533,8 +533,7 @@ if GLUON_ERROR is None:
             dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
             mbarrier.arrive(empty.index(st), count=1)
             HALF: gl.constexpr = k.shape[1] // 2
-            half_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                  instr_shape=[16, HALF, 16])
+            half_layout: gl.constexpr = _mma_layout(HALF)
             for half in gl.static_range(2):
                 dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k.slice(half * HALF, HALF, dim=1),
                                        gl.zeros([BLOCK_M, HALF], gl.float32, half_layout), use_acc=False,
@@ -557,10 +556,8 @@ if GLUON_ERROR is None:
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _mma_layout(BLOCK_M)
+        acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
         krows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
@@ -721,10 +718,8 @@ if GLUON_ERROR is None:
         ROWS: gl.constexpr = q.shape[0]
         HEAD_DIM: gl.constexpr = q.shape[1]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+        acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
         rows = start_m + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         lse = gl.load(LSE + bh.to(gl.int64) * S + rows, mask=rows < S, other=0.0)
         delta = gl.load(DELTA + bh.to(gl.int64) * S + rows, mask=rows < S, other=0.0)
