@@ -370,7 +370,7 @@ def experiment(rep_ms, only: str = ""):
     return rows
 
 
-def gluon_experiment(rep_ms):
+def gluon_experiment(rep_ms, kinds=None):
     """The Gluon forward (flash_gluon.py): every config against float64 on small odd shapes, then
     timed at the issue's shapes next to the Triton forward and SDPA's cuDNN and flash backends."""
     from triton.testing import do_bench
@@ -380,6 +380,8 @@ def gluon_experiment(rep_ms):
     gen = torch.Generator(device=DEVICE).manual_seed(11)
     for D in (128, 64):
         for cfg in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, []):
+            if kinds and cfg[3] not in kinds:
+                continue
             for dtype in (torch.bfloat16, torch.float16):
                 for S, causal, layout, (H, Hkv) in [(333, False, "bhsd", (4, 2)), (333, True, "bshd", (4, 2)),
                                                   (1, False, "bhsd", (2, 2)), (64, True, "bhsd", (2, 1)),
@@ -422,7 +424,7 @@ def gluon_experiment(rep_ms):
                                 ("triton", lambda: ft.attention(q, k, v, causal, gluon=False))]
                     variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
                                  for c in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, [])
-                                 if not (causal and c[3] == "persistent")]
+                                 if not (causal and c[3] == "persistent") and not (kinds and c[3] not in kinds)]
                     variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
                     for label, fn in variants:
                         row = dict(case=case, impl=label)
@@ -451,50 +453,14 @@ def gluon_experiment(rep_ms):
 
 
 def gluon_bwd_experiment(rep_ms, out):
-    """The Gluon backward kernels (dK/dV, dQ, and dK/dV with dQ fused): gradients against float64 on small
-    odd shapes (each config of each), then forward+backward and each kernel alone at the issue's shape,
-    against Triton and cuDNN."""
+    """The Gluon backward kernels (dK/dV, dQ, and dK/dV with dQ fused): forward+backward and each kernel
+    alone at the issue's shape, against Triton and cuDNN, then gradients against float64 on small odd
+    shapes, each config of each."""
     from triton.testing import do_bench
     from torch.nn.attention import SDPBackend
     from impls.attention import flash_gluon as fg
     check_rows, rows = [], []
-    gen = torch.Generator(device=DEVICE).manual_seed(12)
-    for kernel, cfg in ([("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]
-                        + [("fused", c) for c in fg.FUSED_CONFIGS[128]]):
-        for D, S, causal, layout, (H, Hkv), dtype in [
-                (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
-                (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
-                (64, 700, False, "bshd", (6, 3), torch.float16), (128, 1, False, "bhsd", (2, 2), torch.bfloat16)]:
-            shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
-            q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
-            if layout == "bshd":
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-            do = torch.randn_like(q)
-            row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
-                       dtype=str(dtype).removeprefix("torch."))
-            try:
-                name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS", "fused": "FUSED_CONFIGS"}[kernel]
-                saved = getattr(fg, name)
-                setattr(fg, name, {64: [cfg], 128: [cfg]} if kernel == "fused" else [cfg])
-                ft.GLUON_DQ, ft.GLUON_FUSED_DQ = kernel == "dq", kernel == "fused"
-                try:
-                    grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
-                finally:
-                    setattr(fg, name, saved)
-                    ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
-                row["kernel"] = ft.last_config()
-                ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
-                row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
-                # Relative errors are undefined where the reference is zero (S=1: dq = dk = 0).
-                row.update({f"{n}_abs": (g.double() - r).abs().max().item()
-                            for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
-            except Exception as exc:  # noqa: BLE001 - a failing config is a row
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            check_rows.append(row)
-            write_csv(os.path.join(out, "gluon_bwd_correctness.csv"), check_rows)
-            print({k2: (f"{v2:.2e}" if isinstance(v2, float) else v2) for k2, v2 in row.items() if k2 != "kernel"},
-                  flush=True)
+    # The issue's shape first (the figures that matter if the call's time runs out), with errors against cuDNN.
     for causal in (False, True):
         B, H, S, D = 2, 16, 8192, 128
         q, k, v, do = make_inputs(B, H, S, D, "bhsd")
@@ -561,6 +527,44 @@ def gluon_bwd_experiment(rep_ms, out):
                 rows.append(row)
                 write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
                 print(row, flush=True)
+    # Then gradients against float64 on small odd shapes, each config of each kernel.
+    gen = torch.Generator(device=DEVICE).manual_seed(12)
+    for kernel, cfg in ([("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]
+                        + [("fused", c) for c in fg.FUSED_CONFIGS[128]]):
+        for D, S, causal, layout, (H, Hkv), dtype in [
+                (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
+                (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
+                (64, 700, False, "bshd", (6, 3), torch.float16), (128, 1, False, "bhsd", (2, 2), torch.bfloat16)]:
+            shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
+            q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
+            if layout == "bshd":
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+            do = torch.randn_like(q)
+            row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
+                       dtype=str(dtype).removeprefix("torch."))
+            try:
+                name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS", "fused": "FUSED_CONFIGS"}[kernel]
+                saved = getattr(fg, name)
+                setattr(fg, name, {64: [cfg], 128: [cfg]} if kernel == "fused" else [cfg])
+                ft.GLUON_DQ, ft.GLUON_FUSED_DQ = kernel == "dq", kernel == "fused"
+                try:
+                    grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
+                finally:
+                    setattr(fg, name, saved)
+                    ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
+                row["kernel"] = ft.last_config()
+                ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
+                row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
+                # Relative errors are undefined where the reference is zero (S=1: dq = dk = 0).
+                row.update({f"{n}_abs": (g.double() - r).abs().max().item()
+                            for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
+            except Exception as exc:  # noqa: BLE001 - a failing config is a row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            check_rows.append(row)
+            write_csv(os.path.join(out, "gluon_bwd_correctness.csv"), check_rows)
+            print({k2: (f"{v2:.2e}" if isinstance(v2, float) else v2) for k2, v2 in row.items() if k2 != "kernel"},
+                  flush=True)
     return check_rows, rows
 
 
@@ -579,7 +583,8 @@ def main():
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
     p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
-    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon dK/dV and dQ kernels: checks and timings")
+    p.add_argument("--kinds", default="", help="with --gluon: only configs of these kinds (comma list)")
+    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon backward kernels (dK/dV, dQ, both fused): timings, then checks")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
@@ -614,7 +619,7 @@ def main():
         return
 
     if args.gluon:
-        checks, rows, kernels = gluon_experiment(args.rep_ms)
+        checks, rows, kernels = gluon_experiment(args.rep_ms, [k for k in args.kinds.split(",") if k])
         write_csv(os.path.join(args.out, "gluon_correctness.csv"), checks)
         write_csv(os.path.join(args.out, "gluon_timing.csv"), rows)
         write_csv(os.path.join(args.out, "gluon_kernels.csv"), kernels)
