@@ -53,10 +53,20 @@ def _triton_why_not(q, k, v, causal) -> str | None:
     return reason and f"{reason}; tiled-torch is the CPU path"
 
 
+def _triton_only_why_not(q, k, v, causal) -> str | None:
+    reason = _triton_why_not(q, k, v, causal)
+    if reason is None and not flash_triton.uses_gluon(q, k, v):
+        reason = "tiled runs the Triton kernels here already"
+    return reason
+
+
 IMPLS: dict[str, Impl] = {
     "naive": Impl(naive.attention, kernel=lambda q, k, v, causal: "matmul+softmax+matmul"),
     # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
     "tiled": Impl(flash_triton.attention, why_not=_triton_why_not, kernel=lambda q, k, v, causal: flash_triton.last_config()),
+    # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).
+    "tiled-triton": Impl(functools.partial(flash_triton.attention, gluon=False), why_not=_triton_only_why_not,
+                         kernel=lambda q, k, v, causal: flash_triton.last_config()),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
     "tiled-torch": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
     "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),

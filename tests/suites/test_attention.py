@@ -65,6 +65,19 @@ def test_triton_tiled_runs_through_the_interpreter_on_cpu():
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
 
 
+def test_tiled_triton_runs_only_where_tiled_would_run_gluon(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the choice is real (tests/impls/test_flash_gluon.py)")
+    sweep = suite.sweep(suite.AttentionOptions(seqs=(70,)))
+    m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)  # no Gluon here: the same as tiled
+    assert m.status == "unsupported" and "Triton kernels here already" in m.reason
+    # Where tiled would take Gluon's kernels, tiled-triton runs and keeps Triton's.
+    monkeypatch.setattr(suite.flash_triton, "uses_gluon", lambda q, k, v, gluon=None: gluon is not False)
+    m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
+
+
 def test_wrong_impl_is_a_mismatch_and_not_timed(monkeypatch):
     broken = suite.Impl(lambda q, k, v, causal: naive.attention(q, k, v, causal) * 1.01)
     monkeypatch.setitem(suite.IMPLS, "broken", broken)
