@@ -801,10 +801,21 @@ FWD_TUNER = Tuner("fwd")
 last_config = ""
 
 
+# Gluon's API changes between Triton releases (Triton 3.9's does not compile
+# these kernels: `python3 -m impls.attention.compile_gluon` says where), so they
+# run only on the versions they were written and measured with, unless
+# GENBENCH_GLUON_ANY_TRITON=1 asks to try another.
+TRITON_VERSIONS = ("3.6.",)
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if forward() runs these inputs here, else a short reason (flash_triton's kernel runs them)."""
+    import os
     if GLUON_ERROR is not None:
         return GLUON_ERROR
+    if not triton.__version__.startswith(TRITON_VERSIONS) and os.environ.get("GENBENCH_GLUON_ANY_TRITON") != "1":
+        return (f"the Gluon kernels are written for Triton {', '.join(v.rstrip('.') for v in TRITON_VERSIONS)}, "
+                f"this is {triton.__version__} (GENBENCH_GLUON_ANY_TRITON=1 tries anyway)")
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return "the Gluon kernel is written for Hopper (sm_90) GPUs"
     if q.dtype not in (torch.float16, torch.bfloat16):

@@ -126,6 +126,19 @@ def test_tuner_times_once_and_keeps_the_choice_on_disk(tmp_path, monkeypatch):
     assert len(timed) == 17
 
 
+@pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="needs triton.experimental.gluon")
+def test_supported_only_on_the_triton_versions_the_kernels_were_written_for(monkeypatch):
+    q = torch.empty(1, 1, 4, 128)
+    monkeypatch.delenv("GENBENCH_GLUON_ANY_TRITON", raising=False)
+    monkeypatch.setattr(fg.triton, "__version__", "3.9.0")
+    assert "written for Triton 3.6, this is 3.9.0" in fg.supported(q, q, q)
+    monkeypatch.setenv("GENBENCH_GLUON_ANY_TRITON", "1")  # then the next check speaks: the tensors are on CPU
+    assert "Hopper" in fg.supported(q, q, q)
+    monkeypatch.delenv("GENBENCH_GLUON_ANY_TRITON")
+    monkeypatch.setattr(fg.triton, "__version__", "3.6.0")
+    assert "Hopper" in fg.supported(q, q, q)
+
+
 def test_supported_refuses_cpu_tensors():
     q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
     reason = fg.supported(q, q, q)
