@@ -112,12 +112,21 @@ if GLUON_ERROR is None:
     from triton._C.libtriton import ir as _ir
     from triton.experimental.gluon.language import _core as _gl_core
 
+    # Names that Gluon changed after Triton 3.6, so that compile_gluon also builds these kernels
+    # with later Tritons (they run only on 3.6: see TRITON_VERSIONS): a TMA load into shared
+    # memory, and a barrier of the warps that run the code (a partition's inside warp_specialize).
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
     @_gl_core.builtin
-    def _tma_reduce_add(desc, coord, src, _semantic=None):
+    def _tma_reduce_add_3_6(desc, coord, src, _semantic=None):
         # TMA's reduce-add from shared memory into global memory (cp.reduce.async.bulk.tensor
         # ... .add): Triton 3.6's IR builder has it, its Gluon Hopper module does not expose it.
         coord = _semantic._convert_to_ir_values(coord, require_i64=False)
         _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
+
+    # Later Tritons expose it as tma.async_atomic_add.
+    _tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_3_6
 
     @gluon.constexpr_function
     def _nvmma_layout(inner, bitwidth):
@@ -144,16 +153,16 @@ if GLUON_ERROR is None:
             free = (((c0 + j) // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
             mbarrier.wait(k_empty.index(st), free)
             mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(st), k_smem.index(st))
+            _tma_load(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(st), k_smem.index(st))
             mbarrier.wait(v_empty.index(st), free)
             mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(st), v_smem.index(st))
+            _tma_load(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                 q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        _tma_load(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
         _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       k_row, k_col, v_row, v_col, n_blocks, 0)
 
@@ -382,8 +391,8 @@ if GLUON_ERROR is None:
             mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
             bar = q_ready.index(qb)
             mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], bar, q_smem.index(2 * qb))
-            tma.async_copy_global_to_shared(q_desc, [q_row + start_m + ROWS, q_col], bar, q_smem.index(2 * qb + 1))
+            _tma_load(q_desc, [q_row + start_m, q_col], bar, q_smem.index(2 * qb))
+            _tma_load(q_desc, [q_row + start_m + ROWS, q_col], bar, q_smem.index(2 * qb + 1))
             _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                           k_row, k_col, v_row, v_col, n_blocks, c)
             c += n_blocks
@@ -469,8 +478,8 @@ if GLUON_ERROR is None:
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + start_n, k_col], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [v_row + start_n, v_col], kv_bar, v_smem)
+        _tma_load(k_desc, [k_row + start_n, k_col], kv_bar, k_smem)
+        _tma_load(v_desc, [v_row + start_n, v_col], kv_bar, v_smem)
         t = 0
         for g in range(GROUP):
             h = hk * GROUP + g
@@ -481,8 +490,8 @@ if GLUON_ERROR is None:
                 mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
                 bar = ready.index(st)
                 mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, q_col], bar, q_smem.index(st))
-                tma.async_copy_global_to_shared(do_desc, [d_row + i * BLOCK_M, d_col], bar, do_smem.index(st))
+                _tma_load(q_desc, [q_row + i * BLOCK_M, q_col], bar, q_smem.index(st))
+                _tma_load(do_desc, [d_row + i * BLOCK_M, d_col], bar, do_smem.index(st))
                 t += 1
 
     @gluon.jit
@@ -528,7 +537,7 @@ if GLUON_ERROR is None:
             # not 64), goes back there and TMA adds it into dQ in global memory.
             tma.store_wait(0)  # this warpgroup's previous reduces have finished reading dq_smem
             ds_smem.store(ds_b)
-            gl.thread_barrier()
+            _cta_barrier()
             fence_async_shared()
             dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
             mbarrier.arrive(empty.index(st), count=1)
@@ -540,7 +549,7 @@ if GLUON_ERROR is None:
                                        is_async=True)
                 dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
                 dq_smem.index(half).store(dq_part)
-            gl.thread_barrier()
+            _cta_barrier()
             fence_async_shared()
             for half in gl.static_range(2):
                 _tma_reduce_add(dq_desc, [dq_row + i * BLOCK_M, half * HALF], dq_smem.index(half))
@@ -675,8 +684,8 @@ if GLUON_ERROR is None:
                    k_ready, v_ready, k_empty, v_empty, q_row, q_col, d_row, d_col, k_row, k_col, v_row, v_col,
                    start_m, n_blocks):
         mbarrier.expect(qdo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + start_m, q_col], qdo_bar, q_smem)
-        tma.async_copy_global_to_shared(do_desc, [d_row + start_m, d_col], qdo_bar, do_smem)
+        _tma_load(q_desc, [q_row + start_m, q_col], qdo_bar, q_smem)
+        _tma_load(do_desc, [d_row + start_m, d_col], qdo_bar, do_smem)
         _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       k_row, k_col, v_row, v_col, n_blocks, 0)
 
@@ -801,10 +810,10 @@ FWD_TUNER = Tuner("fwd")
 last_config = ""
 
 
-# Gluon's API changes between Triton releases (Triton 3.9's does not compile
-# these kernels: `python3 -m impls.attention.compile_gluon` says where), so they
-# run only on the versions they were written and measured with, unless
-# GENBENCH_GLUON_ANY_TRITON=1 asks to try another.
+# Gluon's API changes between Triton releases, and a kernel that compiles is
+# not yet a kernel that was measured: they run only on the versions they were
+# measured with, unless GENBENCH_GLUON_ANY_TRITON=1 asks to try another
+# (3.9 compiles them: `python3 -m impls.attention.compile_gluon`).
 TRITON_VERSIONS = ("3.6.",)
 
 
