@@ -89,7 +89,7 @@ def jobs():
                        dict(q_desc=_desc(x, bm), k_desc=_desc(x, bn), v_desc=_desc(x, bn), O=x, LSE=lse,
                             **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
-                            CONSUMER_REGS=fg.CONSUMER_REGS))
+                            HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
             acc = torch.empty(2, 16, 8192, D)
             for fused, configs in ((False, fg.BWD_CONFIGS), (True, fg.FUSED_CONFIGS[D])):
                 for bm, st in configs:
@@ -101,13 +101,13 @@ def jobs():
                                 DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,
                                 **strides("q", "k", "v", "d", "dk", "dv")),
                            dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st, FUSED_DQ=fused,
-                                CONSUMER_REGS=fg.CONSUMER_REGS))
+                                HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
             for bn, st in fg.DQ_CONFIGS:
                 yield (f"dq D={D} causal={causal} {bn} s{st}", fg._dq_kernel,
                        dict(q_desc=_desc(x, 128), do_desc=_desc(x, 128), k_desc=_desc(x, bn), v_desc=_desc(x, bn),
                             DQ=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars, **strides("q", "d", "k", "v", "dq")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=128, BLOCK_N=bn, STAGES=st,
-                            CONSUMER_REGS=fg.CONSUMER_REGS))
+                            HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
 
 
 def main():

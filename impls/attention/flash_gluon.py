@@ -288,20 +288,33 @@ if GLUON_ERROR is None:
         return o, m_i, l_i, p_new
 
     @gluon.jit
-    def _row_block(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    def _tile_ids(HEADS_FIRST: gl.constexpr):
+        # (block, head) of this program. The GPU starts programs in the order of
+        # their ids, axis 0 fastest: HEADS_FIRST grids are (heads, blocks), so
+        # every head's first block starts before any head's second one. Causal
+        # launches use it with the heaviest blocks first, so no head's longest
+        # program starts in the last wave (longest-first scheduling).
+        if HEADS_FIRST:
+            return gl.program_id(1), gl.program_id(0)
+        else:
+            return gl.program_id(0), gl.program_id(1)
+
+    @gluon.jit
+    def _row_block(S, H, GROUP, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
         # This program's BLOCK_M query rows of one head (heaviest row blocks
         # first when causal), the key blocks they visit, and the first of
         # those that needs a mask (the diagonal, or the partial last block).
         n_m = gl.cdiv(S, BLOCK_M)
+        blk, bh = _tile_ids(HEADS_FIRST)
         if CAUSAL:
-            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M
+            start_m = (n_m - 1 - blk) * BLOCK_M
             hi = gl.minimum(start_m + BLOCK_M, S)
             mask_from = start_m // BLOCK_N
         else:
-            start_m = gl.program_id(0) * BLOCK_M
+            start_m = blk * BLOCK_M
             hi = S
             mask_from = S // BLOCK_N
-        bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
         h = (bh % H).to(gl.int64)
         return start_m, bh, b, h, h // GROUP, gl.cdiv(hi, BLOCK_N), mask_from
@@ -331,11 +344,12 @@ if GLUON_ERROR is None:
                     H, GROUP, S, qk_scale,
                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                    PINGPONG: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    num_warps: gl.constexpr):
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
         gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, HEADS_FIRST, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
@@ -505,8 +519,15 @@ if GLUON_ERROR is None:
         ROWS: gl.constexpr = k.shape[0]
         st = t % STAGES
         qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        lse = gl.load(lse_ptr + qrows, mask=qrows < S, other=0.0)
-        delta = gl.load(delta_ptr + qrows, mask=qrows < S, other=0.0)
+        # lse and delta are per query, a column of S^T, and each thread holds 16 of
+        # the 64 columns. Loaded in that layout, every thread would compute 32
+        # 64-bit addresses a block (the registers they took made ptxas spill in
+        # the key loop); loaded one value a thread, they are spread by one
+        # exchange through shared memory.
+        one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
+        lse = gl.convert_layout(gl.load(lse_ptr + cols, mask=cols < S, other=0.0), qrows.type.layout)
+        delta = gl.convert_layout(gl.load(delta_ptr + cols, mask=cols < S, other=0.0), qrows.type.layout)
         mbarrier.wait(ready.index(st), (t // STAGES) & 1)
         q = q_smem.index(st)
         do = do_smem.index(st)
@@ -614,7 +635,8 @@ if GLUON_ERROR is None:
                      H, GROUP, S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                     FUSED_DQ: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                     FUSED_DQ: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     num_warps: gl.constexpr):
         # FUSED_DQ: the kernel also sums dQ = dS K into dq_desc's fp32 (B*H*S, D)
         # matrix (zeroed by the caller) with TMA reduce-adds, so that no dQ kernel
         # has to recompute S and dP (5 products a block instead of 7). Otherwise
@@ -622,8 +644,8 @@ if GLUON_ERROR is None:
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N % BLOCK_M == 0)
-        start_n = gl.program_id(0) * BLOCK_N
-        bhk = gl.program_id(1)
+        blk, bhk = _tile_ids(HEADS_FIRST)  # key blocks of a head: the heaviest (causal) first
+        start_n = blk * BLOCK_N
         Hkv = H // GROUP
         b = (bhk // Hkv).to(gl.int64)
         hk = (bhk % Hkv).to(gl.int64)
@@ -755,11 +777,11 @@ if GLUON_ERROR is None:
                    H, GROUP, S, qk_scale, sm_scale,
                    HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                   HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 query rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, HEADS_FIRST, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
@@ -869,10 +891,23 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, [rows, ss], [ss, 1], [block_rows, D], layout)
 
 
+# Whether causal launches order their programs heads-first, heaviest blocks
+# first (_tile_ids): the last wave then holds light programs, not some head's
+# longest one. Non-causal programs are all alike and keep block-first order,
+# whose running programs share their heads' K and V in L2.
+HEADS_FIRST = True
+
+
+def _grid(n_blocks: int, n_heads: int, causal: bool):
+    """(grid, HEADS_FIRST) for n_blocks blocks of each of n_heads (batch x head) pairs."""
+    heads_first = bool(causal) and HEADS_FIRST
+    return ((n_heads, n_blocks) if heads_first else (n_blocks, n_heads)), heads_first
+
+
 def _launch(q, k, v, o, lse, causal, scale, config):
     B, H, S, D = q.shape
     block_m, block_n, stages, kind = config
-    grid = (triton.cdiv(S, block_m), B * H)
+    grid, heads_first = _grid(triton.cdiv(S, block_m), B * H, causal)
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
@@ -887,7 +922,7 @@ def _launch(q, k, v, o, lse, causal, scale, config):
             _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, n_tiles, scale * LOG2E, D, block_n, stages, CONSUMER_REGS, num_warps=4)
-    return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
+    return _fwd_kernel[grid](*args, kind == "pingpong", heads_first, CONSUMER_REGS, num_warps=4)
 
 
 def _time_ms(fn) -> float:
@@ -936,7 +971,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=
     # dq_acc: a zeroed fp32 (B, H, S, D) tensor to sum dQ into (the fused variant), or None.
     B, H, S, D = q.shape
     block_m, stages = config
-    grid = (triton.cdiv(S, 128), B * k.shape[1])
+    grid, heads_first = _grid(triton.cdiv(S, 128), B * k.shape[1], causal)
     if dq_acc is None:
         dq_desc = _descriptor(k, 128)  # unused by the kernel
     else:
@@ -948,7 +983,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=
         dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_m, stages, dq_acc is not None, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_m, stages, dq_acc is not None, heads_first, CONSUMER_REGS, num_warps=4,
     )
 
 
@@ -1011,13 +1046,13 @@ last_dq_config = ""
 def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_n, stages = config
-    grid = (triton.cdiv(S, 128), B * H)
+    grid, heads_first = _grid(triton.cdiv(S, 128), B * H, causal)
     return _dq_kernel[grid](
         _descriptor(q, 128), _descriptor(do, 128), _descriptor(k, block_n), _descriptor(v, block_n),
         dq, lse, delta,
         *q.stride()[:3], *do.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_n, stages, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_n, stages, heads_first, CONSUMER_REGS, num_warps=4,
     )
 
 

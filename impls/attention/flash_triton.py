@@ -84,11 +84,16 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
 
 # Whether the backward's dQ is flash_gluon's kernel (with the Gluon forward and
-# dK/dV) instead of this module's: off until it is measured (FLASH_NOTES.md v11 plan).
-GLUON_DQ = False
+# dK/dV) instead of this module's: measured faster on the H200 (FLASH_NOTES.md
+# v11: 2.21 vs 2.64 ms non-causal, 1.25 vs 1.38 ms causal at the issue's shape).
+GLUON_DQ = True
 # Whether it is one Gluon kernel for dK, dV and dQ (dQ summed by TMA reduce-adds,
-# 5 products a block instead of 7): off until measured (FLASH_NOTES.md v12 plan).
+# 5 products a block instead of 7): off, measured slower (FLASH_NOTES.md v11).
 GLUON_FUSED_DQ = False
+# Whether the Gluon dQ kernel runs on a second stream beside the dK/dV kernel
+# (they share only inputs), so that each fills the SMs the other's last wave
+# leaves idle: off until measured (FLASH_NOTES.md v13).
+CONCURRENT_DQ = False
 
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
 # set from the measured comparison in FLASH_NOTES.md.
@@ -739,6 +744,8 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
         _last["bwd dkdv"] = "gluon bwd dkdv+dq " + fg.last_bwd_config
         _last.pop("bwd dq", None)
         return dq, dk, dv
+    if fg and GLUON_DQ and CONCURRENT_DQ:
+        return _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, causal, scale)
     if fg:
         dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
         _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
@@ -762,11 +769,32 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
     return dq, dk, dv
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, causal, scale):
+    # The dQ kernel on a side stream while dK/dV runs on the caller's. The inputs
+    # were made on the caller's stream, which waits for the side stream before
+    # its next work, so no memory is reused under a running kernel; dq is made
+    # on the side stream and handed to the caller's (record_stream).
+    main = torch.cuda.current_stream(q.device)
+    side = _side_streams.setdefault(q.device, torch.cuda.Stream(q.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        dq = fg.backward_dq(q, k, v, do, lse, delta, causal, scale)
+    dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
+    main.wait_stream(side)
+    dq.record_stream(main)
+    _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
+    _last["bwd dq"] = "gluon bwd dq " + fg.last_dq_config + ", beside dkdv on a second stream"
+    return dq, dk, dv
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, use_tma, gluon=False):
-        # gluon: run flash_gluon's forward and dK/dV kernels (attention() decides, see uses_gluon);
-        # delta and dQ are Triton's either way.
+        # gluon: run flash_gluon's forward and backward kernels where they run (attention() decides,
+        # see uses_gluon); delta is Triton's either way.
         if gluon:
             o, lse = _gluon_forward(q, k, v, causal, scale)
         else:
@@ -792,7 +820,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     they were measured to pay (PREFER_TMA), True asks for them where they can
     run, False forces pointer loads. gluon: None runs flash_gluon's forward
     where it can run and was measured faster (flash_gluon.PREFERRED_HEAD_DIMS),
-    True wherever it can run, False never; the backward is Triton's either way.
+    True wherever it can run, False never; the backward follows the forward
+    (flash_gluon's dK/dV and dQ kernels after its forward, see GLUON_DQ).
     last_config() says which ran.
     """
     reason = supported(q, k, v, causal)

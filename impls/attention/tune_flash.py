@@ -568,6 +568,80 @@ def gluon_bwd_experiment(rep_ms, out):
     return check_rows, rows
 
 
+def schedule_experiment(rep_ms, out, D=128):
+    """How the Gluon kernels' programs are laid on the GPU, at the issue's shape: the causal launch order
+    (flash_gluon.HEADS_FIRST), dQ beside dK/dV on a second stream (flash_triton.CONCURRENT_DQ), dQ fused
+    into the dK/dV kernel (GLUON_FUSED_DQ) and the persistent forward, each next to the defaults and cuDNN. Every variant is timed in two rounds (all
+    variants, then all again), so that drift over the run shows as a difference between the rounds."""
+    from triton.testing import do_bench
+    from torch.nn.attention import SDPBackend
+    from impls.attention import flash_gluon as fg
+    B, H, S = 2, 16, 8192
+    scale = 1 / math.sqrt(D)
+    rows = []
+
+    @contextlib.contextmanager
+    def flags(heads_first=True, concurrent=False, fused=False):
+        saved = fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ
+        fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ = heads_first, concurrent, fused
+        try:
+            yield
+        finally:
+            fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ = saved
+
+    for causal in (False, True):
+        q, k, v, do = make_inputs(B, H, S, D, "bhsd")
+        case = f"D{D}-S{S}-{'causal' if causal else 'full'}"
+        with torch.no_grad():
+            o, lse = ft._forward(q, k, v, causal, scale, False)
+            delta = (o.float() * do.float()).sum(-1)
+        gluon_fb = lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)  # noqa: E731
+        cudnn_fb = lambda: torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal),  # noqa: E731
+                                               (q, k, v), do)
+        variants = [  # (label, mode, flags, fn)
+            ("sdpa-cudnn", "fwd", {}, lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
+            ("gluon fwd", "fwd", {}, lambda: fg.forward(q, k, v, causal, scale)[0]),
+            ("sdpa-cudnn", "fwd+bwd", {}, cudnn_fb),
+            ("gluon", "fwd+bwd", {}, gluon_fb),
+            ("gluon, dq on a second stream", "fwd+bwd", dict(concurrent=True), gluon_fb),
+            ("gluon, dkdv+dq in one kernel", "fwd+bwd", dict(fused=True), gluon_fb),
+            ("gluon dkdv", "kernel", {}, lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)),
+            ("gluon dq", "kernel", {}, lambda: fg.backward_dq(q, k, v, do, lse, delta, causal, scale)),
+        ]
+        if causal:  # the launch order only changes causal launches
+            variants += [(label + ", block-first order", mode, dict(flag, heads_first=False), fn)
+                         for label, mode, flag, fn in variants if label.startswith("gluon")]
+        else:
+            variants += [(f"gluon fwd {c}", "fwd", {}, lambda c=c: fg.forward(q, k, v, causal, scale, c)[0])
+                         for c in fg.CONFIGS[D][:1] + fg.EXPERIMENTAL_CONFIGS.get(D, [])]
+        ref = {"fwd": _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal).double(), "fwd+bwd": cudnn_fb()}
+        for rnd in (1, 2):
+            for label, mode, flag, fn in variants:
+                row = dict(case=case, mode=mode, impl=label, round=rnd)
+                try:
+                    with flags(**flag):
+                        res = fn()
+                        if rnd == 1 and mode == "fwd":
+                            row["vs_cudnn"] = rel_err(res, ref["fwd"])
+                        elif rnd == 1 and mode == "fwd+bwd":
+                            row.update({f"vs_cudnn_d{n}": rel_err(g, r.double())
+                                        for n, g, r in zip("qkv", res, ref["fwd+bwd"])})
+                        row["ms"] = do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+                        if mode != "kernel":
+                            row["tflops"] = tflops(B, H, S, D, causal, row["ms"], mode == "fwd+bwd")
+                        row["config"] = (ft.last_config() if mode == "fwd+bwd" and label != "sdpa-cudnn" else
+                                         fg.last_config if label.startswith("gluon fwd") else
+                                         fg.last_bwd_config if label.startswith("gluon dkdv") else
+                                         fg.last_dq_config if label.startswith("gluon dq") else "")
+                except Exception as exc:  # noqa: BLE001 - a failing variant is a row
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+                write_csv(os.path.join(out, "schedule_timing.csv"), rows)
+                print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()
+                       if k2 != "config"}, flush=True)
+    return rows
+
+
 def _sdpa(backend, q, k, v, causal):
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel(backend):
@@ -585,6 +659,8 @@ def main():
     p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
     p.add_argument("--kinds", default="", help="with --gluon: only configs of these kinds (comma list)")
     p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon backward kernels (dK/dV, dQ, both fused): timings, then checks")
+    p.add_argument("--schedule", action="store_true",
+                   help="only the Gluon kernels' launch order, dQ on a second stream, the persistent forward")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")
     p.add_argument("--check-dtypes", default="", help="comma list: run only these dtypes' correctness jobs")
     p.add_argument("--dry-run", action="store_true", help="checks only, on CPU under TRITON_INTERPRET=1")
@@ -616,6 +692,9 @@ def main():
 
     if args.gluon_bwd:
         gluon_bwd_experiment(args.rep_ms, args.out)  # writes its CSVs row by row
+        return
+    if args.schedule:
+        schedule_experiment(args.rep_ms, args.out)  # writes its CSV row by row
         return
 
     if args.gluon:

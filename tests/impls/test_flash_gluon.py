@@ -251,9 +251,44 @@ def test_gpu_experimental_forward_configs(D, config):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_attention_gluon_grads(D, causal):
-    # Gluon forward and dK/dV kernels, Triton's delta and dQ, against float64 gradients.
+    # Gluon forward, dK/dV and dQ kernels (Triton's delta) against float64 gradients.
     desc = check_attention_grads(1, 4, 2, 333, D, causal, torch.bfloat16, gluon=True)
-    assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv " in desc and "; triton bwd dq " in desc
+    assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv " in desc and "; gluon bwd dq " in desc
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_triton_dq_after_gluon_dkdv(monkeypatch, causal):
+    monkeypatch.setattr(ft, "GLUON_DQ", False)
+    desc = check_attention_grads(1, 4, 2, 333, 128, causal, torch.bfloat16, gluon=True)
+    assert "; gluon bwd dkdv " in desc and "; triton bwd dq " in desc, desc
+
+
+@hopper
+@pytest.mark.gpu
+def test_gpu_dq_on_a_second_stream(monkeypatch):
+    # dQ beside dK/dV on a side stream (flash_triton.CONCURRENT_DQ), twice in a row so that the second
+    # call's inputs may reuse memory the first freed, and once inside a caller's own stream.
+    monkeypatch.setattr(ft, "CONCURRENT_DQ", True)
+    for seed, (S, causal) in enumerate([(333, False), (2000, True)]):
+        desc = check_attention_grads(2, 4, 2, S, 128, causal, torch.bfloat16, seed=seed, gluon=True)
+        assert "second stream" in desc, desc
+    with torch.cuda.stream(torch.cuda.Stream()):
+        check_attention_grads(1, 4, 4, 700, 128, True, torch.bfloat16, layout="bshd", seed=3, gluon=True)
+    torch.cuda.synchronize()
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_gpu_causal_launch_orders(monkeypatch, heads_first):
+    # Causal programs in either order (flash_gluon.HEADS_FIRST): the same results, more heads than blocks and
+    # fewer, GQA.
+    monkeypatch.setattr(fg, "HEADS_FIRST", heads_first)
+    for seed, (B, H, Hkv, S) in enumerate([(2, 8, 2, 1000), (1, 2, 1, 2100)]):
+        check_forward(*inputs(B, H, Hkv, S, 128, torch.bfloat16, seed=seed), True)
+        check_attention_grads(B, H, Hkv, S, 128, True, torch.bfloat16, seed=seed, gluon=True)
 
 
 @hopper
@@ -270,7 +305,7 @@ def test_gpu_each_dkdv_config(monkeypatch, config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", fg.DQ_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dq_config(monkeypatch, config):
-    # The Gluon dQ kernel (off by default: flash_triton.GLUON_DQ) with each of its configs.
+    # The Gluon dQ kernel (flash_triton.GLUON_DQ) with each of its configs.
     monkeypatch.setattr(ft, "GLUON_DQ", True)
     monkeypatch.setattr(fg, "DQ_CONFIGS", [config])
     for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64)):
