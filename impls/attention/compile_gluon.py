@@ -58,11 +58,11 @@ def resources(kernel) -> dict:
                 wgmma_serialized="C7512" in warnings)
 
 
-def _desc(t, rows, dtype=gl.bfloat16):
+def _desc(t, rows):
     flat = t.view(-1, t.shape[-1])
     block = [rows, t.shape[-1]]
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), block,
-                            gl.NVMMASharedLayout.get_default_for(block, dtype))
+                            gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
 
 
 def jobs():
@@ -76,7 +76,7 @@ def jobs():
             return {f"stride_{n}{a}": 3 for n in names for a in "bhs"}
 
         for causal in (False, True):
-            for bm, bn, st, kind in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, []):
+            for bm, bn, st, kind in fg.CONFIGS[D]:
                 if kind == "persistent":
                     if causal:
                         continue
@@ -89,25 +89,20 @@ def jobs():
                        dict(q_desc=_desc(x, bm), k_desc=_desc(x, bn), v_desc=_desc(x, bn), O=x, LSE=lse,
                             **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
-                            HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
-            acc = torch.empty(2, 16, 8192, D)
-            for fused, configs in ((False, fg.BWD_CONFIGS), (True, fg.FUSED_CONFIGS[D])):
-                for bm, st in configs:
-                    yield (f"dkdv{'+dq' if fused else ''} D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
-                           dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
-                                dq_desc=_desc(acc, bm, gl.float32) if not fused else
-                                TensorDescriptor(acc.view(-1, D), [acc.numel() // D, D], [D, 1], [bm, D // 2],
-                                                 gl.NVMMASharedLayout.get_default_for([bm, D // 2], gl.float32)),
-                                DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,
-                                **strides("q", "k", "v", "d", "dk", "dv")),
-                           dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st, FUSED_DQ=fused,
-                                HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
+            for bm, st in fg.BWD_CONFIGS:
+                yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
+                       dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
+                            DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,
+                            **strides("q", "k", "v", "d", "dk", "dv")),
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
             for bn, st in fg.DQ_CONFIGS:
                 yield (f"dq D={D} causal={causal} {bn} s{st}", fg._dq_kernel,
                        dict(q_desc=_desc(x, 128), do_desc=_desc(x, 128), k_desc=_desc(x, bn), v_desc=_desc(x, bn),
                             DQ=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars, **strides("q", "d", "k", "v", "dq")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=128, BLOCK_N=bn, STAGES=st,
-                            HEADS_FIRST=causal, CONSUMER_REGS=fg.CONSUMER_REGS))
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
 
 
 def main():

@@ -1,9 +1,10 @@
-"""FlashAttention kernels for Hopper written in Gluon, Triton's explicit layer: the forward and dK/dV.
+"""FlashAttention kernels for Hopper written in Gluon, Triton's explicit layer: the forward, dK/dV and dQ.
 
     from impls.attention import flash_gluon
     if flash_gluon.supported(q, k, v) is None:
         o, lse = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
         dk, dv = flash_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
+        dq = flash_gluon.backward_dq(q, k, v, do, lse, delta, causal, scale)
 
 Why a second forward: the Triton-language kernel in flash_triton.py spends
 the sum of its matmul and softmax time on every key block (FLASH_NOTES.md,
@@ -30,12 +31,13 @@ stride_s and column (...) % stride_s of that matrix. A block past a head's
 last row reads the next head's rows (or zeros past the end of the storage);
 those keys are masked to -inf and those query rows are never stored.
 
-The backward's dK/dV kernel (`backward_dkdv`) has the same split: the loader
-streams Q and dO blocks past 128 resident key rows, 64 per consumer
-warpgroup. The rest of `tiled`'s backward (delta = rowsum(dO * O) and dQ) is
-flash_triton's, which reads the same base-2 log-sum-exp. No Triton
-interpreter runs Gluon, so these kernels are tested on the GPU only
-(tests/impls/test_flash_gluon.py); FLASH_NOTES.md v8-v10 has their figures.
+The backward's kernels have the same split. dK/dV (`backward_dkdv`): the
+loader streams Q and dO blocks past 128 resident key rows, 64 per consumer
+warpgroup. dQ (`backward_dq`): K and V blocks stream past 128 resident query
+rows, as in the forward. delta = rowsum(dO * O) is flash_triton's, and all
+read the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so these
+kernels are tested on the GPU only (tests/impls/test_flash_gluon.py);
+FLASH_NOTES.md v8-v12 has their figures.
 """
 
 from __future__ import annotations
@@ -48,8 +50,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     GLUON_ERROR: str | None = None
@@ -109,31 +110,9 @@ class Tuner:
         return self._memo[memo]
 
 if GLUON_ERROR is None:
-    from triton._C.libtriton import ir as _ir
-    from triton.experimental.gluon.language import _core as _gl_core
-
-    # Names that Gluon changed after Triton 3.6, so that compile_gluon also builds these kernels
-    # with later Tritons (they run only on 3.6: see TRITON_VERSIONS): a TMA load into shared
-    # memory, and a barrier of the warps that run the code (a partition's inside warp_specialize).
+    # Gluon renamed the TMA load after Triton 3.6; either name, so that compile_gluon also builds
+    # these kernels with later Tritons (they run only on 3.6: see TRITON_VERSIONS).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-
-    @_gl_core.builtin
-    def _tma_reduce_add_3_6(desc, coord, src, _semantic=None):
-        # TMA's reduce-add from shared memory into global memory (cp.reduce.async.bulk.tensor
-        # ... .add): Triton 3.6's IR builder has it, its Gluon Hopper module does not expose it.
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
-
-    # Later Tritons expose it as tma.async_atomic_add.
-    _tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_3_6
-
-    @gluon.constexpr_function
-    def _nvmma_layout(inner, bitwidth):
-        # The shared-memory layout wgmma reads for a tile whose rows hold `inner` elements.
-        row_bytes = inner * bitwidth // 8
-        swizzle = max([w for w in (0, 32, 64, 128) if w <= row_bytes])
-        return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bitwidth, rank=2)
 
     @gluon.jit
     def _origin(offset, stride_s):
@@ -288,33 +267,20 @@ if GLUON_ERROR is None:
         return o, m_i, l_i, p_new
 
     @gluon.jit
-    def _tile_ids(HEADS_FIRST: gl.constexpr):
-        # (block, head) of this program. The GPU starts programs in the order of
-        # their ids, axis 0 fastest: HEADS_FIRST grids are (heads, blocks), so
-        # every head's first block starts before any head's second one. Causal
-        # launches use it with the heaviest blocks first, so no head's longest
-        # program starts in the last wave (longest-first scheduling).
-        if HEADS_FIRST:
-            return gl.program_id(1), gl.program_id(0)
-        else:
-            return gl.program_id(0), gl.program_id(1)
-
-    @gluon.jit
-    def _row_block(S, H, GROUP, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr):
+    def _row_block(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         # This program's BLOCK_M query rows of one head (heaviest row blocks
         # first when causal), the key blocks they visit, and the first of
         # those that needs a mask (the diagonal, or the partial last block).
         n_m = gl.cdiv(S, BLOCK_M)
-        blk, bh = _tile_ids(HEADS_FIRST)
         if CAUSAL:
-            start_m = (n_m - 1 - blk) * BLOCK_M
+            start_m = (n_m - 1 - gl.program_id(0)) * BLOCK_M
             hi = gl.minimum(start_m + BLOCK_M, S)
             mask_from = start_m // BLOCK_N
         else:
-            start_m = blk * BLOCK_M
+            start_m = gl.program_id(0) * BLOCK_M
             hi = S
             mask_from = S // BLOCK_N
+        bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
         h = (bh % H).to(gl.int64)
         return start_m, bh, b, h, h // GROUP, gl.cdiv(hi, BLOCK_N), mask_from
@@ -344,12 +310,11 @@ if GLUON_ERROR is None:
                     H, GROUP, S, qk_scale,
                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    PINGPONG: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
         gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, HEADS_FIRST, BLOCK_M, BLOCK_N)
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
@@ -379,7 +344,7 @@ if GLUON_ERROR is None:
     # partial one (2048 tiles on 132 SMs are 15.5 waves). The K/V ring and its
     # barrier phases carry on from tile to tile; Q is double-buffered, four
     # 64-row slices (buffer, warpgroup), so the next tile's Q loads while the
-    # last one's blocks finish. Not yet run on a GPU (FLASH_NOTES.md v11 plan).
+    # last one's blocks finish.
     # ----------------------------------------------------------------------
 
     @gluon.jit
@@ -510,10 +475,8 @@ if GLUON_ERROR is None:
 
     @gluon.jit
     def _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale,
-                    causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # One 64-row query block for one consumer warpgroup's 64 keys. With a
-        # real (not 1x1) ds_smem, also this block's share of dQ (see _dkdv_kernel).
-        FUSED_DQ: gl.constexpr = ds_smem.shape[0] > 1
+                    causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one consumer warpgroup's 64 keys.
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         ROWS: gl.constexpr = k.shape[0]
@@ -522,18 +485,21 @@ if GLUON_ERROR is None:
         # lse and delta are per query, a column of S^T, and each thread holds 16 of
         # the 64 columns. Loaded in that layout, every thread would compute 32
         # 64-bit addresses a block (the registers they took made ptxas spill in
-        # the key loop); loaded one value a thread, they are spread by one
-        # exchange through shared memory.
+        # the key loop); loaded one value a thread, they are spread by an
+        # exchange through shared memory once the products are issued, so the
+        # loads' latency passes under them.
         one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
-        lse = gl.convert_layout(gl.load(lse_ptr + cols, mask=cols < S, other=0.0), qrows.type.layout)
-        delta = gl.convert_layout(gl.load(delta_ptr + cols, mask=cols < S, other=0.0), qrows.type.layout)
+        lse_1 = gl.load(lse_ptr + cols, mask=cols < S, other=0.0)
+        delta_1 = gl.load(delta_ptr + cols, mask=cols < S, other=0.0)
         mbarrier.wait(ready.index(st), (t // STAGES) & 1)
         q = q_smem.index(st)
         do = do_smem.index(st)
         zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
         st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse = gl.convert_layout(lse_1, qrows.type.layout)
+        delta = gl.convert_layout(delta_1, qrows.type.layout)
         s_t = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
         p_t = gl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
@@ -546,41 +512,14 @@ if GLUON_ERROR is None:
         dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
         dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))
         ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        if FUSED_DQ:
-            if key_tail != 0:  # keys past S (the next head's rows in the 2-d view) must add nothing to dQ
-                ds_t = gl.where(krows[:, None] < S, ds_t, 0.0)
-        ds_b = ds_t.to(q.dtype)
-        ds16 = gl.convert_layout(ds_b, op_layout)
+        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
         dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
-        if FUSED_DQ:
-            # dQ[block] += dS K over these 64 keys: dS^T goes through shared memory to be read
-            # transposed; the fp32 product, in two halves of the head dim (32 registers each,
-            # not 64), goes back there and TMA adds it into dQ in global memory.
-            tma.store_wait(0)  # this warpgroup's previous reduces have finished reading dq_smem
-            ds_smem.store(ds_b)
-            _cta_barrier()
-            fence_async_shared()
-            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
-            mbarrier.arrive(empty.index(st), count=1)
-            HALF: gl.constexpr = k.shape[1] // 2
-            half_layout: gl.constexpr = _mma_layout(HALF)
-            for half in gl.static_range(2):
-                dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k.slice(half * HALF, HALF, dim=1),
-                                       gl.zeros([BLOCK_M, HALF], gl.float32, half_layout), use_acc=False,
-                                       is_async=True)
-                dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
-                dq_smem.index(half).store(dq_part)
-            _cta_barrier()
-            fence_async_shared()
-            for half in gl.static_range(2):
-                _tma_reduce_add(dq_desc, [dq_row + i * BLOCK_M, half * HALF], dq_smem.index(half))
-        else:
-            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
-            mbarrier.arrive(empty.index(st), count=1)
+        dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+        mbarrier.arrive(empty.index(st), count=1)
         return dk, dv
 
     @gluon.jit
-    def _dkdv_consumer(k, v, row0, ds_smem, dq_smem, dq_desc, q_smem, do_smem, kv_bar, ready, empty,
+    def _dkdv_consumer(k, v, row0, q_smem, do_smem, kv_bar, ready, empty,
                        DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                        b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
         ROWS: gl.constexpr = k.shape[0]
@@ -592,30 +531,23 @@ if GLUON_ERROR is None:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
-        key_tail = (start_n + 2 * ROWS > S) * 1
         t = 0
         for g in range(GROUP):
             h = hk * GROUP + g
             lse_ptr = LSE + (b * H + h) * S
             delta_ptr = DELTA + (b * H + h) * S
-            dq_row = ((b * H + h) * S).to(gl.int32)  # the fp32 dQ accumulator is a contiguous (B, H, S, D)
             for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
-                                     s_layout, True)
+                                     krows, S, qk_scale, causal, s_layout, True)
                 t += 1
             for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
-                                     s_layout, False)
+                                     krows, S, qk_scale, causal, s_layout, False)
                 t += 1
             for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
                 dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, ds_smem, dq_smem, dq_desc, dq_row, key_tail,
-                                     s_layout, True)
+                                     krows, S, qk_scale, causal, s_layout, True)
                 t += 1
-        if ds_smem.shape[0] > 1:
-            tma.store_wait(0)  # the last reduce into dQ has read its shared memory
         rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         keep = rows[:, None] < S
@@ -625,7 +557,7 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, dq_desc, DK, DV, LSE, DELTA,
+    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
@@ -635,17 +567,12 @@ if GLUON_ERROR is None:
                      H, GROUP, S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                     FUSED_DQ: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     num_warps: gl.constexpr):
-        # FUSED_DQ: the kernel also sums dQ = dS K into dq_desc's fp32 (B*H*S, D)
-        # matrix (zeroed by the caller) with TMA reduce-adds, so that no dQ kernel
-        # has to recompute S and dP (5 products a block instead of 7). Otherwise
-        # dq_desc is unused (any descriptor).
+                     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N % BLOCK_M == 0)
-        blk, bhk = _tile_ids(HEADS_FIRST)  # key blocks of a head: the heaviest (causal) first
-        start_n = blk * BLOCK_N
+        start_n = gl.program_id(0) * BLOCK_N
+        bhk = gl.program_id(1)
         Hkv = H // GROUP
         b = (bhk // Hkv).to(gl.int64)
         hk = (bhk % Hkv).to(gl.int64)
@@ -672,23 +599,12 @@ if GLUON_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
 
-        if FUSED_DQ:  # per warpgroup: its dS^T tile (keys, queries) and its fp32 share of dQ, in two halves
-            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N // 2, BLOCK_M],
-                                                _nvmma_layout(BLOCK_M, q_desc.dtype.primitive_bitwidth))
-            dq_smem0 = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
-            dq_smem1 = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
-        else:  # one-row stand-ins: their shape tells the consumers that dQ is not theirs
-            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, 1, 8], _nvmma_layout(8, 16))
-            dq_smem0 = ds_smem
-            dq_smem1 = ds_smem
         shared = (q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                   b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
         gl.warp_specialize([
-            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0, ds_smem.index(0), dq_smem0,
-                              dq_desc) + shared),
-            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64, ds_smem.index(1), dq_smem1,
-                              dq_desc) + shared),
+            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0) + shared),
+            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
                             k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
                             stride_db, stride_dh, stride_ds, q_lo, n_q)),
@@ -777,11 +693,11 @@ if GLUON_ERROR is None:
                    H, GROUP, S, qk_scale, sm_scale,
                    HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 query rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_M % BLOCK_N == 0)
-        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, HEADS_FIRST, BLOCK_M, BLOCK_N)
+        start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
@@ -814,14 +730,14 @@ if GLUON_ERROR is None:
 # D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages (224 KB of
 # the 227). The H200's picks at S=8k (FLASH_NOTES.md v9): D=128 128x128 s2,
 # either kind, within 1 %; D=64 128x128 s2 ws.
+# Kind "persistent" is _fwd_persistent_kernel, non-causal only (the tuner
+# leaves it out of causal choices); at D=128 it measured level with ws, 0.1-1 %
+# ahead (FLASH_NOTES.md v12).
 CONFIGS = {
-    64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong")],
-    128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong")],
+    64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent")],
+    128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong"),
+          (128, 128, 2, "persistent")],
 }
-# Configs that forward() runs when asked by name but the tuner does not try
-# yet, because they have not run on a GPU: the persistent kernel (non-causal
-# only), for the next measurement (FLASH_NOTES.md v11 plan).
-EXPERIMENTAL_CONFIGS = {64: [(128, 128, 2, "persistent")], 128: [(128, 128, 2, "persistent")]}
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
 # measured faster on the H200 (FLASH_NOTES.md v9: D=128 608 vs 504 TFLOP/s
@@ -891,23 +807,10 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, [rows, ss], [ss, 1], [block_rows, D], layout)
 
 
-# Whether causal launches order their programs heads-first, heaviest blocks
-# first (_tile_ids): the last wave then holds light programs, not some head's
-# longest one. Non-causal programs are all alike and keep block-first order,
-# whose running programs share their heads' K and V in L2.
-HEADS_FIRST = True
-
-
-def _grid(n_blocks: int, n_heads: int, causal: bool):
-    """(grid, HEADS_FIRST) for n_blocks blocks of each of n_heads (batch x head) pairs."""
-    heads_first = bool(causal) and HEADS_FIRST
-    return ((n_heads, n_blocks) if heads_first else (n_blocks, n_heads)), heads_first
-
-
 def _launch(q, k, v, o, lse, causal, scale, config):
     B, H, S, D = q.shape
     block_m, block_n, stages, kind = config
-    grid, heads_first = _grid(triton.cdiv(S, block_m), B * H, causal)
+    grid = (triton.cdiv(S, block_m), B * H)
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
@@ -922,7 +825,7 @@ def _launch(q, k, v, o, lse, causal, scale, config):
             _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, n_tiles, scale * LOG2E, D, block_n, stages, CONSUMER_REGS, num_warps=4)
-    return _fwd_kernel[grid](*args, kind == "pingpong", heads_first, CONSUMER_REGS, num_warps=4)
+    return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 
 def _time_ms(fn) -> float:
@@ -933,7 +836,8 @@ def _time_ms(fn) -> float:
 def _tune(q, k, v, o, lse, causal, scale):
     # One choice per (length bucket, head dim, causal, dtype), as triton.autotune keys it.
     key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype))
-    return FWD_TUNER.pick(key, CONFIGS[q.shape[-1]],
+    configs = [c for c in CONFIGS[q.shape[-1]] if not (causal and c[3] == "persistent")]
+    return FWD_TUNER.pick(key, configs,
                           lambda c: _time_ms(lambda: _launch(q, k, v, o, lse, causal, scale, c)),
                           torch.cuda.get_device_name(q.device))
 
@@ -967,23 +871,16 @@ def supported_bwd(q, k, v, do) -> str | None:
     return reason
 
 
-def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=None):
-    # dq_acc: a zeroed fp32 (B, H, S, D) tensor to sum dQ into (the fused variant), or None.
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_m, stages = config
-    grid, heads_first = _grid(triton.cdiv(S, 128), B * k.shape[1], causal)
-    if dq_acc is None:
-        dq_desc = _descriptor(k, 128)  # unused by the kernel
-    else:
-        flat = dq_acc.view(-1, D)  # reduced into in halves of the head dim
-        dq_desc = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_m, D // 2],
-                                   gl.NVMMASharedLayout.get_default_for([block_m, D // 2], gl.float32))
+    grid = (triton.cdiv(S, 128), B * k.shape[1])
     return _dkdv_kernel[grid](
-        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m), dq_desc,
+        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
         dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_m, stages, dq_acc is not None, heads_first, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
     )
 
 
@@ -1003,41 +900,9 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     return dk, dv
 
 
-# The dK/dV kernel that also sums dQ (FUSED_DQ): 5 products a block instead of
-# the 7 of dK/dV + dQ kernels. Its dS^T and fp32 dQ tiles take 80 KB more
-# shared memory, so at D=128 only 2 stages fit (213 KB). Compiled for sm_90a
-# here (no wgmma serialization; 40-56 spilled loads/stores a key block
-# non-causal, 120-266 causal) but not yet run on a GPU: flash_triton uses it
-# only with GLUON_FUSED_DQ set (FLASH_NOTES.md v12 plan).
-FUSED_CONFIGS = {64: [(64, 2), (64, 3)], 128: [(64, 2)]}
-FUSED_TUNER = Tuner("dkdv+dq")
-
-
-def backward_fused(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
-    """(dq, dk, dv) from one kernel: dK and dV as backward_dkdv, dQ summed in fp32 by TMA reduce-adds."""
-    global last_bwd_config
-    B, H, S, D = q.shape
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq_acc = torch.zeros((B, H, S, D), device=q.device, dtype=torch.float32)
-    if config is None:
-        key = (triton.next_power_of_2(S), D, bool(causal), str(q.dtype), H // k.shape[1])
-        scratch = torch.empty_like(dq_acc)  # timing runs add into this one, never into dq_acc
-        config = FUSED_TUNER.pick(key, FUSED_CONFIGS[D],
-                                  lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
-                                                                          scale, c, dq_acc=scratch)),
-                                  torch.cuda.get_device_name(q.device))
-    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config, dq_acc=dq_acc)
-    dq = torch.empty_like(q)
-    dq.copy_(dq_acc.mul_(scale))  # dS K summed without the softmax scale; q's dtype and layout
-    last_bwd_config = (f"ws+dq BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
-                       "1 loader warp + 2 consumer warpgroups, dQ by TMA reduce-add")
-    return dq, dk, dv
-
-
 # (BLOCK_N, STAGES) of the dQ kernel: 128 resident query rows, K/V blocks of
-# BLOCK_N keys through the ring. Compiled for sm_90a here (64 x 3: no spills;
-# 128 x 2: 72-184 bytes of stack at D=128) but not yet run on a GPU
-# (FLASH_NOTES.md v11 plan): flash_triton uses it only with GLUON_DQ set.
+# BLOCK_N keys through the ring. The H200's picks at the issue's shape
+# (FLASH_NOTES.md v11): 64 x 3 non-causal (2.21 ms, 128 x 2 2.59), either causal.
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
 last_dq_config = ""
@@ -1046,13 +911,13 @@ last_dq_config = ""
 def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_n, stages = config
-    grid, heads_first = _grid(triton.cdiv(S, 128), B * H, causal)
+    grid = (triton.cdiv(S, 128), B * H)
     return _dq_kernel[grid](
         _descriptor(q, 128), _descriptor(do, 128), _descriptor(k, block_n), _descriptor(v, block_n),
         dq, lse, delta,
         *q.stride()[:3], *do.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_n, stages, heads_first, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_n, stages, CONSUMER_REGS, num_warps=4,
     )
 
 

@@ -87,13 +87,11 @@ _UPCAST_DOTS = tl.constexpr(INTERPRET)
 # dK/dV) instead of this module's: measured faster on the H200 (FLASH_NOTES.md
 # v11: 2.21 vs 2.64 ms non-causal, 1.25 vs 1.38 ms causal at the shape).
 GLUON_DQ = True
-# Whether it is one Gluon kernel for dK, dV and dQ (dQ summed by TMA reduce-adds,
-# 5 products a block instead of 7): off, measured slower (FLASH_NOTES.md v11).
-GLUON_FUSED_DQ = False
 # Whether the Gluon dQ kernel runs on a second stream beside the dK/dV kernel
 # (they share only inputs), so that each fills the SMs the other's last wave
-# leaves idle: off until measured (FLASH_NOTES.md v13).
-CONCURRENT_DQ = False
+# leaves idle (FLASH_NOTES.md v12: causal fwd+bwd 1-3 % faster, non-causal
+# within the run's spread).
+CONCURRENT_DQ = True
 
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
 # set from the measured comparison in FLASH_NOTES.md.
@@ -739,11 +737,6 @@ def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
     fg = _gluon_module(q) if gluon else None
     if fg and fg.supported_bwd(q, k, v, do) is not None:
         fg = None
-    if fg and GLUON_FUSED_DQ:
-        dq, dk, dv = fg.backward_fused(q, k, v, do, lse, delta, causal, scale)
-        _last["bwd dkdv"] = "gluon bwd dkdv+dq " + fg.last_bwd_config
-        _last.pop("bwd dq", None)
-        return dq, dk, dv
     if fg and GLUON_DQ and CONCURRENT_DQ:
         return _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, causal, scale)
     if fg:

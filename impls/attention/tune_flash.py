@@ -379,7 +379,7 @@ def gluon_experiment(rep_ms, kinds=None):
     check_rows, rows, kernels = [], [], []
     gen = torch.Generator(device=DEVICE).manual_seed(11)
     for D in (128, 64):
-        for cfg in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, []):
+        for cfg in fg.CONFIGS[D]:
             if kinds and cfg[3] not in kinds:
                 continue
             for dtype in (torch.bfloat16, torch.float16):
@@ -423,7 +423,7 @@ def gluon_experiment(rep_ms, kinds=None):
                                 ("sdpa-flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)),
                                 ("triton", lambda: ft.attention(q, k, v, causal, gluon=False))]
                     variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
-                                 for c in fg.CONFIGS[D] + fg.EXPERIMENTAL_CONFIGS.get(D, [])
+                                 for c in fg.CONFIGS[D]
                                  if not (causal and c[3] == "persistent") and not (kinds and c[3] not in kinds)]
                     variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
                     for label, fn in variants:
@@ -453,7 +453,7 @@ def gluon_experiment(rep_ms, kinds=None):
 
 
 def gluon_bwd_experiment(rep_ms, out):
-    """The Gluon backward kernels (dK/dV, dQ, and dK/dV with dQ fused): forward+backward and each kernel
+    """The Gluon backward kernels (dK/dV and dQ): forward+backward and each kernel
     alone at the issue's shape, against Triton and cuDNN, then gradients against float64 on small odd
     shapes, each config of each."""
     from triton.testing import do_bench
@@ -473,13 +473,11 @@ def gluon_bwd_experiment(rep_ms, out):
                     ("gluon fwd + gluon dkdv + triton dq",
                      lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
                     ("gluon fwd + gluon dkdv + gluon dq",
-                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
-                    ("gluon fwd + gluon dkdv+dq in one kernel",
                      lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do))]
+        saved = ft.GLUON_DQ
         for label, fn in variants:
             row = dict(case=case, impl=label)
             ft.GLUON_DQ = label.endswith("gluon dq")
-            ft.GLUON_FUSED_DQ = label.endswith("one kernel")
             try:
                 grads = fn()
                 row.update({f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)})
@@ -490,7 +488,7 @@ def gluon_bwd_experiment(rep_ms, out):
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             finally:
-                ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
+                ft.GLUON_DQ = saved
             rows.append(row)
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
@@ -509,9 +507,6 @@ def gluon_bwd_experiment(rep_ms, out):
                 *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common), ft._bwd_dkdv_kernel))
             kernels += [(f"gluon dq {c}", lambda c=c: fg.backward_dq(q, k, v, do, lse, delta, causal, scale, c), None)
                         for c in fg.DQ_CONFIGS]
-            kernels += [(f"gluon dkdv+dq {c}",
-                         lambda c=c: fg.backward_fused(q, k, v, do, lse, delta, causal, scale, c), None)
-                        for c in fg.FUSED_CONFIGS[D]]
             kernels.append(("triton dq", lambda: ft._bwd_dq_kernel[
                 lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](
                 q, k, v, do, dq, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
@@ -529,8 +524,7 @@ def gluon_bwd_experiment(rep_ms, out):
                 print(row, flush=True)
     # Then gradients against float64 on small odd shapes, each config of each kernel.
     gen = torch.Generator(device=DEVICE).manual_seed(12)
-    for kernel, cfg in ([("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]
-                        + [("fused", c) for c in fg.FUSED_CONFIGS[128]]):
+    for kernel, cfg in [("dkdv", c) for c in fg.BWD_CONFIGS] + [("dq", c) for c in fg.DQ_CONFIGS]:
         for D, S, causal, layout, (H, Hkv), dtype in [
                 (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
                 (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
@@ -544,15 +538,15 @@ def gluon_bwd_experiment(rep_ms, out):
             row = dict(kernel_checked=kernel, config=str(cfg), D=D, S=S, causal=causal, layout=layout, H=H, Hkv=Hkv,
                        dtype=str(dtype).removeprefix("torch."))
             try:
-                name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS", "fused": "FUSED_CONFIGS"}[kernel]
-                saved = getattr(fg, name)
-                setattr(fg, name, {64: [cfg], 128: [cfg]} if kernel == "fused" else [cfg])
-                ft.GLUON_DQ, ft.GLUON_FUSED_DQ = kernel == "dq", kernel == "fused"
+                name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS"}[kernel]
+                saved = getattr(fg, name), ft.GLUON_DQ
+                setattr(fg, name, [cfg])
+                ft.GLUON_DQ = kernel == "dq"
                 try:
                     grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
                 finally:
-                    setattr(fg, name, saved)
-                    ft.GLUON_DQ = ft.GLUON_FUSED_DQ = False
+                    setattr(fg, name, saved[0])
+                    ft.GLUON_DQ = saved[1]
                 row["kernel"] = ft.last_config()
                 ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
                 row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
@@ -569,9 +563,9 @@ def gluon_bwd_experiment(rep_ms, out):
 
 
 def schedule_experiment(rep_ms, out, D=128):
-    """How the Gluon kernels' programs are laid on the GPU, at the issue's shape: the causal launch order
-    (flash_gluon.HEADS_FIRST), dQ beside dK/dV on a second stream (flash_triton.CONCURRENT_DQ), dQ fused
-    into the dK/dV kernel (GLUON_FUSED_DQ) and the persistent forward, each next to the defaults and cuDNN. Every variant is timed in two rounds (all
+    """How the Gluon kernels' programs are laid on the GPU, at the issue's shape: dQ beside dK/dV on a
+    second stream or after it (flash_triton.CONCURRENT_DQ), the persistent forward against the
+    warp-specialized one, each kernel alone, next to cuDNN. Every variant is timed in two rounds (all
     variants, then all again), so that drift over the run shows as a difference between the rounds."""
     from triton.testing import do_bench
     from torch.nn.attention import SDPBackend
@@ -581,13 +575,13 @@ def schedule_experiment(rep_ms, out, D=128):
     rows = []
 
     @contextlib.contextmanager
-    def flags(heads_first=True, concurrent=False, fused=False):
-        saved = fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ
-        fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ = heads_first, concurrent, fused
+    def flags(concurrent=ft.CONCURRENT_DQ):
+        saved = ft.CONCURRENT_DQ
+        ft.CONCURRENT_DQ = concurrent
         try:
             yield
         finally:
-            fg.HEADS_FIRST, ft.CONCURRENT_DQ, ft.GLUON_FUSED_DQ = saved
+            ft.CONCURRENT_DQ = saved
 
     for causal in (False, True):
         q, k, v, do = make_inputs(B, H, S, D, "bhsd")
@@ -602,18 +596,14 @@ def schedule_experiment(rep_ms, out, D=128):
             ("sdpa-cudnn", "fwd", {}, lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
             ("gluon fwd", "fwd", {}, lambda: fg.forward(q, k, v, causal, scale)[0]),
             ("sdpa-cudnn", "fwd+bwd", {}, cudnn_fb),
-            ("gluon", "fwd+bwd", {}, gluon_fb),
+            ("gluon, dq after dkdv", "fwd+bwd", dict(concurrent=False), gluon_fb),
             ("gluon, dq on a second stream", "fwd+bwd", dict(concurrent=True), gluon_fb),
-            ("gluon, dkdv+dq in one kernel", "fwd+bwd", dict(fused=True), gluon_fb),
             ("gluon dkdv", "kernel", {}, lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)),
             ("gluon dq", "kernel", {}, lambda: fg.backward_dq(q, k, v, do, lse, delta, causal, scale)),
         ]
-        if causal:  # the launch order only changes causal launches
-            variants += [(label + ", block-first order", mode, dict(flag, heads_first=False), fn)
-                         for label, mode, flag, fn in variants if label.startswith("gluon")]
-        else:
+        if not causal:
             variants += [(f"gluon fwd {c}", "fwd", {}, lambda c=c: fg.forward(q, k, v, causal, scale, c)[0])
-                         for c in fg.CONFIGS[D][:1] + fg.EXPERIMENTAL_CONFIGS.get(D, [])]
+                         for c in fg.CONFIGS[D] if c[3] in ("ws", "persistent")]
         ref = {"fwd": _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal).double(), "fwd+bwd": cudnn_fb()}
         for rnd in (1, 2):
             for label, mode, flag, fn in variants:
@@ -658,7 +648,7 @@ def main():
     p.add_argument("--experiment", action="store_true", help="only the forward variants in EXPERIMENT")
     p.add_argument("--gluon", action="store_true", help="only the Gluon forward: checks and timings")
     p.add_argument("--kinds", default="", help="with --gluon: only configs of these kinds (comma list)")
-    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon backward kernels (dK/dV, dQ, both fused): timings, then checks")
+    p.add_argument("--gluon-bwd", action="store_true", help="only the Gluon backward kernels (dK/dV, dQ): timings, then checks")
     p.add_argument("--schedule", action="store_true",
                    help="only the Gluon kernels' launch order, dQ on a second stream, the persistent forward")
     p.add_argument("--variant", default="", help="with --experiment: only the variant with this label")

@@ -28,7 +28,7 @@ from impls.attention import flash_gluon as fg  # noqa: E402
 COMPILES_WITH = ("3.6.", "3.9.")
 
 LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
-          "dkdv D=128 causal=False 64 s2", "dkdv+dq D=64 causal=True 64 s2", "dq D=128 causal=True 64 s3"]
+          "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
