@@ -474,24 +474,29 @@ if GLUON_ERROR is None:
                 t += 1
 
     @gluon.jit
-    def _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale,
-                    causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # One 64-row query block for one consumer warpgroup's 64 keys.
+    def _lse_delta(lse_ptr, delta_ptr, i, S, BLOCK_M: gl.constexpr):
+        # lse and delta of query block i, one value a thread. They are per query,
+        # a column of S^T, of which each thread holds 16: loaded in that layout,
+        # every thread would compute 32 64-bit addresses a block, and the
+        # registers they took made ptxas spill in the key loop (FLASH_NOTES.md v12).
+        one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
+        return (gl.load(lse_ptr + cols, mask=cols < S, other=0.0),
+                gl.load(delta_ptr + cols, mask=cols < S, other=0.0))
+
+    @gluon.jit
+    def _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S,
+                    qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one consumer warpgroup's 64 keys, given its
+        # lse and delta one value a thread (_lse_delta); loads the next block's,
+        # which have this block's time to arrive. Spread to the columns each
+        # thread holds by an exchange through shared memory once the products are issued.
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         ROWS: gl.constexpr = k.shape[0]
         st = t % STAGES
         qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        # lse and delta are per query, a column of S^T, and each thread holds 16 of
-        # the 64 columns. Loaded in that layout, every thread would compute 32
-        # 64-bit addresses a block (the registers they took made ptxas spill in
-        # the key loop); loaded one value a thread, they are spread by an
-        # exchange through shared memory once the products are issued, so the
-        # loads' latency passes under them.
-        one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
-        lse_1 = gl.load(lse_ptr + cols, mask=cols < S, other=0.0)
-        delta_1 = gl.load(delta_ptr + cols, mask=cols < S, other=0.0)
+        lse_next, delta_next = _lse_delta(lse_ptr, delta_ptr, i + 1, S, BLOCK_M)
         mbarrier.wait(ready.index(st), (t // STAGES) & 1)
         q = q_smem.index(st)
         do = do_smem.index(st)
@@ -516,7 +521,7 @@ if GLUON_ERROR is None:
         dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
         dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
         mbarrier.arrive(empty.index(st), count=1)
-        return dk, dv
+        return dk, dv, lse_next, delta_next
 
     @gluon.jit
     def _dkdv_consumer(k, v, row0, q_smem, do_smem, kv_bar, ready, empty,
@@ -536,17 +541,21 @@ if GLUON_ERROR is None:
             h = hk * GROUP + g
             lse_ptr = LSE + (b * H + h) * S
             delta_ptr = DELTA + (b * H + h) * S
+            lse_1, delta_1 = _lse_delta(lse_ptr, delta_ptr, q_lo, S, BLOCK_M)
             for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, True)
+                dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
+                                                     empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
+                                                     s_layout, True)
                 t += 1
             for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, False)
+                dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
+                                                     empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
+                                                     s_layout, False)
                 t += 1
             for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                dk, dv = _dkdv_block(t, i, dk, dv, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr,
-                                     krows, S, qk_scale, causal, s_layout, True)
+                dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
+                                                     empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
+                                                     s_layout, True)
                 t += 1
         rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
