@@ -8,7 +8,7 @@ flash_gluon.py was compiled here first: this prints, per kernel and config,
 the shared memory, the registers a thread is launched with, the stack (spill)
 bytes, and whether ptxas had to serialize the wgmma instructions for lack of
 registers (its C7512 warning), which costs most of the kernel's speed. The
-figures in FLASH_NOTES.md's v8-v12 plans come from it (with triton 3.6, the
+figures in FLASH_NOTES.md's v8-v12 come from it (with triton 3.6, the
 H200 machine's version; other versions may compile differently or not at all).
 """
 

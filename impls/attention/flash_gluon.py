@@ -740,8 +740,8 @@ if GLUON_ERROR is None:
 # the 227). The H200's picks at S=8k (FLASH_NOTES.md v9): D=128 128x128 s2,
 # either kind, within 1 %; D=64 128x128 s2 ws.
 # Kind "persistent" is _fwd_persistent_kernel, non-causal only (the tuner
-# leaves it out of causal choices); at D=128 it measured level with ws, 0.1-1 %
-# ahead (FLASH_NOTES.md v12).
+# leaves it out of causal choices); at D=128 it measured level with ws within
+# the runs' spread (FLASH_NOTES.md v12), and the tuner chose it in the reference run.
 CONFIGS = {
     64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent")],
     128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong"),

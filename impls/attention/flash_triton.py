@@ -89,8 +89,8 @@ _UPCAST_DOTS = tl.constexpr(INTERPRET)
 GLUON_DQ = True
 # Whether the Gluon dQ kernel runs on a second stream beside the dK/dV kernel
 # (they share only inputs), so that each fills the SMs the other's last wave
-# leaves idle (FLASH_NOTES.md v12: causal fwd+bwd 1-3 % faster, non-causal
-# within the run's spread).
+# leaves idle (FLASH_NOTES.md v12: non-causal fwd+bwd 1-2 % faster in both
+# rounds of v12b, causal within the runs' spread).
 CONCURRENT_DQ = True
 
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
