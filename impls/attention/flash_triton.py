@@ -34,13 +34,14 @@ keeps per thread (a ContextVar), so this module installs one before every such
 launch: the autograd backward runs on a different thread than the forward.
 
 On Hopper, for the head dims in flash_gluon.PREFERRED_HEAD_DIMS (128), the
-forward and the dK/dV kernel are flash_gluon.py's: warp-specialized Gluon
+forward, dK/dV and dQ kernels are flash_gluon.py's: warp-specialized Gluon
 kernels (a loader warp and two consumer warpgroups) whose softmax runs under
 the tensor cores' products, which Triton-language code could not get
-(FLASH_NOTES.md, v2-v6 against v9-v10). At D=128 on the H200 they measured
-608 against 504 TFLOP/s (forward) and 3.6 against 4.2 ms (dK/dV); at D=64
-the forwards tie, so the Triton kernels stay there. The Gluon forward writes
-the same base-2 log-sum-exp; delta and dQ stay this module's kernels.
+(FLASH_NOTES.md, v2-v6 against v9-v12). At D=128 on the H200 they measured
+608 against 504 TFLOP/s (forward), 3.7 against 4.2 ms (dK/dV) and 2.2
+against 2.6 ms (dQ); at D=64 the forwards tie, so the Triton kernels stay
+there. The Gluon forward writes the same base-2 log-sum-exp; delta stays
+this module's kernel.
 `attention(..., gluon=False)` keeps every kernel Triton's, `gluon=True` takes
 Gluon's wherever they can run; last_config() names the family of each kernel
 that ran. flash_gluon is imported only on the first CUDA call, never on CPU

@@ -14,7 +14,9 @@ that it fits in one call to a lent GPU:
    loads and, on Hopper, descriptor loads) and of SDPA's flash, cuDNN and
    memory-efficient backends, with triton.testing.do_bench (median, L2 flushed);
    this tool always runs the Triton forward (attention(..., gluon=False)):
-   `--gluon` checks and times flash_gluon's;
+   `--gluon` checks and times flash_gluon's forward, `--gluon-bwd` its
+   backward kernels, `--schedule` how they are launched (dQ on a second
+   stream, the persistent forward);
 4. the autotuner's per-config timings and each compiled kernel's registers,
    spills and shared memory.
 
