@@ -23,7 +23,7 @@ from bench import calibrate, correctness, metrics
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash_triton, naive, sdpa, tiled
+from impls.attention import flash_triton, naive, sdpa, tiled, tuning
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -103,6 +103,7 @@ class AttentionOptions:
     modes: tuple[str, ...] = ("fwd",)
     impls: tuple[str, ...] = tuple(IMPLS)
     batch: int | None = None
+    retune: bool = False  # time every kernel configuration here, ignoring shipped and cached choices
 
     def __post_init__(self):
         kv = self.kv_heads or self.heads
@@ -237,6 +238,8 @@ DISPLAY = (
 
 
 def sweep(opts: AttentionOptions) -> Sweep:
+    if opts.retune:
+        tuning.retune()
     return Sweep(
         suite="attention",
         configs=opts.configs(),

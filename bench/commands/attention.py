@@ -26,6 +26,8 @@ def attention(
     causal: Annotated[Optional[bool], typer.Option("--causal/--no-causal", help="Causal mask or not. Default: both.")] = None,
     mode: Annotated[Optional[list[str]], typer.Option(help="fwd, bwd or fwd+bwd; repeatable. Default: fwd and fwd+bwd on a GPU, fwd on CPU.")] = None,
     impl: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable; default all: {', '.join(suite.IMPLS)}.")] = None,
+    retune: Annotated[bool, typer.Option("--retune", help="Time every block configuration of tiled's kernels on this "
+                                         "GPU, ignoring the choices shipped for it and those cached on disk.")] = False,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("results"),
     seed: SeedOpt = 0,
@@ -53,5 +55,6 @@ def attention(
         causal=(False, True) if causal is None else (causal,),
         modes=tuple(mode) if mode else (("fwd", "fwd+bwd") if gpu else ("fwd",)),
         impls=tuple(impl) if impl else tuple(suite.IMPLS),
+        retune=retune,
     )
     run_suite(suite.sweep(opts), RunOptions(dev, out, seed, warmup_ms, rep_ms, crosscheck, profile))

@@ -71,6 +71,19 @@ class Tuner:
         self.kernel = kernel
         self.chosen: dict[str, list] = {}  # as on disk: "kernel|device|triton version|key|configs" -> config
         self._memo: dict[tuple, tuple] = {}  # this process's answers, looked up on every call
+        self._preferred: dict[tuple, tuple] = {}  # (key, device) -> config shipped by impls/attention/tuning.py
+        self._use_disk = True
+
+    def prefer(self, key: tuple, config: tuple, device: str) -> None:
+        """Take `config` for `key` on `device` without timing, where it is among the configs asked about."""
+        self._preferred.setdefault((key, device), config)
+
+    def forget(self) -> None:
+        """Drop every choice, shipped, cached on disk or made in this process: the next pick times again."""
+        self.chosen.clear()
+        self._memo.clear()
+        self._preferred.clear()
+        self._use_disk = False
 
     @staticmethod
     def path() -> str:
@@ -87,9 +100,12 @@ class Tuner:
         memo = (key, device, tuple(configs))
         if memo in self._memo:
             return self._memo[memo]
+        if self._preferred.get((key, device)) in configs:
+            self._memo[memo] = self._preferred[(key, device)]
+            return self._memo[memo]
         version = triton.__version__ if GLUON_ERROR is None else "-"
         name = f"{self.kernel}|{device}|triton {version}|{key}|{configs}"
-        if name not in self.chosen:
+        if name not in self.chosen and self._use_disk:
             try:
                 with open(self.path()) as f:
                     self.chosen.update(json.load(f))
@@ -914,6 +930,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
 # (FLASH_NOTES.md v11): 64 x 3 non-causal (2.21 ms, 128 x 2 2.59), either causal.
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
+TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}  # by kernel, for impls/attention/tuning.py
 last_dq_config = ""
 
 

@@ -562,6 +562,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # Host side
 # --------------------------------------------------------------------------
 
+# The autotuned kernels by name, for the shipped choices (impls/attention/tuning.py).
+AUTOTUNED = {"_fwd_kernel": _fwd_kernel, "_bwd_dkdv_kernel": _bwd_dkdv_kernel, "_bwd_dq_kernel": _bwd_dq_kernel}
+
 # What ran last, one entry per kernel ("fwd", "bwd dkdv", "bwd dq"), each
 # already prefixed with its kernel family: "triton fwd BLOCK_M=...", "gluon fwd ...".
 _last: dict[str, str] = {}
@@ -825,4 +828,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         scale = 1.0 / math.sqrt(q.shape[-1])
     want = PREFER_TMA if use_tma is None else use_tma
     tma = bool(want) and tma_available() and _tma_allowed(q, k, v)
-    return _FlashAttention.apply(q, k, v, bool(causal), float(scale), tma, uses_gluon(q, k, v, gluon))
+    use_gluon = uses_gluon(q, k, v, gluon)  # imports flash_gluon where it may run, before its tuners are seeded
+    if q.is_cuda and not INTERPRET:
+        from impls.attention import tuning
+        tuning.seed(q.device)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(scale), tma, use_gluon)

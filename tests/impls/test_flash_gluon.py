@@ -126,6 +126,25 @@ def test_tuner_times_once_and_keeps_the_choice_on_disk(tmp_path, monkeypatch):
     assert len(timed) == 17
 
 
+def test_tuner_takes_a_shipped_choice_untimed_and_forgets_on_retune(tmp_path, monkeypatch):
+    # impls/attention/tuning.py hands shipped choices over with prefer(); forget() (--retune) times again.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    times = {(128, 128, 2, "ws"): 3.0, (128, 128, 2, "pingpong"): 1.0}
+    timed = []
+
+    def time_ms(config):
+        timed.append(config)
+        return times[config]
+
+    tuner = fg.Tuner("fwd")
+    tuner.prefer((8192, 128), (128, 128, 2, "ws"), "gpu0")
+    assert tuner.pick((8192, 128), list(times), time_ms, "gpu0") == (128, 128, 2, "ws") and timed == []
+    assert tuner.pick((8192, 128), [(128, 128, 2, "pingpong")] * 2, time_ms, "gpu0") == (128, 128, 2, "pingpong")
+    assert len(timed) == 2  # the shipped choice is not among these configs: timed
+    tuner.forget()
+    assert tuner.pick((8192, 128), list(times), time_ms, "gpu0") == (128, 128, 2, "pingpong") and len(timed) == 4
+
+
 @pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="needs triton.experimental.gluon")
 def test_supported_only_on_the_triton_versions_the_kernels_were_written_for(monkeypatch):
     q = torch.empty(1, 1, 4, 128)

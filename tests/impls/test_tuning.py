@@ -1,0 +1,67 @@
+"""The shipped autotuning choices (impls/attention/tuning.py): a choice reaches the
+kernel's tuner only on a matching file, only if it is still one of the kernel's
+configs, and retune() drops every choice."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from impls.attention import flash_triton, tuning
+
+
+class _Config(SimpleNamespace):
+    pass
+
+
+def _cfg(m, n, warps, stages, maxnreg=None):
+    return _Config(kwargs={"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A fake autotuned kernel and a shipped file for a fake sm90 device."""
+    kernel = SimpleNamespace(configs=[_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)], cache={}, cache_results=True)
+    monkeypatch.setattr(flash_triton, "AUTOTUNED", {"_fwd_kernel": kernel})
+    monkeypatch.setattr(flash_triton, "_GLUON", None)
+    monkeypatch.setattr(tuning, "_seeded", set())
+    monkeypatch.setattr(tuning, "_retune", False)
+    key = (8192, 128, False, False, "torch.bfloat16")
+    other = (1024, 128, True, False, "torch.bfloat16")
+    path = tmp_path / "sm90-triton9.9.json"
+    path.write_text(json.dumps({"triton_kernels": {"_fwd_kernel": {
+        repr(key): tuning.config_record(kernel.configs[1]),
+        repr(other): tuning.config_record(_cfg(256, 32, 8, 5)),  # not among the kernel's configs any more
+    }}}))
+    monkeypatch.setattr(tuning, "_load", lambda device: json.loads(path.read_text()))
+    return kernel, key, other
+
+
+def test_seed_hands_a_shipped_choice_to_the_tuner(fake):
+    kernel, key, other = fake
+    tuning.seed(SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0"))
+    assert kernel.cache == {key: kernel.configs[1]}  # the unknown config is left to be tuned
+
+
+def test_seed_keeps_a_choice_made_here(fake):
+    kernel, key, _ = fake
+    kernel.cache[key] = kernel.configs[0]
+    tuning.seed(SimpleNamespace(type="cuda"))
+    assert kernel.cache[key] is kernel.configs[0]
+
+
+def test_nothing_on_cpu_or_after_retune(fake):
+    kernel, key, _ = fake
+    tuning.seed(torch.device("cpu"))
+    assert kernel.cache == {}
+    kernel.cache[key] = kernel.configs[0]
+    tuning.retune()
+    assert kernel.cache == {} and kernel.cache_results is False
+    tuning.seed(SimpleNamespace(type="cuda"))
+    assert kernel.cache == {}
+
+
+def test_config_record_round_trips():
+    c = _cfg(128, 64, 8, 2, maxnreg=128)
+    assert tuning._matching([_cfg(128, 64, 8, 2), c], tuning.config_record(c)) is c
