@@ -16,7 +16,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GENBENCH_CACHE", tempfile.mkdtemp(prefix="genbench-test-cache-"))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
+
+
+def requires_cuda(fn):
+    """Skipped without CUDA, and in the GPU machine's selection (-m gpu)."""
+    return pytest.mark.gpu(_skip_without_cuda(fn))
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import torch
 from impls import decoding_triton as dt
 from impls import medusa
 
-pytestmark = pytest.mark.skipif(dt.triton is None, reason=dt.TRITON_ERROR or "")
+# On a GPU every test runs the kernels there: all belong to the GPU selection (-m gpu).
+pytestmark = [pytest.mark.skipif(dt.triton is None, reason=dt.TRITON_ERROR or ""), pytest.mark.gpu]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TREES = {
     "root": medusa.Tree(()),  # vanilla

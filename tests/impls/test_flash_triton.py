@@ -24,6 +24,8 @@ from impls.attention import naive  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# Every test here runs the kernels on the GPU when there is one: all belong to the GPU selection (-m gpu).
+pytestmark = pytest.mark.gpu
 needs_kernel = pytest.mark.skipif(ft.TRITON_ERROR is not None, reason=str(ft.TRITON_ERROR))
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
