@@ -21,14 +21,35 @@ mark:
 
 Significance. With the raw timing samples of both rows (the .samples.npz
 beside each CSV), a two-sided Mann-Whitney U test at p < 0.01: it assumes no
-distribution, and timings are skewed with outliers. Without samples, the two
-rows' interquartile ranges must not overlap. Both tests are on the time
-samples, so they apply to the time columns and to rates computed from the
-median time (TFLOP/s, tokens/s, GB/s, % of peak, MFU); any other metric
-(memory, error, speedup against another row) is judged on the ratio alone.
+distribution, and timings are skewed with outliers. Its smallest p-value is
+that of two fully separated samples, 2 / C(n1 + n2, n1): 0.1 at 3 against 3,
+0.029 at 4 against 4, 0.0079 at 5 against 5. Where that is not below 0.01 the
+test can never reject, and a 99% percentile bootstrap interval of the ratio of
+the medians (seeded, so a comparison always gives the same interval) decides
+instead: significant when it excludes 1. The row's note names the rule, and
+one warning says how many rows had too few samples for a real test. Without
+samples, the two rows' interquartile ranges must not overlap. All of these are
+on the time samples, so they apply to the time columns and to rates computed
+from the median time (TFLOP/s, tokens/s, GB/s, % of peak, MFU); any other
+metric (memory, error, speedup against another row) is judged on the ratio
+alone.
 
-`worse` and `newly failing` are regressions: `genbench compare` exits 1 when
-there is one.
+Regressions, which make `genbench compare` exit 1: `worse`, `newly failing`,
+and `gone` (a configuration the new run lost) unless `allow_missing`.
+Input errors (BadInput, exit 2): runs of different suites or parameters, runs
+that share no configuration, and runs on different hardware (GPU model and
+count, the CPU for CPU runs; from the JSON sidecars) unless
+`allow_different_hardware`, which turns that into a warning. Different software
+(torch, triton, CUDA, ...) is a warning printed first, since comparing two
+versions is often the point.
+
+GPU clocks. When both CSVs carry the SM clock of each row (`sm_clock_MHz`, the
+median during the timed window), a warning says when the runs' median clocks
+differ by more than 5% (a slower clock looks like a regression), and each row
+whose clocks differ that much says so in its note. Another warning when only
+one run had its clocks locked (`clocks_locked` in the JSON env). The telemetry
+columns sit after `status`, so they are never taken for parameters, and they
+are never the default metric.
 """
 
 from __future__ import annotations
@@ -44,18 +65,23 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from scipy.stats import mannwhitneyu
+from scipy.stats import bootstrap, mannwhitneyu
 
 from bench.errors import BadInput
 
-ALPHA = 0.01  # Mann-Whitney U significance level
+ALPHA = 0.01  # Mann-Whitney U significance level; the bootstrap interval's level is 1 - ALPHA
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0
+# SM clocks further apart than this make two timings of one kernel differ by
+# about as much, which the threshold would read as a regression.
+CLOCK_TOLERANCE = 0.05
 DEFAULT_THRESHOLD = 0.10
 # Relative slack on the threshold comparison, so that a ratio of exactly
 # 1 + threshold computed in floating point (1.1 * x / x = 1.1000000000000003 or
 # 1.0999999999999999) counts as reaching it: the threshold is `>=`.
 _ROUNDING = 1e-9
 
-REGRESSIONS = ("worse", "newly failing")
+REGRESSIONS = ("worse", "newly failing", "gone")  # gone: unless allow_missing
 MARKS = ("worse", "newly failing", "better", "newly ok", "unchanged", "still failing", "new", "gone", "n/a")
 
 _STAT = re.compile(r"^(median|iqr|mean|std|min|max)_([A-Za-z]+)$")
@@ -79,6 +105,7 @@ def higher_is_better(column: str) -> bool | None:
 HARDWARE = ("device_name", "gpu_name", "gpu_count")
 CPU_HARDWARE = ("cpu", "cpu_count")  # only when the runs measured the CPU
 SOFTWARE = ("torch", "triton", "cuda", "cudnn", "nccl", "driver", "python")
+CLOCK = "sm_clock_MHz"  # per-row GPU telemetry, after `status` in the CSV
 
 
 @dataclass
@@ -224,10 +251,16 @@ class Comparison:
     label: str
     changes: list[Change]
     warnings: list[str]
+    allow_missing: bool = False
+
+    @property
+    def failing_marks(self) -> tuple[str, ...]:
+        """The marks that count as regressions in this comparison."""
+        return tuple(m for m in REGRESSIONS if not (m == "gone" and self.allow_missing))
 
     @property
     def regressions(self) -> list[Change]:
-        return [c for c in self.changes if c.mark in REGRESSIONS]
+        return [c for c in self.changes if c.mark in self.failing_marks]
 
     def counts(self) -> dict[str, int]:
         found = [c.mark for c in self.changes]
@@ -246,16 +279,48 @@ class Comparison:
         return " ".join(f"{p}={change.config[p]}" for p in self.shown_params())
 
 
-def _env_warnings(base: Run, new: Run) -> list[str]:
+def _env_diffs(base: Run, new: Run, kind: str) -> str:
+    """'key base -> new; ...' for the hardware or software keys that differ; '' when none or unknown.
+
+    A hardware key is compared only when both JSONs have it, so that a JSON
+    written before the key existed is no error.
+    """
     if not base.env or not new.env:
-        return []
-    keys = HARDWARE + (CPU_HARDWARE if "cpu" in (base.env.get("device") or "") else ())
+        return ""
+    if kind == "hardware":
+        names = HARDWARE + (CPU_HARDWARE if "cpu" in (base.env.get("device") or "") else ())
+        names = tuple(k for k in names if k in base.env and k in new.env)
+    else:
+        names = SOFTWARE
+    return "; ".join(f"{k} {base.env.get(k)} -> {new.env.get(k)}" for k in names if base.env.get(k) != new.env.get(k))
+
+
+def _median_clock(run: Run) -> float | None:
+    """The median over the run's ok rows of their SM clock; None without the column or its values."""
+    clocks = run.number(CLOCK)[run.rows["status"] == "ok"].dropna()
+    return float(clocks.median()) if len(clocks) else None
+
+
+def _clock_warnings(base: Run, new: Run) -> list[str]:
     out = []
-    for kind, names in (("hardware", keys), ("software", SOFTWARE)):
-        diffs = [f"{k} {base.env.get(k)} -> {new.env.get(k)}" for k in names if base.env.get(k) != new.env.get(k)]
-        if diffs:
-            out.append(f"the runs are on different {kind}: " + "; ".join(diffs))
+    b, n = _median_clock(base), _median_clock(new)
+    if b and n and abs(n / b - 1) > CLOCK_TOLERANCE:
+        out.append(f"the runs ran at different SM clocks: base {b:.0f} MHz, new {n:.0f} MHz ({n / b - 1:+.0%}): "
+                   "a clock difference looks like a regression")
+    locked = {"base": base.env.get("clocks_locked"), "new": new.env.get("clocks_locked")}
+    if list(locked.values()).count(True) == 1:
+        (one,) = (name for name, value in locked.items() if value is True)
+        other = "new" if one == "base" else "base"
+        out.append(f"only the {one} run had its GPU clocks locked (clocks_locked: {one} true, {other} "
+                   f"{json.dumps(locked[other])}): unlocked clocks follow temperature and power")
     return out
+
+
+def _clock_note(b: pd.Series, n: pd.Series) -> str:
+    bc, nc = _float(b.get(CLOCK)), _float(n.get(CLOCK))
+    if not bc or not nc or abs(nc / bc - 1) <= CLOCK_TOLERANCE:
+        return ""
+    return f"SM clock {bc:.0f} -> {nc:.0f} MHz ({nc / bc - 1:+.0%})"
 
 
 def _iqr_apart(b: pd.Series, n: pd.Series, unit: str) -> bool | None:
@@ -275,11 +340,57 @@ def _iqr_apart(b: pd.Series, n: pd.Series, unit: str) -> bool | None:
     return bm + bi / 2 < nm - ni / 2 or nm + ni / 2 < bm - bi / 2
 
 
+def min_p_value(n1: int, n2: int) -> float:
+    """The smallest two-sided p-value a Mann-Whitney U test can give on n1 and
+    n2 samples: that of full separation, 2 / C(n1 + n2, n1); ties only make
+    it larger. scipy's exact method gives the same."""
+    return min(1.0, 2 / math.comb(n1 + n2, n1))
+
+
+def mwu_can_reject(n1: int, n2: int) -> bool:
+    """Whether the test can reach p < ALPHA at these sample sizes at all."""
+    return min_p_value(n1, n2) < ALPHA
+
+
+def median_ratio_ci(base: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+    """The 1 - ALPHA percentile bootstrap interval of median(new) / median(base).
+
+    Seeded, so that one pair of runs always gives one interval. The percentile
+    method, since BCa needs more samples than this is for; with n <= 3 a side
+    its ends are min(new)/max(base) and max(new)/min(base), so it excludes 1
+    exactly when the samples are fully separated.
+    """
+    def median_ratio(b, n, axis):
+        return np.median(n, axis=axis) / np.median(b, axis=axis)
+
+    # random_state, not rng: scipy >= 1.10 takes it.
+    result = bootstrap((base, new), median_ratio, vectorized=True, confidence_level=1 - ALPHA, method="percentile",
+                       n_resamples=BOOTSTRAP_RESAMPLES, random_state=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _has_samples(metric: str, unit: str | None, b_samples, n_samples) -> bool:
+    """Whether the rows' time samples bear on the metric and both rows have some to test."""
+    return (bool(_FROM_TIME.search(metric)) and unit is not None and b_samples is not None
+            and n_samples is not None and len(b_samples) > 1 and len(n_samples) > 1)
+
+
+def _too_few_samples(metric: str, unit: str | None, b_samples, n_samples) -> bool:
+    """Whether the rows have samples to test, but too few for Mann-Whitney to ever reject."""
+    return _has_samples(metric, unit, b_samples, n_samples) and not mwu_can_reject(len(b_samples), len(n_samples))
+
+
 def _significance(metric: str, unit: str | None, b, n, b_samples, n_samples) -> tuple[bool, float | None, str]:
     """(significant, p-value, how it was judged) for a pair past the threshold."""
     if not _FROM_TIME.search(metric) or unit is None:
         return True, None, "ratio only"
-    if b_samples is not None and n_samples is not None and len(b_samples) > 1 and len(n_samples) > 1:
+    if _too_few_samples(metric, unit, b_samples, n_samples):
+        lo, hi = median_ratio_ci(np.asarray(b_samples, float), np.asarray(n_samples, float))
+        significant = lo > 1 or hi < 1
+        note = (f"bootstrap {1 - ALPHA:.0%} CI of new/base median time [{lo:.3g}, {hi:.3g}], "
+                f"n={len(b_samples)} vs {len(n_samples)}: too few samples for Mann-Whitney at p<{ALPHA:g}")
+        return significant, None, note if significant else f"not significant, {note}"
+    if _has_samples(metric, unit, b_samples, n_samples):
         p = float(mannwhitneyu(b_samples, n_samples, alternative="two-sided").pvalue)
         if math.isnan(p):  # every sample tied
             p = 1.0
@@ -314,7 +425,9 @@ def _failure(row) -> str:
     return f"{row['status']}: {row['reason']}" if row.get("reason") else str(row["status"])
 
 
-def compare(base: Run, new: Run, metric: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
+def compare(base: Run, new: Run, metric: str | None = None, threshold: float = DEFAULT_THRESHOLD, *,
+            allow_missing: bool = False, allow_different_hardware: bool = False) -> Comparison:
+    """Join the runs and mark each configuration; BadInput when they cannot be compared."""
     if base.suite != new.suite:
         raise BadInput(f"{base.path.name} is a {base.suite} run and {new.path.name} a {new.suite} run; "
                        "compare two runs of one suite")
@@ -324,6 +437,14 @@ def compare(base: Run, new: Run, metric: str | None = None, threshold: float = D
                        f"only in {new.path.name}: {', '.join(only_n) or '-'}); rows cannot be matched")
     key = ["suite", *base.params]
     b_at, n_at = _by_config(base, key), _by_config(new, key)
+    hardware = _env_diffs(base, new, "hardware")
+    if not set(b_at) & set(n_at):
+        raise BadInput(f"{base.path.name} and {new.path.name} share no configuration ({len(b_at)} only in the base "
+                       f"run, {len(n_at)} only in the new one{_disjoint(base, new)}): nothing to compare"
+                       + (f"; they also ran on different hardware ({hardware})" if hardware else ""))
+    if hardware and not allow_different_hardware:
+        raise BadInput(f"the runs are on different hardware ({hardware}); their timings say nothing about the "
+                       "code. Pass --allow-different-hardware to compare them anyway")
     metric = metric or base.primary or new.primary
     for run in (base, new):
         if metric is None or metric not in run.rows.columns:
@@ -338,6 +459,7 @@ def compare(base: Run, new: Run, metric: str | None = None, threshold: float = D
     unit = base.time_unit if base.time_unit == new.time_unit else None
 
     changes = []
+    few_samples = 0  # rows whose sample sizes leave Mann-Whitney unable to reject
     # Base order first, then what only the new run has.
     for config in [*b_at, *(c for c in n_at if c not in b_at)]:
         named = dict(zip(key, config))
@@ -351,14 +473,36 @@ def compare(base: Run, new: Run, metric: str | None = None, threshold: float = D
             changes.append(_status_change(named, b, n, metric))
         else:
             b_samples, n_samples = base.samples.get(b_at[config]), new.samples.get(n_at[config])
+            few_samples += _too_few_samples(metric, unit, b_samples, n_samples)
             changes.append(_value_change(
                 named, _float(b[metric]), _float(n[metric]), higher, threshold,
                 lambda: _significance(metric, unit, b, n, b_samples, n_samples),
-                noisy="True" in (str(b.get("noisy")), str(n.get("noisy"))),
+                noisy="True" in (str(b.get("noisy")), str(n.get("noisy"))), clock=_clock_note(b, n),
             ))
 
-    warnings = _env_warnings(base, new) + base.notes + new.notes
-    return Comparison(base.suite, metric, higher, threshold, list(base.params), base.label, changes, warnings)
+    # Software first: comparing two torch versions is often the point of the comparison.
+    software = _env_diffs(base, new, "software")
+    warnings = [f"the runs are on different software: {software}"] if software else []
+    if hardware:
+        warnings.append(f"the runs are on different hardware: {hardware} (--allow-different-hardware)")
+    warnings += _clock_warnings(base, new) + base.notes + new.notes
+    if few_samples:
+        rows_had = "1 row had" if few_samples == 1 else f"{few_samples} rows had"
+        warnings.append(f"{rows_had} too few samples for a Mann-Whitney test at p<{ALPHA:g}, judged by a bootstrap "
+                        "interval instead; rerun with more samples per row (a larger --rep-ms, more prompts or "
+                        "steps) for a real test")
+    return Comparison(base.suite, metric, higher, threshold, list(base.params), base.label, changes, warnings,
+                      allow_missing)
+
+
+def _disjoint(base: Run, new: Run) -> str:
+    """'; model tiny vs medium' for each parameter whose values the two runs don't share."""
+    out = []
+    for p in base.params:
+        bv, nv = sorted(set(base.rows[p])), sorted(set(new.rows[p]))
+        if not set(bv) & set(nv):
+            out.append(f"{p} {','.join(bv)} vs {','.join(nv)}")
+    return "".join(f"; {x}" for x in out)
 
 
 def _status_change(config: dict, b: pd.Series, n: pd.Series, metric: str) -> Change:
@@ -373,12 +517,11 @@ def _status_change(config: dict, b: pd.Series, n: pd.Series, metric: str) -> Cha
 
 
 def _value_change(config: dict, bv: float | None, nv: float | None, higher: bool, threshold: float,
-                  significance, noisy: bool) -> Change:
+                  significance, noisy: bool, clock: str = "") -> Change:
     if bv is None or nv is None or bv <= 0 or nv <= 0:
-        return Change(config, "n/a", bv, nv, note="no positive value in both runs")
+        return Change(config, "n/a", bv, nv, note="; ".join(filter(None, ["no positive value in both runs", clock])))
     mark, ratio, p, note = judge(bv, nv, higher, threshold, significance)
-    if noisy:
-        note = "; ".join(filter(None, [note, "noisy: IQR >= 10% of median"]))
+    note = "; ".join(filter(None, [note, "noisy: IQR >= 10% of median" if noisy else "", clock]))
     return Change(config, mark, bv, nv, ratio, p, note)
 
 
@@ -425,10 +568,16 @@ def headline(cmp: Comparison) -> str:
 
 def summary(cmp: Comparison) -> str:
     counts = ", ".join(f"{n} {mark}" for mark, n in cmp.counts().items())
+    allowed = " (gone rows allowed by --allow-missing)" if cmp.allow_missing and "gone" in cmp.counts() else ""
     if not cmp.regressions:
-        return f"{counts}. No regression beyond {100 * cmp.threshold:g}%."
-    named = "; ".join(f"{cmp.name(c)} ({c.mark}{', ' + _ratio(c.ratio) if c.ratio else ''})" for c in cmp.regressions)
-    return f"{counts}. Regressions: {named}"
+        return f"{counts}. No regression beyond {100 * cmp.threshold:g}%{allowed}."
+    named = [f"{cmp.name(c)} ({c.mark}{', ' + _ratio(c.ratio) if c.ratio else ''})"
+             for c in cmp.regressions if c.mark != "gone"]
+    gone = [cmp.name(c) for c in cmp.regressions if c.mark == "gone"]
+    if gone:  # a whole dropped implementation can be dozens of rows: name a few
+        shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        named.append(f"{len(gone)} gone ({shown}; --allow-missing if dropped on purpose)")
+    return f"{counts}. Regressions: " + "; ".join(named)
 
 
 def rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
@@ -454,7 +603,7 @@ def markdown(cmp: Comparison) -> str:
 
     header, body = rows(cmp)
     mark_at = header.index("mark")
-    bold = {"worse": "**worse**", "newly failing": "**newly failing**"}
+    bold = {m: f"**{m}**" for m in cmp.failing_marks}
 
     def table(lines: list[list[str]]) -> list[str]:
         out = ["| " + " | ".join(map(cell, header)) + " |",
@@ -480,13 +629,14 @@ def markdown(cmp: Comparison) -> str:
 def render(cmp: Comparison, console: Console) -> None:
     """The comparison as a rich table, warnings first, summary last."""
     for w in cmp.warnings:
-        console.print(f"[yellow]warning: {escape(w)}[/]", highlight=False)
+        console.print(f"[yellow]warning: {escape(w)}[/]", highlight=False, soft_wrap=True)  # one line, even in logs
     header, body = rows(cmp)
     table = Table(title=escape(headline(cmp)), title_justify="left")
     for h in header:
         table.add_column(h, justify="right" if _numeric_column(h) else "left", no_wrap=h != "note",
                          overflow="fold" if h == "note" else "ellipsis")
     for change, line in zip(cmp.changes, body):
-        table.add_row(*map(escape, line), style=MARK_STYLE[change.mark])
+        failing = change.mark == "gone" and "gone" in cmp.failing_marks  # gone is dim only when allowed
+        table.add_row(*map(escape, line), style="red" if failing else MARK_STYLE[change.mark])
     console.print(table)
     console.print(escape(summary(cmp)), style="bold red" if cmp.regressions else "green", highlight=False)
