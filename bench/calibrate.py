@@ -238,7 +238,8 @@ class Peaks:
             note = (f"a rate above the cached {name} peak ({old:.3g} {unit}): measured again, {peak:.3g} {unit}; "
                     f"rows before this one were taken against {old:.3g}")
         else:
-            note = f"a rate above the cached {name} peak ({old:.3g} {unit}): measured again, no higher ({new:.3g})"
+            again = "nothing" if new is None else f"{new:.3g}"
+            note = f"a rate above the cached {name} peak ({old:.3g} {unit}): measured again, no higher ({again})"
         self._note(note)
         return peak, note
 
