@@ -12,6 +12,7 @@ or a clear BadInput.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -19,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,13 +31,43 @@ from bench.errors import BadInput
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _cache_location() -> tuple[Path, str]:
+    """The cache folder and the variable that chose it."""
+    if os.environ.get("GENBENCH_CACHE"):
+        return Path(os.environ["GENBENCH_CACHE"]), "$GENBENCH_CACHE"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "genbench", "$XDG_CACHE_HOME"
+    return Path.home() / ".cache" / "genbench", "$HOME"
+
+
+_WRITABLE: set[Path] = set()  # folders already found writable by this process
+
+
 def cache_dir() -> Path:
     """The one folder genbench keeps what it builds in (calibrated peaks, tokenized
     corpora, trained checkpoints), created if missing: $GENBENCH_CACHE, else
-    $XDG_CACHE_HOME/genbench, else ~/.cache/genbench. An empty variable counts as unset."""
-    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    path = Path(os.environ.get("GENBENCH_CACHE") or Path(user_cache) / "genbench")
-    path.mkdir(parents=True, exist_ok=True)
+    $XDG_CACHE_HOME/genbench, else ~/.cache/genbench. An empty variable counts as unset.
+
+    The first call for a folder checks that a file can be written in it (a
+    read-only folder, or a path through a file, fails here and not in the
+    middle of a run), raising BadInput that says what to change. The CLI calls
+    it before the first configuration runs."""
+    path, source = _cache_location()
+    if path in _WRITABLE:
+        return path
+    fix = ("unset GENBENCH_CACHE or point it at a writable folder" if source == "$GENBENCH_CACHE"
+           else "set GENBENCH_CACHE to a writable folder")
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"the genbench cache {path} (from {source}) is a file, not a folder: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # Permission bits say nothing for root, and not all of a read-only mount: write a file.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise BadInput(f"the genbench cache {path} (from {source}) cannot be written "
+                       f"({exc.strerror or type(exc).__name__}): {fix}") from None
+    _WRITABLE.add(path)
     return path
 
 
@@ -96,7 +128,8 @@ def _command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
-def _nvidia_driver() -> str | None:
+@functools.cache  # a process runs on one driver; nvidia-smi takes a while to answer
+def nvidia_driver() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
@@ -146,7 +179,7 @@ def collect(device: torch.device | None = None, seed: int | None = None) -> dict
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-        "driver": _nvidia_driver(),
+        "driver": nvidia_driver(),
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,

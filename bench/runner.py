@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import memory, timing
+from bench.calibrate import Peaks, Share
 from bench.errors import Fatal, Unsupported
 from bench.profile import Profile, Profiler
 from bench.results import ResultWriter
@@ -54,14 +55,23 @@ class Context:
     device: torch.device
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    peaks: dict | None = None
+    peaks: Peaks | None = None  # a dict of peak values is taken as Peaks of this device
     crosscheck: bool = False  # also time with triton.testing.do_bench
     seed: int = 0
     extras: dict = field(default_factory=dict)
     profiler: Profiler | None = None  # set by --profile
 
+    def __post_init__(self):
+        if isinstance(self.peaks, dict):
+            self.peaks = Peaks(self.device, self.peaks)
+
     def time(self, fn: Callable[[], object]) -> Stats:
         return timing.measure(fn, device=self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
+
+    def share_of_peak(self, key: str, of: Callable[[float], float | None]) -> Share:
+        """`of(peak)`: a share in percent of the peak stored under `key`, never
+        above 100 (see bench/calibrate.py `Peaks.share`)."""
+        return self.peaks.share(key, of) if self.peaks is not None else Share()
 
     def peak_memory_mib(self, fn: Callable[[], object]) -> float | None:
         return memory.peak_memory_mib(fn, self.device)

@@ -217,14 +217,15 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
     stats = ctx.time(step)
     flops = metrics.attention_flops(cfg.batch, cfg.heads, cfg.seq, cfg.seq, cfg.head_dim, cfg.causal, cfg.mode)
     rate = metrics.tflops(flops, stats.median)
+    share = ctx.share_of_peak(calibrate.matmul_key(dtype), functools.partial(metrics.pct_of_peak, rate))
     values.update(
         tflops=rate,
-        pct_of_peak=metrics.pct_of_peak(rate, calibrate.matmul_peak(ctx.peaks, dtype)),
+        pct_of_peak=share.pct,
         peak_mem_MiB=ctx.peak_memory_mib(step),
         do_bench_median_ms=ctx.do_bench_ms(step),
     )
     ctx.profile(step)  # --profile: a trace of the timed step
-    return Measurement(values, stats=stats)
+    return Measurement(values, stats=stats, reason=share.note)
 
 
 DISPLAY = (

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from bench import calibrate, launch, memory, metrics
+from bench.calibrate import Peaks, Share
 from bench.env import cache_dir
 from bench.errors import BadInput, Unsupported
 from bench.profile import ACTIVE, WAIT, WARMUP, Profiler
@@ -322,8 +324,8 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
 
 
 def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_tokens_per_s: float | None,
-                      peak_tflops: float | None) -> Measurement:
-    """One row from what every rank returned."""
+                      peaks: Peaks | None) -> Measurement:
+    """One row from what every rank returned; MFU against `peaks` (see bench/calibrate.py)."""
     world = len(per_rank)
     assert world == cfg.world_size, f"{world} ranks answered, {cfg.world_size} expected"
     # A step of the job ends when its slowest rank's does: per-step maximum over ranks.
@@ -335,7 +337,11 @@ def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_t
     shape = MODELS[cfg.model]
     flops_per_token = metrics.transformer_train_flops_per_token(per_rank[0]["params"], shape.n_layer, shape.n_embd,
                                                                 cfg.seq)
-    peaks = [r["peak_mem_MiB"] for r in per_rank if r["peak_mem_MiB"] is not None]
+    memories = [r["peak_mem_MiB"] for r in per_rank if r["peak_mem_MiB"] is not None]
+    precision = PRECISIONS[cfg.precision]
+    key = calibrate.matmul_key(precision.compute_dtype, precision.tf32)
+    mfu = functools.partial(metrics.mfu, tokens_per_s / world, flops_per_token)  # per device: a world-th of the tokens
+    share = peaks.share(key, mfu) if peaks is not None else Share()
     values = dict(
         world_size=world,
         nodes=nodes,
@@ -347,15 +353,15 @@ def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_t
         efficiency=metrics.scaling_efficiency(tokens_per_s, base_tokens_per_s, world) if base_tokens_per_s else None,
         slowest_rank=slowest,
         slowest_rank_median_ms=medians[slowest],
-        mfu=metrics.mfu(tokens_per_s / world, flops_per_token, peak_tflops),
-        peak_mem_MiB=max(peaks) if peaks else None,
+        mfu=share.pct,
+        peak_mem_MiB=max(memories) if memories else None,
         params=per_rank[0]["params"],
     )
     if per_rank[0]["no_sync_ms"] is not None:
         no_sync = Stats.of(np.max([r["no_sync_ms"] for r in per_rank], axis=0))
         values.update(no_sync_median_ms=no_sync.median,
                       exposed_comm_ms=metrics.exposed_comm_ms(stats.median, no_sync.median))
-    return Measurement(values, stats=stats)
+    return Measurement(values, stats=stats, reason=share.note)
 
 
 class ScalingRun:
@@ -392,9 +398,7 @@ class ScalingRun:
         except launch.RankError as exc:
             return Measurement(status=exc.kind, reason=str(exc))
         assert per_rank is not None, "node 0 holds rank 0, which returns every rank's results"
-        precision = PRECISIONS[cfg.precision]
-        peak = calibrate.matmul_peak(ctx.peaks, precision.compute_dtype, tf32=precision.tf32)
-        m = train_measurement(cfg, per_rank, self.opts.hosts.nodes(cfg.world_size), self.base_tokens_per_s, peak)
+        m = train_measurement(cfg, per_rank, self.opts.hosts.nodes(cfg.world_size), self.base_tokens_per_s, ctx.peaks)
         if not cfg.ddp:  # the baseline: every later row's efficiency is against it
             self.base_tokens_per_s = m.values["tokens_per_s"]
             m.values["efficiency"] = metrics.scaling_efficiency(self.base_tokens_per_s, self.base_tokens_per_s, 1)

@@ -361,13 +361,12 @@ def _rates(cfg, ctx, shared: Shared, trainer: Trainer, step_ms: float, notes: li
     flops_per_token = metrics.transformer_train_flops_per_token(n_params, model.n_layer, model.n_embd, cfg.seq_len)
     tokens = cfg.batch * cfg.seq_len
     tokens_per_s = metrics.per_second(tokens, step_ms)
-    peak = calibrate.matmul_peak(ctx.peaks, precision.compute_dtype, tf32=precision.tf32)
-    mfu = metrics.mfu(tokens_per_s, flops_per_token, peak)
-    if mfu is not None and mfu > 100:
-        notes.append("MFU above 100%: this dtype's calibrated peak is below what training reached; "
-                     "recalibrate with genbench env --calibrate")
+    share = ctx.share_of_peak(calibrate.matmul_key(precision.compute_dtype, tf32=precision.tf32),
+                              functools.partial(metrics.mfu, tokens_per_s, flops_per_token))
+    if share.note:
+        notes.append(share.note)
     return dict(n_params=n_params, flops_per_token=flops_per_token, tokens_per_s=tokens_per_s,
-                tflops=metrics.tflops(flops_per_token * tokens, step_ms), peak_tflops=peak, mfu=mfu)
+                tflops=metrics.tflops(flops_per_token * tokens, step_ms), peak_tflops=share.peak, mfu=share.pct)
 
 
 def _losses(cfg, ctx, shared: Shared, trainer: Trainer, notes: list[str]) -> dict:

@@ -17,6 +17,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import bench.env
 from bench import calibrate, profile, report
@@ -93,22 +94,49 @@ def cli_errors(fn):
     return wrapper
 
 
+def cached_peaks(device: torch.device) -> dict | None:
+    """This device's cached peaks; None, with a warning, for a file that cannot be used."""
+    try:
+        return calibrate.load(device)
+    except calibrate.Unusable as exc:
+        err_console.print(f"[yellow]warning:[/] {exc}: not used", highlight=False, soft_wrap=True)
+        return None
+
+
+def measure_peaks(device: torch.device) -> dict:
+    """Calibrate now, a progress line naming what is being measured."""
+    progress = Progress(TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, transient=True)
+    with progress:
+        task = progress.add_task("", total=len(calibrate.RATES))
+
+        def on_step(name: str) -> None:
+            progress.update(task, completed=list(calibrate.RATES.values()).index(name), description=name)
+
+        return calibrate.calibrate(device, on_step=on_step)
+
+
 def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> list[dict]:
     """Measure a sweep, print its tables and say where the files are."""
+    bench.env.cache_dir()  # an unwritable cache folder: one red line now, not a traceback mid-run
     torch.manual_seed(opts.seed)
-    peaks = calibrate.load(opts.device)
+    peaks = cached_peaks(opts.device)
     if peaks is None:
         console.print(f"[dim]measuring this device's peaks once ({bench.env.device_name(opts.device)}); "
                       "see `genbench env --calibrate`[/]")
-        peaks = calibrate.calibrate(opts.device)
+        peaks = measure_peaks(opts.device)
     ctx = Context(
-        device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=peaks,
+        device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=calibrate.Peaks(opts.device, peaks),
         crosscheck=opts.crosscheck, seed=opts.seed, extras=extras or {},
         profiler=profile.Profiler(opts.device) if opts.profile else None,
     )
     info = bench.env.collect(opts.device, opts.seed)
+    # The peaks' own dict: one re-measured during the run is in the JSON the run's end writes (plot draws it).
+    info["peaks"] = ctx.peaks.values
     writer = run_sweep(sweep, ctx, opts.out, info, console)
     report.render(sweep, writer.rows, console)
+    for note in ctx.peaks.notes:
+        console.print(f"[yellow]peaks:[/] {note}", highlight=False)
     if ctx.profiler is not None:
         profile.render(ctx.profiler, console)
     console.print(f"wrote {writer.csv_path} ({len(writer.rows)} rows), {writer.json_path.name}"

@@ -2,7 +2,8 @@
 
     genbench env                 device, driver, CUDA/cuDNN/NCCL, torch, triton,
                                  SDPA backends, bf16/tf32/fp8, cached peaks
-    genbench env --calibrate     measure the peaks now (a few seconds) and cache them
+    genbench env --calibrate     measure the peaks now (seconds: each the best of
+                                 several rounds) and cache them
 
 Every "yes" about the device is found by running a tiny problem on it, not
 read from a table: a backend or a number format counts when a call succeeds.
@@ -17,7 +18,8 @@ import typer
 from rich.table import Table
 
 from bench import calibrate, env
-from bench.commands import DeviceOpt, app, cli_errors, console
+from bench.commands import DeviceOpt, app, cached_peaks, cli_errors, console, measure_peaks
+from impls import fp8
 from impls.attention import sdpa
 
 
@@ -60,16 +62,17 @@ def _tf32(device: torch.device) -> str:
 
 
 def _fp8(device: torch.device) -> str:
-    """Whether an fp8 (e4m3) matmul runs: torch._scaled_mm, the op torchao and
-    TransformerEngine-style recipes reach; private, so feature-detected."""
-    scaled_mm = getattr(torch, "_scaled_mm", None)
-    if scaled_mm is None or not hasattr(torch, "float8_e4m3fn"):
-        return "no: this torch has no fp8 matmul"
-    a = torch.randn(16, 16, device=device).to(torch.float8_e4m3fn)
-    b = torch.randn(16, 16, device=device).to(torch.float8_e4m3fn).t()  # the second operand column-major
+    """Whether an fp8 (e4m3) matmul runs: the precision suite's answer
+    (impls/fp8.why_not), then torch._scaled_mm, the op it calls (private, so
+    feature-detected), on a tiny problem."""
+    reason = fp8.why_not(device)
+    if reason:
+        return f"no: {reason}"
+    a = torch.randn(16, 16, device=device).to(fp8.E4M3)
+    b = torch.randn(16, 16, device=device).to(fp8.E4M3).t()  # the second operand column-major
     one = torch.tensor(1.0, device=device)
     try:
-        scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         return f"no: {_first_line(exc)}"
     return "yes (torch._scaled_mm)"
@@ -97,6 +100,7 @@ def env_command(
 ):
     """The device, driver and library versions, SDPA backends, number formats, and calibrated peaks."""
     dev = env.resolve_device(device)
+    env.cache_dir()  # an unwritable cache folder: one red line, before anything is measured
     info = env.collect(dev)
     table = Table(title="genbench env", show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
@@ -117,16 +121,13 @@ def env_command(
     section([("sdpa backends", f"{', '.join(runs) or 'none'} run here ({dtype}, causal off)")]
             + [(f"  {name}", verdict) for name, verdict in backends.items() if verdict != "yes"])
     section([("bf16", _bf16(dev)), ("tf32", _tf32(dev)), ("fp8 matmul", _fp8(dev))])
-    if calibrate_:
-        with console.status("measuring matmul rates and copy bandwidth"):
-            peaks = calibrate.calibrate(dev)
-    else:
-        peaks = calibrate.load(dev)
+    peaks = measure_peaks(dev) if calibrate_ else cached_peaks(dev)
     if peaks:
         for p in calibrate.PRECISIONS:
             value = peaks.get(f"{p}_tflops")
             table.add_row(f"{p} matmul", "unsupported" if value is None else f"{value:.3g} TFLOP/s (measured)")
         table.add_row("copy bandwidth", f"{peaks['copy_GBps']:.4g} GB/s (measured, read+write)")
+        table.add_row("peaks file", str(calibrate.cache_path(dev)))
     else:
         table.add_row("peaks", "not measured yet: genbench env --calibrate")
     table.add_section()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import platform
 import re
+import tempfile
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.commands import env as env_command
 from bench.env import cache_dir
+from bench.errors import BadInput
 
 runner = CliRunner()
 
@@ -67,3 +70,50 @@ def test_backend_and_format_probes_report_reasons():
 def test_bad_device_exits_2():
     result = runner.invoke(app, ["env", "--device", "tpu"])
     assert result.exit_code == 2 and "--device must be auto, cuda or cpu" in result.output
+
+
+def test_fp8_answer_is_the_precision_suites(cpu):
+    from impls import fp8
+
+    assert fp8.why_not(cpu)  # on a CPU, never "yes"
+    assert env_command._fp8(cpu) == f"no: {fp8.why_not(cpu)}"
+
+
+def test_cache_dir_naming_a_file_or_under_one_is_bad_input(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("GENBENCH_CACHE", str(afile))
+    with pytest.raises(BadInput, match=r"afile \(from \$GENBENCH_CACHE\) is a file, not a folder: unset GENBENCH_CACHE"):
+        cache_dir()
+    # Root writes through permission bits, so a path through a file stands in for a read-only folder.
+    monkeypatch.setenv("GENBENCH_CACHE", str(afile / "sub"))
+    with pytest.raises(BadInput, match=r"afile/sub \(from \$GENBENCH_CACHE\) cannot be written \(Not a directory\)"):
+        cache_dir()
+    monkeypatch.delenv("GENBENCH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(afile))
+    with pytest.raises(BadInput, match=r"from \$XDG_CACHE_HOME\) cannot be written .*: set GENBENCH_CACHE to a"):
+        cache_dir()
+
+
+def test_cache_dir_that_refuses_a_file_is_bad_input(tmp_path, monkeypatch):
+    def refuse(dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "read-only"))
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(BadInput, match=r"read-only \(from \$GENBENCH_CACHE\) cannot be written \(Permission denied\)"):
+        cache_dir()
+
+
+@pytest.mark.parametrize("command", [["env", "--device", "cpu"],
+                                     ["attention", "--impl", "naive", "--seq", "32", "--device", "cpu"]])
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_unusable_cache_is_one_line_and_exit_2(tmp_path, monkeypatch, command, under):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("GENBENCH_CACHE", str(afile / under))
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "out")] if command[0] != "env" else command)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: the genbench cache") and "point it at a writable folder" in line
+    assert not (tmp_path / "out").exists()  # before the first configuration

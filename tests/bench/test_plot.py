@@ -25,7 +25,7 @@ ATTENTION_COLUMNS = ["suite", "impl", "seq", "batch", "dtype", "causal", "mode",
 IMPLS = {"naive": 1.0, "tiled": 0.6, "sdpa": 0.3}  # ms per 1k tokens at 1k
 
 
-def attention_run(folder, memory=True, seqs=(1024, 2048, 4096, 8192)):
+def attention_run(folder, memory=True, seqs=(1024, 2048, 4096, 8192), env=None):
     """An H200-like attention sweep: 3 impls x 4 lengths x 2 masks, naive OOM at 8k."""
     rows = []
     for causal in (False, True):
@@ -41,7 +41,7 @@ def attention_run(folder, memory=True, seqs=(1024, 2048, 4096, 8192)):
                 mem = (seq**2 if impl == "naive" else seq) * 0.01 if memory else None
                 rows.append({**spec, "samples": median * np.array([0.98, 1.0, 1.01, 1.0, 1.03]), "tflops": tflops,
                              "pct_of_peak": 100 * tflops / 790, "peak_mem_MiB": mem})
-    return write_run(folder, rows, meta=ATTENTION_META, columns=ATTENTION_COLUMNS)
+    return write_run(folder, rows, meta=ATTENTION_META, columns=ATTENTION_COLUMNS, **({"env": env} if env else {}))
 
 
 def _add_series(csv_path, arrays):
@@ -80,6 +80,18 @@ def test_attention_chart(tmp_path):
     # The calibrated peak, recovered from pct_of_peak.
     assert any(t.startswith("measured matmul peak 790 TFLOP/s") for t in _texts(fig))
     assert "NVIDIA H200" in fig.get_suptitle() and "dtype=bf16" in fig.get_suptitle()
+
+
+def test_attention_peak_line_is_the_runs_last_peak(tmp_path):
+    from tests.bench.test_compare import ENV
+
+    # The run's JSON keeps the peaks as they stood at its end (one re-measured during the run, 800): that one is drawn.
+    fig = plot.figure(load_run(attention_run(tmp_path, env={**ENV, "peaks": {"bf16_tflops": 800.0}})))
+    assert any(t.startswith("measured matmul peak 800 TFLOP/s") for t in _texts(fig))
+    assert not any("unreliable" in t for t in _texts(fig))
+    # A peak below the plotted rates is wrong, and the line says so.
+    fig = plot.figure(load_run(attention_run(tmp_path / "low", env={**ENV, "peaks": {"bf16_tflops": 300.0}})))
+    assert any(t.startswith("measured matmul peak 300 TFLOP/s (rates above it") for t in _texts(fig))
 
 
 def test_attention_names_that_end_together_are_spread_apart(tmp_path):

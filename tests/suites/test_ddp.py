@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench import launch, metrics
+from bench.calibrate import Peaks
 from bench.cli import app
 from bench.commands.ddp import _processes
 from bench.errors import BadInput
@@ -117,7 +118,7 @@ def test_training_row_by_hand():
         {"step_ms": [10.0, 12.0, 11.0], "no_sync_ms": [9.0, 9.0, 9.5], "peak_mem_MiB": None, "params": 1000},
         {"step_ms": [11.0, 13.0, 14.0], "no_sync_ms": [9.5, 10.0, 10.5], "peak_mem_MiB": None, "params": 1000},
     ]
-    m = suite.train_measurement(cfg, per_rank, nodes=1, base_tokens_per_s=40_000.0, peak_tflops=None)
+    m = suite.train_measurement(cfg, per_rank, nodes=1, base_tokens_per_s=40_000.0, peaks=None)
     v = m.values
     # The job's step is its slowest rank's, step by step: max -> [11, 13, 14], median 13 ms.
     assert m.stats.samples == (11.0, 13.0, 14.0) and m.stats.median == 13.0
@@ -129,6 +130,17 @@ def test_training_row_by_hand():
     # no_sync, per-step max [9.5, 10, 10.5]: median 10, so 3 ms were left exposed.
     assert (v["no_sync_median_ms"], v["exposed_comm_ms"]) == (10.0, 3.0)
     assert v["world_size"] == 2 and v["mfu"] is None and v["peak_mem_MiB"] is None
+    # MFU per device: each of the 2 ranks does half the tokens, against the fp32 peak.
+    per_device = metrics.per_second(1024, 13.0) / 2
+    flops = metrics.transformer_train_flops_per_token(1000, suite.MODELS[cfg.model].n_layer,
+                                                      suite.MODELS[cfg.model].n_embd, 64)
+    peak = 2 * per_device * flops / 1e12  # a peak twice the achieved rate: MFU 50%
+    m = suite.train_measurement(cfg, per_rank, 1, 40_000.0, Peaks(torch.device("cpu"), {"fp32_tflops": peak}))
+    assert m.values["mfu"] == pytest.approx(50.0) and m.reason == ""
+    # Above the peak, and re-measured no higher: no MFU, and the row says why.
+    low = Peaks(torch.device("cpu"), {"fp32_tflops": peak / 4}, measure=lambda key: peak / 4)
+    m = suite.train_measurement(cfg, per_rank, 1, 40_000.0, low)
+    assert m.values["mfu"] is None and "unreliable" in m.reason
 
 
 def test_collective_row_by_hand():
