@@ -19,6 +19,14 @@ os.environ.setdefault("GENBENCH_CACHE", tempfile.mkdtemp(prefix="genbench-test-c
 _skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
 
 
+def slow_after_first(values):
+    """Parametrize values for a GPU test: the first stays in the quick GPU selection
+    (-m "gpu and not slow"), the others are marked slow. With stacked parametrize
+    decorators the quick combination is the one made of every list's first value."""
+    return [v if i == 0 else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
+
+
 def requires_cuda(fn):
     """Skipped without CUDA, and in the GPU machine's selection (-m gpu)."""
     return pytest.mark.gpu(_skip_without_cuda(fn))

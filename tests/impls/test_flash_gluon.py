@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import slow_after_first
+
 if not torch.cuda.is_available():
     # Must happen before triton is imported; the suite's conftest does the same.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -226,9 +228,9 @@ def test_choice_of_forward_with_a_stand_in(monkeypatch, D, gluon, expect):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", slow_after_first([torch.bfloat16, torch.float16]), ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", slow_after_first([128, 64]))
+@pytest.mark.parametrize("causal", slow_after_first([False, True]))
 def test_gpu_forward_matches_float64(dtype, D, causal):
     # Odd lengths (one token, one block, tails of 1 and 77 rows), GQA groups of 2, autotuned config.
     for seed, S in enumerate((1, 64, 257, 333)):
@@ -246,6 +248,7 @@ def test_gpu_forward_bshd_view(causal):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("D, config", [(D, c) for D in sorted(fg.CONFIGS) for c in fg.CONFIGS[D]],
                          ids=lambda x: str(x).replace(" ", ""))
 def test_gpu_each_config(D, config):
@@ -255,7 +258,7 @@ def test_gpu_each_config(D, config):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", slow_after_first([128, 64]))
 def test_gpu_persistent_forward_walks_tiles(D):
     # The persistent kernel (non-causal only): several heads and lengths so that each program walks
     # more than one tile, and a (B, S, H, D) view; asked for causal it refuses, and the tuner never
@@ -272,8 +275,8 @@ def test_gpu_persistent_forward_walks_tiles(D):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", slow_after_first([128, 64]))
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_attention_gluon_grads(D, causal):
     # Gluon forward, dK/dV and dQ kernels (Triton's delta) against float64 gradients.
     desc = check_attention_grads(1, 4, 2, 333, D, causal, torch.bfloat16, gluon=True)
@@ -282,7 +285,7 @@ def test_gpu_attention_gluon_grads(D, causal):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_triton_dq_after_gluon_dkdv(monkeypatch, causal):
     monkeypatch.setattr(ft, "GLUON_DQ", False)
     desc = check_attention_grads(1, 4, 2, 333, 128, causal, torch.bfloat16, gluon=True)
@@ -291,7 +294,7 @@ def test_gpu_triton_dq_after_gluon_dkdv(monkeypatch, causal):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("concurrent", [True, False])
+@pytest.mark.parametrize("concurrent", slow_after_first([True, False]))
 def test_gpu_dq_beside_or_after_dkdv(monkeypatch, concurrent):
     # dQ beside dK/dV on a side stream (flash_triton.CONCURRENT_DQ) or after it, twice in a row so that
     # the second call's inputs may reuse memory the first freed, and once inside a caller's own stream.
@@ -306,6 +309,7 @@ def test_gpu_dq_beside_or_after_dkdv(monkeypatch, concurrent):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("config", fg.BWD_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dkdv_config(monkeypatch, config):
     monkeypatch.setattr(fg, "BWD_CONFIGS", [config])
@@ -316,6 +320,7 @@ def test_gpu_each_dkdv_config(monkeypatch, config):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("config", fg.DQ_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dq_config(monkeypatch, config):
     # The Gluon dQ kernel (flash_triton.GLUON_DQ) with each of its configs.

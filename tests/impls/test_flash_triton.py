@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+from tests.conftest import slow_after_first
+
 if not torch.cuda.is_available():
     # Must happen before triton is imported; the suite's conftest does the same.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,6 +29,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every test here runs the kernels on the GPU when there is one: all belong to the GPU selection (-m gpu).
 pytestmark = pytest.mark.gpu
 needs_kernel = pytest.mark.skipif(ft.TRITON_ERROR is not None, reason=str(ft.TRITON_ERROR))
+
+
+@pytest.fixture(autouse=True)
+def _quick_autotuning(request):
+    """In the quick GPU selection each autotuned kernel chooses between its first
+    config (a Hopper one) and its last (the one that fits every dtype and head
+    dim), so a test compiles two configs a kernel, not every one; the slow tests
+    tune over them all."""
+    if ft.INTERPRET or request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    saved = {name: (k.configs, dict(k.cache)) for name, k in ft.AUTOTUNED.items()}
+    for k in ft.AUTOTUNED.values():
+        k.configs, k.cache = [k.configs[0], k.configs[-1]], {}
+    yield
+    for name, k in ft.AUTOTUNED.items():
+        k.configs, k.cache = saved[name][0], saved[name][1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Allowed relative error ||x - ref|| / ||ref|| of the output and of each gradient.
@@ -95,14 +114,14 @@ def check(B, H, Hkv, S, D, causal, dtype, layout="bhsd", scale=None, backward=Tr
         (1, 2, 2, 1, 32, False, torch.float32),  # a single token
         (1, 2, 2, 1, 64, True, torch.bfloat16),
         (2, 2, 1, 17, 32, True, torch.float16),  # shorter than one block; GQA with one kv head
-        (1, 4, 2, 100, 64, False, torch.bfloat16),  # GQA, groups of 2
-        (1, 4, 2, 100, 64, True, torch.float32),
-        (1, 4, 1, 130, 32, True, torch.bfloat16),  # tail of 2 rows past 4 blocks
-        (1, 2, 2, 130, 64, False, torch.float16),
-        (1, 2, 2, 64, 64, True, torch.float16),  # whole blocks, no tail
-        (1, 1, 1, 45, 96, True, torch.bfloat16),  # head dim padded to 128 inside the kernel
-        (1, 1, 1, 40, 256, False, torch.float16),
-        (2, 4, 2, 70, 16, True, torch.float32),  # the smallest tile tl.dot allows
+        pytest.param(1, 4, 2, 100, 64, False, torch.bfloat16, marks=pytest.mark.slow),  # GQA, groups of 2
+        pytest.param(1, 4, 2, 100, 64, True, torch.float32, marks=pytest.mark.slow),
+        pytest.param(1, 4, 1, 130, 32, True, torch.bfloat16, marks=pytest.mark.slow),  # tail of 2 rows past 4 blocks
+        pytest.param(1, 2, 2, 130, 64, False, torch.float16, marks=pytest.mark.slow),
+        pytest.param(1, 2, 2, 64, 64, True, torch.float16, marks=pytest.mark.slow),  # whole blocks, no tail
+        pytest.param(1, 1, 1, 45, 96, True, torch.bfloat16, marks=pytest.mark.slow),  # head dim padded to 128 inside the kernel
+        pytest.param(1, 1, 1, 40, 256, False, torch.float16, marks=pytest.mark.slow),
+        pytest.param(2, 4, 2, 70, 16, True, torch.float32, marks=pytest.mark.slow),  # the smallest tile tl.dot allows
     ],
 )
 def test_forward_backward_match_float64(B, H, Hkv, S, D, causal, dtype):
@@ -190,8 +209,8 @@ def test_supported_gives_reasons():
 @gpu
 @needs_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", slow_after_first([128, 64]))
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_large_gqa_odd_length(D, causal):
     check(2, 8, 2, 1531, D, causal, torch.bfloat16, layout="bshd" if causal else "bhsd")
 
@@ -199,7 +218,7 @@ def test_gpu_large_gqa_odd_length(D, causal):
 @gpu
 @needs_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", slow_after_first([torch.float16, torch.float32]))
 def test_gpu_other_dtypes(dtype):
     check(1, 4, 4, 777, 64, True, dtype)
 
@@ -208,7 +227,7 @@ def test_gpu_other_dtypes(dtype):
 @needs_kernel
 @pytest.mark.gpu
 @pytest.mark.skipif(not ft.tma_available(), reason="needs tensor descriptors on a Hopper GPU")
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_descriptor_path(causal):
     check(2, 8, 2, 1531, 128, causal, torch.bfloat16, use_tma=True)
     assert "tma" in ft.last_config()
