@@ -94,7 +94,7 @@ def cli_errors(fn):
 
 
 def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> list[dict]:
-    """Measure a sweep, print its tables and say where the files are."""
+    """Measure a sweep, print its tables as they complete and say where the files are."""
     torch.manual_seed(opts.seed)
     peaks = calibrate.load(opts.device)
     if peaks is None:
@@ -107,8 +107,9 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
         profiler=profile.Profiler(opts.device) if opts.profile else None,
     )
     info = bench.env.collect(opts.device, opts.seed)
-    writer = run_sweep(sweep, ctx, opts.out, info, console)
-    report.render(sweep, writer.rows, console)
+    # Each table as soon as its group is done (above the live bar); Ctrl-C prints the groups begun, as partial.
+    writer = run_sweep(sweep, ctx, opts.out, info, console,
+                       on_group=lambda rows, partial: report.render(sweep, rows, console, partial=partial))
     if ctx.profiler is not None:
         profile.render(ctx.profiler, console)
     console.print(f"wrote {writer.csv_path} ({len(writer.rows)} rows), {writer.json_path.name}"
