@@ -9,7 +9,10 @@ already up (NCCL with one GPU per local rank, or gloo on CPU); `rank` is a
 `Rank` (rank, local_rank, world_size, device) whose `beat()` the function
 calls at each step so that a worker that stops making progress is noticed.
 The values are gathered to global rank 0 and returned by the process that
-launched it; every other launching process gets None.
+launched it; every other launching process gets None. `launch(..., on_beat=f)`
+also hands the launching process the heartbeats of this host's first rank as
+they change (`f("step 12")`, polled with the watchdog's heartbeat files), for
+a progress display.
 
 One host: a standalone c10d rendezvous on a free local port, as
 `torchrun --standalone` does. Several hosts: every host runs the same
@@ -280,9 +283,11 @@ class _Watchdog(threading.Thread):
     exception in the main thread and stops its workers (SIGTERM, then SIGKILL
     after a grace period), which is torch's own shutdown path."""
 
-    def __init__(self, folder: Path, spec: LaunchSpec):
+    def __init__(self, folder: Path, spec: LaunchSpec, on_beat: Callable[[str], None] | None = None):
         super().__init__(daemon=True, name="genbench-launch-watchdog")
         self.folder, self.spec = folder, spec
+        self.on_beat, self._last_label = on_beat, None
+        self.beat_error: Exception | None = None
         self.stall_s = spec.timeout_s + max(WATCHDOG_MARGIN * spec.timeout_s, WATCHDOG_MARGIN_S)
         self.startup_s = max(STARTUP_S, spec.timeout_s) + (MULTI_NODE_RENDEZVOUS_S if spec.nnodes > 1 else 0)
         self.reason: str | None = None
@@ -303,6 +308,22 @@ class _Watchdog(threading.Thread):
                         self.reason = reason
                         os.kill(os.getpid(), signal.SIGTERM)
                 return
+            with self._lock:  # no heartbeat handed on once stop() has returned
+                if not self._done.is_set():
+                    self.relay()
+
+    def relay(self) -> None:
+        """Hand on_beat the first local rank's heartbeat label, when it changed."""
+        if self.on_beat is None:
+            return
+        label = read_beats(self.folder, self.spec.ranks[:1]).get(self.spec.ranks.start, (None, 0.0))[0]
+        if label is None or label == self._last_label:
+            return
+        self._last_label = label
+        try:
+            self.on_beat(label)
+        except Exception as exc:  # the watchdog goes on without it; launch() raises it once the workers are done
+            self.on_beat, self.beat_error = None, exc
 
     def _check(self, now: float) -> str | None:
         beats = read_beats(self.folder, self.spec.ranks)
@@ -472,15 +493,17 @@ def worker_log(folder: Path, rank: int, spec: LaunchSpec) -> Path | None:
     return found[-1] if found else None
 
 
-def launch(fn: Callable, args: tuple, spec: LaunchSpec) -> list | None:
+def launch(fn: Callable, args: tuple, spec: LaunchSpec, on_beat: Callable[[str], None] | None = None) -> list | None:
     """Run `fn(rank, *args)` on spec.world_size processes; return the list of
-    their values (index = global rank) where rank 0 runs, None elsewhere."""
+    their values (index = global rank) where rank 0 runs, None elsewhere.
+    `on_beat(label)`: called from a thread of this process with each new
+    heartbeat label of this host's first rank ("step 12", "gathering results")."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
     folder = Path(tempfile.mkdtemp(prefix="genbench-launch-"))
-    watchdog = _Watchdog(folder, spec)
+    watchdog = _Watchdog(folder, spec, on_beat)
     keep = False  # the folder is kept, and named, only when the run failed
     try:
         with _quiet_agent(folder):
@@ -508,6 +531,8 @@ def launch(fn: Callable, args: tuple, spec: LaunchSpec) -> list | None:
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
+    if watchdog.beat_error is not None:
+        raise watchdog.beat_error
     return values.get(0) if spec.node_rank == 0 else None
 
 

@@ -1,6 +1,10 @@
-"""Terminal tables of a finished sweep: one rich table per group of rows that
-share every parameter but the label (impl, method ...), the best row in bold
-green, failures in red or yellow, and a speedup column against the baseline.
+"""Terminal tables of a sweep: one rich table per group of rows that share
+every parameter but the label (impl, method ...), the best row in bold green,
+failures in red or yellow, and a speedup column against the baseline. The
+runner hands each group on as soon as it is done (bench/runner.py), so tables
+appear during the sweep; a group cut short by Ctrl-C is titled "partial".
+Groups are ordered by their parameters, numbers by value (seq 256 before
+1024); rows within a group keep their order, the order they were measured in.
 """
 
 from __future__ import annotations
@@ -50,10 +54,21 @@ def group_key(sweep: Sweep, row: dict) -> tuple:
     return tuple((k, row[k]) for k in sweep.params if k != sweep.label)
 
 
-def render(sweep: Sweep, rows: Sequence[dict], console: Console) -> None:
-    for key, group in groupby(sorted(rows, key=lambda r: str(group_key(sweep, r))), key=lambda r: group_key(sweep, r)):
+def _order(key: tuple) -> tuple:
+    """A group key to sort by: numbers by value, anything else as text after them."""
+    def one(value):
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            return (0, value, "")
+        return (1, 0, str(value))
+    return tuple(one(v) for _, v in key)
+
+
+def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool = False) -> None:
+    """One table per group of `rows`; `partial`: the sweep ended before the group did."""
+    ordered = sorted(rows, key=lambda r: _order(group_key(sweep, r)))  # stable: rows keep their order
+    for key, group in groupby(ordered, key=lambda r: group_key(sweep, r)):
         group = list(group)
-        title = "  ".join(f"{k}={v}" for k, v in key)
+        title = "  ".join(f"{k}={v}" for k, v in key) + ("  (partial)" if partial else "")
         base = next((r for r in group if r[sweep.label] == sweep.baseline), None)
         best = best_row(sweep, group)
         caption = f"speedup: {sweep.primary} against {sweep.baseline}" if sweep.baseline else None

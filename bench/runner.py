@@ -5,9 +5,17 @@ which of their fields become CSV columns, the extra columns its rows carry, and
 `run(config, ctx) -> Measurement`. The runner owns everything else: the
 progress bar, isolating each configuration (out of memory, unsupported, an
 unexpected error each become a row with a status, and the sweep goes on), the
-result files, and the tables at the end. Two things end the sweep instead, the
-finished rows staying on disk: Ctrl-C (`Interrupted`) and a `Fatal` error
-(re-raised saying which sweep stopped and where its rows are).
+result files, and handing each group of rows (one table) on as soon as its
+last row is in. Two things end the sweep instead, the finished rows staying on
+disk: Ctrl-C (`Interrupted`) and a `Fatal` error (re-raised saying which sweep
+stopped and where its rows are); the groups begun by then are handed on as
+partial first.
+
+Progress: the bar and its ETA count work, not rows: a sweep may give each
+configuration a relative `cost` (e.g. its FLOPs), and the time left is the
+time so far times the cost left over the cost done. A long row reports its
+own steps through `ctx.step(done, total)`, shown as "step 37/300" with a small
+bar of its own, and moving the main bar by that share of the row's cost.
 
 Statuses: ok, mismatch (failed the correctness gate: listed, never timed as a
 win), oom, unsupported (with the reason), error (with the exception).
@@ -23,7 +31,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress_bar import ProgressBar
+from rich.table import Column as TableColumn, Table
+from rich.text import Text
 
 from bench import memory, timing
 from bench.calibrate import Peaks, Share
@@ -60,6 +71,7 @@ class Context:
     seed: int = 0
     extras: dict = field(default_factory=dict)
     profiler: Profiler | None = None  # set by --profile
+    on_step: Callable[[int, int, str], None] | None = None  # set by the runner while a row runs: see step()
 
     def __post_init__(self):
         if isinstance(self.peaks, dict):
@@ -80,6 +92,13 @@ class Context:
         if not self.crosscheck or self.device.type != "cuda":
             return None
         return timing.do_bench_median(fn, self.warmup_ms, self.rep_ms)
+
+    def step(self, done: int, total: int, what: str = "step") -> None:
+        """Report progress within a long row (a training loop's step 37 of
+        300): the progress line shows it. Cheap enough to call at every step;
+        it never synchronizes a device. Any thread may call it."""
+        if self.on_step is not None:
+            self.on_step(done, total, what)
 
     def profile(self, fn: Callable[[], object]) -> Profile | None:
         """Run `fn` under torch.profiler and keep its trace, when --profile is
@@ -113,12 +132,24 @@ class Sweep:
     higher_is_better: bool = False
     time_unit: str = "ms"
     note: str | None = None  # a column shown in the table's note cell (e.g. which kernel ran)
+    # Relative work of a configuration, for the progress bar and its ETA (any
+    # unit: only ratios count); None: every row counts the same.
+    cost: Callable[[Any], float] | None = None
 
     def columns(self) -> list[str]:
         return ["suite", *self.params, "status", "reason", *stat_columns(unit=self.time_unit), *self.metrics]
 
     def describe(self, config: Any) -> str:
         return " ".join(f"{k}={getattr(config, k)}" for k in self.params)
+
+    def group(self, config: Any) -> tuple:
+        """Which table a configuration's row goes in: every parameter but the label."""
+        return tuple((k, getattr(config, k)) for k in self.params if k != self.label)
+
+    def costs(self) -> list[float]:
+        costs = [float(self.cost(c)) if self.cost else 1.0 for c in self.configs]
+        assert all(c > 0 for c in costs), f"{self.suite}: every configuration's cost must be positive"
+        return costs
 
     def meta(self) -> dict:
         """How to read this sweep's CSV, for its JSON sidecar (compare, plot)."""
@@ -172,42 +203,129 @@ def to_row(sweep: Sweep, config: Any, m: Measurement) -> dict:
     return row
 
 
-def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Console) -> ResultWriter:
-    """Measure every configuration, writing each row as it finishes."""
+def eta_seconds(elapsed: float | None, done: float, total: float) -> float | None:
+    """Time left if the work left goes at the pace of the work done; None before any is done."""
+    if not elapsed or done <= 0:
+        return None
+    return elapsed * max(total - done, 0.0) / done
+
+
+class _Eta(ProgressColumn):
+    """Time left from the sweep's pace so far. Rich's own estimate averages the
+    last 30 s only, which holds no finished row once rows take longer."""
+
+    max_refresh = 0.5
+
+    def render(self, task) -> Text:
+        left = eta_seconds(task.elapsed, task.completed, task.total or 0.0)
+        if left is None:
+            return Text("-:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"{hours:d}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
+class _RowSteps(ProgressColumn):
+    """The row in progress's own steps, when it reports them: a small bar and "step 37/300"."""
+
+    def render(self, task):
+        if task.fields.get("step") is None:
+            return Text("")
+        what, done, total = task.fields["step"]
+        line = Table.grid(padding=(0, 1))
+        line.add_row(ProgressBar(total=max(total, 1), completed=min(done, total), width=10),
+                     Text(f"{what} {done}/{total}", style="progress.download"))
+        return line
+
+
+def progress_bar(console: Console) -> Progress:
+    """The sweep's progress line: suite, bar (work done), rows done, elapsed, ETA, the
+    row's own steps, then the configuration, which is what gets cut short on a
+    narrow terminal."""
+    return Progress(
+        TextColumn("[bold]{task.fields[suite]}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]}", style="progress.download"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        _Eta(),
+        _RowSteps(),
+        TextColumn("{task.description}", table_column=TableColumn(no_wrap=True, overflow="ellipsis", ratio=1)),
+        console=console,
+        transient=True,
+        expand=True,
+    )
+
+
+def _step_reporter(progress: Progress, task, start: float, cost: float) -> Callable[[int, int, str], None]:
+    """What ctx.step calls during one row: its steps, and the bar moved by their share of its cost."""
+
+    def on_step(done: int, total: int, what: str) -> None:
+        share = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+        progress.update(task, completed=start + cost * share, step=(what, done, total))
+
+    return on_step
+
+
+GroupDone = Callable[[list, bool], None]  # (the rows of one table, partial), e.g. to print it
+
+
+def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Console,
+              on_group: GroupDone | None = None) -> ResultWriter:
+    """Measure every configuration, writing each row as it finishes, and
+    handing each group of rows to `on_group` once its last configuration is
+    done (or, marked partial, when the sweep ends early)."""
     writer = ResultWriter(out_dir, sweep.suite, sweep.columns(), env, meta=sweep.meta())
     if ctx.profiler is not None:
         ctx.profiler.folder = writer.csv_path.with_name(f"{writer.csv_path.stem}-traces")
     complete = False
-    progress = Progress(
-        TextColumn("[bold]{task.fields[suite]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    )
+    costs = sweep.costs()
+    keys = [sweep.group(c) for c in sweep.configs]
+    last = {key: i for i, key in enumerate(keys)}  # a group is done after its last configuration
+    handed: set = set()
+
+    def hand_on(key: tuple, partial: bool) -> None:
+        handed.add(key)
+        if on_group is not None:
+            on_group([row for row, k in zip(writer.rows, keys) if k == key], partial)
+
+    progress = progress_bar(console)
+    n = len(sweep.configs)
     try:
         with progress:
-            task = progress.add_task("", total=len(sweep.configs), suite=sweep.suite)
-            for config in sweep.configs:
-                progress.update(task, description=sweep.describe(config))
+            task = progress.add_task("", total=sum(costs) or 1.0, suite=sweep.suite, rows=f"0/{n}", step=None)
+            done = 0.0
+            for i, (config, cost) in enumerate(zip(sweep.configs, costs)):
+                progress.update(task, description=sweep.describe(config), completed=done, step=None)
+                ctx.on_step = _step_reporter(progress, task, done, cost)
                 if ctx.profiler is not None:  # traces named after the CSV row they belong to
                     ctx.profiler.row = (len(writer.rows), sweep.describe(config))
                 m = measure_one(sweep, config, ctx)
+                ctx.on_step = None
                 writer.write(to_row(sweep, config, m), m.stats.samples if m.stats else None)
-                progress.advance(task)
+                done += cost
+                progress.update(task, completed=done, rows=f"{i + 1}/{n}", step=None)
+                if last[keys[i]] == i:
+                    hand_on(keys[i], partial=False)  # printed above the live bar
         complete = True
     except KeyboardInterrupt:
+        _hand_on_begun(keys[:len(writer.rows)], handed, hand_on)
         raise Interrupted(writer.csv_path, len(writer.rows)) from None
     except Fatal as exc:
         exc.suite, exc.csv_path, exc.rows = sweep.suite, writer.csv_path, len(writer.rows)
+        _hand_on_begun(keys[:len(writer.rows)], handed, hand_on)
         raise
     finally:
+        ctx.on_step = None
         writer.close(complete)
     return writer
+
+
+def _hand_on_begun(keys: list, handed: set, hand_on: Callable[[tuple, bool], None]) -> None:
+    """The groups that have rows but were not handed on yet, as partial, in the order they began."""
+    for key in dict.fromkeys(keys):
+        if key not in handed:
+            hand_on(key, True)
 
 
 def config_fields(config: Any) -> list[str]:

@@ -238,12 +238,32 @@ DISPLAY = (
 )
 
 
+# The naive rows' work counts this many times their FLOPs in the progress
+# bar's ETA: they write and read the whole S x S score matrix, several times
+# slower than the fused kernels at the lengths where rows take long.
+NAIVE_WEIGHT = 4.0
+
+
+def work(cfg: AttentionConfig) -> float:
+    flops = metrics.attention_flops(cfg.batch, cfg.heads, cfg.seq, cfg.seq, cfg.head_dim, cfg.causal, cfg.mode)
+    return flops * (NAIVE_WEIGHT if cfg.impl == "naive" else 1.0)
+
+
+def cost(cfg: AttentionConfig, mean_work: float) -> float:
+    """A row's share of the sweep, for the ETA (bench/runner.py): a fixed part
+    (the time budgets, the correctness gate, compilation), as large as the part
+    that grows with the row's work, which is its work over the sweep's mean."""
+    return 1.0 + work(cfg) / mean_work
+
+
 def sweep(opts: AttentionOptions) -> Sweep:
     if opts.retune:
         tuning.retune()
+    configs = opts.configs()
+    mean_work = sum(map(work, configs)) / max(len(configs), 1)
     return Sweep(
         suite="attention",
-        configs=opts.configs(),
+        configs=configs,
         run=run,
         params=("impl", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode"),
         metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms"),
@@ -251,4 +271,5 @@ def sweep(opts: AttentionOptions) -> Sweep:
         label="impl",
         baseline=BASELINE,
         note="kernel",
+        cost=functools.partial(cost, mean_work=mean_work),
     )

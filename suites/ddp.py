@@ -323,6 +323,19 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
             "profile": profile}
 
 
+def relay_steps(ctx: Context, total: int, what: str = "step"):
+    """launch's on_beat for a row: rank 0's heartbeat "step N" (written as step N
+    begins, so N steps are done) becomes the row's progress, ctx.step(N, total)."""
+    ctx.step(0, total, what)  # the workers are starting
+
+    def on_beat(label: str) -> None:
+        word, _, n = label.partition(" ")
+        if word == "step" and n.isdigit():
+            ctx.step(int(n), total, what)
+
+    return on_beat
+
+
 def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_tokens_per_s: float | None,
                       peaks: Peaks | None) -> Measurement:
     """One row from what every rank returned; MFU against `peaks` (see bench/calibrate.py)."""
@@ -373,9 +386,9 @@ class ScalingRun:
         self.job = TrainJob(opts.data, opts.steps, opts.warmup_steps, seed, cpu_threads(opts.hosts.nproc))
         self.base_tokens_per_s: float | None = None
 
-    def launch(self, cfg: TrainConfig, job: TrainJob) -> list[dict] | None:
+    def launch(self, cfg: TrainConfig, job: TrainJob, on_beat=None) -> list[dict] | None:
         spec = self.opts.hosts.spec(cfg.world_size, repr(cfg))
-        return None if spec is None else launch.launch(train_rank, (cfg, job), spec)
+        return None if spec is None else launch.launch(train_rank, (cfg, job), spec, on_beat)
 
     def join(self, cfg: TrainConfig) -> bool:
         """On a host other than node 0: take part in this row's launch if it spans this host."""
@@ -393,8 +406,10 @@ class ScalingRun:
         if ctx.profiler is not None:
             index, description = ctx.profiler.row
             job = dataclasses.replace(job, profile=(str(ctx.profiler.folder), index, description))
+        # train_rank beats at each warm-up and timed step, and again under no_sync.
+        steps = (job.warmup_steps + job.steps) * (2 if cfg.ddp else 1)
         try:
-            per_rank = self.launch(cfg, job)
+            per_rank = self.launch(cfg, job, relay_steps(ctx, steps))
         except launch.RankError as exc:
             return Measurement(status=exc.kind, reason=str(exc))
         assert per_rank is not None, "node 0 holds rank 0, which returns every rank's results"
@@ -571,12 +586,12 @@ class CollectivesRun:
     results: dict = field(default_factory=dict)
     failure: launch.RankError | None = None
 
-    def measure_all(self) -> list[dict] | None:
+    def measure_all(self, on_beat=None) -> list[dict] | None:
         spec = self.opts.hosts.spec(self.opts.world, f"collectives-{self.configs!r}")
         if spec is None:
             return None
         args = (tuple(self.configs), self.opts, cpu_threads(self.opts.hosts.nproc))
-        return launch.launch(collectives_rank, args, spec)
+        return launch.launch(collectives_rank, args, spec, on_beat)
 
     def join(self, cfg: CollectiveConfig) -> bool:
         """On a host other than node 0: take part in the one launch, at the first row."""
@@ -589,7 +604,7 @@ class CollectivesRun:
     def __call__(self, cfg: CollectiveConfig, ctx: Context) -> Measurement:
         if not self.results and self.failure is None:
             try:
-                per_rank = self.measure_all()
+                per_rank = self.measure_all(relay_steps(ctx, len(self.configs), "collective"))  # beats once a row
                 self.results = {c: [r[i] for r in per_rank] for i, c in enumerate(self.configs)}
             except launch.RankError as exc:
                 self.failure = exc

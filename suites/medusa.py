@@ -894,6 +894,7 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
         steps.append(dec.steps())
         h = dec.accept_histogram()
         hist = [a + b for a, b in zip(hist, h)] if hist else h
+        ctx.step(i + 1, len(prep.prompts), "prompt")
     prefill_ms, decode_ms = prefill_timer.samples(), decode_timer.samples()
     total_ms = [a + b for a, b in zip(prefill_ms, decode_ms)]
     stats = Stats.of(total_ms)

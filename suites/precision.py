@@ -308,6 +308,7 @@ class Trainer:
             x, y = self.batch()  # drawn outside the timed step: the loop times training, not sampling
             with self.timer.step():
                 losses.append(train_step(self.forward, self.optimizer, self.scaler, self.precision, x, y, device))
+            self.ctx.step(i + 1, c.train_steps)  # steps queued: the device may still be working through them
         self.losses = torch.stack(losses).float().cpu().numpy()  # the loop's one synchronization
         # The eager module scores the held-out batches: the same weights, and no
         # recompilation for eval mode.

@@ -117,7 +117,7 @@ def measure_peaks(device: torch.device) -> dict:
 
 
 def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> list[dict]:
-    """Measure a sweep, print its tables and say where the files are."""
+    """Measure a sweep, print its tables as they complete and say where the files are."""
     bench.env.cache_dir()  # an unwritable cache folder: one red line now, not a traceback mid-run
     torch.manual_seed(opts.seed)
     peaks = cached_peaks(opts.device)
@@ -133,8 +133,9 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
     info = bench.env.collect(opts.device, opts.seed)
     # The peaks' own dict: one re-measured during the run is in the JSON the run's end writes (plot draws it).
     info["peaks"] = ctx.peaks.values
-    writer = run_sweep(sweep, ctx, opts.out, info, console)
-    report.render(sweep, writer.rows, console)
+    # Each table as soon as its group is done (above the live bar); Ctrl-C prints the groups begun, as partial.
+    writer = run_sweep(sweep, ctx, opts.out, info, console,
+                       on_group=lambda rows, partial: report.render(sweep, rows, console, partial=partial))
     for note in ctx.peaks.notes:
         console.print(f"[yellow]peaks:[/] {note}", highlight=False)
     if ctx.profiler is not None:

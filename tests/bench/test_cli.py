@@ -38,6 +38,8 @@ def test_attention_writes_csv_and_env_json(tmp_path):
         assert key in env
     assert meta["complete"] is True and env["seed"] == 0
     assert "speedup" in result.output and "against naive" in result.output
+    titles = [line.split()[1] for line in result.output.splitlines() if line.startswith("attention  seq=")]
+    assert titles == ["seq=64", "seq=64", "seq=100", "seq=100"]  # non-causal then causal, shorter first
 
 
 @pytest.mark.parametrize("args, message", [
@@ -81,6 +83,9 @@ def test_ctrl_c_keeps_finished_rows_and_exits_130(tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert "interrupted: 2 finished rows" in result.output and "Traceback" not in result.output
     assert len(_rows(tmp_path)) == 2
+    # The finished group's table (non-causal: naive, tiled) is printed, once; the causal group had no row yet.
+    assert result.output.count("causal=False") == 1 and "causal=True" not in result.output
+    assert result.output.index("causal=False") < result.output.index("interrupted: 2 finished rows")
 
 
 def test_env_command(tmp_path):

@@ -201,3 +201,27 @@ def test_exceptions_are_sorted_into_kinds():
     assert launch._kind(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1")) == "comm"
     # An error that merely mentions NCCL is the configuration's, not a lost peer.
     assert launch._kind(TypeError("hook requires NCCL 2.10+")) == "error"
+
+
+def test_the_watchdog_hands_on_the_first_local_ranks_new_heartbeats(tmp_path):
+    labels = []
+    dog = launch._Watchdog(tmp_path, spec(nproc=2, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500"),
+                           on_beat=labels.append)
+    dog.relay()  # no heartbeat yet
+    launch.Rank(2, 0, 4, torch.device("cpu"), str(tmp_path)).beat(step=3)  # global rank 2: this host's first
+    launch.Rank(3, 1, 4, torch.device("cpu"), str(tmp_path)).beat(step=9)
+    dog.relay()
+    dog.relay()  # unchanged: not handed on again
+    launch.Rank(2, 0, 4, torch.device("cpu"), str(tmp_path)).beat(label="gathering results")
+    dog.relay()
+    assert labels == ["step 3", "gathering results"]
+
+
+def test_a_failing_heartbeat_callback_stops_only_itself(tmp_path):
+    def broken(label):
+        raise ValueError(f"cannot show {label}")
+
+    dog = launch._Watchdog(tmp_path, spec(), on_beat=broken)
+    launch.Rank(0, 0, 2, torch.device("cpu"), str(tmp_path)).beat(step=0)
+    dog.relay()
+    assert dog.on_beat is None and str(dog.beat_error) == "cannot show step 0"  # launch() raises it afterwards

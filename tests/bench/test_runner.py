@@ -1,6 +1,8 @@
-"""The sweep loop: statuses, isolation, files, interruption, fatal errors."""
+"""The sweep loop: statuses, isolation, files, interruption, fatal errors, progress, tables as groups finish."""
 
 import csv
+import dataclasses
+import io
 import json
 from dataclasses import dataclass
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from bench import report
+from bench import report, runner
 from bench.errors import Fatal, Unsupported
 from bench.results import load_samples
 from bench.runner import Context, Interrupted, Measurement, Sweep, run_sweep
@@ -119,3 +121,153 @@ def test_best_row_and_speedup_skip_failures():
     report.render(sweep, [dict(r, suite="toy", size=1, reason="") for r in rows], console)
     text = console.export_text()
     assert "2.00x" in text and "mismatch" in text
+
+
+# -- progress: work-weighted bar and ETA, a row's own steps, tables as groups finish ------------------
+
+
+def test_eta_is_the_work_left_at_the_pace_of_the_work_done():
+    assert runner.eta_seconds(10.0, 2.0, 8.0) == 30.0  # 2 units in 10 s: 6 units left take 30 s
+    assert runner.eta_seconds(10.0, 8.0, 8.0) == 0.0
+    assert runner.eta_seconds(10.0, 0.0, 8.0) is None  # no pace before any work is done
+    assert runner.eta_seconds(None, 1.0, 8.0) is None
+
+
+def _keep_bar(monkeypatch) -> list:
+    """The sweep's Progress, kept for the test to look at."""
+    bars, make = [], runner.progress_bar
+
+    def keep(console):
+        bars.append(make(console))
+        return bars[-1]
+
+    monkeypatch.setattr(runner, "progress_bar", keep)
+    return bars
+
+
+def test_the_bar_counts_cost_and_a_rows_own_steps(tmp_path, monkeypatch):
+    bars = _keep_bar(monkeypatch)
+    seen = []
+
+    def run(cfg: Toy, ctx: Context) -> Measurement:
+        task = bars[0].tasks[0]
+        seen.append((task.completed, task.total, task.fields["rows"]))
+        if cfg.size == 3:  # a long row: half of its 4 steps done is half of its cost
+            ctx.step(2, 4)
+            task = bars[0].tasks[0]
+            seen.append((task.completed, task.fields["step"]))
+        return Measurement(stats=Stats.of([1.0]))
+
+    sweep = Sweep(suite="toy", configs=[Toy("fast", s) for s in (1, 2, 3)], run=run, params=("impl", "size"),
+                  metrics=(), cost=lambda cfg: cfg.size)
+    run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, Console(file=open("/dev/null", "w")))
+    assert seen == [(0.0, 6.0, "0/3"), (1.0, 6.0, "1/3"), (3.0, 6.0, "2/3"), (4.5, ("step", 2, 4))]
+    task = bars[0].tasks[0]
+    assert (task.completed, task.fields["rows"], task.fields["step"]) == (6.0, "3/3", None)
+
+
+def test_without_costs_every_row_counts_the_same():
+    assert _sweep(["slow", "fast"], sizes=(1, 2)).costs() == [1.0] * 4
+    with pytest.raises(AssertionError, match="positive"):
+        Sweep(suite="toy", configs=[Toy("fast", 0)], run=_run, params=("impl", "size"), metrics=(),
+              cost=lambda cfg: cfg.size).costs()
+
+
+def test_the_progress_line_at_160_columns_keeps_its_bar_and_cuts_the_configuration(tmp_path, monkeypatch):
+    bars = _keep_bar(monkeypatch)
+    lines = []
+
+    @dataclass(frozen=True)
+    class Wide:
+        setup: str
+        knobs: str
+
+    def run(cfg: Wide, ctx: Context) -> Measurement:
+        ctx.step(37, 300)
+        screen = Console(file=io.StringIO(), width=160, record=True, color_system=None)
+        screen.print(bars[0].make_tasks_table(bars[0].tasks))
+        lines.extend(screen.export_text().splitlines())
+        return Measurement(stats=Stats.of([1.0]))
+
+    knobs = " ".join(f"knob{i}=value{i}" for i in range(20))  # about 280 characters
+    sweep = Sweep(suite="ddp", configs=[Wide("no-ddp", knobs), Wide("ddp-1", knobs)], run=run,
+                  params=("setup", "knobs"), metrics=(), label="setup")
+    run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, Console(file=open("/dev/null", "w")))
+    first, second = lines
+    assert len(first) <= 160 and first.startswith("ddp ━")
+    assert first.index("0/2") - len("ddp ") > 40  # the whole bar (40 wide), then the rows done
+    assert "1/2" in second and "step 37/300" in first
+    assert "setup=no-ddp" in first and first.rstrip().endswith("…")
+
+
+class Tables:
+    """on_group as the CLI's, rendering each group, into a recording console; keeps what it was handed."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep, self.handed = sweep, []
+        self.console = Console(file=io.StringIO(), record=True, width=200)
+
+    def __call__(self, rows, partial):
+        self.handed.append(([(r["impl"], r["size"]) for r in rows], partial))
+        report.render(self.sweep, rows, self.console, partial=partial)
+
+    def titles(self) -> list[str]:
+        return [line.strip() for line in self.console.export_text().splitlines() if line.startswith("toy")]
+
+
+def test_each_group_is_handed_on_once_as_soon_as_it_is_done(tmp_path):
+    tables_at_start = []
+
+    def run(cfg: Toy, ctx: Context) -> Measurement:
+        tables_at_start.append(len(tables.handed))
+        return _run(cfg, ctx)
+
+    sweep = dataclasses.replace(_sweep(["slow", "fast"], sizes=(1, 2, 3)), run=run)
+    tables = Tables(sweep)
+    run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, tables.console, on_group=tables)
+    assert tables.handed == [([("slow", s), ("fast", s)], False) for s in (1, 2, 3)]
+    assert tables_at_start == [0, 0, 1, 1, 2, 2]  # each table before the next group's rows run
+    assert tables.titles() == ["toy  size=1", "toy  size=2", "toy  size=3"]
+
+
+def test_a_group_whose_rows_are_apart_is_handed_on_once_after_its_last(tmp_path):
+    sweep = Sweep(suite="toy", configs=[Toy("slow", 1), Toy("slow", 2), Toy("fast", 1)], run=_run,
+                  params=("impl", "size"), metrics=("rel_err",), baseline="slow")
+    tables = Tables(sweep)
+    run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, tables.console, on_group=tables)
+    assert tables.handed == [([("slow", 2)], False), ([("slow", 1), ("fast", 1)], False)]
+
+
+def test_ctrl_c_hands_on_the_begun_group_as_partial(tmp_path):
+    # The 4th configuration is interrupted: size 1 is done, size 2 has one row of two.
+    calls = []
+
+    def run(cfg, ctx):
+        calls.append(cfg)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return _run(cfg, ctx)
+
+    sweep = dataclasses.replace(_sweep(["slow", "fast"], sizes=(1, 2)), run=run)
+    tables = Tables(sweep)
+    with pytest.raises(Interrupted) as info:
+        run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, tables.console, on_group=tables)
+    assert info.value.rows == 3 and len(_read(info.value.csv_path)) == 3
+    assert tables.handed == [([("slow", 1), ("fast", 1)], False), ([("slow", 2)], True)]
+    assert tables.titles() == ["toy  size=1", "toy  size=2  (partial)"]
+
+
+def test_a_fatal_error_hands_on_the_begun_group_as_partial(tmp_path):
+    sweep = _sweep(["slow", "fatal", "fast"])
+    tables = Tables(sweep)
+    with pytest.raises(Fatal):
+        run_sweep(sweep, Context(torch.device("cpu")), tmp_path, {}, tables.console, on_group=tables)
+    assert tables.handed == [([("slow", 1)], True)]
+
+
+def test_ctrl_c_before_any_row_hands_on_nothing(tmp_path):
+    handed = []
+    with pytest.raises(Interrupted):
+        run_sweep(_sweep(["ctrl-c", "fast"]), Context(torch.device("cpu")), tmp_path, {},
+                  Console(file=open("/dev/null", "w")), on_group=lambda rows, partial: handed.append(rows))
+    assert handed == []

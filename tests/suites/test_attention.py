@@ -100,3 +100,13 @@ def test_unavailable_backend_is_unsupported_with_reason():
         pytest.skip("every backend may run on a GPU")
     m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="sdpa-cudnn"), CTX)
     assert m.status == "unsupported" and "CUDA" in m.reason
+
+
+def test_cost_is_half_fixed_half_work_with_naive_weighted():
+    # Work: sdpa at 256 is W, naive at 256 4W (NAIVE_WEIGHT), sdpa at 512 4W (S^2), naive at 512 16W;
+    # the mean is 25W/4, and each cost is 1 + work/mean.
+    opts = suite.AttentionOptions(seqs=(256, 512), heads=1, head_dim=16, batch=1, causal=(False,),
+                                  impls=("naive", "sdpa"))
+    sweep = suite.sweep(opts)
+    assert [(c.impl, c.seq) for c in sweep.configs] == [("naive", 256), ("sdpa", 256), ("naive", 512), ("sdpa", 512)]
+    assert sweep.costs() == pytest.approx([1 + 16 / 25, 1 + 4 / 25, 1 + 64 / 25, 1 + 16 / 25])

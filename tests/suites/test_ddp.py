@@ -21,6 +21,7 @@ from bench.calibrate import Peaks
 from bench.cli import app
 from bench.commands.ddp import _processes
 from bench.errors import BadInput
+from bench.runner import Context
 from impls.data import DataConfig
 from suites import ddp as suite
 
@@ -110,6 +111,15 @@ def test_collective_sizes_split_evenly_over_ranks():
 
 
 # -- the rows' arithmetic ---------------------------------------------------------------------------
+
+
+def test_rank_heartbeats_become_the_rows_steps():
+    reported = []
+    ctx = Context(torch.device("cpu"), on_step=lambda done, total, what: reported.append((done, total, what)))
+    on_beat = suite.relay_steps(ctx, 12)
+    for label in ("started", "joined the process group", "step 0", "step 7", "", "gathering results"):
+        on_beat(label)
+    assert reported == [(0, 12, "step"), (0, 12, "step"), (7, 12, "step")]  # the first as the launch begins
 
 
 def test_training_row_by_hand():

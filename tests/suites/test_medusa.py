@@ -105,10 +105,12 @@ def test_training_is_cached_and_reported(prepared):
 
 def test_rows_check_greedy_identity(prepared):
     prep, _ = prepared
-    ctx = Context(CPU)
+    steps = []
+    ctx = Context(CPU, on_step=lambda *s: steps.append(s))
     sweep = suite.sweep(prep)
     rows = {cfg.method: measure_one(sweep, cfg, ctx) for cfg in sweep.configs}
     assert list(rows) == ["vanilla", "medusa", "draft", "lookup"]
+    assert steps == [(1, 2, "prompt"), (2, 2, "prompt")] * 4  # each row's prompts, for the progress line
     for name, m in rows.items():
         assert m.status == "ok", (name, m.reason)
         assert m.values["identical_to_greedy"] == "2/2" and m.values["unexplained_divergences"] == 0

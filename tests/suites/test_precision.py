@@ -222,8 +222,10 @@ def test_same_seed_same_weights_and_batches(data):
     sweep = suite.sweep(suite.PrecisionOptions(**{**SMALL, "steps": 3}, parity=False), data, CPU)
     cfg = sweep.configs[0]
     assert cfg.precision == "fp32"
-    a, b = (measure_one(sweep, cfg, Context(CPU, seed=0)) for _ in range(2))
+    steps = []
+    a, b = (measure_one(sweep, cfg, Context(CPU, seed=0, on_step=lambda *s: steps.append(s))) for _ in range(2))
     assert a.values["loss_curve"] == b.values["loss_curve"]
+    assert steps == [(1, 3, "step"), (2, 3, "step"), (3, 3, "step")] * 2  # each row's steps, for the progress line
     c = measure_one(sweep, cfg, Context(CPU, seed=1))
     assert c.values["loss_curve"] != a.values["loss_curve"]
 

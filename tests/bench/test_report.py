@@ -1,0 +1,43 @@
+"""Terminal tables: groups in numeric order, rows in measured order, partial groups marked."""
+
+import io
+
+from rich.console import Console
+
+from bench import report
+from bench.runner import Sweep
+
+SWEEP = Sweep(suite="attention", configs=[], run=lambda cfg, ctx: None, params=("impl", "seq", "causal"),
+              metrics=(), baseline="naive")
+
+
+def _row(impl, seq, causal=False):
+    return {"impl": impl, "seq": seq, "causal": causal, "status": "ok", "median_ms": 1.0, "reason": ""}
+
+
+def _titles(rows) -> list[str]:
+    console = Console(file=io.StringIO(), record=True, width=200)
+    report.render(SWEEP, rows, console)
+    return [line.strip() for line in console.export_text().splitlines() if line.startswith("attention")]
+
+
+def test_groups_are_ordered_by_number_not_by_text():
+    rows = [_row("naive", 1024), _row("naive", 256), _row("sdpa", 512), _row("naive", 512), _row("sdpa", 256)]
+    assert _titles(rows) == ["attention  seq=256  causal=False", "attention  seq=512  causal=False",
+                             "attention  seq=1024  causal=False"]
+
+
+def test_numbers_first_then_text_and_rows_keep_their_order():
+    assert report._order((("seq", 1024), ("mode", "fwd"))) < report._order((("seq", 4096), ("mode", "bwd")))
+    assert report._order((("size", 2.5),)) < report._order((("size", 10),)) < report._order((("size", "1 KiB"),))
+    console = Console(file=io.StringIO(), record=True, width=200)
+    report.render(SWEEP, [_row("sdpa", 64), _row("naive", 64), _row("tiled", 64)], console)
+    text = console.export_text()
+    assert text.index("sdpa") < text.index("naive") < text.index("tiled")  # as measured, not sorted by name
+
+
+def test_a_partial_group_says_so():
+    console = Console(file=io.StringIO(), record=True, width=200)
+    report.render(SWEEP, [_row("naive", 256, True)], console, partial=True)
+    words = " ".join(console.export_text().split())  # a title wider than its table wraps
+    assert words.startswith("attention seq=256 causal=True (partial) ┏")
