@@ -54,7 +54,8 @@ class MedusaHeads(nn.Module):
 
     def __init__(self, n_embd: int, vocab_size: int, n_heads: int):
         super().__init__()
-        assert n_heads >= 1, "at least one head"
+        if n_heads < 1:
+            raise ValueError(f"Medusa needs at least one head, got {n_heads}")
         self.n_heads, self.n_embd, self.vocab_size = n_heads, n_embd, vocab_size
         # Zero residual weights: every head starts as the identity followed by
         # its projection, i.e. (with U_k copied from lm_head) as the base
@@ -274,7 +275,8 @@ def greedy_tree(rank_accuracy: Sequence[Sequence[float]], size: int) -> Tree:
     parent's, so parents are always taken before their children.
     rank_accuracy[k][r]: how often head k's rank-r token is the right one.
     """
-    assert size >= 1, "a tree has at least its root"
+    if size < 1:
+        raise ValueError(f"a tree has at least its root: size must be >= 1, got {size}")
     K = len(rank_accuracy)
     frontier = [(-float(rank_accuracy[0][r]), (r,)) for r in range(len(rank_accuracy[0]))] if K else []
     heapq.heapify(frontier)
