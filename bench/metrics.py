@@ -6,6 +6,9 @@ Suites call these with a measured time; nothing here measures anything.
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
+import numpy as np
 
 # Backward-to-forward FLOP ratio of attention. The forward does two matmuls
 # (QK^T and PV); the backward does five (recomputed QK^T, dV, dP, dQ, dK):
@@ -114,14 +117,18 @@ def gap_in_ulps(gap: float, magnitude: float, eps: float) -> float:
     return abs(gap) / spacing
 
 
-def exposed_comm_ms(step_ms: float, no_sync_step_ms: float) -> float:
-    """Communication a data-parallel step leaves exposed: its time minus the
-    same step under DDP's no_sync(), which skips the gradient all-reduce: what
-    the overlap with backward did not hide (Li et al. 2020, "PyTorch
+def exposed_comm_ms(step_ms: Sequence[float], no_sync_step_ms: Sequence[float]) -> float:
+    """Communication a data-parallel step leaves exposed: a step's time minus
+    the same step under DDP's no_sync(), which skips the gradient all-reduce:
+    what the overlap with backward did not hide (Li et al. 2020, "PyTorch
     Distributed", VLDB, section 3.2: bucketing, overlap, and no_sync for
-    gradient accumulation). Kept signed: a value near zero or below means the
-    all-reduce was fully hidden, within the timing noise."""
-    return step_ms - no_sync_step_ms
+    gradient accumulation). The median of the differences of paired samples,
+    step_ms[i] - no_sync_step_ms[i], each pair timed back to back: a
+    difference of two medians would set apart two runs made at different
+    times, and measure the change of the machine's load between them.
+    Signed; whether it stands out from the noise is the caller's test."""
+    assert len(step_ms) == len(no_sync_step_ms) > 0, "exposed_comm_ms needs paired samples"
+    return float(np.median(np.subtract(step_ms, no_sync_step_ms)))
 
 
 def relative_difference(value, reference):

@@ -6,14 +6,19 @@ profiler's overhead.
 
 The schedule skips one call (wait), records but discards one (warm-up: the
 profiler's own start-up cost lands there) and keeps three (active). The
-active calls are written as one Chrome trace per row, beside the run's CSV:
+active calls are written as one Chrome trace per row, in a folder per row
+beside the run's CSV:
 
-    results/attention-20261128-203000-traces/row3-impl=tiled-seq=1024-....pt.trace.json
+    results/attention-20261128-203000-traces/row3-impl=tiled-seq=1024-.../rank0.pt.trace.json
 
-Open a trace at https://ui.perfetto.dev (or chrome://tracing). The
-`.pt.trace.json` ending is the one TensorBoard's torch-tb-profiler plugin
-looks for, so `tensorboard --logdir <traces folder>` also works where that
-plugin is installed; it is deprecated upstream, so nothing here needs it.
+Open a trace at https://ui.perfetto.dev (or chrome://tracing). The layout is
+the one both trace analysers read, neither of which genbench needs:
+- TensorBoard's torch-tb-profiler plugin (`pip install 'genbench[tb]'`,
+  deprecated upstream): `tensorboard --logdir <traces folder>` shows each
+  row's folder as a run, and its `<worker>.pt.trace.json` as the worker.
+- Holistic Trace Analysis (`pip install 'genbench[hta]'`), maintained:
+  `TraceAnalysis(trace_dir=<a row's folder>)`. It reads every file in a
+  folder as one rank of one job, hence a folder per row.
 
 Each profile also keeps the ten operators (on a GPU: kernels) with the most
 self time on the device, or on the CPU when the run is on the CPU.
@@ -60,9 +65,13 @@ class Profile:
     error: str | None = None
 
 
+# The trace's file name: TensorBoard's plugin reads what comes before
+# `.pt.trace.json` as the worker's name (and a trailing `.<digits>` as a span).
+WORKER = "rank0"
+
+
 def _slug(text: str) -> str:
-    # File names that Perfetto, TensorBoard (which reads the part before
-    # `.pt.trace.json` as a worker name, so no dots) and shells all accept.
+    # Folder names that Perfetto, TensorBoard, HTA and shells all accept.
     return re.sub(r"[^A-Za-z0-9=_+-]+", "-", text.replace(" ", "-")).strip("-")[:150]
 
 
@@ -123,7 +132,7 @@ class Profiler:
     def profile(self, fn: Callable[[], object]) -> Profile:
         assert self.folder is not None, "the runner sets Profiler.folder before the first row"
         index, description = self.row
-        trace = self.folder / f"row{index}-{_slug(description)}.pt.trace.json"
+        trace = self.folder / f"row{index}-{_slug(description)}" / f"{WORKER}.pt.trace.json"
         try:
             result = Profile(index, description, trace, self.by, profile_fn(fn, self.device, trace))
         except Exception as exc:  # the row's timings stand; the failure is shown with the tables
@@ -157,8 +166,9 @@ def render(profiler: Profiler, console: Console) -> None:
     console.print(f"[dim]a step is one call of the measured function; times are the mean of {ACTIVE} profiled "
                   "steps, taken after the timed repetitions[/]")
     console.print(
-        f"traces: {profiler.folder}/ ({len(traces)} files). Open one at {PERFETTO} (Open trace file) or "
-        f"chrome://tracing; with the optional, deprecated torch-tb-profiler plugin: "
-        f"tensorboard --logdir {profiler.folder}",
+        f"traces: {profiler.folder}/ (a folder per row, {len(traces)} in all). Open one at {PERFETTO} (Open trace "
+        f"file) or chrome://tracing; with the optional, deprecated torch-tb-profiler plugin (genbench[tb]): "
+        f"tensorboard --logdir {profiler.folder}; with Holistic Trace Analysis (genbench[hta]): "
+        f"TraceAnalysis(trace_dir=<a row's folder>)",
         highlight=False, soft_wrap=True,
     )

@@ -235,7 +235,8 @@ class TextData:
         self.config, self.tokenizer, self.meta, self.path = config, tokenizer, meta, path
         self.vocab_size = tokenizer.vocab_size
         n_val = int(len(tokens) * config.val_fraction)
-        assert 0 < n_val < len(tokens), f"{len(tokens)} tokens are too few to hold out {config.val_fraction:.0%}"
+        if not 0 < n_val < len(tokens):
+            raise ValueError(f"{len(tokens)} tokens are too few to hold out {config.val_fraction:.0%} for validation")
         self.tokens = tokens  # (N,) int32
         self.train, self.val = tokens[:-n_val], tokens[-n_val:]  # views, disjoint
 
@@ -251,7 +252,8 @@ class TextData:
         gives the same batches on any device and at any precision. Pass a seeded
         `generator` and call repeatedly for a stream of batches, or `seed` for one batch.
         """
-        assert (generator is None) != (seed is None), "pass exactly one of generator= or seed="
+        if (generator is None) == (seed is None):
+            raise TypeError("get_batch takes exactly one of generator= or seed=")
         data = self.split(split)
         if len(data) <= seq_len:
             raise ValueError(f"the {split} split has {len(data)} tokens; seq_len {seq_len} needs more than that")

@@ -53,8 +53,10 @@ class DDPKnobs:
     find_unused_parameters: bool = False
 
     def __post_init__(self):
-        assert self.bucket_mb > 0, f"bucket_mb must be positive, got {self.bucket_mb}"
-        assert self.compression in COMPRESSION_HOOKS, f"unknown compression {self.compression!r}"
+        if self.bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be positive, got {self.bucket_mb}")
+        if self.compression not in COMPRESSION_HOOKS:
+            raise ValueError(f"unknown compression {self.compression!r}; known: {', '.join(COMPRESSION_HOOKS)}")
 
 
 def why_not(knobs: DDPKnobs, device: torch.device) -> str | None:
@@ -87,8 +89,10 @@ def collective_buffers(name: str, numel: int, world_size: int, dtype: torch.dtyp
     Sizes follow nccl-tests: `numel` is the all-reduced tensor, all-gather's
     output and reduce-scatter's input; each rank's shard is numel / world_size
     (numel must divide evenly). all_reduce works in place (output is input)."""
-    assert name in COLLECTIVES, f"unknown collective {name!r}"
-    assert numel % world_size == 0, f"{numel} elements do not split evenly over {world_size} ranks"
+    if name not in COLLECTIVES:
+        raise ValueError(f"unknown collective {name!r}; known: {', '.join(COLLECTIVES)}")
+    if numel % world_size:
+        raise ValueError(f"{numel} elements do not split evenly over {world_size} ranks")
     shard = numel // world_size
     if name == "all_reduce":
         buf = torch.ones(numel, dtype=dtype, device=device)

@@ -109,8 +109,10 @@ class Decoder:
     def __init__(self, model: GPT, *, max_len: int, tree: medusa.Tree = medusa.Tree(()), mode: str = "eager",
                  temperature: float = 0.0, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                  fused: bool | None = None):
-        assert mode in MODES, f"mode must be one of {MODES}"
-        assert mode == "eager" or model.lm_head.weight.is_cuda, "graph and compile modes need a CUDA model"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode != "eager" and not model.lm_head.weight.is_cuda:
+            raise ValueError(f"mode {mode!r} needs a model on a CUDA device; eager runs anywhere")
         self.model, self.mode, self.temperature = model, mode, temperature
         # Typical acceptance (medusa.typical_accept), used when temperature > 0.
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
@@ -124,7 +126,9 @@ class Decoder:
         # (impls/decoding_triton.py): by default on a GPU, for greedy decoding,
         # in eager and graph modes (torch.compile fuses the PyTorch version itself).
         can_fuse = decoding_triton.available(self.device) and temperature == 0 and mode != "compile"
-        assert not fused or can_fuse, "fused steps need triton on a GPU (or its interpreter), greedy, not compiled"
+        if fused and not can_fuse:
+            raise ValueError("fused steps need triton on a GPU (or its interpreter), greedy decoding "
+                             "(temperature 0), and a mode other than compile")
         self.fused = can_fuse and self.device.type == "cuda" if fused is None else fused
         self.max_len = max_len
         self.kv = StaticKV(model, max_len)
@@ -132,7 +136,8 @@ class Decoder:
         # Capturing runs a few steps from slot 1 (see prepare): shorter lengths
         # could not hold them, and a longer one serves the prompts that would use them.
         need = 1 + (WARMUP_STEPS + 1) * (self.depth + 1) + self.width
-        assert max_len >= need, f"{max_len} cache slots cannot hold the steps of a capture ({need})"
+        if max_len < need:
+            raise ValueError(f"max_len {max_len}: the cache cannot hold the steps of a capture, which need {need} slots")
         self.lengths = sorted({min(n, max_len) for n in range(BUCKET, max_len + BUCKET, BUCKET) if n >= need} | {max_len})
         to = dict(device=self.device, dtype=torch.long)
         # Tokens by position. Steps write D + 2 tokens past cur; the margin keeps that in bounds.
@@ -209,7 +214,9 @@ class Decoder:
         """Run the prompt (P,) through the model (eagerly: its length varies) and
         choose the first new token; resets every counter."""
         P = prompt.numel()
-        assert 0 < P and P + self.depth + 1 < self.max_len, f"a prompt of {P} tokens does not fit {self.max_len} slots"
+        if not 0 < P < self.max_len - self.depth - 1:
+            raise ValueError(f"a prompt of {P} tokens does not fit {self.max_len} cache slots with a step of "
+                             f"{self.depth + 1} tokens after it")
         self.kv.bind()
         self._attend(self.max_len)
         prompt = prompt.to(self.device)
@@ -257,7 +264,8 @@ class Decoder:
         cache length that holds it, so that it replays that length's step.
         Vanilla decoding (D = 0) syncs only there.
         """
-        assert self._runs, "call prepare() before decoding"
+        if not self._runs:
+            raise RuntimeError("call prepare() before decoding")
         done = 1  # prefill chose the first token
         while done < max_new:
             cur = self.prompt_len + done - 1
@@ -312,7 +320,8 @@ class MedusaDecoder(Decoder):
     name = "medusa"
 
     def __init__(self, model: GPT, heads: medusa.MedusaHeads, tree: medusa.Tree, *, max_len: int, **kw):
-        assert tree.depth <= heads.n_heads, f"a tree of depth {tree.depth} needs as many heads, not {heads.n_heads}"
+        if tree.depth > heads.n_heads:
+            raise ValueError(f"a tree of depth {tree.depth} needs as many heads, not {heads.n_heads}")
         super().__init__(model, max_len=max_len, tree=tree, **kw)
         self.heads = heads
         # The next root, then each head's top-k: what tree_candidates places in the tree.
@@ -358,7 +367,8 @@ class _ChainDecoder(Decoder):
     place and nothing needs compacting."""
 
     def __init__(self, model: GPT, k: int, **kw):
-        assert k >= 1, "at least one guessed token"
+        if k < 1:
+            raise ValueError(f"speculation needs at least one guessed token, got k={k}")
         super().__init__(model, tree=medusa.Tree.chain(k), **kw)
         self.k = k
 

@@ -140,7 +140,10 @@ def topk_rows(x: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
     """The indices of the k largest entries of each row of x (R, V), best first, into out (R, >= k)."""
     R, V = x.shape
     block = triton.next_power_of_2(V)
-    assert block <= MAX_TOPK_BLOCK and k <= V and x.stride(1) == 1 and out.stride(1) == 1
+    if block > MAX_TOPK_BLOCK or k > V:
+        raise ValueError(f"topk_rows takes k <= V <= {MAX_TOPK_BLOCK}, got k={k}, V={V}")
+    if x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("topk_rows needs rows stored contiguously (stride 1 along them)")
     _topk_rows_kernel[(R,)](x, out, V, x.stride(0), out.stride(0), K=k, BLOCK=block,
                             num_warps=8 if block >= 4096 else 4)
     return out

@@ -69,8 +69,10 @@ def scaled_matmul(a8, b8, a_inv_scale, b_inv_scale, out_dtype, fast_accum=False)
 
     a8 (M, K) row-major, b8 (K, N) column-major, K and N multiples of 16 on a GPU.
     """
-    assert a8.is_contiguous(), "first fp8 operand must be row-major"
-    assert b8.t().is_contiguous(), "second fp8 operand must be column-major"
+    if not a8.is_contiguous():
+        raise ValueError("the first fp8 operand must be row-major")
+    if not b8.t().is_contiguous():
+        raise ValueError("the second fp8 operand must be column-major")
     return torch._scaled_mm(a8, b8, a_inv_scale, b_inv_scale, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 

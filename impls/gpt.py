@@ -35,7 +35,8 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
 
     def __post_init__(self):
-        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
@@ -95,7 +96,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         dropout_p = self.dropout if self.training else 0.0
         if cache_pos is None:  # plain causal attention over this sequence; any cache is left alone
-            assert mask is None, "an explicit mask is only taken with input_pos (the KV-cache path)"
+            if mask is not None:
+                raise ValueError("an explicit mask is only taken with input_pos (the KV-cache path)")
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H, L, D)
@@ -223,11 +225,13 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if input_pos is None:
-            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            if T > self.config.block_size:
+                raise ValueError(f"a sequence of {T} tokens exceeds block_size {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device)
         else:
             cache = self.transformer.h[0].attn.kv_cache
-            assert cache is not None, "input_pos needs a KV cache: call setup_cache first"
+            if cache is None:
+                raise RuntimeError("input_pos needs a KV cache: call setup_cache first")
             cache_pos = input_pos if cache_pos is None else cache_pos
             if mask is None:
                 slots = torch.arange(cache.k.shape[2], device=idx.device)

@@ -54,7 +54,8 @@ class MedusaHeads(nn.Module):
 
     def __init__(self, n_embd: int, vocab_size: int, n_heads: int):
         super().__init__()
-        assert n_heads >= 1, "at least one head"
+        if n_heads < 1:
+            raise ValueError(f"Medusa needs at least one head, got {n_heads}")
         self.n_heads, self.n_embd, self.vocab_size = n_heads, n_embd, vocab_size
         # Zero residual weights: every head starts as the identity followed by
         # its projection, i.e. (with U_k copied from lm_head) as the base
@@ -274,7 +275,8 @@ def greedy_tree(rank_accuracy: Sequence[Sequence[float]], size: int) -> Tree:
     parent's, so parents are always taken before their children.
     rank_accuracy[k][r]: how often head k's rank-r token is the right one.
     """
-    assert size >= 1, "a tree has at least its root"
+    if size < 1:
+        raise ValueError(f"a tree has at least its root: size must be >= 1, got {size}")
     K = len(rank_accuracy)
     frontier = [(-float(rank_accuracy[0][r]), (r,)) for r in range(len(rank_accuracy[0]))] if K else []
     heapq.heapify(frontier)
@@ -368,19 +370,41 @@ def sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+# The entropy in typical acceptance is the reference implementation's,
+# -sum p log(p + 1e-5) (FasterDecoding/Medusa, medusa/model/utils.py,
+# evaluate_posterior and get_typical_posterior_mask, commit e2a5d20), so that
+# accept lengths compare with its own. On a flat distribution over V tokens
+# exp(-H) is then 1/V + 1e-5 rather than 1/V: a threshold 1 + V * 1e-5 times
+# the exact entropy's (1.5x at V = 50257), which accepts fewer candidates.
+TYPICAL_ENTROPY_EPS = 1e-5
+
+
+def typical_threshold(probs: torch.Tensor, posterior_threshold: float, posterior_alpha: float,
+                      entropy_eps: float = TYPICAL_ENTROPY_EPS) -> torch.Tensor:
+    """min(epsilon, delta * exp(-H)) for each row of probs (N, V) -> (N,), with
+    H = -sum p log(p + entropy_eps); entropy_eps=0 gives the exact entropy
+    (0 log 0 taken as 0)."""
+    entropy = -torch.xlogy(probs, probs + entropy_eps).sum(dim=-1)  # (N,)
+    return torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
+
+
 def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, b: TreeBuffers, temperature: float,
-                   posterior_threshold: float, posterior_alpha: float) -> Accepted:
+                   posterior_threshold: float, posterior_alpha: float,
+                   entropy_eps: float = TYPICAL_ENTROPY_EPS) -> Accepted:
     """Typical acceptance (Medusa section 2.3.1), for sampling at a temperature.
 
     A candidate x after context c is accepted when the base model gives it
     p(x | c) > min(epsilon, delta * exp(-H(p(. | c)))): a fixed floor epsilon
     (posterior_threshold) lowered to delta (posterior_alpha) times exp(-entropy)
-    where the base model is unsure. The longest accepted prefix wins, ties broken
-    by the higher joint probability; the next root is sampled after its last node.
+    where the base model is unsure (`typical_threshold`, entropy as the
+    reference computes it). The longest accepted prefix wins, ties broken by the
+    higher joint probability, as in the reference's default (fast) path. The
+    next root is sampled from softmax(logits / temperature) after the last
+    accepted node; the reference's default instead takes the argmax there
+    (generate_candidates with fast=True), so its output has no randomness.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)  # (N,)
-    limit = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)  # (N,)
+    limit = typical_threshold(probs, posterior_threshold, posterior_alpha, entropy_eps)  # (N,)
     parent = b.retrieve[:, :-1]  # (P, D)
     cand = tokens[b.retrieve][:, 1:]  # (P, D)
     p = probs[parent, cand]  # (P, D) the base model's probability of each candidate

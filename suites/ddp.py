@@ -11,8 +11,9 @@ Training rows, in order: `no-ddp`, the model trained on one device without
 DDP (the baseline), then `ddp-N` for each world size N (1, 2, 4 ... up to
 every GPU) and each combination of the DDP knobs. Each row is one launch of
 N fresh processes through torch's elastic launcher (bench/launch.py), which
-train for a few warm-up steps, then `steps` timed steps, then the same steps
-again under `no_sync()`, which skips the gradient all-reduce.
+train for a few warm-up steps, then `steps` timed steps and, in a DDP row,
+as many under `no_sync()`, which skips the gradient all-reduce: the two
+kinds alternate, pair by pair, so that both meet the same machine.
 
 - Weak scaling (default): every rank trains `batch` sequences; the global
   batch grows with N. Strong scaling: `batch` is the global batch, split
@@ -23,8 +24,14 @@ again under `no_sync()`, which skips the gradient all-reduce.
   own medians, and `slowest_rank` says whose.
 - Throughput: samples/s and tokens/s of the whole job; efficiency =
   tokens/s(N) / (N x tokens/s of the no-ddp baseline), measured in the same run.
-- Exposed communication: step time minus the same step under no_sync: what
-  the all-reduce costs after DDP overlapped it with backward.
+- Exposed communication: what the all-reduce costs after DDP overlapped it
+  with backward: the median over pairs of (step - the paired no_sync step),
+  with the IQR of those differences. A Wilcoxon signed-rank test that cannot
+  tell the differences from zero reports 0 ("within noise"); a no_sync step
+  reliably slower than its synced pair is kept, negative, and flagged.
+- Every rank waits at a barrier before each step, outside the timed window:
+  under no_sync nothing else keeps the ranks together, and the per-step
+  maximum over ranks must compare steps that ran at the same time.
 - MFU per device, against the matmul peak measured by `genbench env --calibrate`.
 
 Collective rows (`--collectives`): each of all_reduce, all_gather and
@@ -50,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.stats import binomtest
 
 from bench import calibrate, launch, memory, metrics
 from bench.calibrate import Peaks, Share
@@ -78,6 +86,9 @@ FREE_SHARE = 0.8
 # Hosts other than node 0 wait this long between launches, so that node 0 has
 # torn down the previous launch's rendezvous store before they look for the next.
 FOLLOWER_PAUSE_S = 3.0
+# Exposed communication is reported as 0 unless a sign test on the paired
+# differences rejects a zero median at this level.
+EXPOSED_ALPHA = 0.05
 
 
 # ----------------------------------------------------------------------------- hosts
@@ -268,7 +279,7 @@ class TrainJob:
 
 def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
     """One rank of one training row (runs in a launched process): build the
-    model, train warm-up + timed steps, then the same under no_sync."""
+    model, train warm-up + timed steps, with DDP each paired with a no_sync step."""
     torch.set_num_threads(job.threads)
     device = rank.device
     precision = PRECISIONS[cfg.precision]
@@ -284,14 +295,23 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
     def train(x, y):
         return train_step(run["model"], run["optimizer"], run["scaler"], precision, x, y, device)
 
-    def steps(warmup: int, timed: int) -> list[float]:
-        timer = StepTimer(device)
-        for _ in range(warmup + timed):
-            rank.beat(step=next(counter))
-            x, y = batch()
-            with timer.step():  # the batch is drawn outside: this times training, not sampling
-                train(x, y)
-        return list(timer.stats(warmup).samples)
+    def steps(warmup: int, timed: int) -> tuple[list[float], list[float] | None]:
+        """Synced steps and, with DDP, as many under no_sync, in pairs whose
+        order alternates (ABBA), so that a change of the machine's load falls
+        on both kinds alike. A no_sync step updates each replica from its own
+        gradients, so the replicas drift apart: a step's time does not depend
+        on the weights' values."""
+        synced, skipped = StepTimer(device), StepTimer(device)
+        kinds = (False, True) if cfg.ddp else (False,)
+        for i in range(warmup + timed):
+            for no_sync in kinds if i % 2 == 0 else kinds[::-1]:
+                rank.beat(step=next(counter))
+                x, y = batch()
+                dist.barrier()  # every rank starts the step together (see the module docstring)
+                with run["model"].no_sync() if no_sync else contextlib.nullcontext():
+                    with (skipped if no_sync else synced).step():  # the batch is drawn outside the timed window
+                        train(x, y)
+        return list(synced.stats(warmup).samples), list(skipped.stats(warmup).samples) if cfg.ddp else None
 
     def build_and_train():
         torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -300,16 +320,12 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         run["optimizer"] = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
         run["scaler"] = precision.scaler(device)
         run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
-        run["step_ms"] = steps(job.warmup_steps, job.steps)
+        run["step_ms"], run["no_sync_ms"] = steps(job.warmup_steps, job.steps)
 
     # On a GPU, the allocator's peak over building and training (None on a CPU).
     peak = memory.peak_memory_mib(build_and_train, device) if device.type == "cuda" else None
     if device.type != "cuda":
         build_and_train()
-    no_sync = None
-    if cfg.ddp:
-        with run["model"].no_sync():  # the same steps, without the gradient all-reduce
-            no_sync = steps(job.warmup_steps, job.steps)
     profile = None
     if job.profile is not None:  # every rank runs the profiled steps: they all-reduce together
         if rank.rank == 0:
@@ -319,7 +335,7 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         else:
             for _ in range(WAIT + WARMUP + ACTIVE):
                 train(*batch())
-    return {"step_ms": run["step_ms"], "no_sync_ms": no_sync, "peak_mem_MiB": peak, "params": run["params"],
+    return {"step_ms": run["step_ms"], "no_sync_ms": run["no_sync_ms"], "peak_mem_MiB": peak, "params": run["params"],
             "profile": profile}
 
 
@@ -372,9 +388,26 @@ def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_t
     )
     if per_rank[0]["no_sync_ms"] is not None:
         no_sync = Stats.of(np.max([r["no_sync_ms"] for r in per_rank], axis=0))
-        values.update(no_sync_median_ms=no_sync.median,
-                      exposed_comm_ms=metrics.exposed_comm_ms(stats.median, no_sync.median))
+        values.update(no_sync_median_ms=no_sync.median, **exposed_comm(stats, no_sync))
     return Measurement(values, stats=stats, reason=share.note)
+
+
+def exposed_comm(step: Stats, no_sync: Stats) -> dict:
+    """The exposed-communication columns from paired samples (step i and its
+    no_sync pair): the median difference, the IQR of the differences, and a
+    sign test's p-value (scipy.stats.binomtest on how many differences are
+    positive: the test of a zero median). Within noise the median is reported
+    as 0; a no_sync step reliably slower than its pair is kept and flagged."""
+    diffs = Stats.of(np.subtract(step.samples, no_sync.samples))
+    median = metrics.exposed_comm_ms(step.samples, no_sync.samples)
+    nonzero = [d for d in diffs.samples if d != 0]
+    p = float(binomtest(sum(d > 0 for d in nonzero), len(nonzero)).pvalue) if nonzero else 1.0
+    shown = f"{median:+.3g} ms, IQR {diffs.iqr:.2g} ms over {diffs.n} pairs, sign test p={p:.2g}"
+    if p >= EXPOSED_ALPHA:
+        return dict(exposed_comm_ms=0.0, exposed_comm_iqr_ms=diffs.iqr, exposed_comm_p=p,
+                    note=f"exposed comm within noise ({shown})")
+    note = f"no_sync step slower than its synced pair ({shown}): not communication" if median < 0 else ""
+    return dict(exposed_comm_ms=median, exposed_comm_iqr_ms=diffs.iqr, exposed_comm_p=p, note=note)
 
 
 class ScalingRun:
@@ -442,14 +475,15 @@ def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
         params=("setup", "model", "precision", "scaling", "batch", "seq", "bucket_mb", "gradient_as_bucket_view",
                 "static_graph", "compression", "find_unused_parameters"),
         metrics=("world_size", "nodes", "batch_per_rank", "global_batch", "tokens_per_step", "samples_per_s",
-                 "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "slowest_rank",
-                 "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params"),
+                 "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "exposed_comm_iqr_ms",
+                 "exposed_comm_p", "slowest_rank", "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params", "note"),
         # No allocator counter covers a CPU (bench/memory.py): no memory column there.
         display=tuple(c for c in TRAIN_DISPLAY if opts.hosts.device_type == "cuda" or c.name != "peak_mem_MiB"),
         label="setup",
         baseline=BASELINE,
         primary="tokens_per_s",
         higher_is_better=True,
+        note="note",
     )
 
 

@@ -277,7 +277,7 @@ def _gpt_from(payload: dict, expected: GPTConfig, path: Path, what: str) -> GPT:
     """A GPT from a checkpoint, after checking it is the model asked for."""
     try:
         stored = GPTConfig(**payload["config"])
-    except (TypeError, AssertionError) as exc:
+    except (TypeError, ValueError) as exc:
         raise BadInput(f"{path}: its config cannot be read as a GPTConfig ({exc})") from None
     if stored.vocab_size != expected.vocab_size:
         raise BadInput(f"{path}: vocabulary {stored.vocab_size} does not match the tokenizer's {expected.vocab_size}")

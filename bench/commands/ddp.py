@@ -85,7 +85,7 @@ def ddp_command(
     static_graph: Annotated[str, typer.Option(help="DDP static_graph: off, on or both.")] = "off",
     compression: Annotated[str, typer.Option(help="Gradient compression comm hook: none, bf16, fp16; several to sweep: none,bf16.")] = "none",
     find_unused_parameters: Annotated[str, typer.Option(help="DDP find_unused_parameters: off, on or both.")] = "off",
-    steps: Annotated[Optional[int], typer.Option(help="Timed steps per row (then as many under no_sync). Default: 20 on a GPU, 10 on CPU.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Timed steps per row (and as many under no_sync, in alternating pairs). Default: 20 on a GPU, 10 on CPU.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Untimed steps first (CUDA/NCCL set-up, allocator growth). Default: 5 on a GPU, 2 on CPU.")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(textdata.PRESETS)}) or your own text files and folders (repeatable). Default: stdlib.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="bpe (trained on the data, cached) or byte. Default: the data preset's.")] = None,

@@ -103,7 +103,10 @@ class TiledAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, causal: bool, scale: float | None = None, block: int = BLOCK) -> torch.Tensor:
-    assert q.shape[-2] == k.shape[-2], "tiled attention expects self-attention (equal q and kv lengths)"
-    assert q.shape[1] % k.shape[1] == 0, "kv heads must divide q heads"
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"tiled attention takes self-attention: {q.shape[-2]} queries against {k.shape[-2]} keys "
+                         "(its causal mask assumes equal lengths)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{k.shape[1]} kv heads do not divide {q.shape[1]} query heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return TiledAttention.apply(q, k, v, causal, scale, block)

@@ -85,9 +85,12 @@ def test_gap_in_ulps():
 
 
 def test_ddp_formulas_by_hand():
-    # 61.0 ms with the all-reduce, 59.5 ms without it: 1.5 ms left exposed.
-    assert metrics.exposed_comm_ms(61.0, 59.5) == pytest.approx(1.5)
-    assert metrics.exposed_comm_ms(59.0, 59.5) == pytest.approx(-0.5)  # noise is kept, not clipped
+    # Pairs (61, 59.5), (70, 60), (58, 57.5): differences 1.5, 10, 0.5: median 1.5 ms left exposed.
+    assert metrics.exposed_comm_ms([61.0, 70.0, 58.0], [59.5, 60.0, 57.5]) == pytest.approx(1.5)
+    # The median of the differences, not the difference of the medians (22 - 11 = 11):
+    # differences 2, -8, 21, median 2.
+    assert metrics.exposed_comm_ms([12.0, 22.0, 32.0], [10.0, 30.0, 11.0]) == pytest.approx(2.0)
+    assert metrics.exposed_comm_ms([59.0, 60.0], [59.5, 60.5]) == pytest.approx(-0.5)  # signed: noise is the caller's test
     # 2 GiB in 10 ms on 8 ranks: algbw 214.7 GB/s; reduce_scatter moves 7/8 of it per link.
     assert metrics.busbw_GBps("reduce_scatter", 2 * 2**30, 10.0, 8) == pytest.approx(2**31 / 1e7 * 7 / 8)
     # One rank sends nothing: busbw is 0 whatever the time.

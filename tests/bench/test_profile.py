@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from rich.console import Console
 from typer.testing import CliRunner
@@ -13,6 +16,7 @@ from bench import profile
 from bench.cli import app
 from bench.runner import Context, Measurement, Sweep, run_sweep
 from bench.stats import Stats
+from tests.conftest import requires_cuda
 
 runner = CliRunner()
 CPU = torch.device("cpu")
@@ -81,8 +85,9 @@ def test_runner_names_traces_after_csv_rows(tmp_path):
     writer = run_sweep(sweep, ctx, tmp_path, {}, Console(file=open("/dev/null", "w")))
     folder = tmp_path / f"{writer.csv_path.stem}-traces"
     assert ctx.profiler.folder == folder
-    assert sorted(p.name for p in folder.iterdir()) == ["row0-impl=mm-size=64.pt.trace.json",
-                                                        "row2-impl=mm-size=128.pt.trace.json"]
+    # A folder per row (HTA reads every file of a folder as a rank of one job), the plugin's worker name in it.
+    assert sorted(p.name for p in folder.iterdir()) == ["row0-impl=mm-size=64", "row2-impl=mm-size=128"]
+    assert [p.name for p in (folder / "row0-impl=mm-size=64").iterdir()] == ["rank0.pt.trace.json"]
     assert [p.row for p in ctx.profiler.profiles] == [0, 2]
 
 
@@ -94,9 +99,9 @@ def test_cli_profile_flag(tmp_path):
     result = runner.invoke(app, ["attention", *SMALL, "--profile", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (folder,) = tmp_path.glob("attention-*-traces")
-    traces = sorted(p.name for p in folder.iterdir())
-    assert len(traces) == 2 and traces[0].startswith("row0-impl=naive-seq=32")  # sdpa-cudnn: unsupported on CPU
-    assert all(json.loads((folder / t).read_text())["traceEvents"] for t in traces)
+    rows = sorted(p.name for p in folder.iterdir())
+    assert len(rows) == 2 and rows[0].startswith("row0-impl=naive-seq=32")  # sdpa-cudnn: unsupported on CPU
+    assert all(json.loads((folder / r / "rank0.pt.trace.json").read_text())["traceEvents"] for r in rows)
     out = result.output
     assert "top 10 by self CPU time" in out and "aten::bmm" in out  # naive attention: two batched matmuls
     assert "https://ui.perfetto.dev" in out and f"tensorboard --logdir {folder}" in out
@@ -108,3 +113,72 @@ def test_cli_without_profile_writes_no_traces(tmp_path):
     result = runner.invoke(app, ["attention", *SMALL, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert not list(tmp_path.glob("*-traces")) and "perfetto" not in result.output
+
+
+# -- the trace analysers, where their extras are installed (genbench[tb], genbench[hta]) ---------------
+
+NAIVE = [*SMALL[:SMALL.index("--impl")], "--impl", "naive"]
+
+
+def _traces(tmp_path, device: str = "cpu") -> Path:
+    """One profiled row of naive attention, which calls two batched matmuls (QK^T, PV) per step."""
+    args = [a if a != "cpu" else device for a in NAIVE]
+    result = runner.invoke(app, ["attention", *args, "--profile", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.glob("attention-*-traces")
+    return folder
+
+
+def _tensorboard_runs(folder: Path):
+    """The runs TensorBoard's profiler plugin finds under --logdir `folder`, each loaded by its own loader."""
+    io = pytest.importorskip("torch_tb_profiler.io")
+    from torch_tb_profiler.plugin import TorchProfilerPlugin
+    from torch_tb_profiler.profiler.loader import RunLoader
+
+    # The plugin's own run discovery, which only reads `logdir`.
+    run_dirs = list(TorchProfilerPlugin._get_run_dirs(SimpleNamespace(logdir=str(folder))))
+    return [RunLoader(Path(d).name, d, io.Cache()).load() for d in run_dirs]
+
+
+def test_tensorboard_plugin_reads_our_traces(tmp_path):
+    pytest.importorskip("torch_tb_profiler")
+    (run,) = _tensorboard_runs(_traces(tmp_path))
+    assert run.name.startswith("row0-impl=naive-seq=32")
+    (prof,) = run.get_profiles()
+    assert prof.worker == "rank0" and prof.span is None
+    ops = {op["name"]: op for op in prof.operation_table_by_name["data"]}
+    assert ops["aten::bmm"]["calls"] == 2 * profile.ACTIVE  # 2 per step, 3 active steps
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_tensorboard_plugin_finds_the_kernels_on_a_gpu(tmp_path):
+    pytest.importorskip("torch_tb_profiler")
+    (run,) = _tensorboard_runs(_traces(tmp_path, "cuda"))
+    (prof,) = run.get_profiles()
+    assert prof.has_kernel and prof.kernel_table["data"]["rows"], "no kernel in the plugin's kernel view"
+
+
+def test_holistic_trace_analysis_reads_a_row(tmp_path):
+    pytest.importorskip("hta")
+    from hta.trace_analysis import TraceAnalysis
+
+    (row,) = _traces(tmp_path).iterdir()
+    # HTA drops a trace's last step unless told (its kernels may outlast the trace); ours synchronize each step.
+    analysis = TraceAnalysis(trace_dir=str(row), include_last_profiler_step=True)
+    trace = analysis.t.get_trace(0)  # rank 0: the one file of the row
+    names = analysis.t.symbol_table.sym_table
+    bmm = trace[trace["name"] == names.index("aten::bmm")]
+    assert len(bmm) == 2 * profile.ACTIVE  # 2 per step, 3 active steps
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_holistic_trace_analysis_breaks_down_the_kernels_on_a_gpu(tmp_path):
+    pytest.importorskip("hta")
+    from hta.trace_analysis import TraceAnalysis
+
+    (row,) = _traces(tmp_path, "cuda").iterdir()
+    analysis = TraceAnalysis(trace_dir=str(row), include_last_profiler_step=True)
+    by_type, by_kernel = analysis.get_gpu_kernel_breakdown(visualize=False)
+    assert len(by_type) and len(by_kernel)  # computation kernels at least

@@ -1,5 +1,10 @@
 """Every attention implementation against the float64 reference."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,6 +73,30 @@ def test_gate_catches_a_wrong_implementation():
     wrong = lambda q, k, v, causal: naive.attention(q, k, v, causal=False)  # noqa: E731
     with pytest.raises(AssertionError, match="rel_err"):
         _check(wrong, 1, 2, 2, 64, 16, torch.float32, causal=True, backward=False)
+
+
+# A user's check must hold under `python -O`, which strips asserts: with one, tiled-torch
+# answered a 1-token query against 339 keys with a wrong output instead of an error.
+_UNDER_O = """
+import torch
+from impls.attention import tiled
+q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 339, 16)
+try:
+    tiled.attention(q, k, k, causal=False)
+except ValueError as exc:
+    print("ValueError:", exc)
+"""
+
+
+def test_tiled_rejects_unequal_lengths_even_under_python_O():
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-O", "-c", _UNDER_O], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ValueError: tiled attention takes self-attention: 1 queries against 339 keys")
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="3 kv heads do not divide 4 query heads"):
+        tiled.attention(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), causal=True)
 
 
 def test_reference_chunks_agree_with_one_piece():

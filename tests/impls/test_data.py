@@ -88,6 +88,16 @@ def test_user_file_not_utf8_is_an_error(tmp_path, cache):
         load_data(DataConfig(paths=(str(bad),), tokenizer="byte"), cache)
 
 
+def test_a_file_too_short_to_hold_out_validation_is_an_error(tmp_path, cache):
+    # 3 bytes: 5% of them rounds to no validation token. A ValueError, which the commands show as one line.
+    tiny = _write(tmp_path / "tiny.txt", "hi\n")
+    with pytest.raises(ValueError, match="3 tokens are too few to hold out 5%"):
+        load_data(DataConfig(paths=(str(tiny),), tokenizer="byte"), cache)
+    data = load_data(DataConfig(paths=(str(_write(tmp_path / "more.txt", SAMPLE * 20)),), tokenizer="byte"), cache)
+    with pytest.raises(TypeError, match="exactly one of generator= or seed="):
+        data.get_batch("train", 2, 8)
+
+
 def test_bpe_cache_is_reused(tmp_path, cache, monkeypatch):
     corpus = _write(tmp_path / "corpus.txt", SAMPLE * 200)
     calls = []

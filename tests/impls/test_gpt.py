@@ -36,7 +36,7 @@ def test_from_name_overrides_and_rejects_unknown():
     assert PRESETS["gpt2-small"].vocab_size == 50257  # the preset itself is untouched
     with pytest.raises(ValueError, match="tiny.*gpt2-small"):
         GPTConfig.from_name("gpt5")
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="n_embd 100 is not a multiple of n_head 3"):
         GPTConfig(n_embd=100, n_head=3)
 
 

@@ -2,6 +2,8 @@
 hand, the acceptance rules on made-up logits, and KV compaction against
 decoding the accepted tokens in a line."""
 
+import math
+
 import pytest
 import torch
 
@@ -192,6 +194,33 @@ def test_typical_accept_breaks_ties_by_likelihood():
     logits = torch.stack([_log([0.4, 0.3, 0.2, 0.1]), torch.zeros(4), torch.zeros(4)])
     acc = medusa.typical_accept(tokens, logits, b, temperature=1.0, posterior_threshold=0.09, posterior_alpha=0.3)
     assert (acc.n.item(), acc.last.item()) == (1, 2)
+
+
+def test_typical_threshold_is_the_reference_formula_on_a_flat_distribution():
+    # FasterDecoding/Medusa's evaluate_posterior: min(epsilon, delta * exp(-H)), H = -sum p log(p + 1e-5).
+    # Flat over V = 50257: H = -log(1/V + 1e-5), so the threshold is .3 * (1/V + 1e-5)
+    # = .3 * (1.98977e-5 + 1e-5) = 8.96932e-6 (under the floor .09) ...
+    flat = torch.softmax(torch.zeros(1, 50257), dim=-1)
+    limit = medusa.typical_threshold(flat, posterior_threshold=0.09, posterior_alpha=0.3)
+    assert limit.item() == pytest.approx(8.96932e-6, rel=1e-4)
+    # ... where the exact entropy, log V, gives .3 / V = 5.96932e-6: 1.5026x lower.
+    exact = medusa.typical_threshold(flat, posterior_threshold=0.09, posterior_alpha=0.3, entropy_eps=0.0)
+    assert exact.item() == pytest.approx(5.96932e-6, rel=1e-4)
+    # A certain distribution: H = -log(1 + 1e-5) ~ 0, .3 e^-H = .3 > .09: the floor.
+    assert medusa.typical_threshold(torch.tensor([[1.0, 0.0]]), 0.09, 0.3).item() == pytest.approx(0.09)
+
+
+def test_typical_accept_rejects_what_only_the_exact_entropy_would_accept():
+    # After the root, a near-flat distribution over 50257 tokens where the guess (token 7) has
+    # logit ln .4 against 0 elsewhere: p = .4 / (50257 - .6) = 7.959e-6, below the reference's
+    # threshold 8.969e-6 and above the exact entropy's 5.969e-6 (both within 1e-9 of the flat ones).
+    b = medusa.Tree.chain(1).buffers()
+    tokens = torch.tensor([0, 7])
+    logits = torch.zeros(2, 50257)
+    logits[0, 7] = math.log(0.4)
+    args = dict(temperature=1.0, posterior_threshold=0.09, posterior_alpha=0.3)
+    assert medusa.typical_accept(tokens, logits, b, **args).n.item() == 0
+    assert medusa.typical_accept(tokens, logits, b, **args, entropy_eps=0.0).n.item() == 1
 
 
 def test_sample_follows_the_distribution():
