@@ -44,7 +44,6 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from scipy.stats import mannwhitneyu
 
 from bench.errors import BadInput
 
@@ -280,6 +279,8 @@ def _significance(metric: str, unit: str | None, b, n, b_samples, n_samples) -> 
     if not _FROM_TIME.search(metric) or unit is None:
         return True, None, "ratio only"
     if b_samples is not None and n_samples is not None and len(b_samples) > 1 and len(n_samples) > 1:
+        from scipy.stats import mannwhitneyu  # here, not at the top: scipy.stats takes most of a second to import
+
         p = float(mannwhitneyu(b_samples, n_samples, alternative="two-sided").pvalue)
         if math.isnan(p):  # every sample tied
             p = 1.0
@@ -316,7 +317,7 @@ def _failure(row) -> str:
 
 def compare(base: Run, new: Run, metric: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
     if base.suite != new.suite:
-        raise BadInput(f"{base.path.name} is a {base.suite} run and {new.path.name} a {new.suite} run; "
+        raise BadInput(f"{base.path.name} is a run of the {base.suite} suite and {new.path.name} of the {new.suite} suite; "
                        "compare two runs of one suite")
     if set(base.params) != set(new.params):
         only_b, only_n = sorted(set(base.params) - set(new.params)), sorted(set(new.params) - set(base.params))

@@ -10,15 +10,15 @@ read from a table: a backend or a number format counts when a call succeeds.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from bench import calibrate, env
-from bench.commands import DeviceOpt, app, cli_errors, console
-from impls.attention import sdpa
+from bench.commands import Command, DeviceOpt, app, cli_errors, console
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _first_line(exc: BaseException) -> str:
@@ -28,6 +28,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _sdpa_backends(device: torch.device) -> tuple[str, dict[str, str]]:
     """The dtype tried, and for each forced SDPA backend 'yes' or 'no: why'."""
+    import torch
+
+    from impls.attention import sdpa
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)  # (B, H, S, D)
     found = {}
@@ -38,6 +42,8 @@ def _sdpa_backends(device: torch.device) -> tuple[str, dict[str, str]]:
 
 
 def _bf16(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return "yes" if native else "no native bf16 (emulated)"
@@ -53,6 +59,8 @@ def _bf16(device: torch.device) -> str:
 
 
 def _tf32(device: torch.device) -> str:
+    import torch
+
     if device.type != "cuda":
         return "no: TF32 is a tensor-core mode of NVIDIA GPUs"
     cap = torch.cuda.get_device_capability(device)
@@ -62,6 +70,8 @@ def _tf32(device: torch.device) -> str:
 def _fp8(device: torch.device) -> str:
     """Whether an fp8 (e4m3) matmul runs: torch._scaled_mm, the op torchao and
     TransformerEngine-style recipes reach; private, so feature-detected."""
+    import torch
+
     scaled_mm = getattr(torch, "_scaled_mm", None)
     if scaled_mm is None or not hasattr(torch, "float8_e4m3fn"):
         return "no: this torch has no fp8 matmul"
@@ -76,6 +86,8 @@ def _fp8(device: torch.device) -> str:
 
 
 def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
+    import torch
+
     rows = [("device", f"{info['device']}: {info['device_name']}")]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -88,7 +100,7 @@ def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
     return rows
 
 
-@app.command("env")
+@app.command("env", cls=Command)
 @cli_errors
 def env_command(
     calibrate_: Annotated[bool, typer.Option("--calibrate", help="Measure matmul rates and copy bandwidth now "
@@ -96,6 +108,8 @@ def env_command(
     device: DeviceOpt = "auto",
 ):
     """The device, driver and library versions, SDPA backends, number formats, and calibrated peaks."""
+    from bench import calibrate, env
+
     dev = env.resolve_device(device)
     info = env.collect(dev)
     table = Table(title="genbench env", show_header=False, title_justify="left")

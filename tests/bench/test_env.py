@@ -66,4 +66,4 @@ def test_backend_and_format_probes_report_reasons():
 
 def test_bad_device_exits_2():
     result = runner.invoke(app, ["env", "--device", "tpu"])
-    assert result.exit_code == 2 and "--device must be auto, cuda or cpu" in result.output
+    assert result.exit_code == 2 and "--device must be auto, cuda, cuda:N or cpu" in result.output
