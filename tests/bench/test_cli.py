@@ -119,20 +119,28 @@ def test_zero_head_dim_is_an_error_not_the_default(tmp_path):
 
 HEAVY = ("torch", "scipy", "matplotlib")
 ROOT = Path(__file__).resolve().parents[2]
-# Runs each command line in one fresh interpreter, in order, and prints after each
-# which heavy modules are loaded by then.
-PROBE = f"""
+# Runs each command line (argv[1]) in one fresh interpreter, in order, and prints
+# after each which of the modules in argv[2] are loaded by then.
+PROBE = """
 import json, sys
 from bench.cli import app
-loaded = {{}}
+loaded = {}
 for argv in json.loads(sys.argv[1]):
     try:
         app(argv, prog_name="genbench")
     except SystemExit:
         pass
-    loaded[" ".join(argv)] = sorted(m for m in {HEAVY!r} if m in sys.modules)
+    loaded[" ".join(argv)] = sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)
 print("\\n" + json.dumps(loaded))
 """
+
+
+def _loaded_after(lines: list[list[str]], modules: tuple[str, ...]) -> tuple[dict, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(lines), json.dumps(modules)], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
 
 def _small_run(folder: Path, median_ms: float) -> Path:
@@ -154,13 +162,17 @@ def test_help_compare_and_argument_errors_import_no_torch_scipy_or_matplotlib(tm
              ["attention", "--no-such-option"], ["precision", "--steps", "many"], ["compare", str(base)],
              ["compare", str(base), str(new), "--format", "xml"],
              ["compare", str(base), str(new)], ["compare", str(base), str(new), "--format", "md"]]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(lines)], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded, output = _loaded_after(lines, HEAVY)
     assert loaded == {" ".join(line): [] for line in lines}
-    assert "worse" in out.stdout  # compare did run: 1 ms -> 2 ms
+    assert "worse" in output  # compare did run: 1 ms -> 2 ms
+
+
+def test_plot_imports_no_torch_or_scipy(tmp_path):
+    from tests.bench.test_plot import attention_run
+
+    line = ["plot", str(attention_run(tmp_path)), "-o", str(tmp_path / "chart.png")]
+    loaded, _ = _loaded_after([line], ("torch", "scipy"))
+    assert loaded == {" ".join(line): []} and (tmp_path / "chart.png").is_file()
 
 
 def test_help_names_what_the_suites_define():
