@@ -76,7 +76,6 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 140  # logs and pipes: don't squeeze tables into rich's default of 80
 
 
-
 def version() -> str:
     import importlib.metadata
 
