@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # newest instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test clean
+.PHONY: install run test cli-timing clean
 
 $(BIN)/genbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# How long `genbench --help` and `genbench compare` take to answer, against their targets.
+cli-timing: install
+	$(BIN)/python tools/cli_timing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,9 @@ and keeps it as cache_dir()/<suite>/<kind>-<key>.pt:
 
 Files are read with torch.load(weights_only=True), so a foreign file cannot run
 code; one that cannot be read, or lacks the expected entries, is a BadInput
-naming it. Checking that the weights fit the model asked for is the suite's job.
+naming it: a file of the cache can be deleted and trained again, a user's own
+file (`--checkpoint`) is left alone. Checking that the weights fit the model
+asked for is the suite's job.
 """
 
 from __future__ import annotations
@@ -48,12 +50,20 @@ def save(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _in_cache(path: Path) -> bool:
+    return Path(path).resolve().is_relative_to(cache_dir().resolve())
+
+
 def load(path: Path, suite: str, required: tuple[str, ...]) -> dict:
     """The payload saved at `path`, on the CPU; a BadInput if it is unreadable or lacks a `required` entry."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the user's to remove
-        raise BadInput(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to retrain") from None
+    except Exception as exc:  # torch.load fails in many ways on a damaged or foreign file
+        if _in_cache(path):
+            advice = "delete it to retrain"
+        else:
+            advice = f"give a .pt file written by genbench (its {suite} checkpoints are in {cache_dir() / suite})"
+        raise BadInput(f"cannot read checkpoint {path} ({type(exc).__name__}); {advice}") from None
     if not isinstance(payload, dict) or not set(required) <= set(payload):
         raise BadInput(f"{path} is not a genbench {suite} checkpoint (no {'/'.join(required)})")
     return payload

@@ -65,7 +65,6 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from scipy.stats import bootstrap, mannwhitneyu
 
 from bench.errors import BadInput
 
@@ -364,6 +363,8 @@ def median_ratio_ci(base: np.ndarray, new: np.ndarray) -> tuple[float, float]:
         return np.median(n, axis=axis) / np.median(b, axis=axis)
 
     # random_state, not rng: scipy >= 1.10 takes it.
+    from scipy.stats import bootstrap  # here, not at the top: scipy.stats takes most of a second to import
+
     result = bootstrap((base, new), median_ratio, vectorized=True, confidence_level=1 - ALPHA, method="percentile",
                        n_resamples=BOOTSTRAP_RESAMPLES, random_state=np.random.default_rng(BOOTSTRAP_SEED))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -391,6 +392,8 @@ def _significance(metric: str, unit: str | None, b, n, b_samples, n_samples) -> 
                 f"n={len(b_samples)} vs {len(n_samples)}: too few samples for Mann-Whitney at p<{ALPHA:g}")
         return significant, None, note if significant else f"not significant, {note}"
     if _has_samples(metric, unit, b_samples, n_samples):
+        from scipy.stats import mannwhitneyu  # here, not at the top: scipy.stats takes most of a second to import
+
         p = float(mannwhitneyu(b_samples, n_samples, alternative="two-sided").pvalue)
         if math.isnan(p):  # every sample tied
             p = 1.0
@@ -429,7 +432,7 @@ def compare(base: Run, new: Run, metric: str | None = None, threshold: float = D
             allow_missing: bool = False, allow_different_hardware: bool = False) -> Comparison:
     """Join the runs and mark each configuration; BadInput when they cannot be compared."""
     if base.suite != new.suite:
-        raise BadInput(f"{base.path.name} is a {base.suite} run and {new.path.name} a {new.suite} run; "
+        raise BadInput(f"{base.path.name} is a run of the {base.suite} suite and {new.path.name} of the {new.suite} suite; "
                        "compare two runs of one suite")
     if set(base.params) != set(new.params):
         only_b, only_n = sorted(set(base.params) - set(new.params)), sorted(set(new.params) - set(base.params))

@@ -80,8 +80,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise BadInput(f"--device {name}: no CUDA device is visible here (try --device cpu)")
-        return torch.device(name)
-    raise BadInput(f"--device must be auto, cuda or cpu, not {name!r}")
+        try:
+            return torch.device(name)
+        except RuntimeError:  # cuda:x, cudaa
+            raise BadInput(f"--device must be auto, cuda, cuda:N or cpu, not {name!r}") from None
+    raise BadInput(f"--device must be auto, cuda, cuda:N or cpu, not {name!r}")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

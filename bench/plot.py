@@ -42,6 +42,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from bench.compare import Run, higher_is_better
 from bench.errors import BadInput
 from bench.metrics import mean_accept_length
+from bench.results import writable_folder
 
 PLOTS: dict[str, Callable[[Run], Figure]] = {}
 
@@ -68,8 +69,13 @@ def save(fig: Figure, path: Path) -> None:
     if path.suffix.lstrip(".").lower() not in kinds:
         raise BadInput(f"-o {path}: cannot write {path.suffix or 'a file without a suffix'}; "
                        f"use one of {', '.join('.' + k for k in sorted(kinds))}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    try:
+        writable_folder(path.parent)
+        fig.savefig(path, dpi=120)
+    except BadInput as exc:
+        raise BadInput(f"-o {path}: {exc}") from None
+    except OSError as exc:  # a folder of that name, or a read-only file
+        raise BadInput(f"-o {path}: cannot write it: {exc.strerror or exc}") from None
 
 
 # --- reading -------------------------------------------------------------------

@@ -12,6 +12,9 @@ names the samples file: `samples["row3"]` holds the samples of CSV row 3
 (0-based, header excluded). It also says how to read the CSV: which columns
 are the sweep's parameters (`params`, label first), its `label`, its own
 `metrics`, its `primary` column and whether `higher_is_better`.
+
+`writable_folder(out)` creates the folder and writes a file into it, so that a
+folder that cannot take the results is found before a run, not at its end.
 """
 
 from __future__ import annotations
@@ -21,17 +24,38 @@ import datetime as dt
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from bench.errors import BadInput
+
+
+def writable_folder(path: Path) -> Path:
+    """`path`, created if missing, once a file could be written into it; else a
+    BadInput saying why (a file in the way, a read-only or full disk)."""
+    path = Path(path)
+    for folder in (path, *path.parents):  # the nearest part that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise BadInput(f"{folder} is a file, not a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".genbench-write-test-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        raise BadInput(f"cannot write into {path}: {exc.strerror or exc}") from None
+    return path
+
 
 class ResultWriter:
     def __init__(self, out_dir: Path, suite: str, columns: Sequence[str], env: dict, stamp: str | None = None,
                  meta: dict | None = None):
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = writable_folder(out_dir)
         stamp = stamp or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         stem = f"{suite}-{stamp}"
         self.csv_path = out_dir / f"{stem}.csv"

@@ -12,6 +12,8 @@ HuggingFace `tokenizers`; a plain byte tokenizer (vocabulary 256) needs no train
 The trained tokenizer and the token array are cached under `cache`/data/, keyed
 by a hash of the inputs. The caller picks `cache` (genbench passes the harness's
 bench.env.cache_dir()), so this module knows nothing of where genbench keeps files.
+A cached file that cannot be read back (a truncated tokens.npy) raises
+`CorruptCache`, naming the file and the folder to delete.
 """
 
 import hashlib
@@ -32,6 +34,11 @@ EOT = "<|endoftext|>"  # separates documents in the BPE token stream
 # Suffixes a folder given in `paths` contributes; a file named directly is always read.
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+class CorruptCache(OSError):
+    """A file of a built corpus in the cache cannot be read back: a fault of the
+    disk or of an interrupted copy, not of the configuration, so an OSError."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +309,16 @@ def load_data(config: DataConfig, cache: Path) -> TextData:
             if not (path / "meta.json").exists():
                 raise
             shutil.rmtree(tmp)
-    meta = json.loads((path / "meta.json").read_text())
-    tokenizer = BPETokenizer.load(path / "tokenizer.json") if config.tokenizer == "bpe" else ByteTokenizer()
-    tokens = torch.from_numpy(np.load(path / "tokens.npy").astype(np.int32))
+    meta = _read_cached(path / "meta.json", lambda f: json.loads(f.read_text()))
+    tokenizer = _read_cached(path / "tokenizer.json", BPETokenizer.load) if config.tokenizer == "bpe" else ByteTokenizer()
+    tokens = torch.from_numpy(_read_cached(path / "tokens.npy", np.load).astype(np.int32))
     return TextData(config, tokenizer, tokens, meta, path)
+
+
+def _read_cached(file: Path, read):
+    try:
+        return read(file)
+    except Exception as exc:  # json, numpy and tokenizers each fail in their own way on a damaged file
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CorruptCache(f"the cached corpus file {file} cannot be read ({type(exc).__name__}: {why}); "
+                           f"delete {file.parent} and the next run builds it again") from exc

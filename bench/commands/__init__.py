@@ -3,30 +3,70 @@ options, turning user mistakes, fatal errors and Ctrl-C into exit codes, and
 running a suite's sweep through the harness.
 
 Each suite's command lives in its own module here and registers itself on
-`app`; bench/cli.py imports them all.
+`app`; bench/cli.py imports them all. So that `genbench --help`, a command's
+`--help`, `compare`, `plot` and a mistyped option answer at once, these modules
+import nothing heavy at the top (torch, the suites, scipy, matplotlib): each
+command imports what it runs inside its body, and its help text is literal.
+tests/bench/test_cli.py checks both: the imports, and that the help lists the
+suites' names.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-import bench.env
-from bench import calibrate, profile, report
+import bench
 from bench.errors import BadInput, Fatal
-from bench.runner import Context, Interrupted, Sweep, run_sweep
+
+if TYPE_CHECKING:
+    import torch
+
+    from bench.runner import Sweep
+
+
+class _PlainHelp:
+    """Help as Typer and Click have long written it: a flag shows no `<bool>`
+    value it does not take, and the usage line names arguments in capitals
+    (`compare [OPTIONS] BASE NEW`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # the type column of the rich help shows an option's metavar
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        capitals = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+                capitals[param.get_usage_pieces(ctx)[0]] = name if param.required else f"[{name}]"
+        return [capitals.get(piece, piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class Command(_PlainHelp, TyperCommand):
+    """Every genbench command: `@app.command(cls=Command)`."""
+
+
+class Group(_PlainHelp, TyperGroup):
+    """genbench and its command groups: `typer.Typer(cls=Group)`."""
+
 
 app = typer.Typer(
     name="genbench",
     help="Benchmark and profile the building blocks of generative models on your own hardware.",
+    cls=Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,6 +75,30 @@ console = Console()
 err_console = Console(stderr=True)
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 140  # logs and pipes: don't squeeze tables into rich's default of 80
+
+
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("genbench")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return bench.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"genbench {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version_: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                           help="Print genbench's version and exit.")] = False,
+):
+    pass
+
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if present), cuda, cuda:N or cpu.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and samples files.")]
@@ -65,12 +129,21 @@ class RunOptions:
     def __post_init__(self):
         if self.warmup_ms < 0 or self.rep_ms <= 0:
             raise BadInput("--warmup-ms must be >= 0 and --rep-ms > 0")
+        # Created and written to now, before anything is measured or trained: a
+        # folder that cannot take the results fails the command, not a long run's end.
+        from bench.results import writable_folder
+
+        try:
+            writable_folder(self.out)
+        except BadInput as exc:
+            raise BadInput(f"--out: {exc}") from None
 
 
 def cli_errors(fn):
     """A user's mistake becomes one red line and exit 2; an error that ended the
-    run (`Fatal`) one red line saying where the finished rows are, and exit 1;
-    Ctrl-C exits 130."""
+    run (`Fatal`) one red line saying where the finished rows are, and exit 1; a
+    file the system would not read or write (OSError) one red line naming it,
+    and exit 1; Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -84,18 +157,34 @@ def cli_errors(fn):
             err_console.print(f"[bold red]error:[/] {exc.suite or 'the'} run stopped: {exc}{kept}",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except Interrupted as exc:
-            err_console.print(f"[yellow]{exc}[/]", highlight=False)
-            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except OSError as exc:  # the machine, not the arguments: a disk full or read-only, a file gone
+            said = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+            err_console.print(f"[bold red]error:[/] {said}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            if not _interrupted(exc):
+                raise
+            err_console.print(f"[yellow]{exc}[/]", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
 
 
+def _interrupted(exc: Exception) -> bool:
+    """Whether `exc` is the runner's Ctrl-C (`bench.runner.Interrupted`). Looked
+    up rather than imported: bench.runner imports torch, and a command that
+    never ran a sweep cannot have raised it."""
+    runner = sys.modules.get("bench.runner")
+    return runner is not None and isinstance(exc, runner.Interrupted)
+
+
 def cached_peaks(device: torch.device) -> dict | None:
     """This device's cached peaks; None, with a warning, for a file that cannot be used."""
+    from bench import calibrate
+
     try:
         return calibrate.load(device)
     except calibrate.Unusable as exc:
@@ -105,6 +194,8 @@ def cached_peaks(device: torch.device) -> dict | None:
 
 def measure_peaks(device: torch.device) -> dict:
     """Calibrate now, a progress line naming what is being measured."""
+    from bench import calibrate
+
     progress = Progress(TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.description}"), console=console, transient=True)
     with progress:
@@ -118,6 +209,12 @@ def measure_peaks(device: torch.device) -> dict:
 
 def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> list[dict]:
     """Measure a sweep, print its tables as they complete and say where the files are."""
+    import torch
+
+    import bench.env
+    from bench import profile, report
+    from bench.runner import Context, run_sweep
+
     bench.env.cache_dir()  # an unwritable cache folder: one red line now, not a traceback mid-run
     torch.manual_seed(opts.seed)
     peaks = cached_peaks(opts.device)

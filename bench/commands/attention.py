@@ -8,13 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from bench.commands import (
-    CrosscheckOpt, DeviceOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, app, cli_errors, run_suite,
+    Command, CrosscheckOpt, DeviceOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, app, cli_errors,
+    run_suite,
 )
-from bench.env import parse_dtype, resolve_device
-from suites import attention as suite
+
+# suites.attention.IMPLS, written out so that --help need not import torch (a test keeps them equal).
+IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+         "sdpa-math")
 
 
-@app.command()
+@app.command(cls=Command)
 @cli_errors
 def attention(
     seq: Annotated[Optional[str], typer.Option(help="Sequence lengths: 512, 8k, 1k,2k,4k. Default: 8k on a GPU, 256,512,1k on CPU.")] = None,
@@ -25,7 +28,7 @@ def attention(
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16. Default: bf16 on a GPU, fp32 on CPU.")] = None,
     causal: Annotated[Optional[bool], typer.Option("--causal/--no-causal", help="Causal mask or not. Default: both.")] = None,
     mode: Annotated[Optional[list[str]], typer.Option(help="fwd, bwd or fwd+bwd; repeatable. Default: fwd and fwd+bwd on a GPU, fwd on CPU.")] = None,
-    impl: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable; default all: {', '.join(suite.IMPLS)}.")] = None,
+    impl: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable; default all: {', '.join(IMPLS)}.")] = None,
     retune: Annotated[bool, typer.Option("--retune", help="Time every block configuration of tiled's kernels on this "
                                          "GPU, ignoring the choices shipped for it and those cached on disk.")] = False,
     device: DeviceOpt = "auto",
@@ -41,6 +44,9 @@ def attention(
     The defaults suit the machine: on a GPU, seq 8k, 16 heads of 128, bf16, forward and
     forward+backward; on a CPU, a small sweep (256, 512, 1k; 8 heads of 64; fp32; forward).
     """
+    from bench.env import parse_dtype, resolve_device
+    from suites import attention as suite
+
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     dtype = dtype or ("bf16" if gpu else "fp32")

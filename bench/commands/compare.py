@@ -15,18 +15,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench import compare as cmp
-from bench.commands import app, cli_errors, console
+from bench.commands import Command, app, cli_errors, console
 from bench.errors import BadInput
 
 FORMATS = ("table", "md")
 
 
-@app.command("compare")
+@app.command("compare", cls=Command)
 @cli_errors
 def compare_command(
-    base: Annotated[Path, typer.Argument(help="The reference run's CSV (its .json and .samples.npz beside it).")],
-    new: Annotated[Path, typer.Argument(help="The run to judge, a CSV of the same suite.")],
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="The reference run's CSV (its .json and .samples.npz beside it).")],
+    new: Annotated[Path, typer.Argument(metavar="NEW", help="The run to judge, a CSV of the same suite.")],
     threshold: Annotated[str, typer.Option(help="Smallest change that counts, e.g. 10% or 5.")] = "10%",
     metric: Annotated[Optional[str], typer.Option(help="Column to compare, e.g. median_ms, tflops, tokens_per_s, "
                                                   "peak_mem_MiB. Default: the suite's primary metric.")] = None,
@@ -40,6 +39,8 @@ def compare_command(
 ):
     """Match two runs row by row and mark each: better, worse, unchanged, new, gone, newly failing.
     Exit 1 on a row worse, newly failing or gone; 2 when the runs cannot be compared."""
+    from bench import compare as cmp
+
     if format_ not in FORMATS:
         raise BadInput(f"--format must be one of {', '.join(FORMATS)}, not {format_!r}")
     result = cmp.compare(cmp.load_run(base), cmp.load_run(new), metric, cmp.parse_threshold(threshold),

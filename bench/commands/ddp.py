@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 
-from bench import launch
-from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite
-from bench.commands.precision import _data_config  # --data/--tokenizer/--vocab-size, as the precision suite reads them
-from bench.env import cache_dir, resolve_device
+from bench.commands import (
+    Command, DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite,
+)
+# --data/--tokenizer/--vocab-size, as the precision suite reads them; the names its help lists
+from bench.commands.precision import DATA_PRESETS, MODELS, PRECISIONS, _data_config
 from bench.errors import BadInput
-from impls import data as textdata
-from impls.gpt import PRESETS as MODELS
-from impls.precision import PRECISIONS
-from suites import ddp as suite
+
+if TYPE_CHECKING:
+    import torch
 
 # (model, precision, batch, seq, steps, warm-up steps) when not given: GPT-2 small
 # at 16 x 1024 tokens per GPU; on a CPU a model that steps in milliseconds.
@@ -41,9 +40,11 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def _on_off(text: str, option: str) -> tuple[bool, ...]:
-    if text not in suite.ON_OFF:
+    from suites.ddp import ON_OFF
+
+    if text not in ON_OFF:
         raise BadInput(f"{option} must be off, on or both, not {text!r}")
-    return suite.ON_OFF[text]
+    return ON_OFF[text]
 
 
 def _processes(gpus: int | None, procs: int | None, dev: torch.device) -> int:
@@ -55,6 +56,8 @@ def _processes(gpus: int | None, procs: int | None, dev: torch.device) -> int:
         if gpus is not None:
             raise BadInput("--gpus needs CUDA GPUs and none is in use here; on a CPU give --procs N --device cpu")
         return CPU_PROCS if asked is None else _positive(asked, "--procs")
+    import torch
+
     have = torch.cuda.device_count()
     if asked is None:
         return have
@@ -69,7 +72,7 @@ def _positive(value: int, option: str) -> int:
     return value
 
 
-@app.command("ddp")
+@app.command("ddp", cls=Command)
 @cli_errors
 def ddp_command(
     gpus: Annotated[Optional[int], typer.Option(help="GPUs per host, one process each (NCCL). Default: every visible GPU. More than this machine has is an error.")] = None,
@@ -87,7 +90,7 @@ def ddp_command(
     find_unused_parameters: Annotated[str, typer.Option(help="DDP find_unused_parameters: off, on or both.")] = "off",
     steps: Annotated[Optional[int], typer.Option(help="Timed steps per row (and as many under no_sync, in alternating pairs). Default: 20 on a GPU, 10 on CPU.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Untimed steps first (CUDA/NCCL set-up, allocator growth). Default: 5 on a GPU, 2 on CPU.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(textdata.PRESETS)}) or your own text files and folders (repeatable). Default: stdlib.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(DATA_PRESETS)}) or your own text files and folders (repeatable). Default: stdlib.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="bpe (trained on the data, cached) or byte. Default: the data preset's.")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary. Default: the model preset's (50257 for gpt2-small).")] = None,
     collectives: Annotated[bool, typer.Option("--collectives", help="Instead of training: all_reduce, all_gather and reduce_scatter at every size, with algbw and busbw.")] = False,
@@ -107,6 +110,13 @@ def ddp_command(
     profile: ProfileOpt = False,
 ):
     """One device vs DistributedDataParallel on N (weak or strong scaling, DDP's knobs), or the collectives' bandwidth."""
+    from bench import launch
+    from bench.env import cache_dir, resolve_device
+    from impls import data as textdata
+    from impls.gpt import PRESETS as GPT_PRESETS
+    from impls.precision import PRECISIONS as PRECISION_RECIPES
+    from suites import ddp as suite
+
     dev = resolve_device(device)
     if dev.index:
         raise BadInput(f"--device {device}: ddp runs on GPUs 0 .. --gpus - 1; choose which with CUDA_VISIBLE_DEVICES")
@@ -117,6 +127,7 @@ def ddp_command(
     worlds = _ints(world_sizes, "--world-sizes") if world_sizes else None
     n_steps = defaults[4] if steps is None else steps
     n_warmup = defaults[5] if warmup_steps is None else warmup_steps
+    run_opts = RunOptions(dev, out, seed, profile=profile) if node_rank == 0 else None  # node 0 writes the results
     if collectives:
         opts = suite.CollectiveOptions(
             hosts=hosts, collectives=tuple(collective) if collective else suite.ddp.COLLECTIVES,
@@ -126,12 +137,12 @@ def ddp_command(
         sweep = suite.collectives_sweep(opts)
     else:
         model = model or defaults[0]
-        if model not in MODELS:
-            raise BadInput(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+        if model not in GPT_PRESETS:
+            raise BadInput(f"unknown --model {model!r}; known: {', '.join(GPT_PRESETS)}")
         opts = suite.ScalingOptions(
             hosts=hosts, data=_data_config(data, tokenizer, vocab_size, model),
             model=model, precision=precision or defaults[1], batch=defaults[2] if batch is None else batch,
-            seq=min(defaults[3], MODELS[model].block_size) if seq is None else seq,
+            seq=min(defaults[3], GPT_PRESETS[model].block_size) if seq is None else seq,
             strong=strong, world_sizes=worlds,
             bucket_mb=_floats(bucket_mb, "--bucket-mb"),
             gradient_as_bucket_view=_on_off(gradient_as_bucket_view, "--gradient-as-bucket-view"),
@@ -139,7 +150,7 @@ def ddp_command(
             compression=tuple(compression.split(",")),
             find_unused_parameters=_on_off(find_unused_parameters, "--find-unused-parameters"),
             steps=n_steps, warmup_steps=n_warmup)
-        reason = PRECISIONS[opts.precision].why_not(dev)
+        reason = PRECISION_RECIPES[opts.precision].why_not(dev)
         if reason:
             raise BadInput(f"--precision {opts.precision} cannot run here: {reason}")
         with console.status("reading and tokenizing the training text (cached after the first run)"):
@@ -157,4 +168,4 @@ def ddp_command(
             raise stopped from None
         console.print(f"node {node_rank}: took part in {joined} launch(es); node 0 wrote the results")
         return
-    run_suite(sweep, RunOptions(dev, out, seed, profile=profile))
+    run_suite(sweep, run_opts)

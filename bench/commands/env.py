@@ -11,16 +11,15 @@ read from a table: a backend or a number format counts when a call succeeds.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from bench import calibrate, env
-from bench.commands import DeviceOpt, app, cached_peaks, cli_errors, console, measure_peaks
-from impls import fp8
-from impls.attention import sdpa
+from bench.commands import Command, DeviceOpt, app, cached_peaks, cli_errors, console, measure_peaks
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _first_line(exc: BaseException) -> str:
@@ -30,6 +29,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _sdpa_backends(device: torch.device) -> tuple[str, dict[str, str]]:
     """The dtype tried, and for each forced SDPA backend 'yes' or 'no: why'."""
+    import torch
+
+    from impls.attention import sdpa
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)  # (B, H, S, D)
     found = {}
@@ -40,6 +43,8 @@ def _sdpa_backends(device: torch.device) -> tuple[str, dict[str, str]]:
 
 
 def _bf16(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return "yes" if native else "no native bf16 (emulated)"
@@ -55,6 +60,8 @@ def _bf16(device: torch.device) -> str:
 
 
 def _tf32(device: torch.device) -> str:
+    import torch
+
     if device.type != "cuda":
         return "no: TF32 is a tensor-core mode of NVIDIA GPUs"
     cap = torch.cuda.get_device_capability(device)
@@ -65,6 +72,10 @@ def _fp8(device: torch.device) -> str:
     """Whether an fp8 (e4m3) matmul runs: the precision suite's answer
     (impls/fp8.why_not), then torch._scaled_mm, the op it calls (private, so
     feature-detected), on a tiny problem."""
+    import torch
+
+    from impls import fp8
+
     reason = fp8.why_not(device)
     if reason:
         return f"no: {reason}"
@@ -79,6 +90,8 @@ def _fp8(device: torch.device) -> str:
 
 
 def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
+    import torch
+
     rows = [("device", f"{info['device']}: {info['device_name']}")]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -91,7 +104,7 @@ def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
     return rows
 
 
-@app.command("env")
+@app.command("env", cls=Command)
 @cli_errors
 def env_command(
     calibrate_: Annotated[bool, typer.Option("--calibrate", help="Measure matmul rates and copy bandwidth now "
@@ -99,6 +112,8 @@ def env_command(
     device: DeviceOpt = "auto",
 ):
     """The device, driver and library versions, SDPA backends, number formats, and calibrated peaks."""
+    from bench import calibrate, env
+
     dev = env.resolve_device(device)
     env.cache_dir()  # an unwritable cache folder: one red line, before anything is measured
     info = env.collect(dev)

@@ -5,26 +5,37 @@ well each head guesses."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite
-from bench.env import parse_dtype, resolve_device
+from bench.commands import (
+    Command, DeviceOpt, Group, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite,
+)
 from bench.errors import BadInput
-from suites import medusa as suite
+
+if TYPE_CHECKING:
+    import torch
+
+    from suites import medusa as suite
+
+# Names and defaults of suites/medusa.py and impls/medusa.py, written out so that
+# --help need not import torch; tests/bench/test_cli.py keeps them equal.
+PRESETS = ("tiny", "small", "medium")  # suites.medusa.PRESETS
+METHODS = ("vanilla", "medusa", "draft", "lookup")  # suites.medusa.METHODS
+DEFAULT_TREE_SIZE = 64  # impls.medusa.DEFAULT_TREE_SIZE
 
 medusa_app = typer.Typer(
     help="Medusa heads vs vanilla greedy decoding, with draft-model and prompt-lookup speculative decoding beside them.",
+    cls=Group,
     no_args_is_help=False,
     add_completion=False,
 )
 app.add_typer(medusa_app, name="medusa")
 
 ModelOpt = Annotated[str, typer.Option(
-    help=f"A preset ({', '.join(suite.PRESETS)}; trained here on first use and cached) or a local Hugging Face "
+    help=f"A preset ({', '.join(PRESETS)}; trained here on first use and cached) or a local Hugging Face "
          "causal-LM folder (vanilla and lookup only; needs transformers).")]
 HeadsOpt = Annotated[int, typer.Option(help="Medusa heads K; head k guesses the token k+1 places after the next one.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="Decoding dtype: fp32, bf16 or fp16. Default: bf16 on a GPU, fp32 on CPU.")]
@@ -50,6 +61,8 @@ def _progress() -> tuple[Progress, suite.Progress]:
 
 
 def _prepare(opts: suite.MedusaOptions, dev: torch.device, train_only: bool) -> suite.Prepared:
+    from suites import medusa as suite
+
     bars, update = _progress()
     with bars:
         return suite.prepare(opts, dev, update, train_only=train_only)
@@ -60,11 +73,11 @@ def _prepare(opts: suite.MedusaOptions, dev: torch.device, train_only: bool) -> 
 def medusa(
     ctx: typer.Context,
     model: ModelOpt = "tiny",
-    method: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable; default all: {', '.join(suite.METHODS)}.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable; default all: {', '.join(METHODS)}.")] = None,
     heads: HeadsOpt = 4,
     tree: Annotated[str, typer.Option(help="default (a prior), greedy (built from the heads' measured accuracies), or "
                                            "paths of ranks like '0;1;0.0;0.1;0.0.0' (no deeper than --heads).")] = "default",
-    tree_size: Annotated[int, typer.Option(help="Nodes of a default or greedy tree, root included.")] = suite.medusa.DEFAULT_TREE_SIZE,
+    tree_size: Annotated[int, typer.Option(help="Nodes of a default or greedy tree, root included.")] = DEFAULT_TREE_SIZE,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens generated per prompt (default: the preset's).")] = None,
     prompts: Annotated[Optional[int], typer.Option(help="Prompts from the held-out part of the corpus (default: the preset's).")] = None,
     prompt_len: Annotated[Optional[int], typer.Option(help="Tokens per corpus prompt (default: the preset's).")] = None,
@@ -93,6 +106,9 @@ def medusa(
     and whether the output is exactly vanilla greedy's. Trains the preset's models on first use."""
     if ctx.invoked_subcommand is not None:
         return
+    from bench.env import parse_dtype, resolve_device
+    from suites import medusa as suite
+
     dev = resolve_device(device)
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     parse_dtype(dtype, dev)
@@ -105,11 +121,12 @@ def medusa(
         checkpoint=str(checkpoint) if checkpoint else None, base_steps=base_steps, heads_steps=heads_steps,
         draft_steps=draft_steps, seed=seed,
     )
+    run_opts = RunOptions(dev, out, seed, profile=profile)
     prep = _prepare(opts, dev, train_only=False)
-    run_suite(suite.sweep(prep), RunOptions(dev, out, seed, profile=profile))
+    run_suite(suite.sweep(prep), run_opts)
 
 
-@medusa_app.command()
+@medusa_app.command(cls=Command)
 @cli_errors
 def train(
     model: ModelOpt = "tiny",
@@ -125,10 +142,14 @@ def train(
 ):
     """Train (or load from the cache) the base model, the Medusa heads and the draft model; a row per part with
     its validation loss, and per head the top-1 and top-5 accuracy on held-out self-distilled text."""
+    from bench.env import resolve_device
+    from suites import medusa as suite
+
     dev = resolve_device(device)
     opts = suite.MedusaOptions(model=model, heads=heads, data=data, checkpoint=str(checkpoint) if checkpoint else None,
                                base_steps=base_steps, heads_steps=heads_steps, draft_steps=draft_steps, seed=seed)
     if opts.hf:
         raise BadInput("`medusa train` trains genbench's own presets; a Hugging Face model needs no training here")
+    run_opts = RunOptions(dev, out, seed)
     prep = _prepare(opts, dev, train_only=True)
-    run_suite(suite.train_sweep(prep), RunOptions(dev, out, seed))
+    run_suite(suite.train_sweep(prep), run_opts)

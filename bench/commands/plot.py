@@ -8,19 +8,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench import plot
-from bench.commands import app, cli_errors, console
-from bench.compare import load_run
+from bench.commands import Command, app, cli_errors, console
 
 
-@app.command("plot")
+@app.command("plot", cls=Command)
 @cli_errors
 def plot_command(
-    results: Annotated[Path, typer.Argument(help="A run's CSV (its JSON sidecar beside it).")],
+    results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A run's CSV (its JSON sidecar beside it).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Image to write (.png, .svg, .pdf). "
                                                    "Default: the CSV's name with .png.")] = None,
 ):
     """Chart a run: for attention, TFLOP/s and peak memory against sequence length per implementation."""
+    from bench import plot
+    from bench.compare import load_run
+
     run = load_run(results)
     path = output or results.with_suffix(".png")
     plot.save(plot.figure(run), path)

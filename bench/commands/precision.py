@@ -8,12 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, app, cli_errors, console, run_suite
-from bench.env import cache_dir, resolve_device
+from bench.commands import Command, DeviceOpt, OutOpt, ProfileOpt, RunOptions, app, cli_errors, console, run_suite
 from bench.errors import BadInput
-from impls import data as textdata
-from impls.gpt import PRESETS as MODELS
-from suites import precision as suite
+
+# Names and defaults of impls/ and suites/, written out so that --help need not
+# import torch; tests/bench/test_cli.py keeps them equal to the originals.
+MODELS = ("tiny", "small", "gpt2-small", "medium")  # impls.gpt.PRESETS
+DATA_PRESETS = ("stdlib", "stdlib-small", "bytes")  # impls.data.PRESETS
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # impls.precision.PRECISIONS
+DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # suites.precision.DEFAULT_PRECISIONS
+LR = 6e-4  # suites.precision.LR
 
 # (model, steps, batch, seq_len) when not given: GPT-2's shape and batch on a GPU;
 # on a CPU a model that trains in seconds, so the whole run takes about a minute.
@@ -23,6 +27,9 @@ CPU_DEFAULTS = ("tiny", 30, 4, 64)
 
 def _data_config(data: list[str] | None, tokenizer: str | None, vocab_size: int | None, model: str):
     """--data: one preset name, or text files and folders (trained with BPE by default)."""
+    from impls import data as textdata
+    from impls.gpt import PRESETS as GPT_PRESETS
+
     data = data or ["stdlib"]
     try:
         if len(data) == 1 and data[0] in textdata.PRESETS:
@@ -38,28 +45,28 @@ def _data_config(data: list[str] | None, tokenizer: str | None, vocab_size: int 
         # published 124M parameters.
         preset_sets_vocab = config.vocab_size != textdata.DataConfig().vocab_size
         if vocab_size or not preset_sets_vocab:
-            overrides["vocab_size"] = vocab_size or MODELS[model].vocab_size
+            overrides["vocab_size"] = vocab_size or GPT_PRESETS[model].vocab_size
         return dataclasses.replace(config, **overrides)
     except ValueError as exc:
         raise BadInput(f"--data: {exc}") from None
 
 
-@app.command("precision")
+@app.command("precision", cls=Command)
 @cli_errors
 def precision_command(
     model: Annotated[Optional[str], typer.Option(help=f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per precision. Default: 300 on a GPU, 30 on CPU.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: 16 on a GPU, 4 on CPU.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence, at most the model's context. Default: 1024 on a GPU, 64 on CPU.")] = None,
-    precision: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(suite.PRECISIONS)}; add +compile to compile one (bf16+compile). Default: {', '.join(suite.DEFAULT_PRECISIONS)}.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(PRECISIONS)}; add +compile to compile one (bf16+compile). Default: {', '.join(DEFAULT_PRECISIONS)}.")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="Train every precision under torch.compile; compilation falls in the warm-up steps.")] = False,
     parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Train fp32 first, and again with another data order (the band), and judge every precision's loss curve against them.")] = True,
     band_steps: Annotated[Optional[int], typer.Option(help="Steps of the band run (fp32, second data order). Default: --steps.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="First steps left out of the timing. Default: a tenth of --steps.")] = None,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches scored for the validation loss after training (0: none).")] = 10,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = suite.LR,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = LR,
     matmul: Annotated[bool, typer.Option("--matmul", help="Also show this device's matmul rate per dtype (the calibrated ceiling MFU is measured against).")] = False,
-    data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(textdata.PRESETS)}) or your own text files and folders (repeatable). Default: stdlib, the Python standard library's sources.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(DATA_PRESETS)}) or your own text files and folders (repeatable). Default: stdlib, the Python standard library's sources.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="bpe (trained here on the data, cached) or byte. Default: the data preset's.")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary. Default: the model preset's (50257 for gpt2-small, else 8192), or the data preset's (stdlib-small: 2048).")] = None,
     device: DeviceOpt = "auto",
@@ -69,16 +76,21 @@ def precision_command(
 ):
     """Train one GPT under fp32, tf32, fp16, bf16 (and bf16-pure, fp8) from the same weights on the
     same batches: step time, tokens/s, MFU, memory, and the loss against fp32's."""
+    from bench.env import cache_dir, resolve_device
+    from impls import data as textdata
+    from impls.gpt import PRESETS as GPT_PRESETS
+    from suites import precision as suite
+
     dev = resolve_device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     model = model or defaults[0]
-    if model not in MODELS:
-        raise BadInput(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+    if model not in GPT_PRESETS:
+        raise BadInput(f"unknown --model {model!r}; known: {', '.join(GPT_PRESETS)}")
     opts = suite.PrecisionOptions(
         model=model,
         steps=defaults[1] if steps is None else steps,
         batch=defaults[2] if batch is None else batch,
-        seq_len=min(defaults[3], MODELS[model].block_size) if seq_len is None else seq_len,
+        seq_len=min(defaults[3], GPT_PRESETS[model].block_size) if seq_len is None else seq_len,
         precisions=tuple(precision) if precision else suite.DEFAULT_PRECISIONS,
         compile=compile_,
         parity=parity,
@@ -89,6 +101,7 @@ def precision_command(
         matmul=matmul,
     )
     data_config = _data_config(data, tokenizer, vocab_size, model)
+    run_opts = RunOptions(dev, out, seed, profile=profile)
     with console.status("reading and tokenizing the training text (cached after the first run)"):
         try:
             text = textdata.load_data(data_config, cache_dir())
@@ -100,4 +113,4 @@ def precision_command(
                        f"--seq-len {opts.seq_len}; give more text or a shorter --seq-len")
     for note in opts.notes():
         console.print(f"[dim]{note}[/]", highlight=False)
-    run_suite(suite.sweep(opts, text, dev), RunOptions(dev, out, seed, profile=profile))
+    run_suite(suite.sweep(opts, text, dev), run_opts)

@@ -37,10 +37,17 @@ class _NotWeights:
 
 
 def test_unreadable_or_foreign_files_are_bad_input(tmp_path):
-    junk = tmp_path / "junk.pt"
+    junk = checkpoints.path("medusa", "base", "0123456789abcdef")  # in the cache: genbench's to rebuild
+    junk.parent.mkdir(parents=True)
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(BadInput, match=r"cannot read checkpoint .*junk\.pt \(\w+\); delete it to retrain"):
+    with pytest.raises(BadInput, match=r"cannot read checkpoint .*base-0123456789abcdef\.pt \(\w+\); delete it to retrain"):
         checkpoints.load(junk, "medusa", REQUIRED)
+    own = tmp_path / "junk.pt"  # the user's own file (--checkpoint): not ours to delete
+    own.write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInput) as info:
+        checkpoints.load(own, "medusa", REQUIRED)
+    assert "retrain" not in str(info.value) and "delete" not in str(info.value)
+    assert f"give a .pt file written by genbench (its medusa checkpoints are in {tmp_path / 'cache' / 'medusa'})" in str(info.value)
     # weights_only: a pickled object of any other class is refused, not run
     code = tmp_path / "code.pt"
     torch.save({"kind": _NotWeights(), "config": {}, "state_dict": {}}, code)

@@ -496,7 +496,7 @@ def test_different_suites_or_parameters_exit_2(tmp_path):
     attention = write_run(tmp_path / "a", rows)
     ddp = write_run(tmp_path / "d", rows, suite="ddp")
     result = runner.invoke(app, ["compare", str(attention), str(ddp)])
-    assert result.exit_code == 2 and "is a attention run and" in result.output and "a ddp run" in result.output
+    assert result.exit_code == 2 and "is a run of the attention suite and" in result.output and "of the ddp suite" in result.output
     wider = write_run(tmp_path / "w", [dict(rows[0], window=128)], meta={**META, "params": ["impl", "seq", "window"]},
                       columns=[*COLUMNS[:3], "window", *COLUMNS[3:]])
     result = runner.invoke(app, ["compare", str(attention), str(wider)])

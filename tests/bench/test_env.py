@@ -69,7 +69,7 @@ def test_backend_and_format_probes_report_reasons():
 
 def test_bad_device_exits_2():
     result = runner.invoke(app, ["env", "--device", "tpu"])
-    assert result.exit_code == 2 and "--device must be auto, cuda or cpu" in result.output
+    assert result.exit_code == 2 and "--device must be auto, cuda, cuda:N or cpu" in result.output
 
 
 def test_fp8_answer_is_the_precision_suites(cpu):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -386,3 +388,23 @@ def test_unknown_image_suffix_exits_2(tmp_path):
     result = runner.invoke(app, ["plot", str(attention_run(tmp_path)), "-o", str(tmp_path / "chart.xyz")])
     assert result.exit_code == 2 and "cannot write .xyz" in result.output
     assert not (tmp_path / "chart.xyz").exists()
+
+
+def test_output_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    csv_path = attention_run(tmp_path)
+    blocker = tmp_path / "charts"
+    blocker.write_text("")  # a file where a folder should be
+    result = runner.invoke(app, ["plot", str(csv_path), "-o", str(blocker / "a.png")])
+    assert result.exit_code == 2 and f"-o {blocker / 'a.png'}: {blocker} is a file, not a folder" in result.output
+    folder = tmp_path / "a.png"
+    folder.mkdir()  # a folder with the image's name
+    result = runner.invoke(app, ["plot", str(csv_path), "-o", str(folder)])
+    assert result.exit_code == 2 and f"-o {folder}: cannot write it: Is a directory" in result.output
+
+    def read_only(*args, **kwargs):  # tests run as root, whom chmod does not stop
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = runner.invoke(app, ["plot", str(csv_path), "-o", str(tmp_path / "b.png")])
+    assert result.exit_code == 2 and f"cannot write into {tmp_path}: Read-only file system" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b.png").exists()

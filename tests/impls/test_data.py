@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import impls.data
-from impls.data import BPETokenizer, ByteTokenizer, DataConfig, corpus_files, load_data, read_documents
+from impls.data import BPETokenizer, ByteTokenizer, CorruptCache, DataConfig, corpus_files, load_data, read_documents
 
 SAMPLE = "def add(a, b):\n    return a + b\n\n# naïve café ✓ 🐍\nclass Point:\n    x: int = 0\n"
 
@@ -193,3 +193,16 @@ def test_build_lands_in_the_cache_given(cache):
     built = list((cache / "data").iterdir())
     assert len(built) == 1 and (built[0] / "meta.json").exists()
     assert ".tmp-" not in built[0].name  # the build folder was renamed into place
+
+
+def test_a_damaged_cache_file_is_named_with_what_to_do(tmp_path, cache):
+    corpus = _write(tmp_path / "corpus.txt", SAMPLE * 20)
+    config = DataConfig(paths=(str(corpus),), tokenizer="byte")
+    built = load_data(config, cache)
+    tokens = built.path / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-10])  # truncated, as by a full disk or an interrupted copy
+    with pytest.raises(CorruptCache) as info:
+        load_data(config, cache)
+    assert str(info.value).startswith(f"the cached corpus file {tokens} cannot be read (ValueError: ")
+    assert str(info.value).endswith(f"delete {built.path} and the next run builds it again")
+    assert not isinstance(info.value, ValueError)  # not mistaken for a bad --data by the commands
