@@ -212,7 +212,7 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
     import torch
 
     import bench.env
-    from bench import profile, report
+    from bench import calibrate, profile, report
     from bench.runner import Context, run_sweep
 
     bench.env.cache_dir()  # an unwritable cache folder: one red line now, not a traceback mid-run
