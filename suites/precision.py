@@ -410,7 +410,7 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     dtype = trainer.precision.compute_dtype
     if ctx.device.type == "cpu" and cpu_has_matmul_instructions(dtype) is False:
         notes.append(f"this CPU has no {str(dtype).removeprefix('torch.')} matrix instructions: "
-                     f"ATen's generic kernels, slower than fp32")
+                     f"its products ran in ATen's generic kernels")
     if cfg.role == "reference":
         shared.reference_ms = stats.median
     values["speedup"] = metrics.speedup(shared.reference_ms, stats.median) if shared.reference_ms else None
