@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from impls.data import DataConfig, load_data
 from impls.gpt import GPT, PRESETS, GPTConfig
@@ -78,6 +79,21 @@ def test_padding_rows_are_never_scored_nor_trained():
     loss.backward()
     assert padded.lm_head.weight.grad[HAND.vocab_size:].abs().max() == 0  # no input, no target: no gradient
     assert padded.lm_head.weight.grad[:HAND.vocab_size].abs().max() > 0
+
+
+def test_padded_rows_are_work_done_but_not_model_flops():
+    # torch's FLOP count of one training step multiplies the 128-row table (2 FLOPs per weight
+    # and token forward, 4 backward); flops_per_token, the MFU numerator, counts its 100 rows.
+    model = _model()
+    C, T = HAND.n_embd, 8
+    blocks = HAND.n_layer * 12 * C * C  # qkv 3C², out C², MLP 8C² per block
+    x = torch.randint(HAND.vocab_size, (1, T), generator=torch.Generator().manual_seed(8))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts.get("aten.mm", 0) + counts.get("aten.addmm", 0) == 6 * (blocks + 128 * C) * T
+    assert model.flops_per_token(T) == 6 * model.num_params() + 12 * HAND.n_layer * C * T
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) - 28 * C - HAND.block_size * C
 
 
 def test_from_name_overrides_and_rejects_unknown():
