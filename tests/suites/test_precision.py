@@ -228,7 +228,9 @@ def test_every_precision_row_has_its_status_on_cpu(cpu_rows):
 def test_training_rows_learn_and_are_compared_with_fp32(cpu_rows):
     ref = suite.parse_curve(cpu_rows["fp32"][1].values["loss_curve"])
     band = cpu_rows["fp32-band"][1].values["max_rel_diff"]
-    assert band > 0
+    # weights one ulp apart move the loss by about 1e-9 of itself: over 8 steps the two fp32 curves
+    # may differ in a last bit or not at all (the tolerance is then the floor)
+    assert 0 <= band < 1e-3
     for label in ("fp32", "fp32-band", "fp16", "bf16", "bf16-pure"):
         cfg, m = cpu_rows[label]
         v = m.values
