@@ -53,7 +53,13 @@ def transformer_train_flops_per_token(n_params: int, n_layer: int, d_model: int,
     backward, per parameter) plus 12·L·d·T for attention's QK^T and PV
     (forward 2·2·L·T·d, ×3 with the backward). Kaplan et al. 2020 (Scaling
     Laws, table 1) and PaLM (Chowdhery et al. 2022, appendix B), whose MFU
-    definition this follows: non-embedding N, no activation recompute."""
+    definition this follows: non-embedding N, no activation recompute.
+
+    N counts the output matrix over the tokenizer's real vocabulary: rows a
+    model adds to round it up for tensor-core tiling (impls/gpt.py pads
+    GPT-2's 50257 to 50304) are multiplied but are never a token nor a
+    score, so, like recomputation, they are work of the implementation, not
+    of the model, and MFU does not count them."""
     return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
 
 

@@ -347,7 +347,8 @@ def _loss_curves(run: Run, df: pd.DataFrame) -> dict[int, np.ndarray]:
 
 
 SMOOTH_STEPS = 10  # the differences' rolling mean: step-to-step loss noise hides a drift of a few hundredths
-BAND = "-band"  # the precision suite's reference run again on other batches (suites/precision.py)
+BAND = "-band"  # the precision suite's reference run again from weights nudged one ulp (suites/precision.py)
+OFF_SCALE = 3  # a band difference this many times the largest other one is named, not drawn
 
 
 @plots("precision")
@@ -416,13 +417,16 @@ def _loss_differences(curves: dict[int, np.ndarray], ref: int) -> dict[int, np.n
 
 def _difference_panel(ax: Axes, curves: dict, ref: int, band: list[int], names: dict, colors: dict) -> None:
     """loss - reference loss per step, each curve named at its end. The band
-    run (the reference on other batches) is left out: data order alone moves
-    the loss far more than a precision does, and its curve would flatten the
-    others to a line; its size is given instead."""
+    run (the reference from nudged weights) is drawn like the others unless
+    it is off their scale (a long run's band can be), where its curve would
+    flatten theirs to a line; its size is given instead."""
     diffs = _loss_differences(curves, ref)
+    scale = max((np.nanmax(np.abs(d)) for i, d in diffs.items() if i not in band), default=0.0)
     for i in band:
+        if not np.nanmax(np.abs(diffs[i])) > OFF_SCALE * scale:
+            continue
         band_diff = diffs.pop(i)
-        ax.set_title(f"{names[i]} ({names[ref]} on other batches) is off this scale: its difference reaches "
+        ax.set_title(f"{names[i]} ({names[ref]} from nudged weights) is off this scale: its difference reaches "
                      f"{np.nanmax(np.abs(band_diff)):.2f}", loc="left", fontsize=8, color=colors[i])
     for i, diff in diffs.items():
         ax.plot(np.arange(len(diff)), diff, color=colors[i], label=names[i], linewidth=1.5 if i == ref else 1)

@@ -13,6 +13,12 @@ One file holds the whole model and nothing of training or timing:
 Blocks are pre-norm (x + attn(ln(x)), x + mlp(ln(x))). The norm is LayerNorm rather
 than RMSNorm because that is what GPT-2 uses: the `gpt2-small` preset then has exactly
 the published 124M parameters, and its FLOP and MFU numbers can be set beside others'.
+
+The token table (wte, tied to lm_head) has `padded_vocab_size` rows, the tokenizer's
+vocabulary rounded up to a multiple of 64 as nanoGPT does: a (B·T, C) x (C, V) product
+whose V is a multiple of 64 tiles evenly on tensor cores, and GPT-2's odd 50257 does not.
+The padding rows are never read (token ids are below vocab_size) and never scored: the
+logits are sliced back to vocab_size, so the loss, argmax and top-k see the real vocabulary.
 """
 
 import inspect
@@ -26,17 +32,25 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 8192  # the default vocabulary of impls/data.py's BPE tokenizer
+    vocab_size: int = 8192  # the tokenizer's (default: impls/data.py's BPE); logits cover exactly these ids
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 256  # longest context: the number of learned positions
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+    vocab_multiple: int = 64  # wte/lm_head rows are padded to a multiple of this (1: no padding)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of wte and lm_head: vocab_size rounded up to a multiple of vocab_multiple (50257 -> 50304)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
@@ -55,7 +69,8 @@ PRESETS = {
     "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256),
     # ~30M params with the 8192 vocabulary: a model worth training for minutes on one GPU.
     "small": GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=512),
-    # GPT-2's smallest shape: 124,439,808 params with its 50257-token vocabulary.
+    # GPT-2's smallest shape: 124,439,808 params with its 50257-token vocabulary (num_params;
+    # the token table holds 50304 rows, 36,096 more weights, see GPT.num_params).
     "gpt2-small": GPTConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
     # ~210M params: large enough that one decoding step is bound by reading the weights
     # on a datacenter GPU, which is the regime speculative decoding is meant for.
@@ -137,14 +152,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied embeddings: one (V, C) matrix both reads tokens in and scores them out.
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Tied embeddings: one (V_pad, C) matrix both reads tokens in and scores them out.
+        # The padding rows are initialized like the others; only their logits, sliced away, use them.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the init of each layer's last projection by 1/sqrt(2 * n_layer):
@@ -163,12 +179,18 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding leaves out the position table.
+        """Parameter count of the model over its real vocabulary; non_embedding leaves
+        out the position table.
 
         The token table stays in: it is tied to lm_head, so it costs a real matmul per
-        token, whereas looking up a position row costs nothing.
+        token, whereas looking up a position row costs nothing. Its padding rows
+        ((padded_vocab_size - vocab_size) x n_embd, 36,096 for gpt2-small) are left out:
+        lm_head multiplies them, but they are never read nor scored, an implementation's
+        choice rather than the model's, as PaLM keeps recomputation out of model FLOPs.
+        So flops_per_token, and the MFU taken from it, count the real vocabulary.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -183,6 +205,7 @@ class GPT(nn.Module):
         attention's QK^T and AV: 2·2·seq_len·n_embd per layer forward, tripled for the
         backward; it counts the full seq_len×seq_len scores, not the causal half, as PaLM
         does. Norms, GELU and softmax are left out. A forward pass alone is a third of this.
+        The token table counts vocab_size rows, not the padded ones (see num_params).
         """
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
@@ -244,11 +267,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cache_pos, mask)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        # (B, T, V): the padding rows' scores dropped, so that no softmax, argmax or top-k
+        # sees an id the tokenizer does not have. A strided view, not a copy.
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
         loss = None
         if targets is not None:
             # Upcast so a bf16/fp16 model's loss is still reduced in fp32; -1 marks ignored targets.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, x) if return_hidden else (logits, loss)
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):

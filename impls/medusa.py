@@ -2,7 +2,7 @@
 that checks those guesses in one forward pass (Cai et al. 2024, "Medusa: Simple
 LLM Inference Acceleration Framework with Multiple Decoding Heads").
 
-    heads = MedusaHeads.from_lm_head(model.lm_head.weight, n_heads=4)
+    heads = MedusaHeads.from_lm_head(model.lm_head.weight[:model.config.vocab_size], n_heads=4)
     logits = heads(hidden)                    # (C,)... -> (K, ..., V): head k guesses token t+k+2
 
     tree = default_tree(n_heads=4, size=64)   # or greedy_tree(measured_rank_accuracy, 64), parse_tree("0;1;0.0")
@@ -67,7 +67,8 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def from_lm_head(cls, lm_head_weight: torch.Tensor, n_heads: int) -> "MedusaHeads":
-        """Heads whose projections start as copies of the base model's lm_head (V, C)."""
+        """Heads whose projections start as copies of the base model's lm_head (V, C): the
+        rows of the real vocabulary, without a padded GPT's extra rows."""
         vocab_size, n_embd = lm_head_weight.shape
         heads = cls(n_embd, vocab_size, n_heads).to(device=lm_head_weight.device, dtype=lm_head_weight.dtype)
         with torch.no_grad():

@@ -6,6 +6,7 @@
     with p.context(device):               # matmul mode + autocast for the forward
         logits, loss = model(x, y)
     scaler = p.scaler(device)             # GradScaler for fp16, else a disabled one
+    p.matmul_dtypes(model, x, device)     # {torch.bfloat16}: what the products really ran in
 
 fp32 runs IEEE float32 matmuls (TF32 off); tf32 lets float32 matmuls use
 TF32 tensor cores (torch.set_float32_matmul_precision("high")); fp16 is autocast
@@ -14,6 +15,13 @@ bf16 is autocast without one (bf16 has fp32's exponent range); bf16-pure keeps
 weights and optimizer state in bf16 as well (no fp32 master weights); fp8 is
 bf16 autocast with the transformer blocks' projections multiplied in fp8
 (impls/fp8.py), on GPUs with fp8 tensor cores.
+
+Autocast lowers only what its device's op lists name: `matmul_dtypes` runs one
+forward and returns the dtypes the matrix products (mm, addmm, bmm, baddbmm,
+SDPA) came out in, so that a run can check it used the precision it is
+labelled with. On the CPU, autocast lowers every product of impls/gpt.py to
+bf16 or fp16 (tests/impls/test_train.py checks it); a CPU without
+AVX512-BF16/AMX runs them in ATen's generic kernels, slower than fp32's.
 
 The matmul mode is a global flag that cuBLAS reads when each product is
 launched, so it must cover the backward pass as well: `matmul_mode()` alone
@@ -27,8 +35,34 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from impls import fp8
+
+# The products autocast is meant to lower: linear layers reach the dispatcher as
+# mm/addmm (bmm/baddbmm when batched), attention as one of SDPA's kernels (the
+# set differs between torch versions, hence the lookup by name).
+MATMUL_OPS = tuple(getattr(torch.ops.aten, name) for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+) if hasattr(torch.ops.aten, name))
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Notes the dtype of every matrix product's (first) output. A dispatch mode
+    sees the ops after autocast has cast their inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in MATMUL_OPS:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            self.dtypes[first.dtype] = self.dtypes.get(first.dtype, 0) + 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,8 +124,30 @@ class Precision:
                 with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
                     yield
 
+    @torch.no_grad()
+    def matmul_dtypes(self, model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> dict[torch.dtype, int]:
+        """{dtype: count} of the matrix products of one forward of `model` on `x` under
+        this precision's context (the model as prepare() left it)."""
+        recorder = _MatmulDtypes()
+        with self.context(device), recorder:
+            model(x)
+        return recorder.dtypes
+
     def scaler(self, device: torch.device) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(device.type, enabled=self.grad_scaler)
+
+
+def cpu_has_matmul_instructions(dtype: torch.dtype) -> bool | None:
+    """Whether this CPU multiplies `dtype` with its own instructions (bf16:
+    AVX512-BF16 or AMX; fp16: AMX-FP16), as torch reports it; None when torch
+    does not say or for other dtypes. Without them bf16/fp16 products run in
+    ATen's generic kernels."""
+    checks = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              torch.float16: ("_is_amx_fp16_supported",)}.get(dtype)
+    found = [getattr(torch.cpu, name, None) for name in checks or ()]
+    if not found or None in found:
+        return None
+    return any(check() for check in found)
 
 
 PRECISIONS: dict[str, Precision] = {

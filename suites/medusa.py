@@ -399,7 +399,8 @@ def train_heads(model: GPT, data: TextData, n_heads: int, h: HeadsTraining, devi
     del frozen, hidden
 
     torch.manual_seed(seed)
-    heads = medusa.MedusaHeads.from_lm_head(model.lm_head.weight.detach().float(), n_heads).to(device)
+    lm_head = model.lm_head.weight[:model.config.vocab_size]  # the real vocabulary's rows
+    heads = medusa.MedusaHeads.from_lm_head(lm_head.detach().float(), n_heads).to(device)
     opt = torch.optim.AdamW(heads.parameters(), lr=h.lr, weight_decay=0.0)
     precision = _train_precision(device)
     g = torch.Generator().manual_seed(seed + 2)

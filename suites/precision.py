@@ -13,14 +13,23 @@ Rows, in order:
   has no fp8). They form their own table, model "matmul";
 - the reference, fp32 (IEEE fp32 products), trained first whenever parity is
   on, so that every later row can be compared with its loss curve;
-- the band row, `fp32-band`: fp32 again from the same weights, on batches drawn
-  with the next seed. The model has no dropout, so data order is its only
-  other source of randomness, and the largest relative difference between
-  the two fp32 loss curves (`band`) is how far two equally valid runs drift
-  apart. Every other precision is judged against it (see `verdict`);
+- the band row, `fp32-band`: fp32 again on the same batches, from the same
+  initial weights with every parameter nudged by one ulp, up or down at
+  random (seed + 1): the smallest difference two equally valid fp32 runs can
+  have (another summation order makes as much), which training then amplifies
+  (the butterfly effect). The largest relative difference between the two
+  fp32 loss curves (`band`) is how far equally valid runs drift apart on
+  these batches; every other precision is judged against it (see `verdict`
+  and `tolerance`). Batches drawn with another seed would measure the text
+  instead: the loss of one batch differs from the next's by far more than any
+  precision does;
 - each precision asked for; `bf16+compile` trains bf16 under torch.compile
   (`--compile` compiles every row), whose compilation falls in the discarded
   warm-up steps.
+
+Every training row first checks, in one untimed forward, that its matrix
+products ran in the dtype it is named for (Precision.matmul_dtypes); a row
+whose products did not is `unsupported`, never fp32 under another name.
 
 Loss curves go in the `loss_curve` column: the training loss of every step,
 step 0 first, as floats joined by ';' (e.g. "9.01;8.87;...", "nan" for a
@@ -43,12 +52,12 @@ from bench.timing import StepTimer
 from impls import fp8
 from impls.data import TextData
 from impls.gpt import GPT, PRESETS as MODELS, GPTConfig
-from impls.precision import PRECISIONS
+from impls.precision import PRECISIONS, Precision, cpu_has_matmul_instructions
 from impls.train import cosine_lr, evaluate, train_step
 
 REFERENCE = "fp32"
 COMPILE = "+compile"  # suffix of a precision trained under torch.compile
-BAND = "-band"  # suffix of the reference's second-seed run
+BAND = "-band"  # suffix of the reference's run from nudged weights
 DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")
 MATMUL_DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 # AdamW as GPT-3 trained its 125M model (Brown et al. 2020, table 2.1 and appendix B).
@@ -176,8 +185,9 @@ class PrecisionOptions:
         added = "" if any(r[0] == REFERENCE for r in asked) else " (added: parity needs it)"
         band = self.band_steps or self.steps
         return [f"parity: {reference} trains first{added} as the reference, then {reference}{BAND}: {reference} "
-                f"again on batches drawn with the next seed for {band} steps; their largest relative loss "
-                f"difference is the band every other precision is judged against"]
+                f"again on the same batches from weights nudged by one ulp, for {band} steps; their largest "
+                f"relative loss difference (running mean over {window(self.steps)} step(s)) is the band; every "
+                f"other precision must stay within max({FLOOR:.0%}, {FACTOR:g} x band)"]
 
 
 def _label(base: str, compiled: bool) -> str:
@@ -187,6 +197,39 @@ def _label(base: str, compiled: bool) -> str:
 # -- parity ----------------------------------------------------------------------------------------
 
 VERDICTS = ("match", "drift", "diverged")
+# The band grows from one ulp as training amplifies it, so over a short run it
+# stays near zero while any rounding of a lower precision (2^-8 for bf16, at
+# every product of every step) already shows: the verdict takes at least
+# FLOOR. Once runs have separated, fp32 against its nudged self sits around a
+# percent on the tiny model, hence 1%: a loss difference below it is less than
+# equally valid runs show. The band is one pair of runs, and its largest
+# difference changes about twofold from one nudge to another, hence FACTOR.
+FLOOR = 0.01
+FACTOR = 3.0
+
+
+def tolerance(band: float | None) -> float | None:
+    """The largest relative loss difference a precision may show and still
+    match: max(FLOOR, FACTOR x band). None when there is no band."""
+    if band is None or not np.isfinite(band):
+        return None
+    return max(FLOOR, FACTOR * band)
+
+
+def window(steps: int) -> int:
+    """Steps in the running mean the curves are compared through: a twentieth
+    of the run. A loss spike lasts a step or two and two equally valid runs
+    spike at different steps; a precision's systematic offset lasts, and
+    survives the mean."""
+    return max(1, steps // 20)
+
+
+def running_mean(curve: np.ndarray, w: int) -> np.ndarray:
+    """Means of every w consecutive steps (len - w + 1 of them; the curve itself for w = 1)."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if w <= 1 or len(curve) < w:
+        return curve
+    return np.convolve(curve, np.ones(w) / w, mode="valid")
 
 
 def rel_diff(curve: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -205,11 +248,12 @@ class Parity:
     verdict: str  # match | drift | diverged, or "" when there is nothing to judge against
 
 
-def verdict(curve, reference, band: float | None) -> Parity:
-    """A loss curve against the reference's, on the same batches.
+def verdict(curve, reference, band: float | None, w: int = 1) -> Parity:
+    """A loss curve against the reference's, on the same batches, both through
+    a running mean over w steps; `band` is the tolerance (see `tolerance`).
 
-    match:    every step within the band (as close as fp32 is to itself with
-              another data order);
+    match:    every step within the band (as close as fp32 is to itself from
+              weights one ulp away);
     drift:    some step outside the band, the last step back inside it;
     diverged: a NaN or inf loss, or the last step outside the band.
     With no reference or band (its run failed, or parity is off) no verdict.
@@ -218,7 +262,8 @@ def verdict(curve, reference, band: float | None) -> Parity:
     nonfinite = int((~np.isfinite(curve)).sum())
     if reference is None or len(reference) == 0 or not np.isfinite(reference).all():
         return Parity(None, None, nonfinite, "")
-    diff = rel_diff(curve, reference)
+    n = min(len(curve), len(reference))
+    diff = rel_diff(running_mean(curve[:n], w), running_mean(np.asarray(reference)[:n], w))
     max_d = float(np.max(diff)) if np.isfinite(diff).all() else float("inf")
     final_d = float(diff[-1])
     if band is None or not np.isfinite(band):
@@ -244,6 +289,17 @@ def parse_curve(text: str) -> np.ndarray:
 # -- one training run ------------------------------------------------------------------------------
 
 
+def nudge(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Move every element of every parameter to its neighbouring float, up or
+    down at random from `seed`: the smallest change of the weights (the band row)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            up = torch.rand(p.shape, generator=g) < 0.5
+            p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf).to(p.dtype)))
+    return model
+
+
 @dataclass
 class Shared:
     """What rows of one sweep share: the data, the initial weights, and the
@@ -256,10 +312,15 @@ class Shared:
     reference_val: float | None = None
     reference_ms: float | None = None
     band: float | None = None
+    tolerance: float | None = None
     _initial: tuple[int, GPT] | None = None
 
     def __post_init__(self):
         self.model_config = GPTConfig.from_name(self.options.model, vocab_size=self.data.vocab_size)
+
+    def nudged_model(self, seed: int, nudge_seed: int) -> GPT:
+        """The initial weights, each nudged one ulp (see `nudge`)."""
+        return nudge(self.initial_model(seed), nudge_seed)
 
     def initial_model(self, seed: int) -> GPT:
         """The same initial weights for every row: built once on the CPU from the
@@ -280,11 +341,12 @@ class Trainer:
     """Trains one row's model; calling it runs the whole loop (so that the
     harness can take its peak memory) and leaves the results on the object."""
 
-    def __init__(self, cfg: PrecisionConfig, ctx: Context, shared: Shared, data_seed: int):
+    def __init__(self, cfg: PrecisionConfig, ctx: Context, shared: Shared):
         self.cfg, self.ctx, self.shared = cfg, ctx, shared
         self.precision = PRECISIONS[cfg.base]
-        self.model = shared.initial_model(ctx.seed)
-        self.generator = torch.Generator().manual_seed(data_seed)  # the batches' order
+        band = cfg.role == "band"
+        self.model = shared.nudged_model(ctx.seed, ctx.seed + 1) if band else shared.initial_model(ctx.seed)
+        self.generator = torch.Generator().manual_seed(ctx.seed)  # the batches' order: the same for every row
         self.timer = StepTimer(ctx.device)
 
     def batch(self):
@@ -328,7 +390,8 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     reason = PRECISIONS[cfg.base].why_not(ctx.device)
     if reason:
         raise Unsupported(reason)
-    trainer = Trainer(cfg, ctx, shared, data_seed=ctx.seed + (1 if cfg.role == "band" else 0))
+    trainer = Trainer(cfg, ctx, shared)
+    _check_lowered(trainer.precision, shared, cfg, ctx)
     if cfg.compile:
         torch.compiler.reset()  # a fresh compilation per row, paid in its own warm-up steps
     try:
@@ -345,6 +408,10 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     values = {"compiled": cfg.compile, "trained_steps": cfg.train_steps, "data": shared.describe_data(),
               "peak_mem_MiB": peak_mib, "first_step_ms": trainer.timer.samples()[0]}
     notes = ["compiled"] if cfg.compile else []
+    dtype = trainer.precision.compute_dtype
+    if ctx.device.type == "cpu" and cpu_has_matmul_instructions(dtype) is False:
+        notes.append(f"this CPU has no {str(dtype).removeprefix('torch.')} matrix instructions: "
+                     f"its products ran in ATen's generic kernels")
     if cfg.role == "reference":
         shared.reference_ms = stats.median
     values["speedup"] = metrics.speedup(shared.reference_ms, stats.median) if shared.reference_ms else None
@@ -352,6 +419,22 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     values.update(_losses(cfg, ctx, shared, trainer, notes))
     values["note"] = "; ".join(notes)
     return Measurement(values, stats=stats)
+
+
+def _check_lowered(precision: Precision, shared: Shared, cfg: PrecisionConfig, ctx: Context) -> None:
+    """Unsupported unless this precision's products ran in its dtype, checked
+    on one forward of a copy of the initial model (untimed): autocast lowers
+    only the ops its device's lists name, and a row must not report fp32's
+    arithmetic under another name."""
+    device = ctx.device
+    model = precision.prepare(shared.initial_model(ctx.seed).to(device))
+    x = torch.zeros(1, min(cfg.seq_len, 8), dtype=torch.long, device=device)
+    dtypes = precision.matmul_dtypes(model, x, device)
+    want = precision.compute_dtype
+    if want not in dtypes:
+        ran = ", ".join(f"{n} in {str(d).removeprefix('torch.')}" for d, n in dtypes.items()) or "none seen"
+        raise Unsupported(f"no matrix product ran in {str(want).removeprefix('torch.')} on this {device.type} "
+                          f"(products: {ran}): the row would be another precision under this one's name")
 
 
 def _rates(cfg, ctx, shared: Shared, trainer: Trainer, step_ms: float, notes: list[str]) -> dict:
@@ -379,12 +462,13 @@ def _losses(cfg, ctx, shared: Shared, trainer: Trainer, notes: list[str]) -> dic
         shared.reference, shared.reference_val = (curve, val) if finite else (None, None)
         notes.append("parity reference" if finite else "reference diverged: no parity in this run")
     elif cfg.role == "band":
-        parity = verdict(curve, shared.reference, None)
+        parity = verdict(curve, shared.reference, None, window(cfg.steps))
         shared.band = parity.max_rel_diff
+        shared.tolerance = tolerance(shared.band)
         if shared.band is not None:
-            notes.append(f"the band: batches from seed {ctx.seed + 1}")
+            notes.append(f"the band: weights nudged one ulp (seed {ctx.seed + 1}), same batches")
     else:
-        parity = verdict(curve, shared.reference, shared.band)
+        parity = verdict(curve, shared.reference, shared.tolerance, window(cfg.steps))
         if shared.options.parity and not parity.verdict:
             notes.append("no verdict: the reference or band run did not finish")
     scaler_on = trainer.scaler.is_enabled()
@@ -402,6 +486,7 @@ def _losses(cfg, ctx, shared: Shared, trainer: Trainer, notes: list[str]) -> dic
         max_rel_diff=parity.max_rel_diff,
         final_rel_diff=parity.final_rel_diff,
         band=shared.band,
+        tolerance=shared.tolerance,
         verdict=parity.verdict,
         nonfinite=parity.nonfinite,
         skipped_steps=skipped,
@@ -453,7 +538,7 @@ METRICS = (
     "compiled", "trained_steps", "data", "n_params", "flops_per_token", "speedup", "tokens_per_s", "tflops",
     "peak_tflops",
     "mfu", "peak_mem_MiB", "first_step_ms", "loss_first", "loss_final", "val_loss", "val_rel_diff", "max_rel_diff",
-    "final_rel_diff", "band", "verdict", "nonfinite", "skipped_steps", "final_scale", "note", "loss_curve",
+    "final_rel_diff", "band", "tolerance", "verdict", "nonfinite", "skipped_steps", "final_scale", "note", "loss_curve",
 )
 
 def display(opts: PrecisionOptions, device: torch.device) -> tuple[Column, ...]:
@@ -467,8 +552,11 @@ def display(opts: PrecisionOptions, device: torch.device) -> tuple[Column, ...]:
         rate,
         Column("mfu", "MFU%", "{:.1f}"),
         *memory,
-        Column("val_rel_diff", "Δval", "{:+.2%}"),
-        Column("max_rel_diff", "maxΔ", "{:.2%}"),
+        # Relative differences with two significant digits: bf16 on a CPU can be
+        # 3e-5 from fp32, which a percentage to two decimals would show as 0.00%.
+        Column("val_rel_diff", "Δval", "{:+.2g}"),
+        Column("max_rel_diff", "maxΔ", "{:.2g}"),
+        Column("tolerance", "tol", "{:.2g}"),
         Column("verdict", "parity", "{}"),
     )
 

@@ -60,8 +60,8 @@ def precision_command(
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence, at most the model's context. Default: 1024 on a GPU, 64 on CPU.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(PRECISIONS)}; add +compile to compile one (bf16+compile). Default: {', '.join(DEFAULT_PRECISIONS)}.")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="Train every precision under torch.compile; compilation falls in the warm-up steps.")] = False,
-    parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Train fp32 first, and again with another data order (the band), and judge every precision's loss curve against them.")] = True,
-    band_steps: Annotated[Optional[int], typer.Option(help="Steps of the band run (fp32, second data order). Default: --steps.")] = None,
+    parity: Annotated[bool, typer.Option("--parity/--no-parity", help="Train fp32 first, and again from weights nudged by one ulp on the same batches (the band), and judge every precision's loss curve against them.")] = True,
+    band_steps: Annotated[Optional[int], typer.Option(help="Steps of the band run (fp32 from nudged weights). Default: --steps.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="First steps left out of the timing. Default: a tenth of --steps.")] = None,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches scored for the validation loss after training (0: none).")] = 10,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = LR,
@@ -71,7 +71,7 @@ def precision_command(
     vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary. Default: the model preset's (50257 for gpt2-small, else 8192), or the data preset's (stdlib-small: 2048).")] = None,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("results"),
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and of the batches' order (the band run uses seed + 1).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and of the batches' order (the band's nudge uses seed + 1).")] = 0,
     profile: ProfileOpt = False,
 ):
     """Train one GPT under fp32, tf32, fp16, bf16 (and bf16-pure, fp8) from the same weights on the

@@ -211,11 +211,12 @@ PRECISION_META = {"params": ["precision"], "label": "precision", "primary": "med
 PRECISION_COLUMNS = ["suite", "precision", "status", "reason", *stat_columns(), "trained_steps", "loss_curve"]
 
 
-def precision_run(folder, offsets: dict, steps=60, band_steps=20):
-    """fp32's loss curve, a 20-step fp32-band run on other batches (well off
-    fp32), and one row per precision: fp32's curve plus an offset per step."""
+def precision_run(folder, offsets: dict, steps=60, band_steps=20, band_scale=0.5):
+    """fp32's loss curve, a 20-step fp32-band run (by default well off fp32),
+    and one row per precision: fp32's curve plus an offset per step."""
     fp32 = 4 + 6 * np.exp(-np.arange(steps) / 15)
-    curves = {"fp32": fp32, "fp32-band": fp32[:band_steps] + 0.5 * np.cos(np.arange(band_steps)),
+    band = band_scale * (1 + 0.1 * np.cos(np.arange(band_steps)))
+    curves = {"fp32": fp32, "fp32-band": fp32[:band_steps] + band,
               **{p: fp32 + off for p, off in offsets.items()}}
     rows = [{"precision": p, "samples": [10.0] * 5, "trained_steps": len(c),
              "loss_curve": ";".join(repr(float(v)) for v in c)} for p, c in curves.items()]
@@ -238,6 +239,14 @@ def test_precision_difference_panel_is_loss_minus_fp32_smoothed(tmp_path):
     # ... and the 10-step mean takes the noise out: away from the ends, 0.05 exactly.
     assert np.allclose(lines["fp8"][5:-5], 0.05) and not np.allclose(alternating[5:-5], 0.05)
     assert "fp32 loss" in diff.get_ylabel() and "10-step mean" in diff.get_ylabel()
+
+
+def test_precision_band_within_scale_is_drawn(tmp_path):
+    # a band difference of 0.05 beside bf16's 0.1: drawn, not set apart
+    fig = plot.figure(load_run(precision_run(tmp_path, {"bf16": 0.1}, band_scale=0.05)))
+    _, loss, diff = fig.axes
+    assert sorted(line.get_label() for line in diff.get_lines()) == ["bf16", "fp32", "fp32-band"]
+    assert not diff.get_title(loc="left")
 
 
 def test_precision_loss_axis_runs_from_step_0_to_the_last(tmp_path):

@@ -1,9 +1,11 @@
 """Tests for impls/gpt.py: shapes and counts by hand, KV-cache and tree decoding against the plain forward."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from impls.data import DataConfig, load_data
 from impls.gpt import GPT, PRESETS, GPTConfig
@@ -28,6 +30,70 @@ def test_gpt2_small_param_count():
         model = GPT(GPTConfig.from_name("gpt2-small"))
     assert model.num_params(non_embedding=False) == 124_439_808
     assert model.num_params(non_embedding=True) == 124_439_808 - 786_432
+
+
+def test_gpt2_small_pads_its_vocabulary_to_50304():
+    # nanoGPT's padding: 50257 rounded up to a multiple of 64 is 786 * 64 = 50304, 47 rows
+    # of 768 more weights, which num_params (the model, for MFU) leaves out.
+    with torch.device("meta"):
+        padded = GPT(GPTConfig.from_name("gpt2-small"))
+        plain = GPT(GPTConfig.from_name("gpt2-small", vocab_multiple=1))
+    assert padded.lm_head.weight.shape == padded.transformer.wte.weight.shape == (50304, 768)
+    assert plain.lm_head.weight.shape == (50257, 768)
+    assert sum(p.numel() for p in padded.parameters()) == 124_439_808 + 47 * 768 == 124_475_904
+    assert padded.num_params(False) == plain.num_params(False) == 124_439_808
+    assert padded.flops_per_token(1024) == plain.flops_per_token(1024)
+
+
+def test_every_preset_pads_to_a_multiple_of_64_and_the_8192_ones_keep_their_shape():
+    for name, cfg in PRESETS.items():
+        assert cfg.padded_vocab_size % 64 == 0 and 0 <= cfg.padded_vocab_size - cfg.vocab_size < 64, name
+        if name != "gpt2-small":
+            assert cfg.vocab_size == cfg.padded_vocab_size == 8192, name  # checkpoints of these stay loadable
+    assert GPTConfig(vocab_size=256).padded_vocab_size == 256  # the byte tokenizer's
+    assert GPTConfig(vocab_size=257).padded_vocab_size == 320
+    assert GPTConfig(vocab_size=100, vocab_multiple=1).padded_vocab_size == 100
+    with pytest.raises(AssertionError):
+        GPTConfig(vocab_multiple=0)
+
+
+def test_padding_rows_are_never_scored_nor_trained():
+    # The padded model (100 -> 128 rows) with the unpadded one's weights in its first 100 rows:
+    # the same logits and loss, even where a padding row would win the argmax.
+    padded, plain = _model(), _model(replace(HAND, vocab_multiple=1))
+    assert padded.lm_head.weight.shape == (128, HAND.n_embd)
+    idx = torch.randint(HAND.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    tgt = torch.randint(HAND.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    ref_logits, ref_loss, hidden = plain(idx, tgt, return_hidden=True)
+    with torch.no_grad():
+        state = plain.state_dict()
+        bait = 10 * hidden[0, 0].expand(28, -1)  # rows scoring 10 |h|^2 at position (0, 0)
+        for name in ("lm_head.weight", "transformer.wte.weight"):
+            state[name] = torch.cat([state[name], bait])
+        padded.load_state_dict(state)
+    logits, loss = padded(idx, tgt)
+    assert logits.shape == (2, 12, HAND.vocab_size)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    assert padded.lm_head(hidden[0, 0]).argmax() >= HAND.vocab_size  # a padding row would have won
+    loss.backward()
+    assert padded.lm_head.weight.grad[HAND.vocab_size:].abs().max() == 0  # no input, no target: no gradient
+    assert padded.lm_head.weight.grad[:HAND.vocab_size].abs().max() > 0
+
+
+def test_padded_rows_are_work_done_but_not_model_flops():
+    # torch's FLOP count of one training step multiplies the 128-row table (2 FLOPs per weight
+    # and token forward, 4 backward); flops_per_token, the MFU numerator, counts its 100 rows.
+    model = _model()
+    C, T = HAND.n_embd, 8
+    blocks = HAND.n_layer * 12 * C * C  # qkv 3C², out C², MLP 8C² per block
+    x = torch.randint(HAND.vocab_size, (1, T), generator=torch.Generator().manual_seed(8))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts.get("aten.mm", 0) + counts.get("aten.addmm", 0) == 6 * (blocks + 128 * C) * T
+    assert model.flops_per_token(T) == 6 * model.num_params() + 12 * HAND.n_layer * C * T
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) - 28 * C - HAND.block_size * C
 
 
 def test_from_name_overrides_and_rejects_unknown():
@@ -100,7 +166,7 @@ def test_return_hidden_is_post_ln_f():
     idx = torch.randint(HAND.vocab_size, (2, 10))
     logits, loss, hidden = model(idx, return_hidden=True)
     assert loss is None and hidden.shape == (2, 10, HAND.n_embd)
-    torch.testing.assert_close(model.lm_head(hidden), logits)
+    torch.testing.assert_close(model.lm_head(hidden)[..., :HAND.vocab_size], logits)  # lm_head has padding rows
     # ln_f output: zero mean per position (gain 1 and bias 0 at init).
     assert hidden.mean(-1).abs().max().item() < 1e-5
 
@@ -175,7 +241,8 @@ def test_configure_optimizer_groups():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n == model.num_params(non_embedding=False)  # every parameter once, the tied one too
+    # every parameter once, the tied one too, with its 28 padding rows (num_params leaves them out)
+    assert n == model.num_params(non_embedding=False) + (128 - 100) * HAND.n_embd
     assert not opt.defaults.get("fused")
 
 

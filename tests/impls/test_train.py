@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from impls.data import DataConfig, load_data
 from impls.gpt import GPT, GPTConfig
-from impls.precision import PRECISIONS
+from impls.precision import PRECISIONS, _MatmulDtypes, cpu_has_matmul_instructions
 from impls.train import cosine_lr, evaluate, train_step
 
 CPU = torch.device("cpu")
@@ -81,3 +81,33 @@ def test_evaluate_is_repeatable_and_leaves_training_mode(tmp_path):
         losses = [model(*data.get_batch("val", 2, 16, generator=g))[1] for _ in range(3)]
     assert a == pytest.approx(float(sum(losses)) / 3, rel=1e-6)
     assert evaluate(model, data, p, CPU, batches=3, batch_size=2, seq_len=16, seed=6) != a  # other text
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                         ("bf16-pure", torch.bfloat16)])
+def test_cpu_training_step_multiplies_in_the_precision_it_is_named_for(name, dtype):
+    # On the CPU the bf16 and fp16 losses of a short run lie within about 1e-4 of fp32's: not
+    # because autocast leaves the products in fp32 (this checks every one, backward included),
+    # but because near initialization the loss hardly depends on the logits' rounding.
+    torch.manual_seed(0)
+    p = PRECISIONS[name]
+    model = p.prepare(GPT(GPTConfig.from_name("tiny", vocab_size=256)))
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    x = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert p.matmul_dtypes(model, x, CPU) == {dtype: 11}  # 2 blocks x (qkv, attention, out, 2 MLP) + lm_head
+    recorder = _MatmulDtypes()
+    with recorder:
+        train_step(model, opt, p.scaler(CPU), p, x, x, CPU)
+    assert set(recorder.dtypes) == {dtype} and sum(recorder.dtypes.values()) > 11  # the backward's products too
+
+
+def test_cpu_matmul_instructions_as_torch_reports_them(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert cpu_has_matmul_instructions(torch.bfloat16) is False
+    assert cpu_has_matmul_instructions(torch.float16) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_has_matmul_instructions(torch.bfloat16) is True and cpu_has_matmul_instructions(torch.float16) is False
+    assert cpu_has_matmul_instructions(torch.float32) is None  # fp32 is always native
+    monkeypatch.delattr(torch.cpu, "_is_amx_fp16_supported")
+    assert cpu_has_matmul_instructions(torch.float16) is None  # this torch cannot tell
