@@ -3,7 +3,7 @@
 No interpreter runs Gluon, so this is the only check CI can make of the
 kernels' code: that every kernel kind still builds for sm_90a, with the
 wgmma instructions left asynchronous. Their results and speed are checked on
-the H200 (tests/impls/test_flash_gluon.py, FLASH_NOTES.md).
+the GPU (tests/impls/test_flash_gluon.py, docs/attention-kernels.md).
 
 The compiles run in a child process without TRITON_INTERPRET: the test
 session sets it on CPU machines (conftest.py), and under it Triton's own
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 CHILD = """
 import json, sys
-from impls.attention import compile_gluon as cg
+from tools import compile_gluon as cg
 jobs = {job[0]: job for job in cg.jobs()}
 out = {}
 for label in sys.argv[1:]:

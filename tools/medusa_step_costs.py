@@ -1,22 +1,27 @@
-"""Where a batch-1 decoding step's time goes (issue 7 development script).
+"""Where a batch-1 decoding step's time goes, piece by piece.
 
-Random weights (timing does not depend on them), impls.gpt "medium" shape,
-bf16, every piece captured in a CUDA graph and replayed, as the medusa suite
-runs its steps. Prints one line per piece and writes step_costs.json:
+Random weights (timing does not depend on them), bf16, every piece captured in
+a CUDA graph and replayed, as the medusa suite runs its steps: forwards of 1 to
+256 tokens, attention over the static cache by SDPA backend, the heads' top-k,
+greedy acceptance, the tree mask, the K/V move, the step's Triton kernels
+(impls/decoding_triton.py) and the whole steps of vanilla, Medusa and prompt
+lookup. Prints one line per piece and writes OUT_DIR/step_costs.json. From the
+repository root:
 
-    PYTHONPATH=. python3 results/reference/h200/medusa_dev/step_costs.py OUT_DIR [--compile] [--steps-only]
-        [--shapes 2048x16,4096x8]
+    python3 -m tools.medusa_step_costs OUT_DIR [--compile] [--steps-only] [--shapes 2048x16,4096x8]
 
---steps-only skips the forward and SDPA-backend tables; --shapes adds, for
-each n_embd x n_layer, the whole steps of vanilla and Medusa (64 nodes) with
-the step's Triton kernels and with PyTorch ops.
+The model is impls.gpt's "medium" shape (--shape 1024x16, n_embd x n_layer).
+--steps-only skips the forward and SDPA-backend tables; --shapes adds, for each
+n_embd x n_layer, the whole steps of vanilla and Medusa (64 nodes) with the
+step's Triton kernels and with PyTorch ops. Without a GPU it runs eagerly in
+fp32 with two repetitions: a check that the script runs, not a measurement.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -105,14 +110,26 @@ def whole_steps(model, heads, note, modes, sizes=(64, 128, 256), length=None) ->
             note(f"{name} L={n}", ms, spread, k, prepare_s=round(prep_s, 1))
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def _shape(text: str) -> tuple[int, int]:
+    d, layers = (int(x) for x in text.split("x"))
+    return d, layers
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path, help="folder for step_costs.json")
+    p.add_argument("--compile", action="store_true", help="also time the whole steps under torch.compile")
+    p.add_argument("--steps-only", action="store_true", help="skip the forward and SDPA-backend tables")
+    p.add_argument("--shape", type=_shape, default=(1024, 16), help="n_embd x n_layer of the model (default 1024x16)")
+    p.add_argument("--shapes", default="", help="comma list of n_embd x n_layer: whole steps of these models too")
+    args = p.parse_args(argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    compile_too = "--compile" in sys.argv
-    steps_only = "--steps-only" in sys.argv
-    shapes = sys.argv[sys.argv.index("--shapes") + 1].split(",") if "--shapes" in sys.argv else []
+    compile_too, steps_only = args.compile, args.steps_only
+    shapes = [s for s in args.shapes.split(",") if s]
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=16, n_head=16, n_embd=1024, block_size=1024, vocab_size=VOCAB)
+    n_embd, n_layer = args.shape
+    cfg = GPTConfig(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, block_size=1024, vocab_size=VOCAB)
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     model = GPT(cfg).to(DEV, dtype).eval().requires_grad_(False)
     heads = medusa.MedusaHeads(cfg.n_embd, VOCAB, 5).to(DEV, dtype).eval().requires_grad_(False)
@@ -217,7 +234,7 @@ def main() -> None:
         whole_steps(model, heads, note, modes, length=512 if DEV.type == "cuda" else None)
         shape_cfgs = []
         for shape in shapes:
-            d, layers = (int(x) for x in shape.split("x"))
+            d, layers = _shape(shape)
             del model, heads, kv
             torch.cuda.empty_cache() if DEV.type == "cuda" else None
             c2 = GPTConfig(n_layer=layers, n_head=max(16, d // 128), n_embd=d, block_size=1024, vocab_size=VOCAB)

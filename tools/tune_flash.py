@@ -1,10 +1,11 @@
 """Developer tool: check and time the Triton FlashAttention kernel against PyTorch SDPA on one GPU.
 
 Not part of the benchmark suite (`genbench attention` does the real runs); this
-is what FLASH_NOTES.md's figures come from. One invocation does everything, so
-that it fits in one call to a lent GPU:
+is what the development figures in docs/attention-kernels.md come from. One
+invocation does everything, so that it fits in one call to a lent GPU; from the
+repository root:
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 impls/attention/tune_flash.py --out $OUT
+    PYTHONUNBUFFERED=1 python3 -m tools.tune_flash --out $OUT
 
 1. the two ceilings: a large bf16 matrix product and a device-to-device copy;
 2. correctness of every block configuration (each forced in turn) on an odd
@@ -24,8 +25,7 @@ Writes correctness.csv, timing.csv, autotune.csv and kernels.csv under --out
 and prints a short table last. `--experiment` times only the forward variants
 in EXPERIMENT (experiment.csv); `--check-dtypes float16,float32` runs only
 those correctness jobs; `--dry-run` exercises the correctness phase on CPU
-under TRITON_INTERPRET=1. results/reference/h200/flash_dev/README.md has the
-exact commands behind FLASH_NOTES.md.
+under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from impls.attention import flash_triton as ft
 from impls.attention import naive
 
+ROOT = Path(__file__).resolve().parents[1]  # the workers run `python -m tools.tune_flash` from here
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1
 KERNELS = {"fwd": ft._fwd_kernel, "dkdv": ft._bwd_dkdv_kernel, "dq": ft._bwd_dq_kernel}
 
@@ -247,7 +249,8 @@ def start_checks(jobs, workers, tmpdir):
         if not shard:
             continue
         path = os.path.join(tmpdir, f"check_{w}.json")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(shard), "--worker-out", path]),
+        procs.append((subprocess.Popen([sys.executable, "-m", "tools.tune_flash", "--worker", json.dumps(shard),
+                                        "--worker-out", path], cwd=ROOT),
                       path, shard))
     return procs
 

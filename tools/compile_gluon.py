@@ -1,15 +1,15 @@
 """Developer tool: compile the Gluon kernels for Hopper (sm_90a) without a GPU.
 
-    python3 -m impls.attention.compile_gluon            # every kernel and config, a table
-    python3 -m impls.attention.compile_gluon --sass DIR # also writes each kernel's SASS
+    python3 -m tools.compile_gluon            # from the repository root: every kernel and config, a table
+    python3 -m tools.compile_gluon --sass DIR # also writes each kernel's SASS
 
 No interpreter runs Gluon, and GPU time is scarce, so every kernel change in
 flash_gluon.py was compiled here first: this prints, per kernel and config,
 the shared memory, the registers a thread is launched with, the stack (spill)
 bytes, and whether ptxas had to serialize the wgmma instructions for lack of
 registers (its C7512 warning), which costs most of the kernel's speed. The
-figures in FLASH_NOTES.md's v8-v12 come from it (with triton 3.6, the
-H200 machine's version; other versions may compile differently or not at all).
+register and spill figures in docs/attention-kernels.md come from it (with
+triton 3.6; other versions may compile differently or not at all).
 """
 
 from __future__ import annotations
