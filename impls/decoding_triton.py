@@ -4,7 +4,7 @@ At batch 1 a decoding step of the 211M "medium" GPT is latency-bound: about
 280 kernels of ~3 us each, captured in a CUDA graph. Around the model's forward,
 a Medusa step ran ~30 more small PyTorch kernels (tree mask, acceptance, commit,
 top-k of the heads), ~0.14 ms of a 1.12 ms step on an H200
-(results/reference/h200/medusa_dev/). Here each of those pieces is one kernel:
+(tools/medusa_step_costs.py measures them). Here each of those pieces is one kernel:
 
     tree_mask(ancestors, cur, length, dtype)   # (N, length) additive attention mask
     greedy_commit(pred, tokens, retrieve, valid, cur, seq, hist, src, dst, last, root)

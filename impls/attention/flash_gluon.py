@@ -7,7 +7,7 @@
         dq = flash_gluon.backward_dq(q, k, v, do, lse, delta, causal, scale)
 
 Why a second forward: the Triton-language kernel in flash_triton.py spends
-the sum of its matmul and softmax time on every key block (FLASH_NOTES.md,
+the sum of its matmul and softmax time on every key block (docs/attention-kernels.md,
 v2 to v6): one instruction stream does both, Triton 3.6 waits on each async
 `wgmma` before the softmax, and no knob of the language changed that. Gluon,
 which ships with Triton, exposes warp specialization, mbarriers and async
@@ -37,7 +37,7 @@ warpgroup. dQ (`backward_dq`): K and V blocks stream past 128 resident query
 rows, as in the forward. delta = rowsum(dO * O) is flash_triton's, and all
 read the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so these
 kernels are tested on the GPU only (tests/impls/test_flash_gluon.py);
-FLASH_NOTES.md v8-v12 has their figures.
+docs/attention-kernels.md v8-v12 has their figures.
 """
 
 from __future__ import annotations
@@ -494,7 +494,7 @@ if GLUON_ERROR is None:
         # lse and delta of query block i, one value a thread. They are per query,
         # a column of S^T, of which each thread holds 16: loaded in that layout,
         # every thread would compute 32 64-bit addresses a block, and the
-        # registers they took made ptxas spill in the key loop (FLASH_NOTES.md v12).
+        # registers they took made ptxas spill in the key loop (docs/attention-kernels.md v12).
         one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
         return (gl.load(lse_ptr + cols, mask=cols < S, other=0.0),
@@ -753,11 +753,11 @@ if GLUON_ERROR is None:
 # the two consumer warpgroups take turns at the tensor cores, "ws" lets them
 # run freely. Shared memory: a 128-row Q tile plus STAGES K and V tiles; at
 # D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages (224 KB of
-# the 227). The H200's picks at S=8k (FLASH_NOTES.md v9): D=128 128x128 s2,
+# the 227). The H200's picks at S=8k (docs/attention-kernels.md v9): D=128 128x128 s2,
 # either kind, within 1 %; D=64 128x128 s2 ws.
 # Kind "persistent" is _fwd_persistent_kernel, non-causal only (the tuner
 # leaves it out of causal choices); at D=128 it measured level with ws within
-# the runs' spread (FLASH_NOTES.md v12), and the tuner chose it in the reference run.
+# the runs' spread (docs/attention-kernels.md v12), and the tuner chose it in the reference run.
 CONFIGS = {
     64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent")],
     128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong"),
@@ -765,7 +765,7 @@ CONFIGS = {
 }
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
-# measured faster on the H200 (FLASH_NOTES.md v9: D=128 608 vs 504 TFLOP/s
+# measured faster on the H200 (docs/attention-kernels.md v9: D=128 608 vs 504 TFLOP/s
 # non-causal, 588 vs 463 causal; at D=64 the two tie, 445 vs 441 and 405 vs 398).
 PREFERRED_HEAD_DIMS = (128,)
 
@@ -927,7 +927,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
 
 # (BLOCK_N, STAGES) of the dQ kernel: 128 resident query rows, K/V blocks of
 # BLOCK_N keys through the ring. The H200's picks at the issue's shape
-# (FLASH_NOTES.md v11): 64 x 3 non-causal (2.21 ms, 128 x 2 2.59), either causal.
+# (docs/attention-kernels.md v11): 64 x 3 non-causal (2.21 ms, 128 x 2 2.59), either causal.
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
 TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}  # by kernel, for impls/attention/tuning.py

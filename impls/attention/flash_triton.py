@@ -11,7 +11,7 @@ The algorithm is FlashAttention-2 (Dao, 2023, arXiv:2307.08691):
   wholly above the diagonal are never visited; only the blocks on the diagonal
   pay for a mask. The log-sum-exp of every row is saved for the backward.
 - backward (Algorithm 2 of the paper, split in two kernels instead of summing
-  dQ with atomics, which measured 10-12 % slower: FLASH_NOTES.md, v7): a
+  dQ with atomics, which measured 10-12 % slower: docs/attention-kernels.md, v7): a
   preprocess computes delta = rowsum(dO * O); a dK/dV kernel holds a K/V
   block and streams Q/dO blocks past it; a dQ kernel holds a Q/dO block and
   streams K/V. Both recompute P = exp2(QK^T * scale * log2(e) - lse) instead
@@ -37,7 +37,7 @@ On Hopper, for the head dims in flash_gluon.PREFERRED_HEAD_DIMS (128), the
 forward, dK/dV and dQ kernels are flash_gluon.py's: warp-specialized Gluon
 kernels (a loader warp and two consumer warpgroups) whose softmax runs under
 the tensor cores' products, which Triton-language code could not get
-(FLASH_NOTES.md, v2-v6 against v9-v12). At D=128 on the H200 they measured
+(docs/attention-kernels.md, v2-v6 against v9-v12). At D=128 on the H200 they measured
 608 against 504 TFLOP/s (forward), 3.7 against 4.2 ms (dK/dV) and 2.2
 against 2.6 ms (dQ); at D=64 the forwards tie, so the Triton kernels stay
 there. The Gluon forward writes the same base-2 log-sum-exp; delta stays
@@ -85,17 +85,17 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
 
 # Whether the backward's dQ is flash_gluon's kernel (with the Gluon forward and
-# dK/dV) instead of this module's: measured faster on the H200 (FLASH_NOTES.md
+# dK/dV) instead of this module's: measured faster on the H200 (docs/attention-kernels.md
 # v11: 2.21 vs 2.64 ms non-causal, 1.25 vs 1.38 ms causal at the issue's shape).
 GLUON_DQ = True
 # Whether the Gluon dQ kernel runs on a second stream beside the dK/dV kernel
 # (they share only inputs), so that each fills the SMs the other's last wave
-# leaves idle (FLASH_NOTES.md v12: non-causal fwd+bwd 1-2 % faster in both
+# leaves idle (docs/attention-kernels.md v12: non-causal fwd+bwd 1-2 % faster in both
 # rounds of v12b, causal within the runs' spread).
 CONCURRENT_DQ = True
 
 # Whether attention() uses descriptor (TMA) loads when the caller does not say:
-# set from the measured comparison in FLASH_NOTES.md.
+# set from the measured comparison in docs/attention-kernels.md.
 PREFER_TMA = False
 
 
@@ -121,14 +121,14 @@ if INTERPRET:
     DKDV_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
     DQ_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
 else:
-    # Hopper leads (FLASH_NOTES.md): 128-row Q blocks on 8 warps (two
+    # Hopper leads (docs/attention-kernels.md): 128-row Q blocks on 8 warps (two
     # warpgroups, one 64-row wgmma each), 64 or 128 key columns, 2-4 stages.
     # The last config of each list is the fallback for fp32 and head dim 256.
     FWD_CONFIGS = [
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
         # Two programs per SM (96 KB of shared memory, <= 128 registers a
         # thread): one's softmax runs under the other's wgmma. +4 % at
-        # D=128, S=8k non-causal, -5 % causal on the H200 (FLASH_NOTES.md v3).
+        # D=128, S=8k non-causal, -5 % causal on the H200 (docs/attention-kernels.md v3).
         _cfg(8, 2, maxnreg=128, BLOCK_M=128, BLOCK_N=64),
         _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
         _cfg(8, 4, BLOCK_M=128, BLOCK_N=64),
@@ -138,7 +138,7 @@ else:
     # dK/dV: BLOCK_N rows of K/V resident (the accumulators), BLOCK_M query rows streamed.
     # 32-row Q blocks on 8 warps keep the (BLOCK_N, BLOCK_M) fp32 P and dP
     # small next to the 128 registers of dK + dV: 64x128 spills at D=128 yet
-    # still wins at S=8k; 32x128 w8 wins at S=1k-4k causal (FLASH_NOTES.md v2).
+    # still wins at S=8k; 32x128 w8 wins at S=1k-4k causal (docs/attention-kernels.md v2).
     DKDV_CONFIGS = [
         _cfg(8, 3, BLOCK_M=64, BLOCK_N=128),
         _cfg(4, 3, BLOCK_M=32, BLOCK_N=128),

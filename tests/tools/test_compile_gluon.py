@@ -1,0 +1,67 @@
+"""The Gluon kernels compile for Hopper on a machine without a GPU.
+
+No interpreter runs Gluon, so this is the only check CI can make of the
+kernels' code: that every kernel kind still builds for sm_90a, with the
+wgmma instructions left asynchronous. Their results and speed are checked on
+the GPU (tests/impls/test_flash_gluon.py, docs/attention-kernels.md).
+
+The compiles run in a child process without TRITON_INTERPRET: the test
+session sets it on CPU machines (conftest.py), and under it Triton's own
+library functions (gl.max's combine function, ...) are interpreter objects
+that the compiler refuses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+from impls.attention import flash_gluon as fg  # noqa: E402
+
+# Versions whose Gluon these kernels are known to compile with; another version
+# may have renamed what they use, which is a skip here, not a failure.
+COMPILES_WITH = ("3.6.", "3.9.")
+
+LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
+          "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHILD = """
+import json, sys
+from tools import compile_gluon as cg
+jobs = {job[0]: job for job in cg.jobs()}
+out = {}
+for label in sys.argv[1:]:
+    try:
+        _, fn, example, constexprs = jobs[label]
+        out[label] = cg.resources(cg.compile_sm90(fn, example, constexprs))
+    except Exception as exc:  # a kernel that does not compile is reported, not raised
+        out[label] = {"error": f"{type(exc).__name__}: {str(exc).strip()[-600:]}"}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", CHILD, *LABELS], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="triton.experimental.gluon not importable")
+@pytest.mark.parametrize("label", LABELS)
+def test_gluon_kernel_compiles_for_sm90(compiled, label):
+    r = compiled[label]
+    if "error" in r:
+        if not triton.__version__.startswith(COMPILES_WITH):
+            pytest.skip(f"Triton {triton.__version__}'s Gluon: {r['error'][:200]}")
+        pytest.fail(f"{label}: {r['error']}")
+    assert r["smem"] <= 227 * 1024 and not r["wgmma_serialized"], r

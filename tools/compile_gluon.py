@@ -1,0 +1,141 @@
+"""Developer tool: compile the Gluon kernels for Hopper (sm_90a) without a GPU.
+
+    python3 -m tools.compile_gluon            # from the repository root: every kernel and config, a table
+    python3 -m tools.compile_gluon --sass DIR # also writes each kernel's SASS
+
+No interpreter runs Gluon, and GPU time is scarce, so every kernel change in
+flash_gluon.py was compiled here first: this prints, per kernel and config,
+the shared memory, the registers a thread is launched with, the stack (spill)
+bytes, and whether ptxas had to serialize the wgmma instructions for lack of
+registers (its C7512 warning), which costs most of the kernel's speed. The
+register and spill figures in docs/attention-kernels.md come from it (with
+triton 3.6; other versions may compile differently or not at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import mangle_type
+
+from impls.attention import flash_gluon as fg
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int = 4):
+    """triton.compile of a Gluon kernel for sm_90a, from example arguments (no device needed)."""
+    constexprs = {**constexprs, "num_warps": num_warps}
+    sig = {name: "constexpr" if name in constexprs else mangle_type(args[name]) for name in fn.arg_names}
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def resources(kernel) -> dict:
+    """Registers, stack and wgmma serialization from cuobjdump and ptxas on the compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-res-usage", cubin],
+                               capture_output=True, text=True).stdout
+        warnings = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                                  capture_output=True, text=True).stderr
+    fields = dict(part.split(":") for part in usage.split() if ":" in part and part.split(":")[1].isdigit())
+    return dict(smem=kernel.metadata.shared, regs=int(fields.get("REG", -1)), stack=int(fields.get("STACK", -1)),
+                wgmma_serialized="C7512" in warnings)
+
+
+def _desc(t, rows):
+    flat = t.view(-1, t.shape[-1])
+    block = [rows, t.shape[-1]]
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), block,
+                            gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
+def jobs():
+    """(label, kernel, example arguments, constexprs) for every kernel and config in flash_gluon."""
+    for D in (128, 64):
+        x = torch.empty(2, 16, 8192, D, dtype=torch.bfloat16)  # CPU tensors: only shapes and strides matter
+        lse = torch.empty(2, 16, 8192)
+        scalars = dict(H=16, GROUP=1, S=8191, qk_scale=0.5)
+
+        def strides(*names):
+            return {f"stride_{n}{a}": 3 for n in names for a in "bhs"}
+
+        for causal in (False, True):
+            for bm, bn, st, kind in fg.CONFIGS[D]:
+                if kind == "persistent":
+                    if causal:
+                        continue
+                    yield (f"fwd D={D} {kind} {bm}x{bn} s{st}", fg._fwd_persistent_kernel,
+                           dict(q_desc=_desc(x, 64), k_desc=_desc(x, bn), v_desc=_desc(x, bn), O=x, LSE=lse,
+                                n_tiles=2048, **scalars, **strides("q", "k", "v", "o")),
+                           dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=fg.CONSUMER_REGS))
+                    continue
+                yield (f"fwd D={D} causal={causal} {kind} {bm}x{bn} s{st}", fg._fwd_kernel,
+                       dict(q_desc=_desc(x, bm), k_desc=_desc(x, bn), v_desc=_desc(x, bn), O=x, LSE=lse,
+                            **scalars, **strides("q", "k", "v", "o")),
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
+            for bm, st in fg.BWD_CONFIGS:
+                yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
+                       dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
+                            DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,
+                            **strides("q", "k", "v", "d", "dk", "dv")),
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
+            for bn, st in fg.DQ_CONFIGS:
+                yield (f"dq D={D} causal={causal} {bn} s{st}", fg._dq_kernel,
+                       dict(q_desc=_desc(x, 128), do_desc=_desc(x, 128), k_desc=_desc(x, bn), v_desc=_desc(x, bn),
+                            DQ=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars, **strides("q", "d", "k", "v", "dq")),
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=128, BLOCK_N=bn, STAGES=st,
+                            CONSUMER_REGS=fg.CONSUMER_REGS))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sass", help="write each kernel's SASS (cuobjdump -sass) into this folder")
+    p.add_argument("-k", default="", help="only the kernels whose label contains this")
+    args = p.parse_args()
+    if fg.GLUON_ERROR is not None:
+        raise SystemExit(f"compile_gluon: {fg.GLUON_ERROR}")
+    print(f"triton {triton.__version__}, target sm_90a")
+    print(f"{'kernel':<44} {'smem KB':>8} {'regs*':>5} {'stack':>6}  wgmma")
+    print("(* registers a thread at launch; setmaxnreg then gives each consumer warpgroup "
+          f"{fg.CONSUMER_REGS} and the loader warp 24. stack: bytes of spills.)")
+    for label, fn, example, constexprs in jobs():
+        if args.k not in label:
+            continue
+        try:
+            kernel = compile_sm90(fn, example, constexprs)
+            r = resources(kernel)
+            print(f"{label:<44} {r['smem'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6}  "
+                  f"{'SERIALIZED' if r['wgmma_serialized'] else 'async'}", flush=True)
+            if args.sass:
+                os.makedirs(args.sass, exist_ok=True)
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(kernel.asm["cubin"])
+                    f.flush()
+                    sass = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
+                                          capture_output=True, text=True).stdout
+                with open(os.path.join(args.sass, label.replace(" ", "_").replace("=", "") + ".sass"), "w") as f:
+                    f.write(sass)
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a row
+            print(f"{label:<44} does not compile: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
