@@ -164,7 +164,7 @@ def _exposed_row(diffs: list[float]) -> dict:
     step = [20.0 + i for i in range(len(diffs))]
     per_rank = [{"step_ms": step, "no_sync_ms": [s - d for s, d in zip(step, diffs)], "peak_mem_MiB": None,
                  "params": 1000}] * 2
-    return suite.train_measurement(cfg, per_rank, nodes=1, base_tokens_per_s=None, peak_tflops=None).values
+    return suite.train_measurement(cfg, per_rank, nodes=1, base_tokens_per_s=None, peaks=None).values
 
 
 def test_exposed_comm_is_zero_within_noise_with_its_spread():
