@@ -231,7 +231,7 @@ def test_a_slower_machine_halfway_through_a_row_is_not_exposed_communication(one
     rank = launch.Rank(0, 0, 1, torch.device("cpu"), str(tmp_path))
     result = suite.train_rank(rank, cfg, job)
     # Pair 5 straddles the change (no_sync at 10 ms, then synced at 22 ms), every other pair is 2 ms apart.
-    v = suite.train_measurement(cfg, [result], nodes=1, base_tokens_per_s=None, peak_tflops=None).values
+    v = suite.train_measurement(cfg, [result], nodes=1, base_tokens_per_s=None, peaks=None).values
     assert v["exposed_comm_ms"] == pytest.approx(2.0) and v["exposed_comm_p"] == pytest.approx(2 / 1024)
     # Pairs alternate their order (ABBA), and every step starts at a barrier.
     assert synced[:4] == [True, False, False, True] and synced.count(True) == synced.count(False) == 11
