@@ -24,7 +24,9 @@ What each column is (`COLUMNS`, NVML's API reference names the calls):
 - power_W: the mean of the power samples: the instantaneous reading
   (field NVML_FI_DEV_POWER_INSTANT) where the driver has it, else
   nvmlDeviceGetPowerUsage, which on Ampere and newer GPUs is itself an
-  average over the last second and so lags a short window;
+  average over the last second and so lags a short window. The driver
+  refreshes either on its own period, so a window of a few tens of
+  milliseconds holds few fresh readings;
 - energy_J: the difference of the total-energy counter (Volta and newer,
   nvmlDeviceGetTotalEnergyConsumption, mJ) between the window's ends. The
   counter advances in coarse steps, so a window shorter than
