@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import bench
+from bench import telemetry
 from bench.errors import BadInput
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -186,5 +187,6 @@ def collect(device: torch.device | None = None, seed: int | None = None) -> dict
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+        **telemetry.device_info(device),  # clocks_locked, max_sm_clock_MHz, power_limit_W (NVML; None on a CPU)
     }
     return info

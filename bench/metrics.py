@@ -48,6 +48,24 @@ def per_second(count: float, ms: float) -> float:
     return count / (ms * 1e-3)
 
 
+def joules_per_step(energy_J: float | None, steps: int) -> float | None:
+    """Energy of one step: the energy a timed window drew (the difference of
+    NVML's total-energy counter across it, bench/telemetry.py) over the steps
+    it held. Whole-GPU energy: idle and other processes' draw included."""
+    if energy_J is None or steps <= 0:
+        return None
+    return energy_J / steps
+
+
+def tokens_per_joule(tokens: float, energy_J: float | None) -> float | None:
+    """Tokens per joule: tokens processed over the energy drawn for them, the
+    reciprocal of the energy per token the ML.ENERGY benchmark reports (Chung
+    et al. 2025, "The ML.ENERGY Benchmark"); equal to tokens/s per watt."""
+    if not energy_J:
+        return None
+    return tokens / energy_J
+
+
 def transformer_train_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·N for the weight matmuls (2 forward, 4
     backward, per parameter) plus 12·L·d·T for attention's QK^T and PV

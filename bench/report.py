@@ -5,6 +5,8 @@ runner hands each group on as soon as it is done (bench/runner.py), so tables
 appear during the sweep; a group cut short by Ctrl-C is titled "partial".
 Groups are ordered by their parameters, numbers by value (seq 256 before
 1024); rows within a group keep their order, the order they were measured in.
+After the run, a yellow line for each row whose GPU ran throttled or below
+its maximum SM clock (`clock_warnings`; the rule: bench/telemetry.py `clock_warning`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.runner import Sweep
+from bench.telemetry import clock_warning
 
 _STATUS_STYLE = {"ok": "", "mismatch": "bold red", "oom": "yellow", "unsupported": "dim yellow", "error": "red"}
 
@@ -52,6 +55,18 @@ def speedup(sweep: Sweep, row: dict, base: dict | None) -> float | None:
 
 def group_key(sweep: Sweep, row: dict) -> tuple:
     return tuple((k, row[k]) for k in sweep.params if k != sweep.label)
+
+
+def clock_warnings(sweep: Sweep, rows: Sequence[dict]) -> list[str]:
+    """One line per row whose clocks say its timing may not be the GPU's best,
+    numbered as in the CSV and the samples file (row0 first)."""
+    lines = []
+    for index, row in enumerate(rows):
+        why = clock_warning(row)
+        if why:
+            params = " ".join(f"{k}={row.get(k)}" for k in sweep.params)
+            lines.append(f"row {index} ({params}): {why}")
+    return lines
 
 
 def _order(key: tuple) -> tuple:

@@ -23,6 +23,7 @@ win), oom, unsupported (with the reason), error (with the exception).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from bench.errors import Fatal, Unsupported
 from bench.profile import Profile, Profiler
 from bench.results import ResultWriter
 from bench.stats import Stats, stat_columns
+from bench.telemetry import COLUMNS as TELEMETRY_COLUMNS, Sampler, Telemetry
 
 STATUSES = ("ok", "mismatch", "oom", "unsupported", "error")
 
@@ -54,6 +56,7 @@ class Measurement:
     stats: Stats | None = None
     status: str = "ok"
     reason: str = ""
+    telemetry: Telemetry | None = None  # the timed window's; the runner fills it in from the Context
 
     def __post_init__(self):
         assert self.status in STATUSES, f"unknown status {self.status!r}"
@@ -61,7 +64,9 @@ class Measurement:
 
 @dataclass
 class Context:
-    """What a suite's run function may use: the device and the timer settings."""
+    """What a suite's run function may use: the device, the timer settings, and
+    the GPU telemetry of the timed window (`time()` opens one; a suite timing
+    its own loop wraps the timed steps in `with ctx.telemetry():`)."""
 
     device: torch.device
     warmup_ms: float = 25.0
@@ -72,13 +77,26 @@ class Context:
     extras: dict = field(default_factory=dict)
     profiler: Profiler | None = None  # set by --profile
     on_step: Callable[[int, int, str], None] | None = None  # set by the runner while a row runs: see step()
+    sampler: Sampler | None = None  # made from the device by the first window
+    last_telemetry: Telemetry | None = None  # of the last window closed; the runner resets it per row
 
     def __post_init__(self):
         if isinstance(self.peaks, dict):
             self.peaks = Peaks(self.device, self.peaks)
 
     def time(self, fn: Callable[[], object]) -> Stats:
-        return timing.measure(fn, device=self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
+        return timing.measure(fn, device=self.device, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms,
+                              window=self.telemetry())
+
+    @contextlib.contextmanager
+    def telemetry(self):
+        """Sample the GPU's clocks, power and throttle reasons while the block
+        runs (the timed steps, not the warm-up); the row gets the last window's."""
+        if self.sampler is None:
+            self.sampler = Sampler(self.device)
+        with self.sampler.window() as window:
+            yield window
+        self.last_telemetry = window.telemetry
 
     def share_of_peak(self, key: str, of: Callable[[float], float | None]) -> Share:
         """`of(peak)`: a share in percent of the peak stored under `key`, never
@@ -137,7 +155,8 @@ class Sweep:
     cost: Callable[[Any], float] | None = None
 
     def columns(self) -> list[str]:
-        return ["suite", *self.params, "status", "reason", *stat_columns(unit=self.time_unit), *self.metrics]
+        return ["suite", *self.params, "status", "reason", *stat_columns(unit=self.time_unit), *TELEMETRY_COLUMNS,
+                *self.metrics]
 
     def describe(self, config: Any) -> str:
         return " ".join(f"{k}={getattr(config, k)}" for k in self.params)
@@ -177,9 +196,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
-    """Run one configuration, turning its failure into a status."""
+    """Run one configuration, turning its failure into a status. A timed row
+    carries the telemetry of the last window its run closed."""
+    ctx.last_telemetry = None
     try:
-        return sweep.run(config, ctx)
+        m = sweep.run(config, ctx)
+        if m.telemetry is None and m.stats is not None:
+            m.telemetry = ctx.last_telemetry
+        return m
     except Fatal:  # ends the run, not just this configuration
         raise
     except Unsupported as exc:
@@ -197,6 +221,8 @@ def to_row(sweep: Sweep, config: Any, m: Measurement) -> dict:
     row = {"suite": sweep.suite, **params, "status": m.status, "reason": m.reason}
     if m.stats is not None:
         row.update(m.stats.columns())
+    if m.telemetry is not None:
+        row.update(m.telemetry.columns())
     unknown = set(m.values) - set(sweep.metrics)
     assert not unknown, f"{sweep.suite}: values {sorted(unknown)} are not declared in Sweep.metrics"
     row.update(m.values)

@@ -50,7 +50,7 @@ def _counts(estimate_ms: float, warmup_ms: float, rep_ms: float) -> tuple[int, i
     return n_warmup, n_rep
 
 
-def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2) -> Stats:
+def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window) -> Stats:
     cache = _flush_buffer(device) if flush_l2 else None
 
     def one(n: int) -> list[float]:
@@ -72,10 +72,11 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2) -> Stats:
         n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
         for _ in range(n_warmup):
             fn()
-        return Stats.of(one(n_rep))
+        with window:
+            return Stats.of(one(n_rep))
 
 
-def _measure_cpu(fn, warmup_ms, rep_ms) -> Stats:
+def _measure_cpu(fn, warmup_ms, rep_ms, window) -> Stats:
     def one(n: int) -> list[float]:
         samples = []
         for _ in range(n):
@@ -90,7 +91,8 @@ def _measure_cpu(fn, warmup_ms, rep_ms) -> Stats:
     if estimate > warmup_ms:
         n_warmup = 0  # the first calls already warmed up a slow configuration
     one(n_warmup)
-    return Stats.of(one(n_rep))
+    with window:
+        return Stats.of(one(n_rep))
 
 
 def measure(
@@ -100,12 +102,16 @@ def measure(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     flush_l2: bool = True,
+    window: contextlib.AbstractContextManager | None = None,
 ) -> Stats:
-    """Time `fn` repeatedly; return the samples (ms) of the timed repetitions."""
+    """Time `fn` repeatedly; return the samples (ms) of the timed repetitions.
+    `window`, if given, is entered around the timed repetitions only, after
+    the warm-up (the telemetry sampler: bench/telemetry.py)."""
     assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
+    window = window if window is not None else contextlib.nullcontext()
     if device.type == "cuda":
-        return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2)
-    return _measure_cpu(fn, warmup_ms, rep_ms)
+        return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window)
+    return _measure_cpu(fn, warmup_ms, rep_ms, window)
 
 
 class StepTimer:

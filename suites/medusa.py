@@ -22,7 +22,9 @@ How the pieces are trained:
 
 Each row is one method. Every prompt is decoded once after an untimed warm-up;
 a row's samples are the per-prompt times (prefill + decode, ms), tokens/s is
-the median over prompts of max_new_tokens / time. Every speculative method's
+the median over prompts of max_new_tokens / time. On a GPU with NVML
+(bench/telemetry.py), the energy of the same timed loop gives joules_per_step
+(per decoding step) and tokens_per_J (generated tokens). Every speculative method's
 greedy output is compared token for token with vanilla's, and vanilla's with
 a cache-free forward; a divergence is explained by a near-tie when the two
 tokens' logits at the first difference are within NEAR_TIE_ULPS units in the
@@ -885,17 +887,18 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
 
     prefill_timer, decode_timer = StepTimer(ctx.device), StepTimer(ctx.device)
     outputs, steps, hist = [], [], []
-    for i, prompt in enumerate(prep.prompts):
-        torch.manual_seed(ctx.seed + i)  # the same samples for every method when sampling
-        with prefill_timer.step():
-            dec.prefill(prompt)
-        with decode_timer.step():
-            dec.decode(prep.max_new)
-        outputs.append(dec.tokens(prep.max_new))
-        steps.append(dec.steps())
-        h = dec.accept_histogram()
-        hist = [a + b for a, b in zip(hist, h)] if hist else h
-        ctx.step(i + 1, len(prep.prompts), "prompt")
+    with ctx.telemetry() as window:  # the GPU's clocks, power and energy over every timed prompt
+        for i, prompt in enumerate(prep.prompts):
+            torch.manual_seed(ctx.seed + i)  # the same samples for every method when sampling
+            with prefill_timer.step():
+                dec.prefill(prompt)
+            with decode_timer.step():
+                dec.decode(prep.max_new)
+            outputs.append(dec.tokens(prep.max_new))
+            steps.append(dec.steps())
+            h = dec.accept_histogram()
+            hist = [a + b for a, b in zip(hist, h)] if hist else h
+            ctx.step(i + 1, len(prep.prompts), "prompt")
     prefill_ms, decode_ms = prefill_timer.samples(), decode_timer.samples()
     total_ms = [a + b for a, b in zip(prefill_ms, decode_ms)]
     stats = Stats.of(total_ms)
@@ -916,6 +919,7 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
         extra_params_M=_extra_params(prep, cfg.method) / 1e6,
         speed=(prep.mode_note or prep.mode) + ("+triton" if getattr(dec, "fused", False) else ""),
         spec=_spec(prep, cfg.method),
+        **_energy(window.telemetry, sum(steps), prep.max_new * len(prep.prompts)),
     )
     if cfg.method == "medusa" and prep.scores is not None:
         values.update(head_top1=";".join(f"{v:.3f}" for v in prep.scores.top1),
@@ -933,6 +937,15 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
                       f"(<= {NEAR_TIE_ULPS:g} ulps)")
     ctx.profile(lambda: (dec.prefill(prep.prompts[0]), dec.decode(prep.max_new)))  # --profile: one generation
     return Measurement(values, stats=stats, status=status, reason=reason)
+
+
+def _energy(telemetry, steps: int, tokens: int) -> dict:
+    """Joules per decoding step and generated tokens per joule, from the energy
+    of the whole timed loop (prefill and decode of every prompt), where NVML
+    measured it: the prefill's share lands on the steps, as it does on a user."""
+    energy = telemetry.energy_J if telemetry is not None else None
+    return dict(joules_per_step=metrics.joules_per_step(energy, steps),
+                tokens_per_J=metrics.tokens_per_joule(tokens, energy))
 
 
 def _extra_params(prep: Prepared, method: str) -> int:
@@ -953,8 +966,8 @@ DISPLAY = (
 )
 
 METRICS = ("tokens_per_s", "speedup", "mean_accept_length", "accept_hist", "ms_per_step", "steps_per_prompt",
-           "prefill_ms", "peak_mem_MiB", "identical_to_greedy", "near_tie_divergences", "unexplained_divergences",
-           "divergence_gap_ulps", "head_top1", "head_top5", "base_params_M", "extra_params_M", "speed", "spec")
+           "joules_per_step", "tokens_per_J", "prefill_ms", "peak_mem_MiB", "identical_to_greedy",
+           "near_tie_divergences", "unexplained_divergences", "divergence_gap_ulps", "head_top1", "head_top5", "base_params_M", "extra_params_M", "speed", "spec")
 
 
 def configs(prep: Prepared) -> list[MedusaRow]:

@@ -31,6 +31,9 @@ Every training row first checks, in one untimed forward, that its matrix
 products ran in the dtype it is named for (Precision.matmul_dtypes); a row
 whose products did not is `unsupported`, never fp32 under another name.
 
+On a GPU with NVML (bench/telemetry.py), the energy of the timed steps gives
+joules_per_step and tokens_per_J (training tokens); empty on a CPU.
+
 Loss curves go in the `loss_curve` column: the training loss of every step,
 step 0 first, as floats joined by ';' (e.g. "9.01;8.87;...", "nan" for a
 non-finite step); `[float(v) for v in row["loss_curve"].split(";")]` reads one.
@@ -38,6 +41,7 @@ non-finite step); `[float(v) for v in row["loss_curve"].split(";")]` reads one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -348,6 +352,7 @@ class Trainer:
         self.model = shared.nudged_model(ctx.seed, ctx.seed + 1) if band else shared.initial_model(ctx.seed)
         self.generator = torch.Generator().manual_seed(ctx.seed)  # the batches' order: the same for every row
         self.timer = StepTimer(ctx.device)
+        self.window = None  # the timed steps' telemetry window (bench/telemetry.py)
 
     def batch(self):
         c = self.cfg
@@ -364,13 +369,16 @@ class Trainer:
         self.forward = torch.compile(self.model) if c.compile else self.model
         warmup_lr = max(1, c.steps // 20)  # the learning rate ramps up over the first twentieth
         losses = []
-        for i in range(c.train_steps):
-            for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(i, c.steps, opts.lr, warmup_lr)
-            x, y = self.batch()  # drawn outside the timed step: the loop times training, not sampling
-            with self.timer.step():
-                losses.append(train_step(self.forward, self.optimizer, self.scaler, self.precision, x, y, device))
-            self.ctx.step(i + 1, c.train_steps)  # steps queued: the device may still be working through them
+        with contextlib.ExitStack() as timed:
+            for i in range(c.train_steps):
+                if i == c.warmup_steps:  # the timed steps begin: the GPU's clocks and energy over them
+                    self.window = timed.enter_context(self.ctx.telemetry())
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cosine_lr(i, c.steps, opts.lr, warmup_lr)
+                x, y = self.batch()  # drawn outside the timed step: the loop times training, not sampling
+                with self.timer.step():
+                    losses.append(train_step(self.forward, self.optimizer, self.scaler, self.precision, x, y, device))
+                self.ctx.step(i + 1, c.train_steps)  # steps queued: the device may still be working through them
         self.losses = torch.stack(losses).float().cpu().numpy()  # the loop's one synchronization
         # The eager module scores the held-out batches: the same weights, and no
         # recompilation for eval mode.
@@ -416,6 +424,7 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
         shared.reference_ms = stats.median
     values["speedup"] = metrics.speedup(shared.reference_ms, stats.median) if shared.reference_ms else None
     values.update(_rates(cfg, ctx, shared, trainer, stats.median, notes))
+    values.update(_energy(cfg, trainer))
     values.update(_losses(cfg, ctx, shared, trainer, notes))
     values["note"] = "; ".join(notes)
     return Measurement(values, stats=stats)
@@ -451,6 +460,15 @@ def _rates(cfg, ctx, shared: Shared, trainer: Trainer, step_ms: float, notes: li
         notes.append(share.note)
     return dict(n_params=n_params, flops_per_token=flops_per_token, tokens_per_s=tokens_per_s,
                 tflops=metrics.tflops(flops_per_token * tokens, step_ms), peak_tflops=share.peak, mfu=share.pct)
+
+
+def _energy(cfg, trainer: Trainer) -> dict:
+    """Joules per timed step and tokens per joule, where NVML measured the timed steps' energy."""
+    telemetry = trainer.window.telemetry if trainer.window is not None else None
+    energy = telemetry.energy_J if telemetry is not None else None
+    per_step = metrics.joules_per_step(energy, cfg.train_steps - cfg.warmup_steps)
+    return dict(joules_per_step=per_step,
+                tokens_per_J=metrics.tokens_per_joule(cfg.batch * cfg.seq_len, per_step))
 
 
 def _losses(cfg, ctx, shared: Shared, trainer: Trainer, notes: list[str]) -> dict:
@@ -536,7 +554,7 @@ def run(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measurement:
 
 METRICS = (
     "compiled", "trained_steps", "data", "n_params", "flops_per_token", "speedup", "tokens_per_s", "tflops",
-    "peak_tflops",
+    "peak_tflops", "joules_per_step", "tokens_per_J",
     "mfu", "peak_mem_MiB", "first_step_ms", "loss_first", "loss_final", "val_loss", "val_rel_diff", "max_rel_diff",
     "final_rel_diff", "band", "tolerance", "verdict", "nonfinite", "skipped_steps", "final_scale", "note", "loss_curve",
 )

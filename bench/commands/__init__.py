@@ -235,6 +235,10 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
                        on_group=lambda rows, partial: report.render(sweep, rows, console, partial=partial))
     for note in ctx.peaks.notes:
         console.print(f"[yellow]peaks:[/] {note}", highlight=False)
+    for line in report.clock_warnings(sweep, writer.rows):  # rows that ran throttled or below the maximum clock
+        console.print(f"[yellow]clocks:[/] {line}", highlight=False, soft_wrap=True)
+    for line in ctx.sampler.notes() if ctx.sampler else ():  # GPU telemetry: off, or readings NVML refused
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     if ctx.profiler is not None:
         profile.render(ctx.profiler, console)
     console.print(f"wrote {writer.csv_path} ({len(writer.rows)} rows), {writer.json_path.name}"

@@ -89,6 +89,15 @@ def _fp8(device: torch.device) -> str:
     return "yes (torch._scaled_mm)"
 
 
+def _clocks(info: dict) -> str:
+    """What NVML says of the clocks (bench/telemetry.py `device_info`), or why nothing."""
+    if info.get("max_sm_clock_MHz") is None:
+        return "- (NVML unavailable: pip install -e '.[gpu]')"
+    locked = {True: "clocks locked", False: "clocks not locked", None: "clock locks unknown"}[info["clocks_locked"]]
+    limit = f", power limit {info['power_limit_W']:.0f} W" if info.get("power_limit_W") is not None else ""
+    return f"SM max {info['max_sm_clock_MHz']:.0f} MHz{limit}, {locked}"
+
+
 def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
     import torch
 
@@ -99,6 +108,7 @@ def _device_rows(info: dict, device: torch.device) -> list[tuple[str, str]]:
             ("gpus", str(info["gpu_count"])),
             ("capability", f"sm_{props.major}{props.minor}"),
             ("memory", f"{props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs"),
+            ("clocks", _clocks(info)),
         ]
     rows.append(("cpu", f"{info['cpu']} ({info['cpu_count']} logical cores)"))
     return rows

@@ -117,3 +117,11 @@ def test_unusable_cache_is_one_line_and_exit_2(tmp_path, monkeypatch, command, u
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: the genbench cache") and "point it at a writable folder" in line
     assert not list((tmp_path / "out").glob("*.csv"))  # before the first configuration
+
+
+def test_clocks_row_says_what_nvml_gave():
+    _clocks = env_command._clocks
+    info = {"max_sm_clock_MHz": 1980.0, "power_limit_W": 700.0, "clocks_locked": True}
+    assert _clocks(info) == "SM max 1980 MHz, power limit 700 W, clocks locked"
+    assert _clocks({**info, "power_limit_W": None, "clocks_locked": None}) == "SM max 1980 MHz, clock locks unknown"
+    assert _clocks({"max_sm_clock_MHz": None, "power_limit_W": None, "clocks_locked": None}).startswith("- (NVML")

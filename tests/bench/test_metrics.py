@@ -108,3 +108,12 @@ def test_relative_difference_by_hand():
 
     got = metrics.relative_difference(np.array([10.0, 6.0, -2.2]), np.array([8.0, 6.0, -2.0]))
     assert got.tolist() == pytest.approx([0.25, 0.0, -0.1])
+
+
+def test_energy_formulas_by_hand():
+    # 45 J over 9 steps: 5 J a step; 2048 tokens a step at 5 J: 409.6 tokens per J
+    assert metrics.joules_per_step(45.0, 9) == 5.0
+    assert metrics.tokens_per_joule(2048, 5.0) == pytest.approx(409.6)
+    # no energy measured (a CPU, a short window): nothing derived from it
+    assert metrics.joules_per_step(None, 9) is None and metrics.tokens_per_joule(2048, None) is None
+    assert metrics.joules_per_step(45.0, 0) is None

@@ -54,6 +54,22 @@ def test_agrees_with_triton_do_bench_on_sdpa_8k():
     assert abs(ours / theirs - 1) < 0.03
 
 
+def test_window_holds_the_timed_repetitions_only():
+    calls, inside = [], []
+
+    class Window:
+        def __enter__(self):
+            inside.append(len(calls))
+
+        def __exit__(self, *exc):
+            inside.append(len(calls))
+
+    stats = timing.measure(lambda: calls.append(1), device=CPU, warmup_ms=1, rep_ms=2, window=Window())
+    start, end = inside
+    assert start > 0  # the first call and the warm-up ran before the window opened
+    assert end - start == stats.n and end == len(calls)  # every timed repetition, and nothing else, inside
+
+
 def test_step_timer_discards_warmup_steps():
     timer = timing.StepTimer(CPU)
     for i in range(6):

@@ -16,6 +16,7 @@ from bench.cli import app
 from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Context, measure_one
+from bench.telemetry import Telemetry
 from impls import medusa
 from impls.data import DataConfig, load_data
 from suites import medusa as suite
@@ -117,10 +118,18 @@ def test_rows_check_greedy_identity(prepared):
         assert m.stats.n == 2  # one sample per prompt: its time in ms
         # tokens/s is the median over prompts of 16 tokens / that prompt's time
         assert m.values["tokens_per_s"] == pytest.approx(statistics.median(16e3 / s for s in m.stats.samples))
+        assert m.values["joules_per_step"] is None and m.values["tokens_per_J"] is None  # no energy on a CPU
     assert rows["vanilla"].values["mean_accept_length"] == 1.0 and rows["vanilla"].values["speedup"] == 1.0
     assert rows["medusa"].values["mean_accept_length"] >= 1.0
     assert len(rows["medusa"].values["accept_hist"].split(";")) == prep.tree.depth + 1
     assert len(rows["medusa"].values["head_top1"].split(";")) == 4
+
+
+def test_energy_per_step_and_token_by_hand():
+    # 12 J over 6 decoding steps: 2 J a step; 2 prompts x 12 new tokens = 24 tokens: 2 tokens per J
+    assert suite._energy(Telemetry(energy_J=12.0), steps=6, tokens=24) == {"joules_per_step": 2.0,
+                                                                          "tokens_per_J": 2.0}
+    assert suite._energy(Telemetry(), steps=6, tokens=24) == {"joules_per_step": None, "tokens_per_J": None}
 
 
 @pytest.mark.skipif(suite.decoding_triton.triton is None, reason="needs triton (its interpreter on the CPU)")

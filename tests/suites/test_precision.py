@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from bench.cli import app
 from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Context, measure_one
+from bench.telemetry import Telemetry
 from impls.data import DataConfig, load_data
 from impls.gpt import GPT, GPTConfig
 from impls.precision import Precision, cpu_has_matmul_instructions
@@ -244,6 +246,7 @@ def test_training_rows_learn_and_are_compared_with_fp32(cpu_rows):
         assert v["tokens_per_s"] == pytest.approx(2 * 32 / (m.stats.median / 1e3))
         assert v["mfu"] == pytest.approx(metrics.mfu(v["tokens_per_s"], v["flops_per_token"], v["peak_tflops"]))
         assert v["peak_mem_MiB"] is None  # nothing measured on CPU, nothing invented
+        assert v["joules_per_step"] is None and v["tokens_per_J"] is None  # no energy counter on a CPU
         if label in ("fp16", "bf16", "bf16-pure"):
             # same initial weights and batches: identical up to rounding at step 0, within the band after
             assert curve[0] == pytest.approx(ref[0], rel=1e-3)
@@ -325,6 +328,15 @@ def test_small_differences_are_shown_not_rounded_to_zero():
     assert columns["max_rel_diff"].format(2.8e-5) == "2.8e-05"
     assert columns["val_rel_diff"].format(-2.06e-6) == "-2.1e-06"
     assert columns["tolerance"].format(0.01) == "0.01"
+
+
+def test_energy_per_step_by_hand():
+    # 30 J over 12 steps of which 2 warm up: 3 J per timed step; 4 x 8 tokens a step: 32 / 3 tokens per J
+    cfg = SimpleNamespace(train_steps=12, warmup_steps=2, batch=4, seq_len=8)
+    trainer = SimpleNamespace(window=SimpleNamespace(telemetry=Telemetry(energy_J=30.0)))
+    assert suite._energy(cfg, trainer) == {"joules_per_step": 3.0, "tokens_per_J": pytest.approx(32 / 3)}
+    trainer.window.telemetry = Telemetry()  # no energy (a CPU, an old GPU, a short window)
+    assert suite._energy(cfg, trainer) == {"joules_per_step": None, "tokens_per_J": None}
 
 
 def test_same_seed_same_weights_and_batches(data):
