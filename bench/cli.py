@@ -26,7 +26,8 @@ def add_suites() -> None:
 
 add_suites()
 
-from bench.commands import compare, env, plot  # noqa: E402, F401  (registers them after the suites: --help lists those first)
+# The harness's commands register themselves on import, after the suites: --help lists those first.
+from bench.commands import compare, env, plot  # noqa: E402, F401
 
 
 def main() -> None:

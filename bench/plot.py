@@ -43,7 +43,18 @@ from bench.compare import Run
 from bench.errors import BadInput
 from bench.results import writable_folder
 
-PLOTS: dict[str, Callable[[Run], Figure]] = {}
+def _registered(suite: str, target: str) -> Callable[[Run], Figure]:
+    """The chart the registry names for `suite` runs, imported when one is drawn."""
+
+    def chart(run: Run) -> Figure:
+        return registry.load_target(target, f"the chart of {suite} runs")(run)
+
+    return chart
+
+
+# The suite of a run -> its chart: those the suites registered (bench/registry.py), and any added with @plots.
+PLOTS: dict[str, Callable[[Run], Figure]] = {suite: _registered(suite, target)
+                                             for suite, target in registry.charts().items()}
 
 
 def plots(suite: str):
@@ -54,19 +65,6 @@ def plots(suite: str):
         return fn
 
     return register
-
-
-def _registered(suite: str, target: str) -> Callable[[Run], Figure]:
-    """The chart the registry names for `suite`, imported when a run of it is drawn."""
-
-    def chart(run: Run) -> Figure:
-        return registry.load_target(target, f"the chart of {suite} runs")(run)
-
-    return chart
-
-
-for _suite, _target in registry.charts().items():
-    plots(_suite)(_registered(_suite, _target))
 
 
 def figure(run: Run) -> Figure:

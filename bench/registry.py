@@ -48,7 +48,8 @@ class Suite:
     """A suite as the CLI sees it."""
 
     name: str  # the command: genbench NAME
-    # A Typer command function (a `genbench NAME` command) or a typer.Typer (a group: `genbench NAME SUB`).
+    # A Typer command function (a `genbench NAME` command) or a typer.Typer (a group: `genbench NAME SUB`),
+    # wrapped in bench.commands.cli_errors so that a user's mistake is one red line.
     command: Any
     # The `suite` of a run it writes -> "module:function" drawing that run (a bench.compare.Run -> matplotlib Figure).
     charts: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,6 @@
 """The DDP suite's chart: scaling efficiency against world size, and busbw
-against message size (a --collectives run, suite ddp-collectives), a colour
-per label and a line style per world size; a bar chart when a run has
-neither.
+against message size, a colour per label and a line style per world size; a
+bar chart when a run has neither.
 """
 
 from __future__ import annotations

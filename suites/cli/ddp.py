@@ -171,5 +171,4 @@ def ddp_command(
     run_suite(sweep, run_opts)
 
 
-# A --collectives run's suite is ddp-collectives: the same chart draws its busbw against message size.
-SUITE = Suite("ddp", ddp_command, charts={"ddp": "suites.charts.ddp:chart", "ddp-collectives": "suites.charts.ddp:chart"})
+SUITE = Suite("ddp", ddp_command, charts={"ddp": "suites.charts.ddp:chart"})
