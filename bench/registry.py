@@ -57,12 +57,14 @@ class Suite:
 
 def entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
     """Every entry point of `group`: genbench's own (its checkout's when running
-    from one) first, then those of the other installed packages."""
+    from one) first, then those of the other installed packages, each by name
+    (installed metadata keeps no other order)."""
     installed = importlib.metadata.entry_points(group=group)
     own = _checkout_entry_points(group)
     if own is None:
-        return sorted(installed, key=lambda ep: _dist(ep) != "genbench")
-    return own + [ep for ep in installed if _dist(ep) != "genbench"]
+        own = [ep for ep in installed if _dist(ep) == "genbench"]
+    others = [ep for ep in installed if _dist(ep) != "genbench"]
+    return sorted(own, key=lambda ep: ep.name) + sorted(others, key=lambda ep: (_dist(ep) or "", ep.name))
 
 
 def _checkout_entry_points(group: str) -> list[importlib.metadata.EntryPoint] | None:

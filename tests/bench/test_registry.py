@@ -36,8 +36,8 @@ def stale_install(tmp_path, monkeypatch):
 def test_a_checkout_declares_genbench_own_suites_not_a_stale_install(stale_install):
     eps = registry.entry_points(registry.SUITES)
     assert [(ep.name, ep.value) for ep in eps] == [
-        ("attention", "suites.cli.attention:SUITE"), ("precision", "suites.cli.precision:SUITE"),
-        ("ddp", "suites.cli.ddp:SUITE"), ("medusa", "suites.cli.medusa:SUITE"),  # pyproject.toml's, in order
+        ("attention", "suites.cli.attention:SUITE"), ("ddp", "suites.cli.ddp:SUITE"),
+        ("medusa", "suites.cli.medusa:SUITE"), ("precision", "suites.cli.precision:SUITE"),  # pyproject.toml's
         ("mine", "mysuites.cli:SUITE"),  # then the other packages'
     ]
     assert registry.source(eps[-1]) == "mysuites.cli:SUITE, from mysuites 9.9"
@@ -51,7 +51,7 @@ def test_installed_genbench_declares_its_own_outside_a_checkout(stale_install, t
 
 def test_genbench_suites_and_their_charts():
     found, problems = registry.suites()
-    assert [s.name for s in found][:4] == ["attention", "precision", "ddp", "medusa"] and problems == []
+    assert [s.name for s in found][:4] == ["attention", "ddp", "medusa", "precision"] and problems == []
     assert registry.charts() == {name: f"suites.charts.{name}:chart" for name in ("attention", "precision", "ddp",
                                                                                  "medusa")}
 
