@@ -7,19 +7,24 @@ with each backend forced.
 
 Each configuration is checked against a float64 reference on the same inputs
 (output, and gradients when the backward is measured) before it is timed.
+
+Your own implementation is measured the same way, correctness gate included
+(`find_impl`): `--impl mypkg.kernels:attention`, or by the name an installed
+package gives it under the entry-point group `genbench.attention`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from bench import calibrate, correctness, metrics
+from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
@@ -73,6 +78,47 @@ IMPLS: dict[str, Impl] = {
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
 }
 BASELINE = "naive"
+GROUP = "genbench.attention"  # where installed packages register implementations (bench/registry.py)
+
+
+def find_impl(name: str) -> Impl:
+    """A built-in implementation (IMPLS); one an installed package registers
+    under the entry-point group genbench.attention, by its name; or your own,
+    as `module:function`. Yours is a callable fn(q, k, v, causal) -> out, with
+    q and out (B, H, S, D) and k, v (B, H_kv, S, D); it may carry a
+    `why_not(q, k, v, causal)` attribute returning None, or why it cannot run
+    those inputs (the row is then unsupported, with that reason). A name that
+    cannot be found or imported is a BadInput."""
+    if name in IMPLS:
+        return IMPLS[name]
+    return _plugin(name)
+
+
+@functools.cache
+def _plugin(name: str) -> Impl:
+    target, obj = registry.load(name, GROUP, "--impl", builtin=tuple(IMPLS))
+    if isinstance(obj, Impl):
+        return obj
+    if not callable(obj):
+        raise BadInput(f"--impl {name}: {target} is a {type(obj).__name__}, not a function of (q, k, v, causal)")
+    why_not = getattr(obj, "why_not", None)
+    return Impl(fn=_checked(obj, name), kernel=lambda q, k, v, causal: target,
+                **({"why_not": why_not} if why_not is not None else {}))
+
+
+def _checked(fn: Callable, name: str) -> Callable:
+    """`fn`, or, when its signature cannot take (q, k, v, causal), a function
+    raising a TypeError that says so: each of its rows is then an error row."""
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(None, None, None, False)
+    except ValueError:  # no signature to read (a builtin): the call will tell
+        return fn
+    except TypeError:
+        def wrong(q, k, v, causal):
+            raise TypeError(f"--impl {name} takes {signature}; genbench calls it as fn(q, k, v, causal)")
+        return wrong
+    return fn
 
 
 @dataclass(frozen=True)
@@ -119,9 +165,8 @@ class AttentionOptions:
         for mode in self.modes:
             if mode not in MODES:
                 raise BadInput(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-        unknown = [i for i in self.impls if i not in IMPLS]
-        if unknown:
-            raise BadInput(f"unknown --impl {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+        for impl in self.impls:
+            find_impl(impl)  # unknown, or yours not importable: an error now, before anything runs
 
     def configs(self) -> list[AttentionConfig]:
         # Shapes outermost, implementations innermost: rows that share a
@@ -174,7 +219,7 @@ def _reference(shape: AttentionConfig, device: torch.device, seed: int, backward
 
 
 def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
-    impl = IMPLS[cfg.impl]
+    impl = find_impl(cfg.impl)
     backward = cfg.mode != "fwd"
     q, k, v, dout = _inputs(cfg, ctx.device, ctx.seed)
     reason = impl.why_not(q, k, v, cfg.causal)

@@ -2,11 +2,13 @@
 options, turning user mistakes, fatal errors and Ctrl-C into exit codes, and
 running a suite's sweep through the harness.
 
-Each suite's command lives in its own module here and registers itself on
-`app`; bench/cli.py imports them all. So that `genbench --help`, a command's
-`--help`, `compare`, `plot` and a mistyped option answer at once, these modules
-import nothing heavy at the top (torch, the suites, scipy, matplotlib): each
-command imports what it runs inside its body, and its help text is literal.
+The harness's own commands (compare, env, plot) live in modules here and
+register themselves on `app`; each suite's command is the suite's own
+(suites/cli/), added to `app` by bench/cli.py from the registry
+(bench/registry.py). So that `genbench --help`, a command's `--help`,
+`compare`, `plot` and a mistyped option answer at once, command modules import
+nothing heavy at the top (torch, the sweeps, scipy, matplotlib): each command
+imports what it runs inside its body, and its help text is literal.
 tests/bench/test_cli.py checks both: the imports, and that the help lists the
 suites' names.
 """

@@ -18,7 +18,7 @@ def plot_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Image to write (.png, .svg, .pdf). "
                                                    "Default: the CSV's name with .png.")] = None,
 ):
-    """Chart a run: for attention, TFLOP/s and peak memory against sequence length per implementation."""
+    """Chart a run with the chart its suite registered; a bar chart of the primary metric for a suite without one."""
     from bench import plot
     from bench.compare import load_run
 

@@ -182,11 +182,12 @@ def test_plot_imports_no_torch_or_scipy(tmp_path):
 
 def test_help_names_what_the_suites_define():
     # The command modules spell these out so that --help needs no torch; they must not drift.
-    from bench.commands import attention as attention_command, medusa as medusa_command, precision as precision_command
+    from suites.cli import attention as attention_command, medusa as medusa_command, precision as precision_command
     from impls import data, gpt, medusa as medusa_impl, precision
     from suites import medusa as medusa_suite, precision as precision_suite
 
     assert attention_command.IMPLS == tuple(suite.IMPLS)
+    assert attention_command.GROUP == suite.GROUP
     assert precision_command.MODELS == tuple(gpt.PRESETS)
     assert precision_command.DATA_PRESETS == tuple(data.PRESETS)
     assert precision_command.PRECISIONS == tuple(precision.PRECISIONS) == tuple(precision_suite.PRECISIONS)
@@ -263,14 +264,14 @@ def test_a_write_refused_mid_run_is_one_line_and_exit_1(tmp_path, monkeypatch):
 
 
 def test_a_damaged_cache_names_the_file_not_data(tmp_path, monkeypatch):
-    from bench.commands.precision import _data_config
+    from suites.cli.training import data_config
     from impls.data import load_data
     from suites import precision as precision_suite
 
     monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 200)
-    built = load_data(_data_config([str(corpus)], "byte", None, "tiny"), tmp_path / "cache")
+    built = load_data(data_config([str(corpus)], "byte", None, "tiny"), tmp_path / "cache")
     tokens = built.path / "tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[:-10])
     monkeypatch.setattr(precision_suite, "sweep", lambda *a: pytest.fail("trained on a damaged cache"))

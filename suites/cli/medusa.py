@@ -11,9 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.commands import (
-    Command, DeviceOpt, Group, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite,
+    Command, DeviceOpt, Group, OutOpt, ProfileOpt, RunOptions, SeedOpt, cli_errors, console, run_suite,
 )
 from bench.errors import BadInput
+from bench.registry import Suite
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ medusa_app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
 )
-app.add_typer(medusa_app, name="medusa")
 
 ModelOpt = Annotated[str, typer.Option(
     help=f"A preset ({', '.join(PRESETS)}; trained here on first use and cached) or a local Hugging Face "
@@ -153,3 +153,6 @@ def train(
     run_opts = RunOptions(dev, out, seed)
     prep = _prepare(opts, dev, train_only=True)
     run_suite(suite.train_sweep(prep), run_opts)
+
+
+SUITE = Suite("medusa", medusa_app, charts={"medusa": "suites.charts.medusa:chart"})

@@ -1,21 +1,19 @@
-"""`genbench precision`: the precision suite's command."""
+"""`genbench precision`: the precision suite's command (suites/precision.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from bench.commands import Command, DeviceOpt, OutOpt, ProfileOpt, RunOptions, app, cli_errors, console, run_suite
+from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, cli_errors, console, run_suite
 from bench.errors import BadInput
+from bench.registry import Suite
+from suites.cli.training import DATA_PRESETS, MODELS, PRECISIONS, data_config
 
-# Names and defaults of impls/ and suites/, written out so that --help need not
-# import torch; tests/bench/test_cli.py keeps them equal to the originals.
-MODELS = ("tiny", "small", "gpt2-small", "medium")  # impls.gpt.PRESETS
-DATA_PRESETS = ("stdlib", "stdlib-small", "bytes")  # impls.data.PRESETS
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # impls.precision.PRECISIONS
+# Defaults of suites/precision.py, written out so that --help need not import
+# torch; tests/bench/test_cli.py keeps them equal to the originals.
 DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # suites.precision.DEFAULT_PRECISIONS
 LR = 6e-4  # suites.precision.LR
 
@@ -25,33 +23,6 @@ GPU_DEFAULTS = ("gpt2-small", 300, 16, 1024)
 CPU_DEFAULTS = ("tiny", 30, 4, 64)
 
 
-def _data_config(data: list[str] | None, tokenizer: str | None, vocab_size: int | None, model: str):
-    """--data: one preset name, or text files and folders (trained with BPE by default)."""
-    from impls import data as textdata
-    from impls.gpt import PRESETS as GPT_PRESETS
-
-    data = data or ["stdlib"]
-    try:
-        if len(data) == 1 and data[0] in textdata.PRESETS:
-            config = textdata.DataConfig.from_name(data[0])
-        else:
-            config = textdata.DataConfig(paths=tuple(data))
-            textdata.corpus_files(config.paths)  # a missing path fails now, before anything runs
-        overrides = {}
-        if tokenizer is not None:
-            overrides["tokenizer"] = tokenizer
-        # The model preset's vocabulary, unless given or set by the data preset
-        # (stdlib-small): gpt2-small then has GPT-2's 50257 tokens and its
-        # published 124M parameters.
-        preset_sets_vocab = config.vocab_size != textdata.DataConfig().vocab_size
-        if vocab_size or not preset_sets_vocab:
-            overrides["vocab_size"] = vocab_size or GPT_PRESETS[model].vocab_size
-        return dataclasses.replace(config, **overrides)
-    except ValueError as exc:
-        raise BadInput(f"--data: {exc}") from None
-
-
-@app.command("precision", cls=Command)
 @cli_errors
 def precision_command(
     model: Annotated[Optional[str], typer.Option(help=f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.")] = None,
@@ -100,11 +71,11 @@ def precision_command(
         lr=lr,
         matmul=matmul,
     )
-    data_config = _data_config(data, tokenizer, vocab_size, model)
+    corpus = data_config(data, tokenizer, vocab_size, model)
     run_opts = RunOptions(dev, out, seed, profile=profile)
     with console.status("reading and tokenizing the training text (cached after the first run)"):
         try:
-            text = textdata.load_data(data_config, cache_dir())
+            text = textdata.load_data(corpus, cache_dir())
         except ValueError as exc:
             raise BadInput(f"--data: {exc}") from None
     shortest = min(len(text.train), len(text.val))
@@ -114,3 +85,6 @@ def precision_command(
     for note in opts.notes():
         console.print(f"[dim]{note}[/]", highlight=False)
     run_suite(suite.sweep(opts, text, dev), run_opts)
+
+
+SUITE = Suite("precision", precision_command, charts={"precision": "suites.charts.precision:chart"})

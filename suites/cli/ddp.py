@@ -1,4 +1,5 @@
-"""`genbench ddp`: the DDP suite's command (see suites/ddp.py and docs/ddp.md)."""
+"""`genbench ddp`: the DDP suite's command, training (suites/ddp.py) or, with
+--collectives, the collectives' bandwidth (suites/collectives.py); see docs/ddp.md."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from bench.commands import (
-    Command, DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, app, cli_errors, console, run_suite,
-)
-# --data/--tokenizer/--vocab-size, as the precision suite reads them; the names its help lists
-from bench.commands.precision import DATA_PRESETS, MODELS, PRECISIONS, _data_config
+from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, SeedOpt, cli_errors, console, run_suite
 from bench.errors import BadInput
+from bench.registry import Suite
+# --data/--tokenizer/--vocab-size, as the precision suite reads them; the names its help lists
+from suites.cli.training import DATA_PRESETS, MODELS, PRECISIONS, data_config
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +72,6 @@ def _positive(value: int, option: str) -> int:
     return value
 
 
-@app.command("ddp", cls=Command)
 @cli_errors
 def ddp_command(
     gpus: Annotated[Optional[int], typer.Option(help="GPUs per host, one process each (NCCL). Default: every visible GPU. More than this machine has is an error.")] = None,
@@ -115,7 +114,7 @@ def ddp_command(
     from impls import data as textdata
     from impls.gpt import PRESETS as GPT_PRESETS
     from impls.precision import PRECISIONS as PRECISION_RECIPES
-    from suites import ddp as suite
+    from suites import collectives as collectives_suite, ddp as suite
 
     dev = resolve_device(device)
     if dev.index:
@@ -129,18 +128,19 @@ def ddp_command(
     n_warmup = defaults[5] if warmup_steps is None else warmup_steps
     run_opts = RunOptions(dev, out, seed, profile=profile) if node_rank == 0 else None  # node 0 writes the results
     if collectives:
-        opts = suite.CollectiveOptions(
-            hosts=hosts, collectives=tuple(collective) if collective else suite.ddp.COLLECTIVES,
-            min_bytes=suite.parse_size(min_size), max_bytes=suite.parse_size(max_size or ("1G" if gpu else "16M")),
+        opts = collectives_suite.CollectiveOptions(
+            hosts=hosts, collectives=tuple(collective) if collective else collectives_suite.ddp.COLLECTIVES,
+            min_bytes=collectives_suite.parse_size(min_size),
+            max_bytes=collectives_suite.parse_size(max_size or ("1G" if gpu else "16M")),
             dtype=dtype, world_size=max(worlds) if worlds else None, steps=n_steps, warmup_steps=n_warmup,
             line_rate_GBps=line_rate_gbps)
-        sweep = suite.collectives_sweep(opts)
+        sweep = collectives_suite.collectives_sweep(opts)
     else:
         model = model or defaults[0]
         if model not in GPT_PRESETS:
             raise BadInput(f"unknown --model {model!r}; known: {', '.join(GPT_PRESETS)}")
         opts = suite.ScalingOptions(
-            hosts=hosts, data=_data_config(data, tokenizer, vocab_size, model),
+            hosts=hosts, data=data_config(data, tokenizer, vocab_size, model),
             model=model, precision=precision or defaults[1], batch=defaults[2] if batch is None else batch,
             seq=min(defaults[3], GPT_PRESETS[model].block_size) if seq is None else seq,
             strong=strong, world_sizes=worlds,
@@ -169,3 +169,6 @@ def ddp_command(
         console.print(f"node {node_rank}: took part in {joined} launch(es); node 0 wrote the results")
         return
     run_suite(sweep, run_opts)
+
+
+SUITE = Suite("ddp", ddp_command, charts={"ddp": "suites.charts.ddp:chart"})
