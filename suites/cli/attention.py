@@ -7,6 +7,7 @@ under the entry-point group `genbench.attention`, and your own as
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -75,9 +76,14 @@ def attention(
     forward+backward; on a CPU, a small sweep (256, 512, 1k; 8 heads of 64; fp32; forward).
     """
     from bench.env import parse_dtype, resolve_device
-    from suites import attention as suite
 
     dev = resolve_device(device)
+    if dev.type == "cpu" and {"tiled", "tiled-triton"} & set(impl or ()):
+        # Asked for by name on a CPU: the Triton kernel runs through Triton's interpreter (slow, but the
+        # real kernel). The flag is read when triton is first imported, which the suite does next.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from suites import attention as suite
+
     gpu = dev.type == "cuda"
     dtype = dtype or ("bf16" if gpu else "fp32")
     parse_dtype(dtype, dev)

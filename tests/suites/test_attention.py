@@ -110,3 +110,24 @@ def test_cost_is_half_fixed_half_work_with_naive_weighted():
     sweep = suite.sweep(opts)
     assert [(c.impl, c.seq) for c in sweep.configs] == [("naive", 256), ("sdpa", 256), ("naive", 512), ("sdpa", 512)]
     assert sweep.costs() == pytest.approx([1 + 16 / 25, 1 + 4 / 25, 1 + 64 / 25, 1 + 16 / 25])
+
+
+def test_tiled_named_on_cpu_runs_through_the_interpreter(tmp_path):
+    # A new process without TRITON_INTERPRET: `--impl tiled` on a CPU turns the interpreter on itself.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "bench", "attention", "--device", "cpu", "--impl", "tiled", "--seq", "32",
+            "--batch", "1", "--heads", "1", "--head-dim", "16", "--causal", "--out", str(tmp_path)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (csv,) = tmp_path.glob("attention-*.csv")
+    import pandas as pd
+    row = pd.read_csv(csv).iloc[0]
+    import importlib.util
+    if importlib.util.find_spec("triton") is not None:
+        assert row["status"] == "ok", row["reason"]
+    else:
+        assert row["status"] == "unsupported"
