@@ -28,7 +28,7 @@ with open(path, "a", newline="") as f:
     for causal in (False, True):
         gen = torch.Generator("cuda").manual_seed(1)
         q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-        o, lse = fg.forward(q, k, v, causal, scale, (128, 128, 2, "ws"))  # one config: no tuning, one compile
+        o, lse, _ = fg.forward(q, k, v, causal, scale, (128, 128, 2, "ws"))  # one config: no tuning, one compile
         delta = (o.float() * do.float()).sum(-1)
         kernels = [("dkdv", c, lambda c=c: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale, c))
                    for c in fg.BWD_CONFIGS]
