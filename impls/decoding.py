@@ -101,10 +101,77 @@ def _capture(fn, device: torch.device):
     return graph.replay
 
 
-class Decoder:
-    """State and loop shared by every method; subclasses define `_step`."""
+class DecodeLoop:
+    """The host side every decoder shares, here and in impls/hf.py: steps run in
+    runs between reads of `cur`, and the tokens and counts read back.
+
+    A subclass sets the state `seq`, `cur`, `hist`, `prompt_len`, `depth`
+    (most candidates one step accepts after its root), `width` (slots one step
+    writes from cur on), `lengths` (the cache lengths a step is prepared for)
+    and, in prepare(), `_runs` (cache length -> one step); and it defines
+    prefill().
+    """
 
     name = ""
+    temperature = 0.0
+
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Run the prompt (P,) through the model and choose the first new token; resets every counter."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Whatever the steps need before the first decode (a capture, a compilation)."""
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next root: argmax, or a sample at the temperature."""
+        if self.temperature > 0:
+            return medusa.sample(logits, self.temperature)
+        return logits.argmax(dim=-1)
+
+    @torch.no_grad()
+    def decode(self, max_new: int) -> None:
+        """Step until at least max_new tokens follow the prompt.
+
+        Each step keeps between 1 and D + 1 tokens, so after
+        ceil(remaining / (D + 1)) steps the target cannot have been passed by
+        more than D tokens; `cur` is read (one host sync) only after each such
+        run of steps. A run is also cut where it could outgrow the shortest
+        cache length that holds it, so that it replays that length's step.
+        Vanilla decoding (D = 0) syncs only there.
+        """
+        if not self._runs:
+            raise RuntimeError("call prepare() before decoding")
+        done = 1  # prefill chose the first token
+        while done < max_new:
+            cur = self.prompt_len + done - 1
+            length = next(n for n in self.lengths if n >= cur + self.width)  # the last one always holds it
+            # The k-th step of a run starts at most (k - 1)(D + 1) slots further on.
+            fits = (length - self.width - cur) // (self.depth + 1) + 1
+            run = self._runs[length]
+            for _ in range(max(1, min(fits, math.ceil((max_new - done) / (self.depth + 1))))):
+                run()
+            done = int(self.cur.item()) - self.prompt_len + 1
+
+    def generate(self, prompt: torch.Tensor, max_new: int) -> torch.Tensor:
+        self.prepare()
+        self.prefill(prompt)
+        self.decode(max_new)
+        return self.tokens(max_new)
+
+    def tokens(self, n: int) -> torch.Tensor:
+        """The first n generated tokens (n,), on the CPU."""
+        return self.seq[self.prompt_len:self.prompt_len + n].to("cpu", copy=True)  # seq is reused
+
+    def accept_histogram(self) -> list[int]:
+        """Steps of the last generation by tokens kept: [steps keeping 1, 2, ..., D + 1]."""
+        return self.hist.tolist()
+
+    def steps(self) -> int:
+        return sum(self.accept_histogram())
+
+
+class Decoder(DecodeLoop):
+    """State and steps shared by every method on a GPT with a static cache; subclasses define `_step`."""
 
     def __init__(self, model: GPT, *, max_len: int, tree: medusa.Tree = medusa.Tree(()), mode: str = "eager",
                  temperature: float = 0.0, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
@@ -165,12 +232,6 @@ class Decoder:
         """Extra state a method derives from the prompt (heads' guesses, the draft's cache)."""
 
     # -- shared
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next root: argmax, or a sample at the temperature."""
-        if self.temperature > 0:
-            return medusa.sample(logits, self.temperature)
-        return logits.argmax(dim=-1)
 
     def _accept(self, tokens: torch.Tensor, logits: torch.Tensor, b: medusa.TreeBuffers) -> medusa.Accepted:
         if self.temperature > 0:
@@ -252,47 +313,6 @@ class Decoder:
             self._attend(n)
             with torch.no_grad():
                 self._runs[n] = _capture(fn, self.device)
-
-    @torch.no_grad()
-    def decode(self, max_new: int) -> None:
-        """Step until at least max_new tokens follow the prompt.
-
-        Each step keeps between 1 and D + 1 tokens, so after
-        ceil(remaining / (D + 1)) steps the target cannot have been passed by
-        more than D tokens; `cur` is read (one host sync) only after each such
-        run of steps. A run is also cut where it could outgrow the shortest
-        cache length that holds it, so that it replays that length's step.
-        Vanilla decoding (D = 0) syncs only there.
-        """
-        if not self._runs:
-            raise RuntimeError("call prepare() before decoding")
-        done = 1  # prefill chose the first token
-        while done < max_new:
-            cur = self.prompt_len + done - 1
-            length = next(n for n in self.lengths if n >= cur + self.width)  # the last one always holds it
-            # The k-th step of a run starts at most (k - 1)(D + 1) slots further on.
-            fits = (length - self.width - cur) // (self.depth + 1) + 1
-            run = self._runs[length]
-            for _ in range(max(1, min(fits, math.ceil((max_new - done) / (self.depth + 1))))):
-                run()
-            done = int(self.cur.item()) - self.prompt_len + 1
-
-    def generate(self, prompt: torch.Tensor, max_new: int) -> torch.Tensor:
-        self.prepare()
-        self.prefill(prompt)
-        self.decode(max_new)
-        return self.tokens(max_new)
-
-    def tokens(self, n: int) -> torch.Tensor:
-        """The first n generated tokens (n,), on the CPU."""
-        return self.seq[self.prompt_len:self.prompt_len + n].to("cpu", copy=True)  # seq is reused
-
-    def accept_histogram(self) -> list[int]:
-        """Steps of the last generation by tokens kept: [steps keeping 1, 2, ..., D + 1]."""
-        return self.hist.tolist()
-
-    def steps(self) -> int:
-        return sum(self.accept_histogram())
 
 
 class VanillaDecoder(Decoder):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from impls import medusa
-from impls.decoding import lookup_continuation
+from impls.decoding import DecodeLoop, lookup_continuation
 
 
 def why_not() -> str | None:
@@ -71,8 +71,13 @@ class HFModel:
         return self.model(input_ids=ids[None].to(self.device), use_cache=False).logits[0]
 
 
-class HFVanillaDecoder:
-    """Greedy (or sampled) decoding, one token per forward, with the model's cache."""
+class HFVanillaDecoder(DecodeLoop):
+    """Greedy (or sampled) decoding, one token per forward, with the model's cache.
+
+    The loop (runs of steps, the tokens and counts read back) is
+    impls.decoding's; a step here is one eager forward whose host-side
+    position `cur_int` slices the model's dynamic cache.
+    """
 
     name = "vanilla"
     mode = "eager"
@@ -83,12 +88,10 @@ class HFVanillaDecoder:
         self.seq = torch.zeros(max_len + self.depth + 2, dtype=torch.long, device=lm.device)
         self.cur = torch.zeros(1, dtype=torch.long, device=lm.device)
         self.prompt_len, self.cur_int, self.cache = 0, 0, None
-        self.hist = [0] * (self.depth + 1)
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.temperature > 0:
-            return medusa.sample(logits, self.temperature)
-        return logits.argmax(dim=-1)
+        self.hist = torch.zeros(self.depth + 1, dtype=torch.long)  # on the CPU: counted by the host
+        # The dynamic cache has no fixed length to prepare steps for: one eager step serves every length.
+        self.width, self.lengths = self.depth + 1, [max_len]
+        self._runs = {max_len: self._step}
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.lm.model(input_ids=ids[None], use_cache=True, **{self.lm.cache_arg: self.cache})
@@ -107,7 +110,7 @@ class HFVanillaDecoder:
         self.seq[P] = self._pick(self._forward(self.seq[:P])[-1])
         self.prompt_len, self.cur_int = P, P
         self.cur.fill_(P)
-        self.hist = [0] * (self.depth + 1)
+        self.hist.zero_()
 
     def _step(self) -> None:
         p = self.cur_int
@@ -118,25 +121,6 @@ class HFVanillaDecoder:
         self.hist[n] += 1
         self.cur_int += n + 1
         self.cur.fill_(self.cur_int)
-
-    @torch.no_grad()
-    def decode(self, max_new: int) -> None:
-        while self.cur_int - self.prompt_len + 1 < max_new:
-            self._step()
-
-    def generate(self, prompt: torch.Tensor, max_new: int) -> torch.Tensor:
-        self.prefill(prompt)
-        self.decode(max_new)
-        return self.tokens(max_new)
-
-    def tokens(self, n: int) -> torch.Tensor:
-        return self.seq[self.prompt_len:self.prompt_len + n].to("cpu", copy=True)  # seq is reused
-
-    def accept_histogram(self) -> list[int]:
-        return list(self.hist)
-
-    def steps(self) -> int:
-        return sum(self.hist)
 
 
 class HFLookupDecoder(HFVanillaDecoder):

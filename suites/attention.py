@@ -28,7 +28,7 @@ from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash_triton, naive, sdpa, tiled, tuning
+from impls.attention import flash, naive, sdpa, tiled, tuning
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -54,24 +54,30 @@ def _forced(backend: str) -> Impl:
 
 
 def _triton_why_not(q, k, v, causal) -> str | None:
-    reason = flash_triton.supported(q, k, v, causal)
+    reason = flash.supported(q, k, v, causal)
     return reason and f"{reason}; tiled-torch is the CPU path"
 
 
 def _triton_only_why_not(q, k, v, causal) -> str | None:
     reason = _triton_why_not(q, k, v, causal)
-    if reason is None and not flash_triton.uses_gluon(q, k, v):
+    if reason is None and not flash.uses_gluon(q, k, v):
         reason = "tiled runs the Triton kernels here already"
     return reason
+
+
+def _flash(why_not, **options) -> Impl:
+    # Each call records the kernels it ran on `ran`; the kernel column reads the last call's.
+    ran = flash.Kernels()
+    return Impl(functools.partial(flash.attention, kernels=ran, **options), why_not=why_not,
+                kernel=lambda q, k, v, causal: str(ran))
 
 
 IMPLS: dict[str, Impl] = {
     "naive": Impl(naive.attention, kernel=lambda q, k, v, causal: "matmul+softmax+matmul"),
     # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
-    "tiled": Impl(flash_triton.attention, why_not=_triton_why_not, kernel=lambda q, k, v, causal: flash_triton.last_config()),
+    "tiled": _flash(_triton_why_not),
     # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).
-    "tiled-triton": Impl(functools.partial(flash_triton.attention, gluon=False), why_not=_triton_only_why_not,
-                         kernel=lambda q, k, v, causal: flash_triton.last_config()),
+    "tiled-triton": _flash(_triton_only_why_not, gluon=False),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
     "tiled-torch": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
     "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),

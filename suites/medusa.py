@@ -6,19 +6,13 @@ them, batch 1.
     genbench medusa --model medium --dtype bf16            # an H200-sized run
     genbench medusa train --model tiny                     # train and cache only
 
-The base GPT, the Medusa heads and the draft model are trained here, on the
-offline corpus of impls/data.py, the first time a preset is used, and cached
-by bench/checkpoints.py under $GENBENCH_CACHE/medusa/, keyed by a hash of the
-model config, the data and the training settings. `--model PATH` takes a local
-Hugging Face model instead (vanilla and lookup only).
-
-How the pieces are trained:
-- base model and draft model: next-token prediction on the corpus;
-- heads, by self-distillation with the backbone frozen: corpus prompts from the
-  train split are continued greedily by the base model, and head k learns, at
-  every position of those continuations, the token the base model wrote k + 1
-  places after its next one. The targets are thus exactly what greedy decoding
-  will ask the heads to guess.
+The base GPT, the Medusa heads and the draft model come trained from
+impls/train.py (train_lm, train_heads: next-token prediction on the offline
+corpus of impls/data.py, and self-distillation of the heads), the first time
+a preset is used, and are cached by bench/checkpoints.py under
+$GENBENCH_CACHE/medusa/, keyed by a hash of the model config, the data and
+the training settings. `--model PATH` takes a local Hugging Face model
+instead (vanilla and lookup only).
 
 Each row is one method. Every prompt is decoded once after an untimed warm-up;
 a row's samples are the per-prompt times (prefill + decode, ms), tokens/s is
@@ -33,12 +27,10 @@ last place of the decoding dtype, and otherwise makes the row a mismatch.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -54,8 +46,7 @@ from bench.timing import StepTimer
 from impls import decoding, decoding_triton, hf, medusa
 from impls.data import DataConfig, TextData, load_data
 from impls.gpt import GPT, GPTConfig
-from impls.precision import PRECISIONS
-from impls.train import train_step
+from impls.train import HeadsTraining, LMTraining, Progress, quiet, train_heads, train_lm
 
 METHODS = ("vanilla", "medusa", "draft", "lookup")
 TREES = ("default", "greedy")
@@ -70,44 +61,9 @@ NEAR_TIE_ULPS = 4.0
 CODE_VERSION = 1  # part of every checkpoint key: bump when training changes
 LOOKUP_NGRAM = 3
 
-Progress = Callable[[str, int, int, str], None]  # (phase, step, total, info)
-
-
-def _quiet(phase: str, step: int, total: int, info: str = "") -> None:
-    pass
-
 
 # ---------------------------------------------------------------------------
 # Presets
-
-
-@dataclass(frozen=True)
-class LMTraining:
-    """Next-token training of a GPT on the corpus (base and draft models)."""
-
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    warmup: int = 20
-    # A budget, not a measurement: training stops when it is spent and the
-    # learning-rate schedule follows whichever of steps and seconds runs out
-    # first. The checkpoint records how many steps ran.
-    max_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class HeadsTraining:
-    """Self-distillation of the Medusa heads."""
-
-    prompts: int  # train-split prompts the base model continues greedily
-    prompt_len: int
-    gen_len: int
-    steps: int
-    batch_size: int  # positions per step
-    lr: float
-    gen_batch: int = 256  # prompts continued at once
-    max_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +80,8 @@ class MedusaPreset:
 
 
 PRESETS = {
-    # CPU smoke runs: about 15 s of training on two idle cores. Too little for good
-    # text: its greedy output soon repeats itself, which speculation finds easy.
+    # CPU smoke runs. Too little training for good text: its greedy output soon
+    # repeats itself, which speculation finds easy.
     "tiny": MedusaPreset(
         base=GPTConfig.from_name("tiny"),
         data="stdlib-small",
@@ -135,7 +91,7 @@ PRESETS = {
         draft_train=LMTraining(steps=100, batch_size=8, seq_len=128, lr=6e-3),
         prompt_len=32, max_new_tokens=48, prompts=4,
     ),
-    # A few minutes on one GPU.
+    # Sized for one GPU.
     "small": MedusaPreset(
         base=GPTConfig.from_name("small"),
         data="stdlib",
@@ -146,10 +102,9 @@ PRESETS = {
         prompt_len=128, max_new_tokens=256, prompts=16,
     ),
     # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
-    # datacenter GPU. On an H200 the step counts bind, not the time budgets, so
-    # that a preset trains the same models each time: about four minutes in all
-    # (base ~70 s, heads ~100 s plus ~60 s of greedy generation, draft ~6 s).
-    # Slower GPUs stop at the budgets. The heads learn from continuations as
+    # datacenter GPU. The step counts are set to bind there before the time
+    # budgets, so that a preset trains the same models each time; slower GPUs
+    # stop at the budgets. The heads learn from continuations as
     # long as the benchmark's (128-token prompts, hundreds of new tokens), where
     # the base model's greedy text settles into the repetitions that speculation feeds on.
     "medium": MedusaPreset(
@@ -296,156 +251,6 @@ def _gpt_from(payload: dict, expected: GPTConfig, path: Path, what: str) -> GPT:
 
 
 # ---------------------------------------------------------------------------
-# Training
-
-
-def _train_precision(device: torch.device):
-    if device.type == "cuda" and PRECISIONS["bf16"].why_not(device) is None:
-        return PRECISIONS["bf16"]
-    return PRECISIONS["fp32"]
-
-
-def _lr(t: LMTraining | HeadsTraining, step: int, fraction: float) -> float:
-    """Linear warm-up, then cosine decay to a tenth over the run (steps or seconds)."""
-    warmup = getattr(t, "warmup", 0)
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
-
-
-class _Budget:
-    """How far a run is: the larger of its share of steps and of seconds."""
-
-    def __init__(self, steps: int, max_seconds: float | None):
-        self.steps, self.max_seconds, self.start = steps, max_seconds, time.monotonic()
-
-    def fraction(self, step: int) -> float:
-        f = step / self.steps
-        if self.max_seconds:
-            f = max(f, (time.monotonic() - self.start) / self.max_seconds)
-        return f
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-
-@torch.no_grad()
-def _val_loss(model: GPT, data: TextData, seq_len: int, device: torch.device, precision, batches: int = 8) -> float:
-    model.eval()
-    losses = []
-    for i in range(batches):
-        x, y = data.get_batch("val", 8, min(seq_len, len(data.val) - 1), seed=10_000 + i, device=device)
-        with precision.context(device):
-            losses.append(model(x, y)[1].item())
-    return sum(losses) / len(losses)
-
-
-def train_lm(config: GPTConfig, data: TextData, t: LMTraining, device: torch.device, seed: int,
-             progress: Progress = _quiet, phase: str = "base") -> tuple[GPT, dict]:
-    """Train a GPT from scratch on the corpus; returns it (fp32, on device) and what happened."""
-    torch.manual_seed(seed)
-    model = GPT(config).to(device)
-    precision = _train_precision(device)
-    opt = model.configure_optimizer(weight_decay=0.1, lr=t.lr, betas=(0.9, 0.95), device_type=device.type)
-    scaler = precision.scaler(device)
-    g = torch.Generator().manual_seed(seed)
-    budget = _Budget(t.steps, t.max_seconds)
-    seq_len = min(t.seq_len, config.block_size)
-    model.train()
-    step, loss = 0, None
-    while step < t.steps and budget.fraction(step) < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = _lr(t, step, budget.fraction(step))
-        x, y = data.get_batch("train", t.batch_size, seq_len, generator=g, device=device)
-        loss = train_step(model, opt, scaler, precision, x, y, device)
-        step += 1
-        if step % 10 == 0 or step == t.steps:  # reading the loss waits for the device
-            progress(phase, step, t.steps, f"loss {loss.item():.3f}")
-    seconds = budget.seconds()
-    info = dict(steps=step, seconds=round(seconds, 1), train_loss=None if loss is None else loss.item(),
-                val_loss=_val_loss(model, data, seq_len, device, precision), params=model.num_params(False),
-                precision=precision.name)
-    progress(phase, t.steps, t.steps, f"val loss {info['val_loss']:.3f} after {step} steps")
-    model.eval()
-    return model, info
-
-
-def _inference_copy(model: GPT, device: torch.device) -> GPT:
-    """The frozen base model as decoding will see it: bf16 on a GPU that has it, else fp32."""
-    dtype = torch.bfloat16 if _train_precision(device).name == "bf16" else torch.float32
-    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-
-
-def train_heads(model: GPT, data: TextData, n_heads: int, h: HeadsTraining, device: torch.device, seed: int,
-                progress: Progress = _quiet) -> tuple[medusa.MedusaHeads, dict]:
-    """Self-distilled Medusa heads for a frozen base model; returns them (fp32) and their scores."""
-    frozen = _inference_copy(model, device)
-    P = h.prompt_len
-    prompts = data.get_batch("train", h.prompts, P, seed=seed + 1)[0].to(device)
-    seqs = []
-    for chunk in prompts.split(h.gen_batch):
-        seqs.append(decoding.greedy_continue(frozen, chunk, h.gen_len))
-        progress("distill", sum(len(s) for s in seqs), h.prompts, "greedy continuations of train prompts")
-    seq = torch.cat(seqs)  # (n, P + G)
-    with torch.no_grad():
-        hidden = torch.cat([frozen(chunk, return_hidden=True)[2] for chunk in seq.split(64)])  # (n, T, C)
-    # Positions that have at least the first head's target: P - 1 .. T - 3.
-    T = seq.shape[1]
-    targets = medusa.head_targets(seq, n_heads, start=P)[:, :, P - 1:T - 2]  # (K, n, G - 1)
-    hidden = hidden[:, P - 1:T - 2]
-    n_eval = max(1, len(seq) // 8)  # the last eighth of the continuations is held out for the scores
-    x_train = hidden[:-n_eval].reshape(-1, hidden.shape[-1])
-    y_train = targets[:, :-n_eval].reshape(n_heads, -1)
-    x_eval = hidden[-n_eval:].reshape(-1, hidden.shape[-1])
-    y_eval = targets[:, -n_eval:].reshape(n_heads, -1)
-    del frozen, hidden
-
-    torch.manual_seed(seed)
-    lm_head = model.lm_head.weight[:model.config.vocab_size]  # the real vocabulary's rows
-    heads = medusa.MedusaHeads.from_lm_head(lm_head.detach().float(), n_heads).to(device)
-    opt = torch.optim.AdamW(heads.parameters(), lr=h.lr, weight_decay=0.0)
-    precision = _train_precision(device)
-    g = torch.Generator().manual_seed(seed + 2)
-    budget = _Budget(h.steps, h.max_seconds)
-    step = 0
-    while step < h.steps and budget.fraction(step) < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = _lr(h, step, budget.fraction(step))
-        idx = torch.randint(len(x_train), (h.batch_size,), generator=g).to(device)
-        with precision.context(device):
-            losses = medusa.head_losses(heads(x_train[idx]), y_train[:, idx])
-        losses.mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % 10 == 0 or step == h.steps:
-            progress("heads", step, h.steps, "loss " + " ".join(f"{v:.2f}" for v in losses.tolist()))
-    heads.eval()
-    scores = score_heads(heads, x_eval, y_eval, device)
-    progress("heads", h.steps, h.steps, "top-1 " + " ".join(f"{v:.2f}" for v in scores.top1))
-    info = dict(steps=step, seconds=round(budget.seconds(), 1), positions=len(x_train),
-                params=sum(p.numel() for p in heads.parameters()), **asdict(scores))
-    return heads, info
-
-
-@torch.no_grad()
-def score_heads(heads: medusa.MedusaHeads, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> medusa.HeadScores:
-    precision = _train_precision(device)
-    loss_sum = torch.zeros(heads.n_heads, dtype=torch.float64, device=device)
-    hits = torch.zeros(heads.n_heads, medusa.TOPK, dtype=torch.long, device=device)
-    counts = torch.zeros(heads.n_heads, dtype=torch.long, device=device)
-    for xs, ys in zip(x.split(2048), y.split(2048, dim=1)):
-        with precision.context(device):
-            logits = heads(xs)
-        n = (ys >= 0).sum(dim=1)
-        loss_sum += medusa.head_losses(logits, ys).double() * n
-        h, c = medusa.head_counts(logits, ys)
-        hits += h
-        counts += c
-    return medusa.head_scores((loss_sum / counts.clamp_min(1)).tolist(), hits, counts)
-
-
-# ---------------------------------------------------------------------------
 # Preparing a run: models trained or loaded, prompts, tree
 
 
@@ -509,7 +314,7 @@ def _cached_or_trained(kind: str, key: str, progress: Progress, build: Callable[
     return obj, Part(kind, info.get("params", 0), False, str(path), info), payload
 
 
-def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _quiet,
+def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = quiet,
             train_only: bool = False) -> Prepared:
     """Train or load what the methods need, pick the prompts, check the lengths."""
     dtype = DTYPES[opts.dtype]
@@ -530,73 +335,16 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _qui
     data = load_data(DataConfig.from_name(data_name), cache_dir())
     progress("data", 1, 1, f"{len(data.tokens):,} tokens, vocabulary {data.vocab_size}")
     base_cfg = dataclasses.replace(preset.base, vocab_size=data.vocab_size)
-    parts = []
-
-    # Base model
-    if opts.checkpoint:
-        path = Path(opts.checkpoint)
-        if not path.is_file():
-            raise BadInput(f"--checkpoint {path}: no such file")
-        payload = _load(path)
-        if payload.get("kind") != "base":
-            raise BadInput(f"--checkpoint {path} holds a {payload.get('kind')!r} model, not a base model")
-        model = _gpt_from(payload, base_cfg, path, "base model")
-        base_key = payload.get("key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        parts.append(Part("base", model.num_params(False), True, str(path), payload.get("info", {})))
-        model = model.to(device)
-    else:
-        base_key = _key("base", asdict(base_cfg), data.path.name, asdict(preset.base_train), opts.seed)
-
-        def build_base():
-            m, info = train_lm(base_cfg, data, preset.base_train, device, opts.seed, progress, "base")
-            return m, info, dict(config=asdict(base_cfg), data=data.path.name, train=asdict(preset.base_train))
-
-        model, part, _ = _cached_or_trained("base", base_key, progress, build_base,
-                                            lambda p, path: _gpt_from(p, base_cfg, path, "base model").to(device))
-        parts.append(part)
-
+    model, part, base_key = _base_model(opts, data, base_cfg, device, progress)
+    parts = [part]
     want = set(opts.methods) | ({"medusa", "draft"} if train_only else set())
     heads = scores = tree = draft = None
     if "medusa" in want:
-        heads_key = _key("heads", base_key, opts.heads, asdict(preset.heads_train), opts.seed)
-
-        def build_heads():
-            h, info = train_heads(model, data, opts.heads, preset.heads_train, device, opts.seed, progress)
-            return h, info, dict(config=dict(n_heads=opts.heads, n_embd=base_cfg.n_embd, vocab_size=data.vocab_size),
-                                 base=base_key, train=asdict(preset.heads_train))
-
-        def restore_heads(p, path):
-            cfg = p["config"]
-            want = (base_cfg.n_embd, data.vocab_size, opts.heads)
-            if (cfg.get("n_embd"), cfg.get("vocab_size"), cfg.get("n_heads")) != want:
-                raise BadInput(f"{path}: heads for n_embd {cfg.get('n_embd')}, vocabulary {cfg.get('vocab_size')}, "
-                               f"{cfg.get('n_heads')} heads do not fit this base model")
-            h = medusa.MedusaHeads(base_cfg.n_embd, data.vocab_size, opts.heads)
-            h.load_state_dict(p["state_dict"])
-            return h.to(device)
-
-        heads, part, payload = _cached_or_trained("heads", heads_key, progress, build_heads, restore_heads)
+        heads, part, scores = _heads(opts, data, model, base_key, device, progress)
         parts.append(part)
-        info = payload["info"]
-        scores = medusa.HeadScores(tuple(info["loss"]), tuple(info["top1"]), tuple(info["top5"]),
-                                   tuple(tuple(r) for r in info["rank_accuracy"]))
-        if opts.tree == "default":
-            tree = medusa.default_tree(opts.heads, opts.tree_size)
-        elif opts.tree == "greedy":
-            tree = medusa.greedy_tree(scores.rank_accuracy, opts.tree_size)
-        else:
-            tree = medusa.parse_tree(opts.tree)
+        tree = _tree(opts, scores)
     if "draft" in want:
-        draft_cfg = dataclasses.replace(preset.draft, vocab_size=data.vocab_size,
-                                        block_size=max(preset.draft.block_size, base_cfg.block_size))
-        draft_key = _key("draft", asdict(draft_cfg), data.path.name, asdict(preset.draft_train), opts.seed)
-
-        def build_draft():
-            m, info = train_lm(draft_cfg, data, preset.draft_train, device, opts.seed + 3, progress, "draft")
-            return m, info, dict(config=asdict(draft_cfg), data=data.path.name, train=asdict(preset.draft_train))
-
-        draft, part, _ = _cached_or_trained("draft", draft_key, progress, build_draft,
-                                            lambda p, path: _gpt_from(p, draft_cfg, path, "draft model").to(device))
+        draft, part = _draft_model(opts, data, base_cfg, device, progress)
         parts.append(part)
 
     model = model.to(dtype).eval().requires_grad_(False)
@@ -613,6 +361,89 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = _qui
     max_len = _check_lengths(prompts, max_new, depth, tree.size if tree else 1, base_cfg.block_size, train_only)
     return Prepared(opts, device, dtype, mode, model, prompts, max_new, max_len, heads=heads, draft=draft, tree=tree,
                     scores=scores, parts=parts)
+
+
+def _base_model(opts: MedusaOptions, data: TextData, base_cfg: GPTConfig, device: torch.device,
+                progress: Progress) -> tuple[GPT, Part, str]:
+    """The base GPT (fp32, on device) from --checkpoint, else from the cache or trained
+    by impls/train.py and cached; with its part and the key the heads' key builds on."""
+    if opts.checkpoint:
+        path = Path(opts.checkpoint)
+        if not path.is_file():
+            raise BadInput(f"--checkpoint {path}: no such file")
+        payload = _load(path)
+        if payload.get("kind") != "base":
+            raise BadInput(f"--checkpoint {path} holds a {payload.get('kind')!r} model, not a base model")
+        model = _gpt_from(payload, base_cfg, path, "base model")
+        base_key = payload.get("key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        part = Part("base", model.num_params(False), True, str(path), payload.get("info", {}))
+        return model.to(device), part, base_key
+    training = opts.preset.base_train
+    base_key = _key("base", asdict(base_cfg), data.path.name, asdict(training), opts.seed)
+
+    def build():
+        m, info = train_lm(base_cfg, data, training, device, opts.seed, progress, "base")
+        return m, info, dict(config=asdict(base_cfg), data=data.path.name, train=asdict(training))
+
+    model, part, _ = _cached_or_trained("base", base_key, progress, build,
+                                        lambda p, path: _gpt_from(p, base_cfg, path, "base model").to(device))
+    return model, part, base_key
+
+
+def _heads(opts: MedusaOptions, data: TextData, model: GPT, base_key: str, device: torch.device,
+           progress: Progress) -> tuple[medusa.MedusaHeads, Part, medusa.HeadScores]:
+    """opts.heads Medusa heads for the base model (fp32, on device), from the cache or
+    self-distilled by impls/train.py and cached; with their part and scores."""
+    training = opts.preset.heads_train
+    n_embd = model.config.n_embd
+    heads_key = _key("heads", base_key, opts.heads, asdict(training), opts.seed)
+
+    def build():
+        h, info = train_heads(model, data, opts.heads, training, device, opts.seed, progress)
+        return h, info, dict(config=dict(n_heads=opts.heads, n_embd=n_embd, vocab_size=data.vocab_size),
+                             base=base_key, train=asdict(training))
+
+    def restore(p, path):
+        cfg = p["config"]
+        want = (n_embd, data.vocab_size, opts.heads)
+        if (cfg.get("n_embd"), cfg.get("vocab_size"), cfg.get("n_heads")) != want:
+            raise BadInput(f"{path}: heads for n_embd {cfg.get('n_embd')}, vocabulary {cfg.get('vocab_size')}, "
+                           f"{cfg.get('n_heads')} heads do not fit this base model")
+        h = medusa.MedusaHeads(n_embd, data.vocab_size, opts.heads)
+        h.load_state_dict(p["state_dict"])
+        return h.to(device)
+
+    heads, part, payload = _cached_or_trained("heads", heads_key, progress, build, restore)
+    info = payload["info"]
+    scores = medusa.HeadScores(tuple(info["loss"]), tuple(info["top1"]), tuple(info["top5"]),
+                               tuple(tuple(r) for r in info["rank_accuracy"]))
+    return heads, part, scores
+
+
+def _tree(opts: MedusaOptions, scores: medusa.HeadScores) -> medusa.Tree:
+    if opts.tree == "default":
+        return medusa.default_tree(opts.heads, opts.tree_size)
+    if opts.tree == "greedy":
+        return medusa.greedy_tree(scores.rank_accuracy, opts.tree_size)
+    return medusa.parse_tree(opts.tree)
+
+
+def _draft_model(opts: MedusaOptions, data: TextData, base_cfg: GPTConfig, device: torch.device,
+                 progress: Progress) -> tuple[GPT, Part]:
+    """The draft GPT (fp32, on device), from the cache or trained by impls/train.py and cached."""
+    preset = opts.preset
+    training = preset.draft_train
+    draft_cfg = dataclasses.replace(preset.draft, vocab_size=data.vocab_size,
+                                    block_size=max(preset.draft.block_size, base_cfg.block_size))
+    draft_key = _key("draft", asdict(draft_cfg), data.path.name, asdict(training), opts.seed)
+
+    def build():
+        m, info = train_lm(draft_cfg, data, training, device, opts.seed + 3, progress, "draft")
+        return m, info, dict(config=asdict(draft_cfg), data=data.path.name, train=asdict(training))
+
+    draft, part, _ = _cached_or_trained("draft", draft_key, progress, build,
+                                        lambda p, path: _gpt_from(p, draft_cfg, path, "draft model").to(device))
+    return draft, part
 
 
 def _prepare_hf(opts: MedusaOptions, device, dtype, mode, progress) -> Prepared:

@@ -32,7 +32,7 @@ def tune(seqs, head_dims, dtypes, heads: int = 16, tokens: int = 16 * 1024, log=
     """Run every shape once forward and backward under fresh tuning; return the choices as data."""
     import triton
 
-    from impls.attention import flash_triton, tuning
+    from impls.attention import flash, flash_triton, tuning
 
     device = torch.device("cuda")
     tuning.retune()
@@ -44,15 +44,16 @@ def tune(seqs, head_dims, dtypes, heads: int = 16, tokens: int = 16 * 1024, log=
                         t0 = time.perf_counter()
                         q, k, v = (torch.randn(max(1, tokens // s), heads, s, d, device=device, dtype=DTYPES[dtype],
                                                requires_grad=True) for _ in range(3))
-                        flash_triton.attention(q, k, v, causal, gluon=gluon).sum().backward()
+                        ran = flash.Kernels()
+                        flash.attention(q, k, v, causal, gluon=gluon, kernels=ran).sum().backward()
                         torch.cuda.synchronize()
                         log(f"{dtype} D={d} S={s} causal={causal} {'triton' if gluon is False else 'tiled'}: "
-                            f"{flash_triton.last_config()} ({time.perf_counter() - t0:.1f} s)")
+                            f"{ran} ({time.perf_counter() - t0:.1f} s)")
     data = {"arch": tuning.arch(device), "triton": triton.__version__, "gpu": torch.cuda.get_device_name(device),
             "torch": torch.__version__, "triton_kernels": {}, "gluon": {}}
     for name, kernel in flash_triton.AUTOTUNED.items():
         data["triton_kernels"][name] = {repr(key): tuning.config_record(c) for key, c in kernel.cache.items()}
-    fg = flash_triton._GLUON or None
+    fg = flash.loaded_gluon()
     if fg is not None:
         for name, tuner in fg.TUNERS.items():
             data["gluon"][name] = {repr(key): list(config) for (key, _, _), config in tuner._memo.items()}

@@ -45,12 +45,41 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from impls.attention import flash
 from impls.attention import flash_triton as ft
 from impls.attention import naive
 
 ROOT = Path(__file__).resolve().parents[1]  # the workers run `python -m tools.tune_flash` from here
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1
 KERNELS = {"fwd": ft._fwd_kernel, "dkdv": ft._bwd_dkdv_kernel, "dq": ft._bwd_dq_kernel}
+RAN = flash.Kernels()  # the kernels the last fa() call ran
+GLUON_RAN = {}  # "fwd", "dkdv", "dq" -> the last flash_gluon launch of that kernel here, described
+
+
+def fa(q, k, v, causal, **options):
+    """flash.attention(q, k, v, causal, **options), recording what ran on RAN."""
+    return flash.attention(q, k, v, causal, kernels=RAN, **options)
+
+
+def gluon_forward(q, k, v, causal, scale, config=None):
+    from impls.attention import flash_gluon as fg
+    o, lse, config = fg.forward(q, k, v, causal, scale, config)
+    GLUON_RAN["fwd"] = fg.describe("fwd", config)
+    return o, lse
+
+
+def gluon_dkdv(q, k, v, do, lse, delta, causal, scale, config=None):
+    from impls.attention import flash_gluon as fg
+    dk, dv, config = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale, config)
+    GLUON_RAN["dkdv"] = fg.describe("dkdv", config)
+    return dk, dv
+
+
+def gluon_dq(q, k, v, do, lse, delta, causal, scale, config=None):
+    from impls.attention import flash_gluon as fg
+    dq, config = fg.backward_dq(q, k, v, do, lse, delta, causal, scale, config)
+    GLUON_RAN["dq"] = fg.describe("dq", config)
+    return dq
 
 
 # ---------------------------------------------------------------- cases
@@ -142,11 +171,11 @@ def run_check(job, B=1, H=4, Hkv=2, S=333 if DEVICE == "cuda" else 70):
     try:
         with forced(fi, ki, qi):
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            out = ft.attention(qg, kg, vg, causal, use_tma=use_tma, gluon=False)
+            out = fa(qg, kg, vg, causal, use_tma=use_tma, gluon=False)
             out.backward(do)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            row["ran"] = ft.last_config()
+            row["ran"] = str(RAN)
     except Exception as exc:  # noqa: BLE001 - record and go on: one config's failure must not hide the rest
         name = type(exc).__name__
         row["skipped" if name == "OutOfResources" else "error"] = f"{name}: {str(exc)[:200]}"
@@ -187,9 +216,9 @@ def impls(tma: bool):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return f
 
-    out = {"triton": lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=False, gluon=False)}
+    out = {"triton": lambda q, k, v, c: fa(q, k, v, c, use_tma=False, gluon=False)}
     if tma:
-        out["triton-tma"] = lambda q, k, v, c: ft.attention(q, k, v, c, use_tma=True, gluon=False)
+        out["triton-tma"] = lambda q, k, v, c: fa(q, k, v, c, use_tma=True, gluon=False)
     out.update({"sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
                 "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)})
     return out
@@ -294,7 +323,7 @@ def timing(cases, tma, rep_ms):
                 row.update(fwd_ms=ms_f, fwd_tflops=tflops(B, H, S, D, causal, ms_f, False),
                            fwdbwd_ms=ms_fb, fwdbwd_tflops=tflops(B, H, S, D, causal, ms_fb, True))
                 if name.startswith("triton"):
-                    row["config"] = ft.last_config()
+                    row["config"] = str(RAN)
                     for kname, kern in KERNELS.items():
                         for cfg, t in getattr(kern, "configs_timings", {}).items():
                             tune_rows.append(dict(case=label, impl=name, kernel=kname, config=short(cfg),
@@ -360,12 +389,12 @@ def experiment(rep_ms, only: str = ""):
                 cfg = triton.Config(blocks, **opts)
                 try:
                     with forced_fwd(cfg):
-                        out = ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False)
-                        ms = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
+                        out = fa(q, k, v, causal, use_tma=use_tma, gluon=False)
+                        ms = do_bench(lambda: fa(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
                                       rep=rep_ms, return_mode="median")
-                        ms2 = do_bench(lambda: ft.attention(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
+                        ms2 = do_bench(lambda: fa(q, k, v, causal, use_tma=use_tma, gluon=False), warmup=25,
                                        rep=rep_ms, return_mode="median")
-                        err_small = rel_err(ft.attention(*small, causal, use_tma=use_tma, gluon=False), small_ref)
+                        err_small = rel_err(fa(*small, causal, use_tma=use_tma, gluon=False), small_ref)
                     row.update(fwd_ms=ms, fwd_ms_again=ms2, fwd_tflops=tflops(B, H, S, D, causal, min(ms, ms2), False),
                                vs_cudnn=rel_err(out, ref), vs_float64_S333=err_small)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is a row
@@ -402,7 +431,7 @@ def gluon_experiment(rep_ms, kinds=None):
                     row = dict(D=D, config=str(cfg), dtype=str(dtype).removeprefix("torch."), S=S, causal=causal,
                                layout=layout, H=H, Hkv=Hkv)
                     try:
-                        o, lse = fg.forward(q, k, v, causal, scale, cfg)
+                        o, lse = gluon_forward(q, k, v, causal, scale, cfg)
                         ref = reference(q, k, v, causal, scale)
                         row["out"] = rel_err(o, ref)
                         logits = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * scale
@@ -426,11 +455,11 @@ def gluon_experiment(rep_ms, kinds=None):
                         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal).double()
                     variants = [("sdpa-cudnn", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
                                 ("sdpa-flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal)),
-                                ("triton", lambda: ft.attention(q, k, v, causal, gluon=False))]
-                    variants += [(f"gluon {c}", lambda c=c: fg.forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
+                                ("triton", lambda: fa(q, k, v, causal, gluon=False))]
+                    variants += [(f"gluon {c}", lambda c=c: gluon_forward(q, k, v, causal, 1 / math.sqrt(D), c)[0])
                                  for c in fg.CONFIGS[D]
                                  if not (causal and c[3] == "persistent") and not (kinds and c[3] not in kinds)]
-                    variants.append(("gluon autotuned", lambda: fg.forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
+                    variants.append(("gluon autotuned", lambda: gluon_forward(q, k, v, causal, 1 / math.sqrt(D))[0]))
                     for label, fn in variants:
                         row = dict(case=case, impl=label)
                         try:
@@ -440,7 +469,7 @@ def gluon_experiment(rep_ms, kinds=None):
                             row.update(fwd_ms=ms[0], fwd_ms_again=ms[1],
                                        fwd_tflops=tflops(B, H, S, D, causal, min(ms), False))
                             if label.startswith("gluon"):
-                                row["config"] = fg.last_config
+                                row["config"] = GLUON_RAN["fwd"]
                                 if label != "gluon autotuned":
                                     kern = fg._launch(q, k, v, torch.empty_like(q),
                                                       torch.empty(B, H, S, device=DEVICE), causal, 0.1,
@@ -448,7 +477,7 @@ def gluon_experiment(rep_ms, kinds=None):
                                     kernels.append(dict(case=case, config=label, regs=kern.n_regs,
                                                         spills=kern.n_spills, smem=kern.metadata.shared))
                             elif label == "triton":
-                                row["config"] = ft.last_config()
+                                row["config"] = str(RAN)
                         except Exception as exc:  # noqa: BLE001 - a failing variant is a row
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         rows.append(row)
@@ -473,44 +502,40 @@ def gluon_bwd_experiment(rep_ms, out):
         ref = torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal), (q, k, v), do)
         variants = [("sdpa-cudnn", lambda: torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
                                                                 (q, k, v), do)),
-                    ("triton fwd+bwd", lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=False),
+                    ("triton fwd+bwd", lambda: torch.autograd.grad(fa(q, k, v, causal, gluon=False),
                                                                    (q, k, v), do)),
                     ("gluon fwd + gluon dkdv + triton dq",
-                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)),
+                     lambda: torch.autograd.grad(fa(q, k, v, causal, gluon=True, gluon_dq=False), (q, k, v), do)),
                     ("gluon fwd + gluon dkdv + gluon dq",
-                     lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do))]
-        saved = ft.GLUON_DQ
+                     lambda: torch.autograd.grad(fa(q, k, v, causal, gluon=True, gluon_dq=True), (q, k, v), do))]
         for label, fn in variants:
             row = dict(case=case, impl=label)
-            ft.GLUON_DQ = label.endswith("gluon dq")
             try:
                 grads = fn()
                 row.update({f"vs_cudnn_{n}": rel_err(g, r.double()) for n, g, r in zip("qkv", grads, ref)})
                 ms = [do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") for _ in range(2)]
                 row.update(fwdbwd_ms=ms[0], fwdbwd_ms_again=ms[1], fwdbwd_tflops=tflops(B, H, S, D, causal, min(ms), True))
                 if label != "sdpa-cudnn":
-                    row["config"] = ft.last_config()
+                    row["config"] = str(RAN)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            finally:
-                ft.GLUON_DQ = saved
             rows.append(row)
             write_csv(os.path.join(out, "gluon_bwd_timing.csv"), rows)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
         # Each backward kernel alone, from the same lse and delta.
         with torch.no_grad():
             scale = 1 / math.sqrt(D)
-            o, lse = ft._forward(q, k, v, causal, scale, False)
+            o, lse, _ = ft.forward(q, k, v, causal, scale)
             delta = (o.float() * do.float()).sum(-1)
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             common = (S, ft._seq_bucket(S), scale * ft.LOG2E, scale, D, D, causal, False)
-            kernels = [(f"gluon dkdv {c}", lambda c=c: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale, c), None)
+            kernels = [(f"gluon dkdv {c}", lambda c=c: gluon_dkdv(q, k, v, do, lse, delta, causal, scale, c), None)
                        for c in fg.BWD_CONFIGS]
             kernels.append(("triton dkdv", lambda: ft._bwd_dkdv_kernel[
                 lambda meta: (ft.triton.cdiv(S, meta["BLOCK_N"]), B * H)](
                 q, k, v, do, dk, dv, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
                 *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common), ft._bwd_dkdv_kernel))
-            kernels += [(f"gluon dq {c}", lambda c=c: fg.backward_dq(q, k, v, do, lse, delta, causal, scale, c), None)
+            kernels += [(f"gluon dq {c}", lambda c=c: gluon_dq(q, k, v, do, lse, delta, causal, scale, c), None)
                         for c in fg.DQ_CONFIGS]
             kernels.append(("triton dq", lambda: ft._bwd_dq_kernel[
                 lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](
@@ -521,7 +546,7 @@ def gluon_bwd_experiment(rep_ms, out):
                 try:
                     row["kernel_ms"] = do_bench(launch, warmup=10, rep=rep_ms, return_mode="median")
                     if autotuned is not None:
-                        row["config"] = ft._describe(autotuned)
+                        row["config"] = ft.describe(autotuned.best_config)
                 except Exception as exc:  # noqa: BLE001 - a failing kernel is a row
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rows.append(row)
@@ -544,15 +569,14 @@ def gluon_bwd_experiment(rep_ms, out):
                        dtype=str(dtype).removeprefix("torch."))
             try:
                 name = {"dkdv": "BWD_CONFIGS", "dq": "DQ_CONFIGS"}[kernel]
-                saved = getattr(fg, name), ft.GLUON_DQ
+                saved = getattr(fg, name)
                 setattr(fg, name, [cfg])
-                ft.GLUON_DQ = kernel == "dq"
                 try:
-                    grads = torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)
+                    grads = torch.autograd.grad(fa(q, k, v, causal, gluon=True, gluon_dq=kernel == "dq"), (q, k, v),
+                                                do)
                 finally:
-                    setattr(fg, name, saved[0])
-                    ft.GLUON_DQ = saved[1]
-                row["kernel"] = ft.last_config()
+                    setattr(fg, name, saved)
+                row["kernel"] = str(RAN)
                 ref = torch.autograd.grad(reference(q, k, v, causal, 1 / math.sqrt(D)), (q, k, v), do.double())
                 row.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref)})
                 # Relative errors are undefined where the reference is zero (S=1: dq = dk = 0).
@@ -569,7 +593,7 @@ def gluon_bwd_experiment(rep_ms, out):
 
 def schedule_experiment(rep_ms, out, D=128):
     """How the Gluon kernels' programs are laid on the GPU, at the issue's shape: dQ beside dK/dV on a
-    second stream or after it (flash_triton.CONCURRENT_DQ), the persistent forward against the
+    second stream or after it (flash.attention's concurrent_dq), the persistent forward against the
     warp-specialized one, each kernel alone, next to cuDNN. Every variant is timed in two rounds (all
     variants, then all again), so that drift over the run shows as a difference between the rounds."""
     from triton.testing import do_bench
@@ -579,55 +603,48 @@ def schedule_experiment(rep_ms, out, D=128):
     scale = 1 / math.sqrt(D)
     rows = []
 
-    @contextlib.contextmanager
-    def flags(concurrent=ft.CONCURRENT_DQ):
-        saved = ft.CONCURRENT_DQ
-        ft.CONCURRENT_DQ = concurrent
-        try:
-            yield
-        finally:
-            ft.CONCURRENT_DQ = saved
-
     for causal in (False, True):
         q, k, v, do = make_inputs(B, H, S, D, "bhsd")
         case = f"D{D}-S{S}-{'causal' if causal else 'full'}"
         with torch.no_grad():
-            o, lse = ft._forward(q, k, v, causal, scale, False)
+            o, lse, _ = ft.forward(q, k, v, causal, scale)
             delta = (o.float() * do.float()).sum(-1)
-        gluon_fb = lambda: torch.autograd.grad(ft.attention(q, k, v, causal, gluon=True), (q, k, v), do)  # noqa: E731
+
+        def gluon_fb(concurrent=True):
+            return torch.autograd.grad(fa(q, k, v, causal, gluon=True, concurrent_dq=concurrent), (q, k, v), do)
+
         cudnn_fb = lambda: torch.autograd.grad(_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal),  # noqa: E731
                                                (q, k, v), do)
-        variants = [  # (label, mode, flags, fn)
-            ("sdpa-cudnn", "fwd", {}, lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
-            ("gluon fwd", "fwd", {}, lambda: fg.forward(q, k, v, causal, scale)[0]),
-            ("sdpa-cudnn", "fwd+bwd", {}, cudnn_fb),
-            ("gluon, dq after dkdv", "fwd+bwd", dict(concurrent=False), gluon_fb),
-            ("gluon, dq on a second stream", "fwd+bwd", dict(concurrent=True), gluon_fb),
-            ("gluon dkdv", "kernel", {}, lambda: fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)),
-            ("gluon dq", "kernel", {}, lambda: fg.backward_dq(q, k, v, do, lse, delta, causal, scale)),
+        variants = [  # (label, mode, fn)
+            ("sdpa-cudnn", "fwd", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
+            ("gluon fwd", "fwd", lambda: gluon_forward(q, k, v, causal, scale)[0]),
+            ("sdpa-cudnn", "fwd+bwd", cudnn_fb),
+            ("gluon, dq after dkdv", "fwd+bwd", lambda: gluon_fb(concurrent=False)),
+            ("gluon, dq on a second stream", "fwd+bwd", lambda: gluon_fb(concurrent=True)),
+            ("gluon dkdv", "kernel", lambda: gluon_dkdv(q, k, v, do, lse, delta, causal, scale)),
+            ("gluon dq", "kernel", lambda: gluon_dq(q, k, v, do, lse, delta, causal, scale)),
         ]
         if not causal:
-            variants += [(f"gluon fwd {c}", "fwd", {}, lambda c=c: fg.forward(q, k, v, causal, scale, c)[0])
+            variants += [(f"gluon fwd {c}", "fwd", lambda c=c: gluon_forward(q, k, v, causal, scale, c)[0])
                          for c in fg.CONFIGS[D] if c[3] in ("ws", "persistent")]
         ref = {"fwd": _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal).double(), "fwd+bwd": cudnn_fb()}
         for rnd in (1, 2):
-            for label, mode, flag, fn in variants:
+            for label, mode, fn in variants:
                 row = dict(case=case, mode=mode, impl=label, round=rnd)
                 try:
-                    with flags(**flag):
-                        res = fn()
-                        if rnd == 1 and mode == "fwd":
-                            row["vs_cudnn"] = rel_err(res, ref["fwd"])
-                        elif rnd == 1 and mode == "fwd+bwd":
-                            row.update({f"vs_cudnn_d{n}": rel_err(g, r.double())
-                                        for n, g, r in zip("qkv", res, ref["fwd+bwd"])})
-                        row["ms"] = do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
-                        if mode != "kernel":
-                            row["tflops"] = tflops(B, H, S, D, causal, row["ms"], mode == "fwd+bwd")
-                        row["config"] = (ft.last_config() if mode == "fwd+bwd" and label != "sdpa-cudnn" else
-                                         fg.last_config if label.startswith("gluon fwd") else
-                                         fg.last_bwd_config if label.startswith("gluon dkdv") else
-                                         fg.last_dq_config if label.startswith("gluon dq") else "")
+                    res = fn()
+                    if rnd == 1 and mode == "fwd":
+                        row["vs_cudnn"] = rel_err(res, ref["fwd"])
+                    elif rnd == 1 and mode == "fwd+bwd":
+                        row.update({f"vs_cudnn_d{n}": rel_err(g, r.double())
+                                    for n, g, r in zip("qkv", res, ref["fwd+bwd"])})
+                    row["ms"] = do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+                    if mode != "kernel":
+                        row["tflops"] = tflops(B, H, S, D, causal, row["ms"], mode == "fwd+bwd")
+                    row["config"] = (str(RAN) if mode == "fwd+bwd" and label != "sdpa-cudnn" else
+                                     GLUON_RAN["fwd"] if label.startswith("gluon fwd") else
+                                     GLUON_RAN["dkdv"] if label.startswith("gluon dkdv") else
+                                     GLUON_RAN["dq"] if label.startswith("gluon dq") else "")
                 except Exception as exc:  # noqa: BLE001 - a failing variant is a row
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rows.append(row)
@@ -678,7 +695,7 @@ def main():
         for r in rows:
             print(r)
         return
-    tma = ft.tma_available() and not args.no_tma
+    tma = flash.tma_available() and not args.no_tma
     print(f"torch {torch.__version__} triton {ft.triton.__version__} device {torch.cuda.get_device_name()} "
           f"tma {tma}", flush=True)
     mm, bw = ceilings()

@@ -2,14 +2,19 @@
 
     from impls.attention import flash_gluon
     if flash_gluon.supported(q, k, v) is None:
-        o, lse = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
-        dk, dv = flash_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
-        dq = flash_gluon.backward_dq(q, k, v, do, lse, delta, causal, scale)
+        o, lse, config = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
+        dk, dv, config = flash_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
+        dq, config = flash_gluon.backward_dq(q, k, v, do, lse, delta, causal, scale)
+        flash_gluon.describe("dq", config)   # "ws BLOCK_M=128 BLOCK_N=64 stages=3 1 loader warp + ..."
+
+These are the kernels, their launches and their tuner; impls/attention/flash.py's
+attention() decides when they run instead of flash_triton.py's. Each launch
+returns the configuration it ran (given, or chosen by the tuner).
 
 Why a second forward: the Triton-language kernel in flash_triton.py spends
-the sum of its matmul and softmax time on every key block (docs/attention-kernels.md,
-v2 to v6): one instruction stream does both, Triton 3.6 waits on each async
-`wgmma` before the softmax, and no knob of the language changed that. Gluon,
+the sum of its matmul and softmax time on every key block: one instruction
+stream does both, Triton 3.6 waits on each async `wgmma` before the softmax,
+and no knob of the language changed that (docs/attention-kernels.md). Gluon,
 which ships with Triton, exposes warp specialization, mbarriers and async
 `wgmma` directly, which is how FlashAttention-3 (Shah et al., 2024,
 arXiv:2407.08608) hides the softmax:
@@ -37,7 +42,7 @@ warpgroup. dQ (`backward_dq`): K and V blocks stream past 128 resident query
 rows, as in the forward. delta = rowsum(dO * O) is flash_triton's, and all
 read the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so these
 kernels are tested on the GPU only (tests/impls/test_flash_gluon.py);
-docs/attention-kernels.md v8-v12 has their figures.
+docs/attention-kernels.md has how they were developed and measured.
 """
 
 from __future__ import annotations
@@ -494,7 +499,7 @@ if GLUON_ERROR is None:
         # lse and delta of query block i, one value a thread. They are per query,
         # a column of S^T, of which each thread holds 16: loaded in that layout,
         # every thread would compute 32 64-bit addresses a block, and the
-        # registers they took made ptxas spill in the key loop (docs/attention-kernels.md v12).
+        # registers they took made ptxas spill in the key loop.
         one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
         return (gl.load(lse_ptr + cols, mask=cols < S, other=0.0),
@@ -753,11 +758,8 @@ if GLUON_ERROR is None:
 # the two consumer warpgroups take turns at the tensor cores, "ws" lets them
 # run freely. Shared memory: a 128-row Q tile plus STAGES K and V tiles; at
 # D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages (224 KB of
-# the 227). The H200's picks at S=8k (docs/attention-kernels.md v9): D=128 128x128 s2,
-# either kind, within 1 %; D=64 128x128 s2 ws.
-# Kind "persistent" is _fwd_persistent_kernel, non-causal only (the tuner
-# leaves it out of causal choices); at D=128 it measured level with ws within
-# the runs' spread (docs/attention-kernels.md v12), and the tuner chose it in the reference run.
+# the 227). Kind "persistent" is _fwd_persistent_kernel, non-causal only (the
+# tuner leaves it out of causal choices).
 CONFIGS = {
     64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent")],
     128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong"),
@@ -765,18 +767,16 @@ CONFIGS = {
 }
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
 # Head dims where `tiled` runs this forward instead of flash_triton's: where it
-# measured faster on the H200 (docs/attention-kernels.md v9: D=128 608 vs 504 TFLOP/s
-# non-causal, 588 vs 463 causal; at D=64 the two tie, 445 vs 441 and 405 vs 398).
+# is faster; at D=64 the two tie (docs/attention-kernels.md).
 PREFERRED_HEAD_DIMS = (128,)
 
 FWD_TUNER = Tuner("fwd")
-last_config = ""
 
 
 # Gluon's API changes between Triton releases, and a kernel that compiles is
 # not yet a kernel that was measured: they run only on the versions they were
 # measured with, unless GENBENCH_GLUON_ANY_TRITON=1 asks to try another
-# (3.9 compiles them: `python3 -m impls.attention.compile_gluon`).
+# (3.9 compiles them: `python3 -m tools.compile_gluon`).
 TRITON_VERSIONS = ("3.6.",)
 
 
@@ -868,24 +868,21 @@ def _tune(q, k, v, o, lse, causal, scale):
 
 
 def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, str] | None = None):
-    """(o, lse) for q (B, H, S, D), k and v (B, Hkv, S, D): o in q's layout, lse (B, H, S) base 2, fp32."""
-    global last_config
+    """(o, lse, config) for q (B, H, S, D), k and v (B, Hkv, S, D): o in q's layout, lse (B, H, S) base 2,
+    fp32, and the config that ran (`config`, or the tuner's choice)."""
     B, H, S, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
     if config is None:
         config = _tune(q, k, v, o, lse, causal, scale)
     _launch(q, k, v, o, lse, causal, scale, config)
-    block_m, block_n, stages, kind = config
-    last_config = f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} 1 loader warp + 2 consumer warpgroups"
-    return o, lse
+    return o, lse, config
 
 
 # (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
 # 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
 BWD_CONFIGS = [(64, 2), (64, 3)]
 DKDV_TUNER = Tuner("dkdv")
-last_bwd_config = ""
 
 
 def supported_bwd(q, k, v, do) -> str | None:
@@ -910,8 +907,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
 
 
 def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
-    """(dk, dv) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
-    global last_bwd_config
+    """(dk, dv, config) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
@@ -920,18 +916,14 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
                                                                          scale, c)),
                                  torch.cuda.get_device_name(q.device))
     _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config)
-    last_bwd_config = (f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} "
-                       "1 loader warp + 2 consumer warpgroups")
-    return dk, dv
+    return dk, dv, config
 
 
 # (BLOCK_N, STAGES) of the dQ kernel: 128 resident query rows, K/V blocks of
-# BLOCK_N keys through the ring. The H200's picks at the issue's shape
-# (docs/attention-kernels.md v11): 64 x 3 non-causal (2.21 ms, 128 x 2 2.59), either causal.
+# BLOCK_N keys through the ring.
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
 TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}  # by kernel, for impls/attention/tuning.py
-last_dq_config = ""
 
 
 def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
@@ -948,8 +940,7 @@ def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
 
 
 def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
-    """dq from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dQ kernel."""
-    global last_dq_config
+    """(dq, config) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dQ kernel."""
     dq = torch.empty_like(q)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype))
@@ -957,5 +948,16 @@ def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, config: tup
                                lambda c: _time_ms(lambda: _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, c)),
                                torch.cuda.get_device_name(q.device))
     _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config)
-    last_dq_config = f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} 1 loader warp + 2 consumer warpgroups"
-    return dq
+    return dq, config
+
+
+def describe(kernel: str, config: tuple) -> str:
+    """A config of the "fwd", "dkdv" or "dq" kernel as the `kernel` column shows it."""
+    warps = "1 loader warp + 2 consumer warpgroups"
+    if kernel == "fwd":
+        block_m, block_n, stages, kind = config
+        return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps}"
+    if kernel == "dkdv":
+        return f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} {warps}"
+    assert kernel == "dq", f"no Gluon kernel {kernel!r}"
+    return f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} {warps}"

@@ -1,8 +1,16 @@
-"""FlashAttention-2 in Triton, forward and backward: genbench's `tiled` attention.
+"""FlashAttention-2 kernels in Triton: the forward, delta, dK/dV and dQ behind genbench's `tiled` attention.
 
-    from impls.attention.flash_triton import attention, supported, last_config
-    if supported(q, k, v, causal=True) is None:
-        out = attention(q, k, v, causal=True)      # (B, H, S, D), differentiable
+    from impls.attention import flash_triton as ft
+    o, lse, config = ft.forward(q, k, v, causal, scale)        # lse (B, H, S): base-2 log-sum-exp, fp32
+    delta = ft.delta(o, do)
+    dk, dv, config = ft.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
+    dq, config = ft.backward_dq(q, k, v, do, lse, delta, causal, scale)
+    ft.describe(config)                                        # "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"
+
+These are the kernels and their launches; impls/attention/flash.py's
+attention() checks the inputs, chooses between these kernels and
+flash_gluon.py's, and makes them one differentiable function. Each launch
+returns the block configuration its autotuner chose.
 
 The algorithm is FlashAttention-2 (Dao, 2023, arXiv:2307.08691):
 - forward: one program keeps a (BLOCK_M, D) block of Q resident and streams
@@ -11,7 +19,7 @@ The algorithm is FlashAttention-2 (Dao, 2023, arXiv:2307.08691):
   wholly above the diagonal are never visited; only the blocks on the diagonal
   pay for a mask. The log-sum-exp of every row is saved for the backward.
 - backward (Algorithm 2 of the paper, split in two kernels instead of summing
-  dQ with atomics, which measured 10-12 % slower: docs/attention-kernels.md, v7): a
+  dQ with atomics, which was slower: docs/attention-kernels.md): a
   preprocess computes delta = rowsum(dO * O); a dK/dV kernel holds a K/V
   block and streams Q/dO blocks past it; a dQ kernel holds a Q/dO block and
   streams K/V. Both recompute P = exp2(QK^T * scale * log2(e) - lse) instead
@@ -27,31 +35,16 @@ Where there is no GPU, the kernels run through Triton's interpreter
 (TRITON_INTERPRET=1, set before triton is imported) on CPU tensors, with one
 small block configuration because the interpreter is slow.
 
-On Hopper the kernels can load tiles through tensor descriptors (the TMA copy
-engine) instead of pointer arithmetic; `attention(..., use_tma=True)` asks for
-it. Descriptors built inside a kernel need a scratch allocator, which Triton
-keeps per thread (a ContextVar), so this module installs one before every such
-launch: the autograd backward runs on a different thread than the forward.
-
-On Hopper, for the head dims in flash_gluon.PREFERRED_HEAD_DIMS (128), the
-forward, dK/dV and dQ kernels are flash_gluon.py's: warp-specialized Gluon
-kernels (a loader warp and two consumer warpgroups) whose softmax runs under
-the tensor cores' products, which Triton-language code could not get
-(docs/attention-kernels.md, v2-v6 against v9-v12). At D=128 on the H200 they measured
-608 against 504 TFLOP/s (forward), 3.7 against 4.2 ms (dK/dV) and 2.2
-against 2.6 ms (dQ); at D=64 the forwards tie, so the Triton kernels stay
-there. The Gluon forward writes the same base-2 log-sum-exp; delta stays
-this module's kernel.
-`attention(..., gluon=False)` keeps every kernel Triton's, `gluon=True` takes
-Gluon's wherever they can run; last_config() names the family of each kernel
-that ran. flash_gluon is imported only on the first CUDA call, never on CPU
-or under the interpreter.
+With use_tma the kernels load tiles through tensor descriptors (Hopper's TMA
+copy engine) instead of pointer arithmetic. Descriptors built inside a kernel
+need a scratch allocator, which Triton keeps per thread (a ContextVar), so
+every such launch installs one: the autograd backward runs on a different
+thread than the forward.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from types import SimpleNamespace
 
@@ -62,7 +55,7 @@ try:
     import triton.language as tl
 
     TRITON_ERROR: str | None = None
-except Exception as exc:  # noqa: BLE001 - any import failure makes the kernel unavailable; supported() says why
+except Exception as exc:  # noqa: BLE001 - any import failure makes the kernel unavailable; flash.supported() says why
     TRITON_ERROR = f"triton not importable: {type(exc).__name__}: {exc}"
 
     def _no_decorator(*args, **kwargs):
@@ -83,20 +76,6 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 # storage (np.matmul on uint16), so under the interpreter every dot upcasts its
 # operands to fp32 first: exact for fp16/bf16 products, as on the tensor cores.
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
-
-# Whether the backward's dQ is flash_gluon's kernel (with the Gluon forward and
-# dK/dV) instead of this module's: measured faster on the H200 (docs/attention-kernels.md
-# v11: 2.21 vs 2.64 ms non-causal, 1.25 vs 1.38 ms causal at the issue's shape).
-GLUON_DQ = True
-# Whether the Gluon dQ kernel runs on a second stream beside the dK/dV kernel
-# (they share only inputs), so that each fills the SMs the other's last wave
-# leaves idle (docs/attention-kernels.md v12: non-causal fwd+bwd 1-2 % faster in both
-# rounds of v12b, causal within the runs' spread).
-CONCURRENT_DQ = True
-
-# Whether attention() uses descriptor (TMA) loads when the caller does not say:
-# set from the measured comparison in docs/attention-kernels.md.
-PREFER_TMA = False
 
 
 # --------------------------------------------------------------------------
@@ -121,14 +100,14 @@ if INTERPRET:
     DKDV_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
     DQ_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
 else:
-    # Hopper leads (docs/attention-kernels.md): 128-row Q blocks on 8 warps (two
-    # warpgroups, one 64-row wgmma each), 64 or 128 key columns, 2-4 stages.
-    # The last config of each list is the fallback for fp32 and head dim 256.
+    # Hopper leads: 128-row Q blocks on 8 warps (two warpgroups, one 64-row
+    # wgmma each), 64 or 128 key columns, 2-4 stages. The last config of each
+    # list is the fallback for fp32 and head dim 256.
     FWD_CONFIGS = [
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
         # Two programs per SM (96 KB of shared memory, <= 128 registers a
-        # thread): one's softmax runs under the other's wgmma. +4 % at
-        # D=128, S=8k non-causal, -5 % causal on the H200 (docs/attention-kernels.md v3).
+        # thread): one's softmax runs under the other's wgmma. It pays
+        # non-causal and costs causal (docs/attention-kernels.md).
         _cfg(8, 2, maxnreg=128, BLOCK_M=128, BLOCK_N=64),
         _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
         _cfg(8, 4, BLOCK_M=128, BLOCK_N=64),
@@ -138,7 +117,7 @@ else:
     # dK/dV: BLOCK_N rows of K/V resident (the accumulators), BLOCK_M query rows streamed.
     # 32-row Q blocks on 8 warps keep the (BLOCK_N, BLOCK_M) fp32 P and dP
     # small next to the 128 registers of dK + dV: 64x128 spills at D=128 yet
-    # still wins at S=8k; 32x128 w8 wins at S=1k-4k causal (docs/attention-kernels.md v2).
+    # is the long sequences' pick; 32x128 w8 the shorter causal ones'.
     DKDV_CONFIGS = [
         _cfg(8, 3, BLOCK_M=64, BLOCK_N=128),
         _cfg(4, 3, BLOCK_M=32, BLOCK_N=128),
@@ -565,93 +544,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # The autotuned kernels by name, for the shipped choices (impls/attention/tuning.py).
 AUTOTUNED = {"_fwd_kernel": _fwd_kernel, "_bwd_dkdv_kernel": _bwd_dkdv_kernel, "_bwd_dq_kernel": _bwd_dq_kernel}
 
-# What ran last, one entry per kernel ("fwd", "bwd dkdv", "bwd dq"), each
-# already prefixed with its kernel family: "triton fwd BLOCK_M=...", "gluon fwd ...".
-_last: dict[str, str] = {}
 
-
-def _describe(kernel) -> str:
-    c = kernel.best_config
-    cap = getattr(c, "maxnreg", None)
-    return (f"BLOCK_M={c.kwargs['BLOCK_M']} BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} stages={c.num_stages}"
-            + (f" maxnreg={cap}" if cap else ""))
-
-
-def last_config() -> str:
-    """Which kernels and block configurations ran last, e.g. for a result row.
-
-    One entry per kernel, each named with its family, e.g. "gluon fwd BLOCK_M=128
-    BLOCK_N=128 stages=3 warps=8; triton bwd dkdv BLOCK_M=64 ...; triton bwd dq ...".
-    """
-    if not _last:
-        return "flash: nothing run yet"
-    return "; ".join(_last.values())
-
-
-# flash_gluon, imported on the first call that could use it: None until then,
-# False if the import failed (_GLUON_ERROR says why).
-_GLUON = None
-_GLUON_ERROR: str | None = None
-
-
-def _gluon_module(q: torch.Tensor):
-    """flash_gluon where its forward could run q (a CUDA tensor, no interpreter), else None.
-
-    Imported lazily so that CPU and TRITON_INTERPRET=1 runs never load Gluon
-    (triton.experimental.gluon), which no interpreter runs.
-    """
-    global _GLUON, _GLUON_ERROR
-    if TRITON_ERROR is not None or INTERPRET or not q.is_cuda:
-        return None
-    if _GLUON is None:
-        try:
-            from impls.attention import flash_gluon
-            _GLUON = flash_gluon
-        except Exception as exc:  # noqa: BLE001 - without Gluon the Triton forward runs
-            _GLUON, _GLUON_ERROR = False, f"flash_gluon not importable: {type(exc).__name__}: {exc}"
-    return _GLUON or None
-
-
-def gluon_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None if flash_gluon's forward can run these inputs here, else why not (the Triton forward runs then)."""
-    fg = _gluon_module(q)
-    if fg is None:
-        if _GLUON_ERROR is not None:
-            return _GLUON_ERROR
-        return "the Gluon forward needs a CUDA tensor on a Hopper GPU, outside Triton's interpreter"
-    return fg.supported(q, k, v)
-
-
-def uses_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool | None = None) -> bool:
-    """Whether attention(q, k, v, ..., gluon=gluon) runs flash_gluon's forward instead of the Triton one.
-
-    gluon=None: where it can run and the head dim is one of
-    flash_gluon.PREFERRED_HEAD_DIMS (where it measured faster); True: wherever
-    it can run; False: never.
-    """
-    if gluon is False:
-        return False
-    fg = _gluon_module(q)
-    if fg is None or fg.supported(q, k, v) is not None:
-        return False
-    return bool(gluon) or q.shape[-1] in fg.PREFERRED_HEAD_DIMS
-
-
-def tma_available() -> bool:
-    """Whether descriptor (TMA) loads can be compiled here: Triton with tensor descriptors on Hopper or newer."""
-    if TRITON_ERROR is not None or INTERPRET or not torch.cuda.is_available():
-        return False
-    return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability()[0] >= 9
-
-
-def _tma_allowed(*tensors: torch.Tensor) -> bool:
-    # A TMA box needs a 16-byte-aligned base and 16-byte-aligned row strides;
-    # kept to the 16-bit types and power-of-two head dims that were measured.
-    t0 = tensors[0]
-    if t0.dtype not in (torch.float16, torch.bfloat16) or t0.shape[-1] not in (64, 128):
-        return False
-    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+def describe(config) -> str:
+    """A block configuration as the `kernel` column shows it, e.g. "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"."""
+    cap = getattr(config, "maxnreg", None)
+    return (f"BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_N={config.kwargs['BLOCK_N']} warps={config.num_warps} "
+            f"stages={config.num_stages}" + (f" maxnreg={cap}" if cap else ""))
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -659,43 +557,13 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> str | None:
-    """None if `attention` can run on these inputs here, else a short reason."""
-    if TRITON_ERROR is not None:
-        return TRITON_ERROR
-    if not INTERPRET:
-        if not torch.cuda.is_available():
-            return "no CUDA and TRITON_INTERPRET is not set"
-        if not q.is_cuda:
-            return f"tensors on {q.device.type}: the kernel needs CUDA (or TRITON_INTERPRET=1)"
-    if q.dtype not in DTYPES:
-        return f"dtype {str(q.dtype).removeprefix('torch.')} not supported"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return "q, k and v must share a dtype"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-d (B, H, S, D)"
-    B, H, S, D = q.shape
-    if D not in HEAD_DIMS:
-        return f"head dim {D} not supported ({', '.join(map(str, HEAD_DIMS))})"
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        return f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, Hkv, S, D) matching q {tuple(q.shape)}"
-    if k.shape[2] != S:
-        return f"query length {S} and key length {k.shape[2]} differ (self-attention only)"
-    if H % k.shape[1] != 0:
-        return f"kv heads {k.shape[1]} do not divide query heads {H}"
-    if S == 0 or B * H == 0:
-        return "empty input"
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        return "the head dim must be contiguous (stride 1)"
-    return None
-
-
 def _strides(t: torch.Tensor):
     # (batch, head, seq) strides of a (B, H, S, D) tensor; the head-dim stride is 1.
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, causal, scale, use_tma):
+def forward(q, k, v, causal: bool, scale: float, use_tma: bool = False):
+    """(o, lse, config): o in q's layout, lse (B, H, S) the base-2 log-sum-exp in fp32, and the block config."""
     B, H, S, D = q.shape
     group = H // k.shape[1]
     o = torch.empty_like(q)  # keeps q's layout, e.g. a (B, S, H, D) view
@@ -708,128 +576,47 @@ def _forward(q, k, v, causal, scale, use_tma):
         H, group, S, _seq_bucket(S), scale * LOG2E,
         D, _pad_dim(D), bool(causal), bool(use_tma),
     )
-    _last.clear()
-    _last["fwd"] = "triton fwd " + _describe(_fwd_kernel) + (" tma" if use_tma else "")
-    return o, lse
+    return o, lse, _fwd_kernel.best_config
 
 
-def _gluon_forward(q, k, v, causal, scale):
-    # flash_gluon's forward: o in q's layout and the same base-2 lse as _forward
-    # writes, so _backward runs unchanged on them.
-    fg = _gluon_module(q)
-    o, lse = fg.forward(q, k, v, causal, scale)
-    _last.clear()
-    _last["fwd"] = "gluon fwd " + fg.last_config
-    return o, lse
-
-
-def _backward(q, k, v, o, lse, do, causal, scale, use_tma, gluon=False):
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    group = H // Hkv
-    d_pad = _pad_dim(D)
-    if do.stride(-1) != 1 or (use_tma and not _tma_allowed(do)):
-        do = do.contiguous()  # e.g. the stride-0 gradient of a .sum()
-    delta = torch.empty_like(lse)
+def delta(o, do):
+    """delta = rowsum(dO * O), (B, H, S) fp32: the row term every backward kernel subtracts."""
+    B, H, S, D = o.shape
+    out = torch.empty((B, H, S), device=o.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, S, D, d_pad, 64,
+        o, do, out, *_strides(o), *_strides(do), H, S, D, _pad_dim(D), 64,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return out
+
+
+def _common(q, causal, scale, use_tma):
+    # The scalar and constexpr arguments the dK/dV and dQ kernels share, after their strides.
+    S, D = q.shape[2], q.shape[3]
     if use_tma:
         triton.set_allocator(_scratch)  # this may be autograd's worker thread
-    common = (S, _seq_bucket(S), scale * LOG2E, scale, D, d_pad, bool(causal), bool(use_tma))
-    fg = _gluon_module(q) if gluon else None
-    if fg and fg.supported_bwd(q, k, v, do) is not None:
-        fg = None
-    if fg and GLUON_DQ and CONCURRENT_DQ:
-        return _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, causal, scale)
-    if fg:
-        dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
-        _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
-    else:
-        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            H, group, *common,
-        )
-        _last["bwd dkdv"] = "triton bwd dkdv " + _describe(_bwd_dkdv_kernel) + (" tma" if use_tma else "")
-    if GLUON_DQ and fg:
-        dq = fg.backward_dq(q, k, v, do, lse, delta, causal, scale)
-        _last["bwd dq"] = "gluon bwd dq " + fg.last_dq_config
-    else:
-        _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, dq, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, group, *common,
-        )
-        _last["bwd dq"] = "triton bwd dq " + _describe(_bwd_dq_kernel) + (" tma" if use_tma else "")
-    return dq, dk, dv
+    return (S, _seq_bucket(S), scale * LOG2E, scale, D, _pad_dim(D), bool(causal), bool(use_tma))
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, use_tma: bool = False):
+    """(dk, dv, config) from the forward's base-2 lse and delta = rowsum(dO * O)."""
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, H // Hkv, *_common(q, causal, scale, use_tma),
+    )
+    return dk, dv, _bwd_dkdv_kernel.best_config
 
 
-def _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, causal, scale):
-    # The dQ kernel on a side stream while dK/dV runs on the caller's. The inputs
-    # were made on the caller's stream, which waits for the side stream before
-    # its next work, so no memory is reused under a running kernel; dq is made
-    # on the side stream and handed to the caller's (record_stream).
-    main = torch.cuda.current_stream(q.device)
-    side = _side_streams.setdefault(q.device, torch.cuda.Stream(q.device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        dq = fg.backward_dq(q, k, v, do, lse, delta, causal, scale)
-    dk, dv = fg.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
-    main.wait_stream(side)
-    dq.record_stream(main)
-    _last["bwd dkdv"] = "gluon bwd dkdv " + fg.last_bwd_config
-    _last["bwd dq"] = "gluon bwd dq " + fg.last_dq_config + ", beside dkdv on a second stream"
-    return dq, dk, dv
-
-
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, use_tma, gluon=False):
-        # gluon: run flash_gluon's forward and backward kernels where they run (attention() decides,
-        # see uses_gluon); delta is Triton's either way.
-        if gluon:
-            o, lse = _gluon_forward(q, k, v, causal, scale)
-        else:
-            o, lse = _forward(q, k, v, causal, scale, use_tma)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.use_tma, ctx.gluon = causal, scale, use_tma, gluon
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.use_tma, ctx.gluon)
-        return dq, dk, dv, None, None, None, None
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              scale: float | None = None, *, use_tma: bool | None = None,
-              gluon: bool | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale (+ causal mask)) v for q (B, H, S, D), k and v (B, Hkv, S, D).
-
-    Returns (B, H, S, D) in q's dtype and layout; differentiable in q, k, v.
-    scale defaults to 1/sqrt(D). use_tma: None picks descriptor loads where
-    they were measured to pay (PREFER_TMA), True asks for them where they can
-    run, False forces pointer loads. gluon: None runs flash_gluon's forward
-    where it can run and was measured faster (flash_gluon.PREFERRED_HEAD_DIMS),
-    True wherever it can run, False never; the backward follows the forward
-    (flash_gluon's dK/dV and dQ kernels after its forward, see GLUON_DQ).
-    last_config() says which ran.
-    """
-    reason = supported(q, k, v, causal)
-    if reason is not None:
-        raise ValueError(f"flash_triton cannot run this input: {reason}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    want = PREFER_TMA if use_tma is None else use_tma
-    tma = bool(want) and tma_available() and _tma_allowed(q, k, v)
-    use_gluon = uses_gluon(q, k, v, gluon)  # imports flash_gluon where it may run, before its tuners are seeded
-    if q.is_cuda and not INTERPRET:
-        from impls.attention import tuning
-        tuning.seed(q.device)
-    return _FlashAttention.apply(q, k, v, bool(causal), float(scale), tma, use_gluon)
+def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, use_tma: bool = False):
+    """(dq, config) from the forward's base-2 lse and delta = rowsum(dO * O)."""
+    B, H, S, D = q.shape
+    dq = torch.empty_like(q)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, H // k.shape[1], *_common(q, causal, scale, use_tma),
+    )
+    return dq, _bwd_dq_kernel.best_config

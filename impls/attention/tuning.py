@@ -72,8 +72,8 @@ def retune() -> None:
 
 
 def _gluon():
-    from impls.attention import flash_triton
-    return flash_triton._GLUON or None
+    from impls.attention import flash
+    return flash.loaded_gluon()
 
 
 def _load(device: torch.device) -> dict:

@@ -1,11 +1,11 @@
 """Tests for impls/attention/flash_gluon.py, the Gluon forward for Hopper, and
-for how flash_triton.attention() picks between it and the Triton forward.
+for how flash.attention() picks between it and the Triton forward.
 
 No interpreter runs Gluon, so the kernel itself is tested on a Hopper GPU only
 (tests marked `gpu`, skipped elsewhere with the reason). The CPU tests check
 that off Hopper everything stays on the Triton kernel, and, with a stand-in
 for flash_gluon, the choice of forward, the backward on its output and the
-last_config() string. On the GPU machine, only the Gluon GPU tests:
+kernels recorded on flash.Kernels. On the GPU machine, only the Gluon GPU tests:
 
     python3 -m pytest -q tests/impls/test_flash_gluon.py -m gpu
 """
@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     # Must happen before triton is imported; the suite's conftest does the same.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from impls.attention import flash  # noqa: E402
 from impls.attention import flash_gluon as fg  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 from tests.impls.test_flash_triton import TOL, make, reference, rel_err  # noqa: E402
@@ -67,25 +68,28 @@ def lse_reference(q, k, v, causal, scale):
 
 
 def check_forward(q, k, v, causal, config=None):
-    """flash_gluon.forward against float64: o (relative), lse (absolute, base 2), o in q's layout."""
+    """flash_gluon.forward against float64: o (relative), lse (absolute, base 2), o in q's layout.
+    Returns the config that ran."""
     D = q.shape[-1]
     scale = 1 / math.sqrt(D)
-    o, lse = fg.forward(q, k, v, causal, scale, config)
+    o, lse, ran = fg.forward(q, k, v, causal, scale, config)
     assert o.shape == q.shape and o.dtype == q.dtype and o.stride() == q.stride()
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     err = rel_err(o, reference(q, k, v, causal, scale))
     lse_err = (lse.double() - lse_reference(q, k, v, causal, scale)).abs().max().item()
-    where = f"S={q.shape[2]} D={D} causal={causal} {q.dtype} config={config or fg.last_config}"
+    where = f"S={q.shape[2]} D={D} causal={causal} {q.dtype} config={fg.describe('fwd', ran)}"
     assert err < TOL[q.dtype], f"out relative error {err:.2e} over {TOL[q.dtype]} ({where})"
     # lse is fp32 with the logits summed in fp32: H200 measured ~1e-6 (docs/attention-kernels.md).
     assert lse_err < 1e-3, f"lse off by {lse_err:.2e} ({where})"
+    return ran
 
 
 def check_attention_grads(B, H, Hkv, S, D, causal, dtype, layout="bhsd", seed=0, **kwargs):
-    """flash_triton.attention(**kwargs) forward and backward against float64; returns last_config()."""
+    """flash.attention(**kwargs) forward and backward against float64; returns the kernels that ran, as text."""
     q, k, v = inputs(B, H, Hkv, S, D, dtype, layout, seed, grad=True)
-    out = ft.attention(q, k, v, causal, **kwargs)
-    desc = ft.last_config()
+    ran = flash.Kernels()
+    out = flash.attention(q, k, v, causal, kernels=ran, **kwargs)
+    desc = str(ran)
     dout = torch.randn(out.shape, dtype=dtype, device=q.device, generator=torch.Generator(q.device).manual_seed(seed))
     out.backward(dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -94,7 +98,7 @@ def check_attention_grads(B, H, Hkv, S, D, causal, dtype, layout="bhsd", seed=0,
     errors = dict(out=rel_err(out, ref), dq=rel_err(q.grad, q64.grad), dk=rel_err(k.grad, k64.grad),
                   dv=rel_err(v.grad, v64.grad))
     assert all(e < TOL[dtype] for e in errors.values()), f"relative errors {errors} over {TOL[dtype]} ({desc})"
-    return ft.last_config()
+    return str(ran)
 
 
 # ---------------------------------------------------------------- CPU (and any device)
@@ -164,8 +168,8 @@ def test_supported_refuses_cpu_tensors():
     q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
     reason = fg.supported(q, q, q)
     assert reason is not None and reason
-    assert ft.gluon_reason(q, q, q) is not None
-    assert not ft.uses_gluon(q, q, q, gluon=True)
+    assert flash.gluon_reason(q, q, q) is not None
+    assert not flash.uses_gluon(q, q, q, gluon=True)
 
 
 @needs_kernel
@@ -175,20 +179,21 @@ def test_gluon_true_under_interpreter_runs_triton():
     desc = check_attention_grads(1, 2, 1, 20, 32, True, torch.float16, gluon=True)
     parts = desc.split("; ")
     assert [p.split(" BLOCK_M=")[0] for p in parts] == ["triton fwd", "triton bwd dkdv", "triton bwd dq"], desc
-    assert ft._GLUON is None, "flash_triton imported flash_gluon on the interpreter path"
+    assert flash._GLUON is None, "flash imported flash_gluon on the interpreter path"
 
 
 @needs_kernel
 @pytest.mark.skipif(not ft.INTERPRET, reason="the interpreter path: CPU only")
 def test_interpreter_run_does_not_import_gluon():
-    # A fresh process: flash_triton on the interpreter never loads flash_gluon.
+    # A fresh process: flash on the interpreter never loads flash_gluon.
     code = (
         "import os, sys, torch\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "from impls.attention import flash_triton as ft\n"
+        "from impls.attention import flash\n"
         "q = torch.randn(1, 1, 5, 16)\n"
-        "ft.attention(q, q, q, True, gluon=True)\n"
-        "assert ft.last_config().startswith('triton fwd'), ft.last_config()\n"
+        "ran = flash.Kernels()\n"
+        "flash.attention(q, q, q, True, gluon=True, kernels=ran)\n"
+        "assert str(ran).startswith('triton fwd'), ran\n"
         "assert 'impls.attention.flash_gluon' not in sys.modules\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,16 +210,16 @@ def test_interpreter_run_does_not_import_gluon():
 ])
 def test_choice_of_forward_with_a_stand_in(monkeypatch, D, gluon, expect):
     # A stand-in flash_gluon whose forward is the Triton one: checks attention()'s
-    # choice, that the backward runs on the chosen forward's o/lse, and last_config().
+    # choice, that the backward runs on the chosen forward's o/lse, and the kernels recorded.
     def forward(q, k, v, causal, scale, config=None):
-        o, lse = ft._forward(q, k, v, causal, scale, False)
-        fake.last_config = "BLOCK_M=32 BLOCK_N=16 stages=1 warps=4"
-        return o, lse
+        o, lse, _ = ft.forward(q, k, v, causal, scale)
+        return o, lse, (32, 16, 1, "stand-in")
 
     fake = SimpleNamespace(supported=lambda q, k, v: None, PREFERRED_HEAD_DIMS=(32,), forward=forward,
-                           last_config="", supported_bwd=lambda q, k, v, do: "stand-in: no dK/dV kernel")
-    monkeypatch.setattr(ft, "_gluon_module", lambda q: fake)
-    assert ft.uses_gluon(*inputs(1, 1, 1, 4, D, torch.float32), gluon=gluon) == (expect == "gluon")
+                           describe=lambda kernel, config: "BLOCK_M=32 BLOCK_N=16 stages=1 warps=4",
+                           supported_bwd=lambda q, k, v, do: "stand-in: no dK/dV kernel")
+    monkeypatch.setattr(flash, "_gluon_module", lambda q: fake)
+    assert flash.uses_gluon(*inputs(1, 1, 1, 4, D, torch.float32), gluon=gluon) == (expect == "gluon")
     desc = check_attention_grads(1, 2, 1, 19, D, True, torch.float32, gluon=gluon)
     parts = desc.split("; ")
     assert parts[0].startswith(f"{expect} fwd BLOCK_M="), desc
@@ -269,8 +274,8 @@ def test_gpu_persistent_forward_walks_tiles(D):
     check_forward(*inputs(2, 6, 3, 257, D, torch.bfloat16, layout="bshd", seed=9), False, config)
     with pytest.raises(ValueError, match="non-causal"):
         check_forward(*inputs(1, 2, 2, 64, D, torch.bfloat16), True, config)
-    check_forward(*inputs(1, 2, 2, 300, D, torch.bfloat16), True)
-    assert not fg.last_config.startswith("persistent"), fg.last_config
+    ran = fg.describe("fwd", check_forward(*inputs(1, 2, 2, 300, D, torch.bfloat16), True))
+    assert not ran.startswith("persistent"), ran
 
 
 @hopper
@@ -286,24 +291,24 @@ def test_gpu_attention_gluon_grads(D, causal):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", slow_after_first([True, False]))
-def test_gpu_triton_dq_after_gluon_dkdv(monkeypatch, causal):
-    monkeypatch.setattr(ft, "GLUON_DQ", False)
-    desc = check_attention_grads(1, 4, 2, 333, 128, causal, torch.bfloat16, gluon=True)
+def test_gpu_triton_dq_after_gluon_dkdv(causal):
+    desc = check_attention_grads(1, 4, 2, 333, 128, causal, torch.bfloat16, gluon=True, gluon_dq=False)
     assert "; gluon bwd dkdv " in desc and "; triton bwd dq " in desc, desc
 
 
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("concurrent", slow_after_first([True, False]))
-def test_gpu_dq_beside_or_after_dkdv(monkeypatch, concurrent):
-    # dQ beside dK/dV on a side stream (flash_triton.CONCURRENT_DQ) or after it, twice in a row so that
+def test_gpu_dq_beside_or_after_dkdv(concurrent):
+    # dQ beside dK/dV on a side stream (attention(..., concurrent_dq=True)) or after it, twice in a row so that
     # the second call's inputs may reuse memory the first freed, and once inside a caller's own stream.
-    monkeypatch.setattr(ft, "CONCURRENT_DQ", concurrent)
     for seed, (S, causal) in enumerate([(333, False), (2000, True)]):
-        desc = check_attention_grads(2, 4, 2, S, 128, causal, torch.bfloat16, seed=seed, gluon=True)
+        desc = check_attention_grads(2, 4, 2, S, 128, causal, torch.bfloat16, seed=seed, gluon=True,
+                                     concurrent_dq=concurrent)
         assert ("second stream" in desc) == concurrent, desc
     with torch.cuda.stream(torch.cuda.Stream()):
-        check_attention_grads(1, 4, 4, 700, 128, True, torch.bfloat16, layout="bshd", seed=3, gluon=True)
+        check_attention_grads(1, 4, 4, 700, 128, True, torch.bfloat16, layout="bshd", seed=3, gluon=True,
+                              concurrent_dq=concurrent)
     torch.cuda.synchronize()
 
 
@@ -323,11 +328,10 @@ def test_gpu_each_dkdv_config(monkeypatch, config):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", fg.DQ_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dq_config(monkeypatch, config):
-    # The Gluon dQ kernel (flash_triton.GLUON_DQ) with each of its configs.
-    monkeypatch.setattr(ft, "GLUON_DQ", True)
+    # The Gluon dQ kernel (attention(..., gluon_dq=True)) with each of its configs.
     monkeypatch.setattr(fg, "DQ_CONFIGS", [config])
     for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64)):
-        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True)
+        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True, gluon_dq=True)
         assert f"gluon bwd dq ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]}" in desc, desc
 
 
@@ -343,8 +347,9 @@ def test_gpu_attention_gluon_bshd_fp16_grads():
 def test_gpu_default_choice_follows_preferred_head_dims():
     for D in (64, 128):
         q, k, v = inputs(1, 2, 2, 100, D, torch.bfloat16)
-        ft.attention(q, k, v, True)
+        ran = flash.Kernels()
+        flash.attention(q, k, v, True, kernels=ran)
         family = "gluon" if D in fg.PREFERRED_HEAD_DIMS else "triton"
-        assert ft.last_config().startswith(f"{family} fwd"), (D, ft.last_config())
-        ft.attention(q, k, v, True, gluon=False)
-        assert ft.last_config().startswith("triton fwd"), ft.last_config()
+        assert str(ran).startswith(f"{family} fwd"), (D, ran)
+        flash.attention(q, k, v, True, gluon=False, kernels=ran)
+        assert str(ran).startswith("triton fwd"), ran

@@ -1,4 +1,5 @@
-"""Tests for impls/attention/flash_triton.py: forward and backward against float64.
+"""Tests for impls/attention/flash.py's attention() on the Triton kernels of
+impls/attention/flash_triton.py: forward and backward against float64.
 
 Without a GPU the kernels run through Triton's interpreter on CPU tensors; run
 this file alone with
@@ -21,6 +22,7 @@ if not torch.cuda.is_available():
     # Must happen before triton is imported; the suite's conftest does the same.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from impls.attention import flash  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 from impls.attention import naive  # noqa: E402
 
@@ -85,13 +87,15 @@ def make(shape, dtype, layout="bhsd", device=DEVICE, gen=None):
 
 
 def check(B, H, Hkv, S, D, causal, dtype, layout="bhsd", scale=None, backward=True, seed=0, **kwargs):
-    """Run the kernel and the float64 reference on fresh random inputs; assert they agree."""
+    """Run the kernel and the float64 reference on fresh random inputs; assert they agree.
+    Returns the output and the kernels that ran (flash.Kernels as text)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     q = make((B, H, S, D), dtype, layout, gen=gen)
     k = make((B, Hkv, S, D), dtype, layout, gen=gen)
     v = make((B, Hkv, S, D), dtype, layout, gen=gen)
-    assert ft.supported(q, k, v, causal) is None
-    out = ft.attention(q, k, v, causal, scale, **kwargs)
+    assert flash.supported(q, k, v, causal) is None
+    ran = flash.Kernels()
+    out = flash.attention(q, k, v, causal, scale, kernels=ran, **kwargs)
     assert out.shape == q.shape and out.dtype == dtype
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -103,8 +107,8 @@ def check(B, H, Hkv, S, D, causal, dtype, layout="bhsd", scale=None, backward=Tr
         out.backward(dout)
         ref.backward(dout.double())
         errors.update(dq=rel_err(q.grad, q64.grad), dk=rel_err(k.grad, k64.grad), dv=rel_err(v.grad, v64.grad))
-    assert all(e < tol for e in errors.values()), f"relative errors {errors} over {tol} ({ft.last_config()})"
-    return out
+    assert all(e < tol for e in errors.values()), f"relative errors {errors} over {tol} ({ran})"
+    return out, str(ran)
 
 
 @needs_kernel
@@ -132,7 +136,7 @@ def test_forward_backward_match_float64(B, H, Hkv, S, D, causal, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_bshd_view_runs_in_place_and_matches(causal):
     # q, k, v as x.transpose(1, 2) of (B, S, H, D) tensors: strides go to the kernel, no copy.
-    out = check(2, 4, 2, 77, 64, causal, torch.bfloat16, layout="bshd")
+    out, _ = check(2, 4, 2, 77, 64, causal, torch.bfloat16, layout="bshd")
     assert out.transpose(1, 2).is_contiguous(), "output should keep q's (B, S, H, D) layout"
 
 
@@ -152,7 +156,7 @@ def test_explicit_scale():
 def test_gradient_of_sum_has_stride_zero_dout():
     # out.sum() hands the backward an expanded (stride 0) gradient.
     q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE).requires_grad_() for _ in range(3))
-    ft.attention(q, k, v, True).sum().backward()
+    flash.attention(q, k, v, True).sum().backward()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     reference(q64, k64, v64, True, 1 / math.sqrt(32)).sum().backward()
     assert rel_err(q.grad, q64.grad) < TOL[torch.float32]
@@ -163,12 +167,13 @@ def test_gradient_of_sum_has_stride_zero_dout():
 @pytest.mark.skipif(not ft.INTERPRET, reason="forcing descriptors on a GPU without them would not compile")
 def test_descriptor_loads_under_interpreter():
     # The TMA path's index logic (descriptor zero-fill instead of masks) checked
-    # on CPU; attention() only picks it on Hopper, so call the Function directly.
+    # on CPU; attention() only plans it on Hopper, so call the Function with a plan.
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, 70, 64, dtype=torch.float16, generator=gen).requires_grad_() for h in (4, 2, 2))
-    out = ft._FlashAttention.apply(q, k, v, True, 0.125, True)
+    ran = flash.Kernels()
+    out = flash._FlashAttention.apply(q, k, v, flash.Plan(causal=True, scale=0.125, tma=True), ran)
     out.backward(torch.ones_like(out))
-    assert "tma" in ft.last_config()
+    assert "tma" in str(ran)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference(q64, k64, v64, True, 0.125)
     ref.backward(torch.ones_like(ref))
@@ -177,30 +182,29 @@ def test_descriptor_loads_under_interpreter():
 
 
 @needs_kernel
-def test_last_config_names_the_blocks():
-    check(1, 1, 1, 20, 32, False, torch.float32, backward=True)
-    desc = ft.last_config()
+def test_kernels_name_the_blocks():
+    _, desc = check(1, 1, 1, 20, 32, False, torch.float32, backward=True)
     assert "fwd BLOCK_M=" in desc and "dkdv" in desc and "dq" in desc
 
 
 def test_supported_gives_reasons():
     q = torch.randn(1, 4, 8, 64, device=DEVICE)
     if ft.TRITON_ERROR is not None:
-        assert ft.supported(q, q, q, False).startswith("triton not importable")
+        assert flash.supported(q, q, q, False).startswith("triton not importable")
         return
-    assert ft.supported(q, q, q, False) is None
+    assert flash.supported(q, q, q, False) is None
     x80 = torch.randn(1, 4, 8, 80, device=DEVICE)
-    assert ft.supported(x80, x80, x80, False) == "head dim 80 not supported (16, 32, 64, 96, 128, 256)"
+    assert flash.supported(x80, x80, x80, False) == "head dim 80 not supported (16, 32, 64, 96, 128, 256)"
     x64 = q.double()
-    assert ft.supported(x64, x64, x64, True) == "dtype float64 not supported"
+    assert flash.supported(x64, x64, x64, True) == "dtype float64 not supported"
     kv3 = torch.randn(1, 3, 8, 64, device=DEVICE)
-    assert "do not divide" in ft.supported(q, kv3, kv3, False)
+    assert "do not divide" in flash.supported(q, kv3, kv3, False)
     short = torch.randn(1, 4, 5, 64, device=DEVICE)
-    assert "differ" in ft.supported(q, short, short, True)
+    assert "differ" in flash.supported(q, short, short, True)
     strided = torch.randn(1, 4, 8, 128, device=DEVICE)[..., ::2]
-    assert "contiguous" in ft.supported(strided, strided, strided, False)
+    assert "contiguous" in flash.supported(strided, strided, strided, False)
     with pytest.raises(ValueError, match="head dim 80"):
-        ft.attention(x80, x80, x80, False)
+        flash.attention(x80, x80, x80, False)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -226,8 +230,8 @@ def test_gpu_other_dtypes(dtype):
 @gpu
 @needs_kernel
 @pytest.mark.gpu
-@pytest.mark.skipif(not ft.tma_available(), reason="needs tensor descriptors on a Hopper GPU")
+@pytest.mark.skipif(not flash.tma_available(), reason="needs tensor descriptors on a Hopper GPU")
 @pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_descriptor_path(causal):
-    check(2, 8, 2, 1531, 128, causal, torch.bfloat16, use_tma=True)
-    assert "tma" in ft.last_config()
+    _, desc = check(2, 8, 2, 1531, 128, causal, torch.bfloat16, use_tma=True)
+    assert "tma" in desc

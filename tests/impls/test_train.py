@@ -1,5 +1,6 @@
 """Tests for impls/train.py (and the precisions it applies): the schedule by
-hand, the matmul mode held through the backward, and the validation loss."""
+hand, the matmul mode held through the backward, the validation loss, and the
+budgeted loop that trains the Medusa suite's models."""
 
 import math
 
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 
 from impls.data import DataConfig, load_data
 from impls.gpt import GPT, GPTConfig
+from impls import train
 from impls.precision import PRECISIONS, _MatmulDtypes, cpu_has_matmul_instructions
-from impls.train import cosine_lr, evaluate, train_step
+from impls.train import LMTraining, cosine_lr, evaluate, fit, train_lm, train_step
 
 CPU = torch.device("cpu")
 
@@ -27,6 +29,13 @@ def test_cosine_lr_by_hand():
     decay = [cosine_lr(s, 100, 1.0, 10) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert cosine_lr(0, 1, 6e-4, 0) == pytest.approx(6e-4)  # a one-step run with no warm-up
+
+
+def test_cosine_lr_follows_a_given_progress():
+    # After the warm-up the decay follows `progress` (e.g. a time budget's), not the step count.
+    assert cosine_lr(50, 100, 1.0, 10, progress=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine_lr(50, 100, 1.0, 10, progress=2.0) == pytest.approx(0.1)  # a spent budget stays on the floor
+    assert cosine_lr(3, 100, 1.0, 10, progress=0.9) == pytest.approx(0.4)  # the warm-up is by step still
 
 
 class _RecordsBackwardMode(torch.autograd.Function):
@@ -111,3 +120,57 @@ def test_cpu_matmul_instructions_as_torch_reports_them(monkeypatch):
     assert cpu_has_matmul_instructions(torch.float32) is None  # fp32 is always native
     monkeypatch.delattr(torch.cpu, "_is_amx_fp16_supported")
     assert cpu_has_matmul_instructions(torch.float16) is None  # this torch cannot tell
+
+
+class _Optimizer:
+    """Records the learning rate of every step fit() runs."""
+
+    def __init__(self):
+        self.param_groups = [{"lr": None}]
+        self.lrs = []
+
+
+def test_fit_runs_the_steps_on_the_schedule_and_reports_every_tenth():
+    opt, reports = _Optimizer(), []
+
+    def step():
+        opt.lrs.append(opt.param_groups[0]["lr"])
+        return torch.tensor(float(len(opt.lrs)))
+
+    done, _, loss = fit(opt, step, 25, 1.0, 5, None, lambda n, loss: reports.append((n, float(loss))))
+    assert done == 25 and float(loss) == 25.0
+    assert reports == [(10, 10.0), (20, 20.0), (25, 25.0)]
+    assert opt.lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # warm-up over 5 steps
+    # then cosine over the run's fraction step / steps: step 5 is a fifth of the way
+    assert opt.lrs[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert opt.lrs[24] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.96)))
+
+
+def test_fit_stops_when_the_time_budget_is_spent(monkeypatch):
+    # Each step takes one second of a four-second budget: four of the 100 steps run, and the
+    # schedule follows the time, 0, 1/4, 1/2 and 3/4 of the way.
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    opt, reports = _Optimizer(), []
+
+    def step():
+        opt.lrs.append(opt.param_groups[0]["lr"])
+        clock[0] += 1.0
+        return torch.tensor(0.0)
+
+    done, seconds, _ = fit(opt, step, 100, 1.0, 0, 4.0, lambda n, loss: reports.append(n))
+    assert (done, seconds, reports) == (4, 4.0, [])
+    assert opt.lrs == pytest.approx([0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * f)) for f in (0, 0.25, 0.5, 0.75)])
+
+
+def test_train_lm_is_repeatable_and_reports(tmp_path):
+    data = load_data(DataConfig.from_name("bytes"), tmp_path)
+    config = GPTConfig.from_name("tiny", vocab_size=data.vocab_size)
+    t = LMTraining(steps=3, batch_size=2, seq_len=16, lr=1e-3, warmup=1)
+    heard = []
+    a, info = train_lm(config, data, t, CPU, seed=0, progress=lambda *args: heard.append(args), phase="draft")
+    b, _ = train_lm(config, data, t, CPU, seed=0)
+    assert not a.training and info["steps"] == 3 and info["precision"] == "fp32"
+    assert info["params"] == a.num_params(False) and math.isfinite(info["val_loss"])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [h[:3] for h in heard] == [("draft", 3, 3), ("draft", 3, 3)]  # the last step, then the val loss

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from impls.attention import flash_triton, tuning
+from impls.attention import flash, flash_triton, tuning
 
 
 class _Config(SimpleNamespace):
@@ -24,7 +24,7 @@ def fake(monkeypatch, tmp_path):
     """A fake autotuned kernel and a shipped file for a fake sm90 device."""
     kernel = SimpleNamespace(configs=[_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)], cache={}, cache_results=True)
     monkeypatch.setattr(flash_triton, "AUTOTUNED", {"_fwd_kernel": kernel})
-    monkeypatch.setattr(flash_triton, "_GLUON", None)
+    monkeypatch.setattr(flash, "_GLUON", None)
     monkeypatch.setattr(tuning, "_seeded", set())
     monkeypatch.setattr(tuning, "_retune", False)
     key = (8192, 128, False, False, "torch.bfloat16")

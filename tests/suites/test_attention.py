@@ -72,7 +72,7 @@ def test_tiled_triton_runs_only_where_tiled_would_run_gluon(monkeypatch):
     m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)  # no Gluon here: the same as tiled
     assert m.status == "unsupported" and "Triton kernels here already" in m.reason
     # Where tiled would take Gluon's kernels, tiled-triton runs and keeps Triton's.
-    monkeypatch.setattr(suite.flash_triton, "uses_gluon", lambda q, k, v, gluon=None: gluon is not False)
+    monkeypatch.setattr(suite.flash, "uses_gluon", lambda q, k, v, gluon=None: gluon is not False)
     m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
