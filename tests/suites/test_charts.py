@@ -154,6 +154,68 @@ def test_ddp_chart_title_fits_in_the_figure(tmp_path):
     assert not title.overlaps(fig.axes[0].get_window_extent())
 
 
+COLLECTIVES_META = {"params": ["size", "collective", "world_size", "dtype"], "label": "size",
+                    "primary": "busbw_GBps", "higher_is_better": True}
+COLLECTIVES_COLUMNS = ["suite", *COLLECTIVES_META["params"], "status", "reason", *stat_columns(),
+                       "size_bytes", "busbw_GBps", "pct_of_line_rate"]
+SIZES = [2**p for p in range(10, 31)]  # 1 KiB .. 1 GiB, as `genbench ddp --collectives` sweeps on a GPU
+
+
+def busbw(collective, nbytes):
+    """A made-up curve: rises with the size to a plateau of 360 GB/s (all_reduce), 330 (the others)."""
+    return (360 if collective == "all_reduce" else 330) * nbytes / (nbytes + 2**23)
+
+
+def collectives_run(folder, line_rate=None, worlds=(4,)):
+    rows = [{"size": str(b), "collective": c, "world_size": n, "dtype": "fp32", "samples": [10.0] * 5,
+             "size_bytes": b, "busbw_GBps": busbw(c, b),
+             "pct_of_line_rate": 100 * busbw(c, b) / line_rate if line_rate else None}
+            for n in worlds for c in ("all_reduce", "all_gather", "reduce_scatter") for b in SIZES]
+    rows.append({"size": str(2**31), "collective": "all_reduce", "world_size": worlds[0], "dtype": "fp32",
+                 "status": "oom", "reason": "needs 2 GiB"})
+    return write_run(folder, rows, suite="ddp-collectives", meta=COLLECTIVES_META, columns=COLLECTIVES_COLUMNS)
+
+
+def test_collectives_chart_draws_busbw_against_size_a_line_per_collective(tmp_path):
+    fig = plot.figure(load_run(collectives_run(tmp_path)))
+    (ax,) = fig.axes
+    lines = _named_lines(ax)
+    assert sorted(lines) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert list(lines["all_reduce"].get_xdata()) == SIZES  # the oom row is left out
+    assert lines["all_gather"].get_ydata()[-1] == pytest.approx(330 * 2**30 / (2**30 + 2**23))
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels == ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "256M", "1G"]
+    assert "message size" in ax.get_xlabel() and "bytes" in ax.get_xlabel()
+    assert "bus bandwidth, GB/s" in ax.get_ylabel() and "higher is better" in ax.get_ylabel()
+    assert ax.get_ylim()[0] == 0
+    assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"]  # no line rate given
+    assert sorted(t.get_text() for t in ax.texts) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert "bus bandwidth against message size" in fig.get_suptitle() and "world_size=4" in fig.get_suptitle()
+
+
+def test_collectives_chart_draws_the_line_rate_it_was_given(tmp_path):
+    (ax,) = plot.figure(load_run(collectives_run(tmp_path, line_rate=450.0))).axes
+    (rate,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(rate.get_ydata()) == pytest.approx([450.0, 450.0])
+    assert "line rate 450 GB/s (--line-rate-gbps)" in [t.get_text() for t in ax.texts]
+    assert ax.get_ylim()[1] >= 450
+
+
+def test_collectives_chart_has_a_panel_per_world_size(tmp_path):
+    fig = plot.figure(load_run(collectives_run(tmp_path, worlds=(2, 8))))
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["world_size=2", "world_size=8"]
+    assert all(sorted(_named_lines(ax)) == ["all_gather", "all_reduce", "reduce_scatter"] for ax in fig.axes)
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+
+
+def test_collectives_size_labels():
+    from suites.charts.collectives import size_label
+
+    assert [size_label(n) for n in (512, 1024, 1536, 2**20, 3 * 2**30)] == ["512", "1K", "1.5K", "1M", "3G"]
+
+
 def test_precision_chart_with_loss_curves(tmp_path):
     """The precision suite keeps each row's losses in a `loss_curve` column,
     joined by ';'; its --matmul rows have none and are left out."""
