@@ -171,4 +171,5 @@ def ddp_command(
     run_suite(sweep, run_opts)
 
 
-SUITE = Suite("ddp", ddp_command, charts={"ddp": "suites.charts.ddp:chart"})
+SUITE = Suite("ddp", ddp_command, charts={"ddp": "suites.charts.ddp:chart",
+                                         "ddp-collectives": "suites.charts.collectives:chart"})

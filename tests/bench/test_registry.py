@@ -52,8 +52,9 @@ def test_installed_genbench_declares_its_own_outside_a_checkout(stale_install, t
 def test_genbench_suites_and_their_charts():
     found, problems = registry.suites()
     assert [s.name for s in found][:4] == ["attention", "ddp", "medusa", "precision"] and problems == []
-    assert registry.charts() == {name: f"suites.charts.{name}:chart" for name in ("attention", "precision", "ddp",
-                                                                                 "medusa")}
+    assert registry.charts() == {**{name: f"suites.charts.{name}:chart" for name in ("attention", "precision", "ddp",
+                                                                                    "medusa")},
+                                 "ddp-collectives": "suites.charts.collectives:chart"}
 
 
 def test_load_by_entry_point_name_or_path(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from bench import plot
 from bench.compare import load_run
@@ -81,26 +82,138 @@ def test_attention_on_cpu_has_no_memory_panels(tmp_path):
     assert "measured on CUDA devices only" in fig.get_suptitle()
 
 
-def test_ddp_chart(tmp_path):
-    meta = {"params": ["method", "world_size", "size_bytes"], "label": "method", "primary": "busbw_GBps",
-            "higher_is_better": True}
-    columns = ["suite", "method", "world_size", "size_bytes", "status", "reason", *stat_columns(), "busbw_GBps",
+DDP_META = {"params": ["setup", "model", "precision", "scaling", "batch", "seq", "bucket_mb", "gradient_as_bucket_view",
+                       "static_graph", "compression", "find_unused_parameters"],
+            "label": "setup", "baseline": "no-ddp", "primary": "tokens_per_s", "higher_is_better": True}
+DDP_COLUMNS = ["suite", *DDP_META["params"], "status", "reason", *stat_columns(), "world_size", "tokens_per_s",
                "efficiency"]
-    rows = [{"method": m, "world_size": n, "size_bytes": b, "samples": [1.0] * 5,
-             "busbw_GBps": 300 * n / 8 * (1 - 1e6 / (b + 1e6)), "efficiency": 1 - 0.02 * n * (m == "ddp")}
-            for m in ("ddp", "fsdp") for n in (1, 2, 4, 8) for b in (2**20, 2**24, 2**28)]
-    fig = plot.figure(load_run(write_run(tmp_path, rows, suite="ddp", meta=meta, columns=columns)))
-    eff, bw = fig.axes
-    assert eff.get_xlabel() == "world size (GPUs)" and "efficiency" in eff.get_ylabel()
-    assert list(eff.get_xticks()) == [1, 2, 4, 8]
-    assert bw.get_xscale() == "log" and "GB/s" in bw.get_ylabel() and "size_bytes" in bw.get_xlabel()
-    lines = [line for line in bw.get_lines() if not line.get_label().startswith("_")]
-    assert len(lines) == 8  # 2 methods x 4 world sizes
-    # Colour says the method (as in the efficiency panel), line style the world size.
-    eff_colors = {line.get_label(): line.get_color() for line in eff.get_lines()}
-    assert all(line.get_color() == eff_colors[line.get_label().split()[0]] for line in lines)
-    assert len({line.get_linestyle() for line in lines}) == 4
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ddp", "fsdp"]
+
+
+def ddp_run(folder, efficiencies: dict, env=None):
+    """Rows as the ddp suite writes them: no-ddp first, then ddp-N per world
+    size and knob set; `efficiencies` maps (world size, compression) to a row's
+    efficiency, the knob fixed at its default elsewhere."""
+    from tests.bench.test_compare import ENV
+
+    knobs = dict(model="gpt2-small", precision="bf16", scaling="weak", batch=16, seq=1024, bucket_mb=25.0,
+                 gradient_as_bucket_view=False, static_graph=False, find_unused_parameters=False)
+    rows = [{"setup": "no-ddp", **knobs, "compression": "none", "world_size": 1, "samples": [10.0] * 5,
+             "tokens_per_s": 1000.0, "efficiency": 1.0}]
+    rows += [{"setup": f"ddp-{n}", **knobs, "compression": comp, "world_size": n, "samples": [10.0] * 5,
+              "tokens_per_s": 1000.0 * n * eff, "efficiency": eff} for (n, comp), eff in efficiencies.items()]
+    return write_run(folder, rows, suite="ddp", env=env or ENV, meta=DDP_META, columns=DDP_COLUMNS)
+
+
+def _named_lines(ax):
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_ddp_chart_draws_a_line_of_the_ddp_rows_against_the_baseline(tmp_path):
+    fig = plot.figure(load_run(ddp_run(tmp_path, {(1, "none"): 0.98, (2, "none"): 0.95, (4, "none"): 0.9})))
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "world size (GPUs)" and "efficiency" in ax.get_ylabel()
+    assert list(ax.get_xticks()) == [1, 2, 4]
+    # ddp-1, ddp-2, ddp-4 are one line, not a point each; no-ddp is the dashed line at 1, not a point.
+    lines = _named_lines(ax)
+    assert list(lines) == ["ddp"]
+    assert list(lines["ddp"].get_xdata()) == [1, 2, 4] and list(lines["ddp"].get_ydata()) == [0.98, 0.95, 0.9]
+    (one,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(one.get_ydata()) == [1.0, 1.0]
+    assert any(t.startswith("1 = linear scaling: world size x no-ddp's") for t in _texts(fig))
+    assert "NVIDIA H200" in fig.get_suptitle() and "compression=none" in fig.get_suptitle()
+
+
+def test_ddp_chart_on_a_cpu_counts_processes(tmp_path):
+    from tests.bench.test_compare import ENV
+
+    env = {**ENV, "device": "cpu", "device_name": "AMD EPYC", "gpu_count": 0}
+    (ax,) = plot.figure(load_run(ddp_run(tmp_path, {(1, "none"): 0.8, (2, "none"): 0.4}, env=env))).axes
+    assert ax.get_xlabel() == "world size (processes)"
+
+
+def test_ddp_chart_draws_a_line_per_knob_set(tmp_path):
+    effs = {(n, comp): 1 - 0.05 * n * (comp == "none") for n in (1, 2, 4) for comp in ("none", "bf16")}
+    fig = plot.figure(load_run(ddp_run(tmp_path, effs)))
+    lines = _named_lines(fig.axes[0])
+    assert sorted(lines) == ["compression=bf16", "compression=none"]
+    assert list(lines["compression=none"].get_ydata()) == pytest.approx([0.95, 0.9, 0.8])
+    assert list(lines["compression=bf16"].get_xdata()) == [1, 2, 4]
+    assert "compression" not in fig.get_suptitle()  # it varies: the lines name it
+
+
+def test_ddp_chart_title_fits_in_the_figure(tmp_path):
+    """A CPU's name and the fixed knobs make a title wider than the figure: it wraps."""
+    from tests.bench.test_compare import ENV
+
+    env = {**ENV, "device": "cpu", "device_name": "Intel(R) Xeon(R) Platinum 8480C with a long marketing name"}
+    fig = plot.figure(load_run(ddp_run(tmp_path, {(1, "none"): 0.8, (2, "none"): 0.4}, env=env)))
+    FigureCanvasAgg(fig).draw()  # lays the figure out and wraps the title, as saving it does
+    title = fig._suptitle.get_window_extent()
+    assert title.width > 0 and fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1
+    assert fig.bbox.y0 <= title.y0 and title.y1 <= fig.bbox.y1
+    assert not title.overlaps(fig.axes[0].get_window_extent())
+
+
+COLLECTIVES_META = {"params": ["size", "collective", "world_size", "dtype"], "label": "size",
+                    "primary": "busbw_GBps", "higher_is_better": True}
+COLLECTIVES_COLUMNS = ["suite", *COLLECTIVES_META["params"], "status", "reason", *stat_columns(),
+                       "size_bytes", "busbw_GBps", "pct_of_line_rate"]
+SIZES = [2**p for p in range(10, 31)]  # 1 KiB .. 1 GiB, as `genbench ddp --collectives` sweeps on a GPU
+
+
+def busbw(collective, nbytes):
+    """A made-up curve: rises with the size to a plateau of 360 GB/s (all_reduce), 330 (the others)."""
+    return (360 if collective == "all_reduce" else 330) * nbytes / (nbytes + 2**23)
+
+
+def collectives_run(folder, line_rate=None, worlds=(4,)):
+    rows = [{"size": str(b), "collective": c, "world_size": n, "dtype": "fp32", "samples": [10.0] * 5,
+             "size_bytes": b, "busbw_GBps": busbw(c, b),
+             "pct_of_line_rate": 100 * busbw(c, b) / line_rate if line_rate else None}
+            for n in worlds for c in ("all_reduce", "all_gather", "reduce_scatter") for b in SIZES]
+    rows.append({"size": str(2**31), "collective": "all_reduce", "world_size": worlds[0], "dtype": "fp32",
+                 "status": "oom", "reason": "needs 2 GiB"})
+    return write_run(folder, rows, suite="ddp-collectives", meta=COLLECTIVES_META, columns=COLLECTIVES_COLUMNS)
+
+
+def test_collectives_chart_draws_busbw_against_size_a_line_per_collective(tmp_path):
+    fig = plot.figure(load_run(collectives_run(tmp_path)))
+    (ax,) = fig.axes
+    lines = _named_lines(ax)
+    assert sorted(lines) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert list(lines["all_reduce"].get_xdata()) == SIZES  # the oom row is left out
+    assert lines["all_gather"].get_ydata()[-1] == pytest.approx(330 * 2**30 / (2**30 + 2**23))
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels == ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M", "256M", "1G"]
+    assert "message size" in ax.get_xlabel() and "bytes" in ax.get_xlabel()
+    assert "bus bandwidth, GB/s" in ax.get_ylabel() and "higher is better" in ax.get_ylabel()
+    assert ax.get_ylim()[0] == 0
+    assert not [line for line in ax.get_lines() if line.get_linestyle() == "--"]  # no line rate given
+    assert sorted(t.get_text() for t in ax.texts) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert "bus bandwidth against message size" in fig.get_suptitle() and "world_size=4" in fig.get_suptitle()
+
+
+def test_collectives_chart_draws_the_line_rate_it_was_given(tmp_path):
+    (ax,) = plot.figure(load_run(collectives_run(tmp_path, line_rate=450.0))).axes
+    (rate,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(rate.get_ydata()) == pytest.approx([450.0, 450.0])
+    assert "line rate 450 GB/s (--line-rate-gbps)" in [t.get_text() for t in ax.texts]
+    assert ax.get_ylim()[1] >= 450
+
+
+def test_collectives_chart_has_a_panel_per_world_size(tmp_path):
+    fig = plot.figure(load_run(collectives_run(tmp_path, worlds=(2, 8))))
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["world_size=2", "world_size=8"]
+    assert all(sorted(_named_lines(ax)) == ["all_gather", "all_reduce", "reduce_scatter"] for ax in fig.axes)
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+
+
+def test_collectives_size_labels():
+    from suites.charts.collectives import size_label
+
+    assert [size_label(n) for n in (512, 1024, 1536, 2**20, 3 * 2**30)] == ["512", "1K", "1.5K", "1M", "3G"]
 
 
 def test_precision_chart_with_loss_curves(tmp_path):
