@@ -14,8 +14,9 @@ own suites are declared so in its pyproject.toml, and an installed package adds
 one the same way.
 
 A suite may read implementations from a group of its own (the attention suite
-reads `genbench.attention`): `load(spec, group, option)` turns an installed
-entry point's name, or a `module:attribute` path, into the object it names.
+reads `genbench.attention`, the precision suite `genbench.precision`):
+`load(spec, group, option)` turns an installed entry point's name, or a
+`module:attribute` path, into the object it names.
 
 Running from a checkout (bench/ beside the pyproject.toml that declares
 genbench), genbench's own entry points are read from that file, so that a

@@ -37,6 +37,12 @@ joules_per_step and tokens_per_J (training tokens); empty on a CPU.
 Loss curves go in the `loss_curve` column: the training loss of every step,
 step 0 first, as floats joined by ';' (e.g. "9.01;8.87;...", "nan" for a
 non-finite step); `[float(v) for v in row["loss_curve"].split(";")]` reads one.
+
+Your own model trains the same way (`find_model`): `--model mypkg.models:gpt`,
+or the name an installed package gives it under the entry-point group
+`genbench.precision`. It is a factory(vocab_size, seq_len) -> torch.nn.Module
+whose forward(idx, targets) returns (logits, loss); its rows have MFU when
+the module has a flops_per_token(seq_len) method, as impls/gpt.GPT has.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from bench import calibrate, metrics
+from bench import calibrate, metrics, registry
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from bench.timing import StepTimer
@@ -67,6 +75,7 @@ MATMUL_DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 # AdamW as GPT-3 trained its 125M model (Brown et al. 2020, table 2.1 and appendix B).
 LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
 FP8_MATMUL_N = 8192  # the square fp8 product timed for the matmul-fp8 row, as calibration's bf16 one
+GROUP = "genbench.precision"  # where installed packages register model factories (bench/registry.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,49 @@ def parse_precision(name: str) -> tuple[str, bool]:
 
 
 @dataclass(frozen=True)
+class Factory:
+    """Your model, as the suite sees it: what builds it and where it comes from."""
+
+    build: Callable[[int, int], torch.nn.Module]  # factory(vocab_size, seq_len)
+    target: str  # module:attribute, for messages and notes
+
+
+def find_model(name: str) -> Factory | None:
+    """None for a GPT preset (impls/gpt.PRESETS); else the factory an
+    installed package registers by that name under genbench.precision, or
+    yours, `module:function`. A factory is called as factory(vocab_size,
+    seq_len) and returns a torch.nn.Module, built on the CPU, whose
+    forward(idx, targets) with idx and targets (B, T) token ids, T <= seq_len,
+    returns (logits, loss), loss a scalar tensor; a flops_per_token(seq_len)
+    method gives its rows MFU, a num_params() method their n_params (else
+    every parameter is counted). A name that cannot be found or imported, is
+    not callable, or cannot take (vocab_size, seq_len), is a BadInput."""
+    if name in MODELS:
+        return None
+    return _factory(name)
+
+
+@functools.cache
+def _factory(name: str) -> Factory:
+    if ":" not in name and name not in registry.names(GROUP):
+        raise BadInput(f"unknown --model {name!r}; known: {', '.join([*MODELS, *registry.names(GROUP)])}, "
+                       "or your own as module:function")
+    target, obj = registry.load(name, GROUP, "--model")
+    if not callable(obj):
+        raise BadInput(f"--model {name}: {target} is a {type(obj).__name__}, not a function of (vocab_size, seq_len)")
+    try:
+        signature = inspect.signature(obj)
+    except ValueError:  # no signature to read (a builtin): the call will tell
+        return Factory(obj, target)
+    try:
+        signature.bind(1, 1)
+    except TypeError:
+        raise BadInput(f"--model {name}: {target} takes {signature}; genbench calls it as "
+                       "factory(vocab_size, seq_len)") from None
+    return Factory(obj, target)
+
+
+@dataclass(frozen=True)
 class PrecisionOptions:
     """The sweep, as given on the command line."""
 
@@ -112,12 +164,11 @@ class PrecisionOptions:
     matmul: bool = False
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise BadInput(f"unknown --model {self.model!r}; known: {', '.join(MODELS)}")
+        yours = find_model(self.model)  # unknown, or yours not importable: an error now, before anything runs
         for name, value in (("--steps", self.steps), ("--batch", self.batch), ("--seq-len", self.seq_len)):
             if value <= 0:
                 raise BadInput(f"{name} must be positive, got {value}")
-        context = MODELS[self.model].block_size
+        context = MODELS[self.model].block_size if yours is None else self.seq_len  # yours is built for seq_len
         if self.seq_len > context:
             raise BadInput(f"--seq-len {self.seq_len} is longer than {self.model}'s context of {context} tokens")
         if not self.precisions:
@@ -311,29 +362,47 @@ class Shared:
 
     data: TextData
     options: PrecisionOptions
-    model_config: GPTConfig = field(init=False)
+    model_config: GPTConfig | None = field(init=False)  # None for your model
+    factory: Factory | None = field(init=False)  # None for a GPT preset
     reference: np.ndarray | None = None
     reference_val: float | None = None
     reference_ms: float | None = None
     band: float | None = None
     tolerance: float | None = None
-    _initial: tuple[int, GPT] | None = None
+    _initial: tuple[int, torch.nn.Module] | None = None
 
     def __post_init__(self):
-        self.model_config = GPTConfig.from_name(self.options.model, vocab_size=self.data.vocab_size)
+        self.factory = find_model(self.options.model)
+        self.model_config = None if self.factory else GPTConfig.from_name(self.options.model,
+                                                                          vocab_size=self.data.vocab_size)
 
-    def nudged_model(self, seed: int, nudge_seed: int) -> GPT:
+    def nudged_model(self, seed: int, nudge_seed: int) -> torch.nn.Module:
         """The initial weights, each nudged one ulp (see `nudge`)."""
         return nudge(self.initial_model(seed), nudge_seed)
 
-    def initial_model(self, seed: int) -> GPT:
+    def initial_model(self, seed: int) -> torch.nn.Module:
         """The same initial weights for every row: built once on the CPU from the
         seed, without touching the global random state, then deep-copied."""
         if self._initial is None or self._initial[0] != seed:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self._initial = (seed, GPT(self.model_config))
+                self._initial = (seed, self._build())
         return copy.deepcopy(self._initial[1])  # deepcopy keeps the tied embedding tied
+
+    def _build(self) -> torch.nn.Module:
+        """The GPT preset, or what your factory returns: a factory that raises
+        or returns something else fails the row, saying so."""
+        if self.factory is None:
+            return GPT(self.model_config)
+        call = f"{self.factory.target}({self.data.vocab_size}, {self.options.seq_len})"
+        try:
+            model = self.factory.build(self.data.vocab_size, self.options.seq_len)
+        except Exception as exc:  # whatever your factory raises, the row's reason says it in one line
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise RuntimeError(f"{call} raised {type(exc).__name__}: {first}") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{call} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
 
     def describe_data(self) -> str:
         config = self.data.config
@@ -364,7 +433,9 @@ class Trainer:
     def __call__(self) -> None:
         c, device, opts = self.cfg, self.ctx.device, self.shared.options
         self.model = self.precision.prepare(self.model.to(device))
-        self.optimizer = self.model.configure_optimizer(WEIGHT_DECAY, opts.lr, BETAS, device.type)
+        # Your model trains with the GPT's AdamW too (configure_optimizer reads nothing but the parameters):
+        # the rows differ in precision and model only.
+        self.optimizer = GPT.configure_optimizer(self.model, WEIGHT_DECAY, opts.lr, BETAS, device.type)
         self.scaler = self.precision.scaler(device)
         self.forward = torch.compile(self.model) if c.compile else self.model
         warmup_lr = max(1, c.steps // 20)  # the learning rate ramps up over the first twentieth
@@ -416,6 +487,8 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     values = {"compiled": cfg.compile, "trained_steps": cfg.train_steps, "data": shared.describe_data(),
               "peak_mem_MiB": peak_mib, "first_step_ms": trainer.timer.samples()[0]}
     notes = ["compiled"] if cfg.compile else []
+    if shared.factory is not None and shared.factory.target != cfg.model:  # an installed name: what it built
+        notes.append(f"model {shared.factory.target}")
     dtype = trainer.precision.compute_dtype
     if ctx.device.type == "cpu" and cpu_has_matmul_instructions(dtype) is False:
         notes.append(f"this CPU has no {str(dtype).removeprefix('torch.')} matrix instructions: "
@@ -434,11 +507,12 @@ def _check_lowered(precision: Precision, shared: Shared, cfg: PrecisionConfig, c
     """Unsupported unless this precision's products ran in its dtype, checked
     on one forward of a copy of the initial model (untimed): autocast lowers
     only the ops its device's lists name, and a row must not report fp32's
-    arithmetic under another name."""
+    arithmetic under another name. The same forward checks that the model
+    returns (logits, loss), as training reads it."""
     device = ctx.device
     model = precision.prepare(shared.initial_model(ctx.seed).to(device))
     x = torch.zeros(1, min(cfg.seq_len, 8), dtype=torch.long, device=device)
-    dtypes = precision.matmul_dtypes(model, x, device)
+    dtypes = precision.matmul_dtypes(lambda idx: _logits_and_loss(model, idx, idx, cfg.model), x, device)
     want = precision.compute_dtype
     if want not in dtypes:
         ran = ", ".join(f"{n} in {str(d).removeprefix('torch.')}" for d, n in dtypes.items()) or "none seen"
@@ -446,14 +520,33 @@ def _check_lowered(precision: Precision, shared: Shared, cfg: PrecisionConfig, c
                           f"(products: {ran}): the row would be another precision under this one's name")
 
 
+def _logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, name: str):
+    """model(x, y), a TypeError saying what was expected unless it is (logits, loss) with a scalar loss."""
+    out = model(x, y)
+    loss = out[1] if isinstance(out, (tuple, list)) and len(out) == 2 else None
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        def kind(v):
+            return f"Tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+        got = f"({', '.join(map(kind, out))})" if isinstance(out, (tuple, list)) else kind(out)
+        raise TypeError(f"--model {name}: forward(idx, targets) returned {got}; genbench expects (logits, loss) "
+                        "with a scalar loss")
+    return out
+
+
 def _rates(cfg, ctx, shared: Shared, trainer: Trainer, step_ms: float, notes: list[str]) -> dict:
     """Tokens/s, achieved TFLOP/s and MFU against the calibrated peak of the
-    dtype the products run in (fp8 rows: bf16's, as attention and the head stay bf16)."""
-    model, precision = shared.model_config, trainer.precision
-    n_params = trainer.model.num_params()
-    flops_per_token = metrics.transformer_train_flops_per_token(n_params, model.n_layer, model.n_embd, cfg.seq_len)
+    dtype the products run in (fp8 rows: bf16's, as attention and the head stay bf16).
+    The FLOPs are the model's own count, flops_per_token(seq_len) (impls/gpt.py:
+    PaLM's, as bench/metrics.py has it); a model without one has no TFLOP/s nor MFU."""
+    model, precision = trainer.model, trainer.precision
+    n_params = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     tokens = cfg.batch * cfg.seq_len
     tokens_per_s = metrics.per_second(tokens, step_ms)
+    if not hasattr(model, "flops_per_token"):
+        notes.append(f"no TFLOP/s nor MFU: {type(model).__name__} has no flops_per_token(seq_len)")
+        return dict(n_params=n_params, tokens_per_s=tokens_per_s)
+    flops_per_token = float(model.flops_per_token(cfg.seq_len))
     share = ctx.share_of_peak(calibrate.matmul_key(precision.compute_dtype, tf32=precision.tf32),
                               functools.partial(metrics.mfu, tokens_per_s, flops_per_token))
     if share.note:

@@ -1,4 +1,9 @@
-"""`genbench precision`: the precision suite's command (suites/precision.py)."""
+"""`genbench precision`: the precision suite's command (suites/precision.py).
+
+`--model` takes the GPT presets, the model factories installed packages
+register under the entry-point group `genbench.precision`, and your own as
+`module:function`; `--list` shows them all.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bench import registry
 from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, cli_errors, console, run_suite
 from bench.errors import BadInput
 from bench.registry import Suite
@@ -16,6 +22,7 @@ from suites.cli.training import DATA_PRESETS, MODELS, PRECISIONS, data_config
 # torch; tests/bench/test_cli.py keeps them equal to the originals.
 DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # suites.precision.DEFAULT_PRECISIONS
 LR = 6e-4  # suites.precision.LR
+GROUP = "genbench.precision"  # suites.precision.GROUP
 
 # (model, steps, batch, seq_len) when not given: GPT-2's shape and batch on a GPU;
 # on a CPU a model that trains in seconds, so the whole run takes about a minute.
@@ -23,9 +30,33 @@ GPU_DEFAULTS = ("gpt2-small", 300, 16, 1024)
 CPU_DEFAULTS = ("tiny", 30, 4, 64)
 
 
+def _model_help() -> str:
+    installed = registry.names(GROUP)
+    also = f" Installed: {', '.join(installed)}." if installed else ""
+    return (f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.{also} Or your own, "
+            "module:function (see --list).")
+
+
+def _list(value: bool) -> None:
+    """--list: every model --model takes, and where it comes from; nothing is imported."""
+    if not value:
+        return
+    console.print(f"[bold]built in[/]   {', '.join(MODELS)}", highlight=False, soft_wrap=True)
+    for ep in registry.entry_points(GROUP):
+        console.print(f"[bold]installed[/]  {ep.name}  ({registry.source(ep)})", highlight=False, soft_wrap=True)
+    console.print("[bold]your own[/]   --model module:function, a factory(vocab_size, seq_len) -> torch.nn.Module "
+                  "built on the CPU, whose forward(idx, targets) takes (B, T) token ids and returns (logits, loss); "
+                  "a flops_per_token(seq_len) method gives its rows MFU; installed packages add theirs under the "
+                  f"entry-point group {GROUP} (README: Benchmark your own implementation)",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit()
+
+
 @cli_errors
 def precision_command(
-    model: Annotated[Optional[str], typer.Option(help=f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_model_help())] = None,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=_list,
+                                        help="List the models --model takes, and exit.")] = False,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per precision. Default: 300 on a GPU, 30 on CPU.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: 16 on a GPU, 4 on CPU.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence, at most the model's context. Default: 1024 on a GPU, 64 on CPU.")] = None,
@@ -45,8 +76,8 @@ def precision_command(
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and of the batches' order (the band's nudge uses seed + 1).")] = 0,
     profile: ProfileOpt = False,
 ):
-    """Train one GPT under fp32, tf32, fp16, bf16 (and bf16-pure, fp8) from the same weights on the
-    same batches: step time, tokens/s, MFU, memory, and the loss against fp32's."""
+    """Train one GPT (or your model: --list) under fp32, tf32, fp16, bf16 (and bf16-pure, fp8) from the
+    same weights on the same batches: step time, tokens/s, MFU, memory, and the loss against fp32's."""
     from bench.env import cache_dir, resolve_device
     from impls import data as textdata
     from impls.gpt import PRESETS as GPT_PRESETS
@@ -55,13 +86,12 @@ def precision_command(
     dev = resolve_device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     model = model or defaults[0]
-    if model not in GPT_PRESETS:
-        raise BadInput(f"unknown --model {model!r}; known: {', '.join(GPT_PRESETS)}")
+    context = GPT_PRESETS[model].block_size if model in GPT_PRESETS else defaults[3]  # yours is built for seq_len
     opts = suite.PrecisionOptions(
         model=model,
         steps=defaults[1] if steps is None else steps,
         batch=defaults[2] if batch is None else batch,
-        seq_len=min(defaults[3], GPT_PRESETS[model].block_size) if seq_len is None else seq_len,
+        seq_len=min(defaults[3], context) if seq_len is None else seq_len,
         precisions=tuple(precision) if precision else suite.DEFAULT_PRECISIONS,
         compile=compile_,
         parity=parity,

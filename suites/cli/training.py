@@ -32,9 +32,10 @@ def data_config(data: list[str] | None, tokenizer: str | None, vocab_size: int |
             overrides["tokenizer"] = tokenizer
         # The model preset's vocabulary, unless given or set by the data preset
         # (stdlib-small): gpt2-small then has GPT-2's 50257 tokens and its
-        # published 124M parameters.
+        # published 124M parameters. Your own model (precision --model
+        # module:function) takes the data's.
         preset_sets_vocab = config.vocab_size != textdata.DataConfig().vocab_size
-        if vocab_size or not preset_sets_vocab:
+        if vocab_size or (not preset_sets_vocab and model in GPT_PRESETS):
             overrides["vocab_size"] = vocab_size or GPT_PRESETS[model].vocab_size
         return dataclasses.replace(config, **overrides)
     except ValueError as exc:
