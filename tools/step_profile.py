@@ -93,7 +93,7 @@ def profile_step(model: str, batch: int, seq_len: int, precision: str, vocab_mul
     trace = Path(trace_dir) / f"{model}-{precision}{'-compile' if compile else ''}-vocab{vocab_multiple}.pt.trace.json"
     top = profile_fn(step, device, trace)
     tokens_per_s = metrics.per_second(batch * seq_len, stats.median)
-    peak = calibrate.matmul_peak(peaks, p.compute_dtype, tf32=p.tf32)
+    peak = (peaks or {}).get(calibrate.matmul_key(p.compute_dtype, tf32=p.tf32))
     mfu = metrics.mfu(tokens_per_s, gpt.flops_per_token(seq_len), peak)
     return StepProfile(vocab_multiple, config.vocab_size, config.padded_vocab_size, stats, tokens_per_s, mfu,
                        top, trace)
@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> list[
     args = parser.parse_args(argv)
     console = console or Console()
     device = resolve_device(args.device)
-    peaks = calibrate.peaks(device) if device.type == "cuda" else calibrate.load(device)
+    try:
+        peaks = calibrate.load(device)
+    except calibrate.Unusable:
+        peaks = None
+    if peaks is None and device.type == "cuda":
+        peaks = calibrate.calibrate(device)
     results = []
     for multiple in args.vocab_multiple or [1, 64]:
         console.print(f"[dim]{args.model} {args.precision}{' compiled' if args.compile else ''}, "
