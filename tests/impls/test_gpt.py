@@ -53,7 +53,7 @@ def test_every_preset_pads_to_a_multiple_of_64_and_the_8192_ones_keep_their_shap
     assert GPTConfig(vocab_size=256).padded_vocab_size == 256  # the byte tokenizer's
     assert GPTConfig(vocab_size=257).padded_vocab_size == 320
     assert GPTConfig(vocab_size=100, vocab_multiple=1).padded_vocab_size == 100
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="vocab_multiple"):
         GPTConfig(vocab_multiple=0)
 
 
