@@ -15,7 +15,7 @@ Files are read with torch.load(weights_only=True), so a foreign file cannot run
 code; one that cannot be read, or lacks the expected entries, is a BadInput
 naming it: a file of the cache can be deleted and trained again, a user's own
 file (`--checkpoint`) is left alone. Checking that the weights fit the model
-asked for is the suite's job.
+asked for is the caller's job.
 """
 
 from __future__ import annotations

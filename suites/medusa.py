@@ -6,13 +6,13 @@ them, batch 1.
     genbench medusa --model medium --dtype bf16            # an H200-sized run
     genbench medusa train --model tiny                     # train and cache only
 
-The base GPT, the Medusa heads and the draft model come trained from
-impls/train.py (train_lm, train_heads: next-token prediction on the offline
-corpus of impls/data.py, and self-distillation of the heads), the first time
-a preset is used, and are cached by bench/checkpoints.py under
-$GENBENCH_CACHE/medusa/, keyed by a hash of the model config, the data and
-the training settings. `--model PATH` takes a local Hugging Face model
-instead (vanilla and lookup only).
+The base GPT, the Medusa heads and the draft model of a preset come from
+impls/medusa_models.py, trained there the first time (impls/train.py:
+next-token prediction on the offline corpus of impls/data.py, and
+self-distillation of the heads); this suite hands it bench/checkpoints.py as
+the store, so they are cached under $GENBENCH_CACHE/medusa/, keyed by a hash
+of the model config, the data and the training settings. `--model PATH`
+takes a local Hugging Face model instead (vanilla and lookup only).
 
 Each row is one method. Every prompt is decoded once after an untimed warm-up;
 a row's samples are the per-prompt times (prefill + decode, ms), tokens/s is
@@ -28,12 +28,11 @@ last place of the decoding dtype, and otherwise makes the row a mismatch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -43,10 +42,11 @@ from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from bench.stats import Stats
 from bench.timing import StepTimer
-from impls import decoding, decoding_triton, hf, medusa
+from impls import decoding, decoding_triton, hf, medusa, medusa_models
 from impls.data import DataConfig, TextData, load_data
-from impls.gpt import GPT, GPTConfig
-from impls.train import HeadsTraining, LMTraining, Progress, quiet, train_heads, train_lm
+from impls.gpt import GPT
+from impls.medusa_models import PRESETS, MedusaPreset, Part
+from impls.train import Progress, quiet
 
 METHODS = ("vanilla", "medusa", "draft", "lookup")
 TREES = ("default", "greedy")
@@ -58,66 +58,7 @@ STEP_KERNELS = {"auto": None, "triton": True, "torch": False}
 # logits differ by at most this many units in the last place of the decoding
 # dtype: a 1-token and an N-token forward round differently, by a few ulps.
 NEAR_TIE_ULPS = 4.0
-CODE_VERSION = 1  # part of every checkpoint key: bump when training changes
 LOOKUP_NGRAM = 3
-
-
-# ---------------------------------------------------------------------------
-# Presets
-
-
-@dataclass(frozen=True)
-class MedusaPreset:
-    base: GPTConfig  # vocab_size is replaced by the tokenizer's
-    data: str  # impls.data preset
-    base_train: LMTraining
-    heads_train: HeadsTraining
-    draft: GPTConfig
-    draft_train: LMTraining
-    prompt_len: int  # benchmark prompts, from the val split
-    max_new_tokens: int
-    prompts: int
-
-
-PRESETS = {
-    # CPU smoke runs. Too little training for good text: its greedy output soon
-    # repeats itself, which speculation finds easy.
-    "tiny": MedusaPreset(
-        base=GPTConfig.from_name("tiny"),
-        data="stdlib-small",
-        base_train=LMTraining(steps=300, batch_size=8, seq_len=128, lr=6e-3),
-        heads_train=HeadsTraining(prompts=96, prompt_len=32, gen_len=64, steps=100, batch_size=256, lr=3e-3),
-        draft=GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=256),
-        draft_train=LMTraining(steps=100, batch_size=8, seq_len=128, lr=6e-3),
-        prompt_len=32, max_new_tokens=48, prompts=4,
-    ),
-    # Sized for one GPU.
-    "small": MedusaPreset(
-        base=GPTConfig.from_name("small"),
-        data="stdlib",
-        base_train=LMTraining(steps=2000, batch_size=32, seq_len=512, lr=1e-3, warmup=50),
-        heads_train=HeadsTraining(prompts=1024, prompt_len=64, gen_len=192, steps=600, batch_size=8192, lr=1e-3),
-        draft=GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=512),
-        draft_train=LMTraining(steps=1000, batch_size=32, seq_len=512, lr=2e-3, warmup=50),
-        prompt_len=128, max_new_tokens=256, prompts=16,
-    ),
-    # 211M parameters (impls.gpt "medium"): a real batch-1 decoding workload on a
-    # datacenter GPU. The step counts are set to bind there before the time
-    # budgets, so that a preset trains the same models each time; slower GPUs
-    # stop at the budgets. The heads learn from continuations as
-    # long as the benchmark's (128-token prompts, hundreds of new tokens), where
-    # the base model's greedy text settles into the repetitions that speculation feeds on.
-    "medium": MedusaPreset(
-        base=GPTConfig.from_name("medium"),
-        data="stdlib",
-        base_train=LMTraining(steps=1100, batch_size=32, seq_len=512, lr=6e-4, warmup=50, max_seconds=100),
-        heads_train=HeadsTraining(prompts=12288, prompt_len=128, gen_len=448, steps=8000, batch_size=8192, lr=1e-3,
-                                  gen_batch=1024, max_seconds=120),
-        draft=GPTConfig(n_layer=2, n_head=8, n_embd=512, block_size=1024),
-        draft_train=LMTraining(steps=1000, batch_size=32, seq_len=512, lr=2e-3, warmup=50, max_seconds=20),
-        prompt_len=128, max_new_tokens=512, prompts=16,
-    ),
-}
 
 
 # ---------------------------------------------------------------------------
@@ -198,18 +139,7 @@ class MedusaOptions:
     @property
     def preset(self) -> MedusaPreset:
         assert not self.hf
-        p = PRESETS[self.model]
-        return dataclasses.replace(
-            p,
-            base_train=_steps(p.base_train, self.base_steps),
-            heads_train=_steps(p.heads_train, self.heads_steps),
-            draft_train=_steps(p.draft_train, self.draft_steps),
-        )
-
-
-def _steps(training, steps: int | None):
-    # An explicit step count is taken as asked: no time budget cuts it short.
-    return training if steps is None else dataclasses.replace(training, steps=steps, max_seconds=None)
+        return PRESETS[self.model].with_steps(self.base_steps, self.heads_steps, self.draft_steps)
 
 
 def _data_presets():
@@ -219,50 +149,26 @@ def _data_presets():
 
 
 # ---------------------------------------------------------------------------
-# Checkpoint cache
+# Checkpoint store
 
 
-def _key(*parts: Any) -> str:
-    return checkpoints.key(CODE_VERSION, *parts)
+class _Cache:
+    """impls.medusa_models.Store over bench/checkpoints.py: files under $GENBENCH_CACHE/medusa/."""
 
+    key = staticmethod(checkpoints.key)
 
-def _load(path: Path) -> dict:
-    return checkpoints.load(path, "medusa", required=("kind", "config", "state_dict"))
+    def path(self, kind: str, key: str) -> Path:
+        return checkpoints.path("medusa", kind, key)
 
+    def load(self, path: Path, required: tuple[str, ...]) -> dict:
+        return checkpoints.load(path, "medusa", required)
 
-def _gpt_from(payload: dict, expected: GPTConfig, path: Path, what: str) -> GPT:
-    """A GPT from a checkpoint, after checking it is the model asked for."""
-    try:
-        stored = GPTConfig(**payload["config"])
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"{path}: its config cannot be read as a GPTConfig ({exc})") from None
-    if stored.vocab_size != expected.vocab_size:
-        raise BadInput(f"{path}: vocabulary {stored.vocab_size} does not match the tokenizer's {expected.vocab_size}")
-    if stored != expected:
-        diff = ", ".join(f"{f.name} {getattr(stored, f.name)} != {getattr(expected, f.name)}"
-                         for f in dataclasses.fields(GPTConfig) if getattr(stored, f.name) != getattr(expected, f.name))
-        raise BadInput(f"{path}: the {what} config does not match ({diff})")
-    model = GPT(stored)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise BadInput(f"{path}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
-    return model
+    def save(self, path: Path, payload: dict) -> None:
+        checkpoints.save(path, payload)
 
 
 # ---------------------------------------------------------------------------
 # Preparing a run: models trained or loaded, prompts, tree
-
-
-@dataclass
-class Part:
-    """One trained (or loaded) component, for the train table and the notes."""
-
-    name: str
-    params: int
-    cached: bool
-    path: str
-    info: dict
 
 
 @dataclass
@@ -298,22 +204,6 @@ class Prepared:
         return self.model.num_params() if self.hf else self.model.num_params(non_embedding=False)
 
 
-def _cached_or_trained(kind: str, key: str, progress: Progress, build: Callable[[], tuple[Any, dict, dict]],
-                       restore: Callable[[dict, Path], Any]) -> tuple[Any, Part, dict]:
-    """Load checkpoint `kind-key` if it exists, else train it and save it."""
-    path = checkpoints.path("medusa", kind, key)
-    if path.exists():
-        payload = _load(path)
-        progress(kind, 1, 1, f"cached: {path}")
-        obj = restore(payload, path)
-        return obj, Part(kind, payload["info"].get("params", 0), True, str(path), payload["info"]), payload
-    obj, info, extra = build()
-    payload = dict(kind=kind, key=key, info=info, state_dict={k: v.detach().cpu() for k, v in obj.state_dict().items()},
-                   **extra)
-    checkpoints.save(path, payload)
-    return obj, Part(kind, info.get("params", 0), False, str(path), info), payload
-
-
 def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = quiet,
             train_only: bool = False) -> Prepared:
     """Train or load what the methods need, pick the prompts, check the lengths."""
@@ -334,18 +224,12 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = quie
     progress("data", 0, 1, f"corpus {data_name} (built once, then cached)")
     data = load_data(DataConfig.from_name(data_name), cache_dir())
     progress("data", 1, 1, f"{len(data.tokens):,} tokens, vocabulary {data.vocab_size}")
-    base_cfg = dataclasses.replace(preset.base, vocab_size=data.vocab_size)
-    model, part, base_key = _base_model(opts, data, base_cfg, device, progress)
-    parts = [part]
     want = set(opts.methods) | ({"medusa", "draft"} if train_only else set())
-    heads = scores = tree = draft = None
-    if "medusa" in want:
-        heads, part, scores = _heads(opts, data, model, base_key, device, progress)
-        parts.append(part)
-        tree = _tree(opts, scores)
-    if "draft" in want:
-        draft, part = _draft_model(opts, data, base_cfg, device, progress)
-        parts.append(part)
+    try:
+        model, heads, scores, draft, parts = _models(opts, preset, data, device, want, progress)
+    except medusa_models.CheckpointMismatch as exc:
+        raise BadInput(str(exc)) from None
+    tree = _tree(opts, scores) if heads is not None else None
 
     model = model.to(dtype).eval().requires_grad_(False)
     heads = heads.to(dtype).eval().requires_grad_(False) if heads is not None else None
@@ -358,66 +242,34 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = quie
     n_prompts = preset.prompts if opts.prompts is None else opts.prompts
     prompts = _corpus_prompts(data, n_prompts, prompt_len, data.encode) + _file_prompts(opts, data.encode)
     depth = _depth(opts, tree)
-    max_len = _check_lengths(prompts, max_new, depth, tree.size if tree else 1, base_cfg.block_size, train_only)
+    max_len = _check_lengths(prompts, max_new, depth, tree.size if tree else 1, model.config.block_size,
+                             train_only)
     return Prepared(opts, device, dtype, mode, model, prompts, max_new, max_len, heads=heads, draft=draft, tree=tree,
                     scores=scores, parts=parts)
 
 
-def _base_model(opts: MedusaOptions, data: TextData, base_cfg: GPTConfig, device: torch.device,
-                progress: Progress) -> tuple[GPT, Part, str]:
-    """The base GPT (fp32, on device) from --checkpoint, else from the cache or trained
-    by impls/train.py and cached; with its part and the key the heads' key builds on."""
+def _models(opts: MedusaOptions, preset: MedusaPreset, data: TextData, device: torch.device, want: set[str],
+            progress: Progress):
+    """The base model (from --checkpoint, or the preset's), and the heads and the
+    draft model if a method in `want` needs them, from impls/medusa_models.py."""
+    store = _Cache()
     if opts.checkpoint:
         path = Path(opts.checkpoint)
         if not path.is_file():
             raise BadInput(f"--checkpoint {path}: no such file")
-        payload = _load(path)
-        if payload.get("kind") != "base":
-            raise BadInput(f"--checkpoint {path} holds a {payload.get('kind')!r} model, not a base model")
-        model = _gpt_from(payload, base_cfg, path, "base model")
-        base_key = payload.get("key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        part = Part("base", model.num_params(False), True, str(path), payload.get("info", {}))
-        return model.to(device), part, base_key
-    training = opts.preset.base_train
-    base_key = _key("base", asdict(base_cfg), data.path.name, asdict(training), opts.seed)
-
-    def build():
-        m, info = train_lm(base_cfg, data, training, device, opts.seed, progress, "base")
-        return m, info, dict(config=asdict(base_cfg), data=data.path.name, train=asdict(training))
-
-    model, part, _ = _cached_or_trained("base", base_key, progress, build,
-                                        lambda p, path: _gpt_from(p, base_cfg, path, "base model").to(device))
-    return model, part, base_key
-
-
-def _heads(opts: MedusaOptions, data: TextData, model: GPT, base_key: str, device: torch.device,
-           progress: Progress) -> tuple[medusa.MedusaHeads, Part, medusa.HeadScores]:
-    """opts.heads Medusa heads for the base model (fp32, on device), from the cache or
-    self-distilled by impls/train.py and cached; with their part and scores."""
-    training = opts.preset.heads_train
-    n_embd = model.config.n_embd
-    heads_key = _key("heads", base_key, opts.heads, asdict(training), opts.seed)
-
-    def build():
-        h, info = train_heads(model, data, opts.heads, training, device, opts.seed, progress)
-        return h, info, dict(config=dict(n_heads=opts.heads, n_embd=n_embd, vocab_size=data.vocab_size),
-                             base=base_key, train=asdict(training))
-
-    def restore(p, path):
-        cfg = p["config"]
-        want = (n_embd, data.vocab_size, opts.heads)
-        if (cfg.get("n_embd"), cfg.get("vocab_size"), cfg.get("n_heads")) != want:
-            raise BadInput(f"{path}: heads for n_embd {cfg.get('n_embd')}, vocabulary {cfg.get('vocab_size')}, "
-                           f"{cfg.get('n_heads')} heads do not fit this base model")
-        h = medusa.MedusaHeads(n_embd, data.vocab_size, opts.heads)
-        h.load_state_dict(p["state_dict"])
-        return h.to(device)
-
-    heads, part, payload = _cached_or_trained("heads", heads_key, progress, build, restore)
-    info = payload["info"]
-    scores = medusa.HeadScores(tuple(info["loss"]), tuple(info["top1"]), tuple(info["top5"]),
-                               tuple(tuple(r) for r in info["rank_accuracy"]))
-    return heads, part, scores
+        model, base = medusa_models.base_from_file(path, preset, data, device, store)
+    else:
+        model, base = medusa_models.trained_base(preset, data, device, store, opts.seed, progress)
+    parts = [base]
+    heads = scores = draft = None
+    if "medusa" in want:
+        heads, part, scores = medusa_models.trained_heads(preset, model, base, opts.heads, data, device, store,
+                                                          opts.seed, progress)
+        parts.append(part)
+    if "draft" in want:
+        draft, part = medusa_models.trained_draft(preset, data, device, store, opts.seed, progress)
+        parts.append(part)
+    return model, heads, scores, draft, parts
 
 
 def _tree(opts: MedusaOptions, scores: medusa.HeadScores) -> medusa.Tree:
@@ -426,24 +278,6 @@ def _tree(opts: MedusaOptions, scores: medusa.HeadScores) -> medusa.Tree:
     if opts.tree == "greedy":
         return medusa.greedy_tree(scores.rank_accuracy, opts.tree_size)
     return medusa.parse_tree(opts.tree)
-
-
-def _draft_model(opts: MedusaOptions, data: TextData, base_cfg: GPTConfig, device: torch.device,
-                 progress: Progress) -> tuple[GPT, Part]:
-    """The draft GPT (fp32, on device), from the cache or trained by impls/train.py and cached."""
-    preset = opts.preset
-    training = preset.draft_train
-    draft_cfg = dataclasses.replace(preset.draft, vocab_size=data.vocab_size,
-                                    block_size=max(preset.draft.block_size, base_cfg.block_size))
-    draft_key = _key("draft", asdict(draft_cfg), data.path.name, asdict(training), opts.seed)
-
-    def build():
-        m, info = train_lm(draft_cfg, data, training, device, opts.seed + 3, progress, "draft")
-        return m, info, dict(config=asdict(draft_cfg), data=data.path.name, train=asdict(training))
-
-    draft, part, _ = _cached_or_trained("draft", draft_key, progress, build,
-                                        lambda p, path: _gpt_from(p, draft_cfg, path, "draft model").to(device))
-    return draft, part
 
 
 def _prepare_hf(opts: MedusaOptions, device, dtype, mode, progress) -> Prepared:

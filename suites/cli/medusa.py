@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Names and defaults of suites/medusa.py and impls/medusa.py, written out so that
 # --help need not import torch; tests/bench/test_cli.py keeps them equal.
-PRESETS = ("tiny", "small", "medium")  # suites.medusa.PRESETS
+PRESETS = ("tiny", "small", "medium")  # impls.medusa_models.PRESETS
 METHODS = ("vanilla", "medusa", "draft", "lookup")  # suites.medusa.METHODS
 DEFAULT_TREE_SIZE = 64  # impls.medusa.DEFAULT_TREE_SIZE
 
