@@ -141,6 +141,34 @@ class RunOptions:
             raise BadInput(f"--out: {exc}") from None
 
 
+def plugin_help(group: str, lead: str) -> str:
+    """An option's help naming the implementations installed packages register under `group` too."""
+    from bench import registry
+
+    installed = registry.names(group)
+    also = f" Installed: {', '.join(installed)}." if installed else ""
+    return f"{lead}{also} Or your own, module:function (see --list)."
+
+
+def list_option(group: str, builtin: tuple[str, ...], own: str):
+    """The callback of a suite's eager --list: the built-in names, the installed ones
+    (entry-point group `group`) with the package each comes from, and `own`, how to
+    give one's own. Nothing is imported."""
+    from bench import registry
+
+    def show(value: bool) -> None:
+        if not value:
+            return
+        console.print(f"[bold]built in[/]   {', '.join(builtin)}", highlight=False, soft_wrap=True)
+        for ep in registry.entry_points(group):
+            console.print(f"[bold]installed[/]  {ep.name}  ({registry.source(ep)})", highlight=False, soft_wrap=True)
+        console.print(f"[bold]your own[/]   {own}; installed packages add theirs under the entry-point group "
+                      f"{group} (README: Benchmark your own implementation)", highlight=False, soft_wrap=True)
+        raise typer.Exit()
+
+    return show
+
+
 def cli_errors(fn):
     """A user's mistake becomes one red line and exit 2; an error that ended the
     run (`Fatal`) one red line saying where the finished rows are, and exit 1; a

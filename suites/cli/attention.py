@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench import registry
 from bench.commands import (
-    CrosscheckOpt, DeviceOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, cli_errors, console,
+    CrosscheckOpt, DeviceOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, cli_errors, list_option,
+    plugin_help,
     run_suite,
 )
 from bench.registry import Suite
@@ -24,27 +24,8 @@ from bench.registry import Suite
 IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
          "sdpa-math")
 GROUP = "genbench.attention"
-
-
-def _impl_help() -> str:
-    installed = registry.names(GROUP)
-    also = f" Installed: {', '.join(installed)}." if installed else ""
-    return (f"Repeatable; default all built-in: {', '.join(IMPLS)}.{also} Or your own, module:function "
-            "(see --list).")
-
-
-def _list(value: bool) -> None:
-    """--list: every implementation --impl takes, and where it comes from; nothing is imported."""
-    if not value:
-        return
-    console.print(f"[bold]built in[/]   {', '.join(IMPLS)}", highlight=False, soft_wrap=True)
-    for ep in registry.entry_points(GROUP):
-        console.print(f"[bold]installed[/]  {ep.name}  ({registry.source(ep)})", highlight=False, soft_wrap=True)
-    console.print("[bold]your own[/]   --impl module:function, a function fn(q, k, v, causal) -> out with q, out of "
-                  "shape (B, H, S, D) and k, v (B, H_kv, S, D), and optionally fn.why_not(q, k, v, causal) -> None "
-                  "or the reason it cannot run them; installed packages add theirs under the entry-point group "
-                  f"{GROUP} (README: Benchmark your own implementation)", highlight=False, soft_wrap=True)
-    raise typer.Exit()
+_OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, S, D) and k, v "
+        "(B, H_kv, S, D), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
 
 
 @cli_errors
@@ -57,8 +38,8 @@ def attention(
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16. Default: bf16 on a GPU, fp32 on CPU.")] = None,
     causal: Annotated[Optional[bool], typer.Option("--causal/--no-causal", help="Causal mask or not. Default: both.")] = None,
     mode: Annotated[Optional[list[str]], typer.Option(help="fwd, bwd or fwd+bwd; repeatable. Default: fwd and fwd+bwd on a GPU, fwd on CPU.")] = None,
-    impl: Annotated[Optional[list[str]], typer.Option(help=_impl_help())] = None,
-    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=_list,
+    impl: Annotated[Optional[list[str]], typer.Option(help=plugin_help(GROUP, f"Repeatable; default all built-in: {', '.join(IMPLS)}."))] = None,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option(GROUP, IMPLS, _OWN),
                                         help="List the implementations --impl takes, and exit.")] = False,
     retune: Annotated[bool, typer.Option("--retune", help="Time every block configuration of tiled's kernels on this "
                                          "GPU, ignoring the choices shipped for it and those cached on disk.")] = False,

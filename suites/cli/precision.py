@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench import registry
-from bench.commands import DeviceOpt, OutOpt, ProfileOpt, RunOptions, cli_errors, console, run_suite
+from bench.commands import (
+    DeviceOpt, OutOpt, ProfileOpt, RunOptions, cli_errors, console, list_option, plugin_help, run_suite,
+)
 from bench.errors import BadInput
 from bench.registry import Suite
 from suites.cli.training import DATA_PRESETS, MODELS, PRECISIONS, data_config
@@ -23,6 +24,9 @@ from suites.cli.training import DATA_PRESETS, MODELS, PRECISIONS, data_config
 DEFAULT_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8")  # suites.precision.DEFAULT_PRECISIONS
 LR = 6e-4  # suites.precision.LR
 GROUP = "genbench.precision"  # suites.precision.GROUP
+_OWN = ("--model module:function, a factory(vocab_size, seq_len) -> torch.nn.Module built on the CPU, whose "
+        "forward(idx, targets) takes (B, T) token ids and returns (logits, loss); a flops_per_token(seq_len) method "
+        "gives its rows MFU")
 
 # (model, steps, batch, seq_len) when not given: GPT-2's shape and batch on a GPU;
 # on a CPU a model that trains in seconds, so the whole run takes about a minute.
@@ -30,32 +34,10 @@ GPU_DEFAULTS = ("gpt2-small", 300, 16, 1024)
 CPU_DEFAULTS = ("tiny", 30, 4, 64)
 
 
-def _model_help() -> str:
-    installed = registry.names(GROUP)
-    also = f" Installed: {', '.join(installed)}." if installed else ""
-    return (f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU.{also} Or your own, "
-            "module:function (see --list).")
-
-
-def _list(value: bool) -> None:
-    """--list: every model --model takes, and where it comes from; nothing is imported."""
-    if not value:
-        return
-    console.print(f"[bold]built in[/]   {', '.join(MODELS)}", highlight=False, soft_wrap=True)
-    for ep in registry.entry_points(GROUP):
-        console.print(f"[bold]installed[/]  {ep.name}  ({registry.source(ep)})", highlight=False, soft_wrap=True)
-    console.print("[bold]your own[/]   --model module:function, a factory(vocab_size, seq_len) -> torch.nn.Module "
-                  "built on the CPU, whose forward(idx, targets) takes (B, T) token ids and returns (logits, loss); "
-                  "a flops_per_token(seq_len) method gives its rows MFU; installed packages add theirs under the "
-                  f"entry-point group {GROUP} (README: Benchmark your own implementation)",
-                  highlight=False, soft_wrap=True)
-    raise typer.Exit()
-
-
 @cli_errors
 def precision_command(
-    model: Annotated[Optional[str], typer.Option(help=_model_help())] = None,
-    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=_list,
+    model: Annotated[Optional[str], typer.Option(help=plugin_help(GROUP, f"GPT preset: {', '.join(MODELS)}. Default: gpt2-small on a GPU, tiny on CPU."))] = None,
+    list_: Annotated[bool, typer.Option("--list", is_eager=True, callback=list_option(GROUP, MODELS, _OWN),
                                         help="List the models --model takes, and exit.")] = False,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per precision. Default: 300 on a GPU, 30 on CPU.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: 16 on a GPU, 4 on CPU.")] = None,
