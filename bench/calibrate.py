@@ -6,8 +6,7 @@ every benchmark. Each peak is the best of several timed rounds, each round the
 median of its repetitions after warm-up: other work on the machine can only
 slow a round down, so the fastest round is the nearest to what the device does.
 Nothing here comes from a datasheet: on a GPU the datasheet figure is a lead,
-the measured one is what code can reach (on our H200, about 790 TFLOP/s bf16
-against 990 on paper).
+the measured one is what code can reach, often a fifth below it.
 
 The peaks are cached in the genbench cache, one file per device and software
 (`peaks/cuda-<gpu>-driver-<v>-torch-<v>-cuda-<v>.json`; on a CPU its model and

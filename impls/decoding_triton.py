@@ -1,10 +1,10 @@
 """Triton kernels for the small pieces of a batch-1 decoding step.
 
-At batch 1 a decoding step of the 211M "medium" GPT is latency-bound: about
-280 kernels of ~3 us each, captured in a CUDA graph. Around the model's forward,
-a Medusa step ran ~30 more small PyTorch kernels (tree mask, acceptance, commit,
-top-k of the heads), ~0.14 ms of a 1.12 ms step on an H200
-(tools/medusa_step_costs.py measures them). Here each of those pieces is one kernel:
+At batch 1 a decoding step of a small GPT is latency-bound: hundreds of
+kernels of a few microseconds each, captured in a CUDA graph. Around the
+model's forward, a Medusa step runs about 30 more small PyTorch kernels (tree
+mask, acceptance, commit, top-k of the heads; tools/medusa_step_costs.py
+measures their share). Here each of those pieces is one kernel:
 
     tree_mask(ancestors, cur, length, dtype)   # (N, length) additive attention mask
     greedy_commit(pred, tokens, retrieve, valid, cur, seq, hist, src, dst, last, root)
