@@ -37,6 +37,12 @@ def compiled(device: torch.device) -> bool:
 
 @functools.cache
 def _compiled_flex():
+    # One compilation per shape and mask. Past dynamo's recompile limit (8) it
+    # would run the eager fallback instead, silently: a sweep's shapes fit
+    # under a higher limit, and a call beyond it fails (an error row) rather
+    # than time the fallback as if compiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=False)
 
 
