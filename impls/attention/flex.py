@@ -80,7 +80,8 @@ def attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor
     reason = why_not(q, k, v, causal)
     if reason is not None:
         raise ValueError(f"flex attention cannot run this input: {reason}")
-    mask = block_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
+    # One query, the last position, sees every key: no mask to apply.
+    mask = block_mask(q.shape[-2], k.shape[-2], q.device) if causal and q.shape[-2] > 1 else None
     gqa = q.shape[1] != k.shape[1]
     if compiled(q.device):
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)

@@ -10,6 +10,7 @@ top-left, genbench bottom-right (impls/attention/naive.py `causal_mask`), so
 those calls pass the bottom-right mask as an explicit boolean `attn_mask`
 instead, made once per shape and device (`_bottom_right`). A backend that
 takes no mask (flash) then declines, and `why_not` gives PyTorch's reason.
+A single query (decode) sees every key: no mask is passed.
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ def _bottom_right(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor
 
 
 def _mask(q, k, causal: bool) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for SDPA: is_causal where top-left and bottom-right agree (q_len == kv_len)."""
-    if causal and q.shape[-2] != k.shape[-2]:
-        return _bottom_right(q.shape[-2], k.shape[-2], q.device), False
+    """(attn_mask, is_causal) for SDPA: is_causal where top-left and bottom-right
+    agree (q_len == kv_len); no mask at all for one query, the last position,
+    which sees every key (decode: so the backends that take no mask run it)."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if causal and q_len == 1:
+        return None, False
+    if causal and q_len != kv_len:
+        return _bottom_right(q_len, kv_len, q.device), False
     return None, causal
 
 

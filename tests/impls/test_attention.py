@@ -170,6 +170,15 @@ def test_sdpa_unequal_lengths_match_reference(name, q_len, kv_len, causal):
     _check_unequal(IMPLS[name], q_len, kv_len, causal, backward=True)
 
 
+def test_sdpa_decode_passes_no_mask():
+    # One query sees every key, so the backends that take no mask can run decode.
+    q, k, v, _ = _unequal(1, 2, 2, 1, 9, 16)
+    assert sdpa._mask(q, k, causal=True) == (None, False)
+    assert torch.equal(sdpa.attention(q, k, v, True), sdpa.attention(q, k, v, False))
+    mask, is_causal = sdpa._mask(q[:, :, :1].expand(1, 2, 2, 16), k, causal=True)
+    assert mask.shape == (2, 9) and not is_causal
+
+
 def test_sdpa_bottom_right_mask_differs_from_is_causal():
     # The test above could pass with is_causal (top-left) only if the two agreed: they do not.
     q, k, v, _ = _unequal(1, 2, 2, 3, 9, 16)
