@@ -118,7 +118,8 @@ def find_impl(name: str) -> Impl:
     """A built-in implementation (IMPLS); one an installed package registers
     under the entry-point group genbench.attention, by its name; or your own,
     as `module:function`. Yours is a callable fn(q, k, v, causal) -> out, with
-    q and out (B, H, S, D) and k, v (B, H_kv, S, D); it may carry a
+    q and out (B, H, Sq, D) and k, v (B, H_kv, Sk, D), causal aligned
+    bottom-right when Sq < Sk (the correctness gate holds it to that); it may carry a
     `why_not(q, k, v, causal)` attribute returning None, or why it cannot run
     those inputs (the row is then unsupported, with that reason). A name that
     cannot be found or imported is a BadInput."""

@@ -28,8 +28,8 @@ _PRESET_HELP = ("Serving shapes; options you give override the preset's. decode:
                 "1k,4k,16k,32k,128k, batch 8, 32 query heads over 8 kv heads of 128, bf16, causal, forward. prefill: "
                 "square causal seq 1k,4k,16k, same heads. On CPU a small version: decode kv_len 256,1k, batch 2, "
                 "8 heads over 2 of 64, fp32; prefill seq 128,512.")
-_OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, S, D) and k, v "
-        "(B, H_kv, S, D), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
+_OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, Sq, D) and k, v "
+        "(B, H_kv, Sk, D) (causal aligned bottom-right when Sq < Sk), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
 
 
 @cli_errors
@@ -38,7 +38,7 @@ def attention(
     q_len: Annotated[Optional[str], typer.Option(help="Query lengths, with --kv-len instead of --seq: 1,64. Causal aligns them bottom-right (the last q_len positions).")] = None,
     kv_len: Annotated[Optional[str], typer.Option(help="Key/value (KV cache) lengths, with --q-len: 4k,32k.")] = None,
     preset: Annotated[Optional[str], typer.Option(help=_PRESET_HELP)] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq (or / kv-len).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Query heads. Default: 16 on a GPU, 8 on CPU.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA); must divide --heads. Default: --heads.")] = None,
     head_dim: Annotated[Optional[int], typer.Option(help="Head dimension. Default: 128 on a GPU, 64 on CPU.")] = None,
@@ -65,7 +65,6 @@ def attention(
     Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode.
     """
     from bench.env import parse_dtype, resolve_device
-    from bench.errors import BadInput
 
     dev = resolve_device(device)
     if dev.type == "cpu" and {"tiled", "tiled-triton"} & set(impl or ()):
@@ -88,13 +87,11 @@ def attention(
         dtype = dtype or p.dtype
         causal = p.causal if causal is None else causal
         mode = mode or (list(p.modes) if p.modes else None)
-    if seq is not None and (q_len is not None or kv_len is not None):
-        raise BadInput("--seq is the square case and cannot be combined with --q-len/--kv-len: give one or the other")
     square = q_len is None and kv_len is None
     dtype = dtype or ("bf16" if gpu else "fp32")
     parse_dtype(dtype, dev)
     opts = suite.AttentionOptions(
-        seqs=suite.parse_seqs(seq or ("8k" if gpu else "256,512,1k")) if square else (),
+        seqs=suite.parse_seqs(seq or ("8k" if gpu else "256,512,1k")) if seq is not None or square else (),
         q_lens=suite.parse_seqs(q_len, "--q-len") if q_len is not None else (),
         kv_lens=suite.parse_seqs(kv_len, "--kv-len") if kv_len is not None else (),
         batch=batch,
