@@ -17,18 +17,75 @@ import numpy as np
 ATTENTION_BWD_RATIO = 2.5
 
 
+def attention_pairs(seq_q: int, seq_k: int, causal: bool) -> float:
+    """(query, key) pairs whose score counts toward attention's FLOPs.
+
+    Non-causal: Sq·Sk. Causal, square (Sq = Sk = S): S²/2, the convention of
+    the FlashAttention papers' and benchmarks' accounting (the diagonal's S/2
+    pairs, a 1/S share, left out), kept so square rows compare with theirs
+    and with older genbench runs. Causal with Sq < Sk, aligned bottom-right
+    (query i at position Sk − Sq + i sees keys 0 .. Sk − Sq + i, i.e.
+    Sk − Sq + i + 1 of them): the exact count of unmasked pairs,
+    Σ_{i<Sq} (Sk − Sq + i + 1) = Sq·(Sk − Sq) + Sq(Sq+1)/2 = Sq·Sk − Sq(Sq−1)/2.
+    At Sq = 1 (decode) every key counts: Sk."""
+    if not causal:
+        return float(seq_q * seq_k)
+    if seq_q == seq_k:
+        return seq_q * seq_k / 2
+    assert seq_q < seq_k, f"causal attention aligned bottom-right needs seq_q <= seq_k, got {seq_q} > {seq_k}"
+    return seq_q * seq_k - seq_q * (seq_q - 1) / 2
+
+
 def attention_flops(
     batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool, mode: str
 ) -> float:
-    """FLOPs of one attention call: 4·B·H·Sq·Sk·D forward (two matmuls at
-    2 FLOPs per multiply-add), halved when causal (half the score matrix is
-    masked), ×2.5 for the backward alone, ×3.5 for forward plus backward."""
-    fwd = 4.0 * batch * heads * seq_q * seq_k * head_dim
-    if causal:
-        fwd /= 2
+    """FLOPs of one attention call: 4·B·H·D per scored (query, key) pair
+    forward (two matmuls, QK^T and PV, at 2 FLOPs per multiply-add), so
+    4·B·H·Sq·Sk·D; causal counts only the unmasked pairs (`attention_pairs`:
+    half when square); ×2.5 for the backward alone, ×3.5 for forward plus
+    backward."""
+    fwd = 4.0 * batch * heads * attention_pairs(seq_q, seq_k, causal) * head_dim
     factor = {"fwd": 1.0, "bwd": ATTENTION_BWD_RATIO, "fwd+bwd": 1.0 + ATTENTION_BWD_RATIO}
     assert mode in factor, f"unknown mode {mode!r}"
     return fwd * factor[mode]
+
+
+def attention_bytes(batch: int, heads: int, kv_heads: int, seq_q: int, seq_k: int, head_dim: int,
+                    element_size: int, mode: str) -> float:
+    """Bytes one attention call must move to and from memory at the least:
+    each tensor it reads or writes, once. Forward: Q and O (B·H·Sq·D each)
+    and K and V (B·Hkv·Sk·D each: grouped-query heads share them, so GQA
+    reads less). With the backward (bwd, fwd+bwd): also dO read and dQ, dK,
+    dV written, each the size of its tensor: 4 Q-sized and 4 K-sized tensors.
+    A lower bound, as FlashAttention's IO analysis (Dao et al. 2022, section
+    3.2) makes it: a kernel re-reading K and V per query block, the backward
+    re-reading O, and the per-row log-sum-exp (B·H·Sq floats, 1/D of O) move
+    more. Decode (Sq = 1) is dominated by K and V: the KV cache read once."""
+    assert mode in ("fwd", "bwd", "fwd+bwd"), f"unknown mode {mode!r}"
+    q_sized = batch * heads * seq_q * head_dim
+    kv_sized = batch * kv_heads * seq_k * head_dim
+    tensors = 2 if mode == "fwd" else 4  # Q, O (+ dO, dQ); K, V (+ dK, dV)
+    return float(tensors * (q_sized + kv_sized) * element_size)
+
+
+def GBps(nbytes: float, ms: float) -> float:
+    """Achieved bandwidth in GB/s (10^9 bytes per second): `nbytes` moved in `ms`."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def roofline_bound(flops: float, nbytes: float, peak_tflops: float | None, peak_GBps: float | None) -> str | None:
+    """"memory" or "compute": which ceiling bounds a kernel doing `flops` over
+    `nbytes`, by the roofline model (Williams, Waterman & Patterson 2009):
+    memory-bound when its arithmetic intensity, flops / nbytes (FLOP per
+    byte), is below the device's ridge point, peak FLOP/s over peak bytes/s,
+    both from the calibrated peaks (bench/calibrate.py: the matmul peak of
+    its dtype and the copy bandwidth); compute-bound at or above it. Its %
+    of peak is then taken against that ceiling. None when either peak is
+    unknown."""
+    if not peak_tflops or not peak_GBps:
+        return None
+    ridge = peak_tflops * 1e12 / (peak_GBps * 1e9)
+    return "memory" if flops / nbytes < ridge else "compute"
 
 
 def tflops(flops: float, ms: float) -> float:

@@ -4,6 +4,24 @@ with each backend forced.
 
     genbench attention --seq 8k
     genbench attention --seq 1k,2k,4k --mode fwd+bwd --impl tiled --impl sdpa-flash
+    genbench attention --q-len 1,64 --kv-len 4k,32k      # serving shapes: queries against a KV cache
+    genbench attention --preset decode
+
+`--seq S` is the square case (q_len = kv_len = S); `--q-len` and `--kv-len`
+sweep queries against keys. Causal attention with q_len < kv_len is aligned
+bottom-right, the queries being the last q_len positions (flash-attention's
+convention; see impls/attention/naive.py `causal_mask`), in every row and in
+the reference. Square runs keep the `seq` parameter, so they compare with
+older runs, and write q_len and kv_len as extra columns; unequal runs have
+q_len and kv_len as parameters instead of seq.
+
+Beside TFLOP/s each row reports the bytes the call must move (`bytes_moved`,
+bench/metrics.py attention_bytes) and the GB/s achieved. `bound` says which
+ceiling `pct_of_peak` is taken against: "memory" (the calibrated copy
+bandwidth) when the shape's arithmetic intensity, FLOPs over bytes_moved, is
+below the device's ridge point (matmul peak of the dtype over copy
+bandwidth, both calibrated), else "compute" (the matmul peak); empty without
+calibrated peaks (bench/metrics.py roofline_bound).
 
 Each configuration is checked against a float64 reference on the same inputs
 (output, and gradients when the backward is measured) before it is timed.
@@ -26,9 +44,9 @@ import torch
 
 from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
-from bench.errors import BadInput, Unsupported
+from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash, naive, sdpa, tiled, tuning
+from impls.attention import flash, flex, naive, sdpa, tiled, tuning
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -51,6 +69,12 @@ def _forced(backend: str) -> Impl:
         why_not=functools.partial(sdpa.why_not, backend=backend),
         kernel=lambda q, k, v, causal: backend,
     )
+
+
+def _square_only(q, k, name: str) -> str | None:
+    if q.shape[-2] != k.shape[-2]:
+        return f"{name} takes q_len == kv_len only (its causal mask assumes equal lengths)"
+    return None
 
 
 def _triton_why_not(q, k, v, causal) -> str | None:
@@ -79,7 +103,10 @@ IMPLS: dict[str, Impl] = {
     # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).
     "tiled-triton": _flash(_triton_only_why_not, gluon=False),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
-    "tiled-torch": Impl(tiled.attention, kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
+    "tiled-torch": Impl(tiled.attention, why_not=lambda q, k, v, causal: _square_only(q, k, "tiled-torch"),
+                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
+    # FlexAttention: compiled on CUDA, its eager fallback elsewhere (impls/attention/flex.py).
+    "flex": Impl(flex.attention, why_not=flex.why_not, kernel=lambda q, k, v, causal: flex.describe(q)),
     "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
 }
@@ -91,7 +118,8 @@ def find_impl(name: str) -> Impl:
     """A built-in implementation (IMPLS); one an installed package registers
     under the entry-point group genbench.attention, by its name; or your own,
     as `module:function`. Yours is a callable fn(q, k, v, causal) -> out, with
-    q and out (B, H, S, D) and k, v (B, H_kv, S, D); it may carry a
+    q and out (B, H, Sq, D) and k, v (B, H_kv, Sk, D), causal aligned
+    bottom-right when Sq < Sk (the correctness gate holds it to that); it may carry a
     `why_not(q, k, v, causal)` attribute returning None, or why it cannot run
     those inputs (the row is then unsupported, with that reason). A name that
     cannot be found or imported is a BadInput."""
@@ -129,10 +157,11 @@ def _checked(fn: Callable, name: str) -> Callable:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """One measured row: an implementation on one shape."""
+    """One measured row: an implementation on one shape. `seq` for the square
+    case (q_len and kv_len follow it), else None with q_len and kv_len given."""
 
     impl: str
-    seq: int
+    seq: int | None
     batch: int
     heads: int
     kv_heads: int
@@ -140,13 +169,23 @@ class AttentionConfig:
     dtype: str
     causal: bool
     mode: str
+    q_len: int | None = None
+    kv_len: int | None = None
+
+    def __post_init__(self):
+        if self.seq is not None:
+            assert self.q_len in (None, self.seq) and self.kv_len in (None, self.seq), "seq is the square case"
+            object.__setattr__(self, "q_len", self.seq)
+            object.__setattr__(self, "kv_len", self.seq)
+        assert self.q_len is not None and self.kv_len is not None, "give seq, or q_len and kv_len"
 
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """The sweep, as given on the command line."""
+    """The sweep, as given on the command line: `seqs` (square), or `q_lens`
+    and `kv_lens` (every pair of them)."""
 
-    seqs: tuple[int, ...]
+    seqs: tuple[int, ...] = ()
     heads: int = 16
     kv_heads: int | None = None
     head_dim: int = 128
@@ -156,8 +195,24 @@ class AttentionOptions:
     impls: tuple[str, ...] = tuple(IMPLS)
     batch: int | None = None
     retune: bool = False  # time every kernel configuration here, ignoring shipped and cached choices
+    q_lens: tuple[int, ...] = ()
+    kv_lens: tuple[int, ...] = ()
+
+    @property
+    def square(self) -> bool:
+        return not (self.q_lens or self.kv_lens)
 
     def __post_init__(self):
+        if self.seqs and not self.square:
+            raise BadInput("--seq is the square case and cannot be combined with --q-len/--kv-len: give one or the other")
+        if self.square and not self.seqs:
+            raise BadInput("give --seq, or --q-len and --kv-len")
+        if not self.square and not (self.q_lens and self.kv_lens):
+            raise BadInput(f"--{'kv-len' if self.q_lens else 'q-len'} is missing: --q-len and --kv-len go together")
+        if True in self.causal and self.q_lens and max(self.q_lens) > min(self.kv_lens):
+            raise BadInput(f"causal attention needs kv_len >= q_len (the queries are the last q_len positions), got "
+                           f"--q-len {max(self.q_lens)} with --kv-len {min(self.kv_lens)}; add --no-causal or longer "
+                           "--kv-len")
         kv = self.kv_heads or self.heads
         for name, value in (("--heads", self.heads), ("--kv-heads", kv), ("--head-dim", self.head_dim)):
             if value <= 0:
@@ -177,29 +232,78 @@ class AttentionOptions:
     def configs(self) -> list[AttentionConfig]:
         # Shapes outermost, implementations innermost: rows that share a
         # reference (and a table) are measured one after another.
+        # Unequal lengths: a default batch of 16k tokens of keys.
+        shapes = ([(seq, None, None) for seq in self.seqs] if self.square
+                  else [(None, q, kv) for q in self.q_lens for kv in self.kv_lens])
         return [
             AttentionConfig(
-                impl=impl, seq=seq, batch=self.batch or max(1, TOKENS_PER_BATCH // seq),
+                impl=impl, seq=seq, q_len=q_len, kv_len=kv_len,
+                batch=self.batch or max(1, TOKENS_PER_BATCH // (seq or kv_len)),
                 heads=self.heads, kv_heads=self.kv_heads or self.heads, head_dim=self.head_dim,
                 dtype=self.dtype, causal=causal, mode=mode,
             )
-            for seq in self.seqs for causal in self.causal for mode in self.modes for impl in self.impls
+            for seq, q_len, kv_len in shapes for causal in self.causal for mode in self.modes for impl in self.impls
         ]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Options a `--preset` fills where the command line leaves them out
+    (None: the command's own default). Lengths as --seq/--q-len/--kv-len take them."""
+
+    seq: str | None = None
+    q_len: str | None = None
+    kv_len: str | None = None
+    batch: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    dtype: str | None = None
+    causal: bool | None = None
+    modes: tuple[str, ...] | None = None
+
+
+# Serving shapes, by name and device type ("cuda", or "cpu" for any other):
+# grouped-query attention as Llama 3 8B has it (32 query heads over 8 kv heads
+# of 128), forward only as served; on a CPU a small version of each, to check
+# the rows rather than time them.
+PRESETS: dict[str, dict[str, Preset]] = {
+    # one new token per sequence against a KV cache
+    "decode": {
+        "cuda": Preset(q_len="1", kv_len="1k,4k,16k,32k,128k", batch=8, heads=32, kv_heads=8, head_dim=128,
+                       dtype="bf16", causal=True, modes=("fwd",)),
+        "cpu": Preset(q_len="1", kv_len="256,1k", batch=2, heads=8, kv_heads=2, head_dim=64, dtype="fp32",
+                      causal=True, modes=("fwd",)),
+    },
+    # a prompt's attention over itself: square, causal
+    "prefill": {
+        "cuda": Preset(seq="1k,4k,16k", heads=32, kv_heads=8, head_dim=128, dtype="bf16", causal=True,
+                       modes=("fwd",)),
+        "cpu": Preset(seq="128,512", heads=8, kv_heads=2, head_dim=64, dtype="fp32", causal=True, modes=("fwd",)),
+    },
+}
+
+
+def preset(name: str, device_type: str) -> Preset:
+    if name not in PRESETS:
+        raise BadInput(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
+    return PRESETS[name]["cuda" if device_type == "cuda" else "cpu"]
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")
 
 
-def parse_seqs(text: str) -> tuple[int, ...]:
-    """'512' -> (512,), '8k' or '8K' -> (8192,), '1k,2k,4k' -> (1024, 2048, 4096)."""
+def parse_seqs(text: str, option: str = "--seq") -> tuple[int, ...]:
+    """'512' -> (512,), '8k' or '8K' -> (8192,), '1k,2k,4k' -> (1024, 2048, 4096).
+    `option` names the option in the error (--seq, --q-len, --kv-len)."""
     seqs = []
     for part in text.split(","):
         match = _SIZE.match(part)
         if not match:
-            raise BadInput(f"--seq: cannot read {part.strip()!r} as a length (examples: 512, 8k, 1k,2k,4k)")
+            raise BadInput(f"{option}: cannot read {part.strip()!r} as a length (examples: 512, 8k, 1k,2k,4k)")
         value = int(match.group(1)) * (1024 if match.group(2) else 1)
         if value <= 0:
-            raise BadInput(f"--seq: lengths must be positive, got {part.strip()!r}")
+            raise BadInput(f"{option}: lengths must be positive, got {part.strip()!r}")
         seqs.append(value)
     return tuple(seqs)
 
@@ -208,9 +312,9 @@ def _inputs(cfg: AttentionConfig, device: torch.device, seed: int):
     """q, k, v and the output gradient, the same for every impl of one shape."""
     dtype = DTYPES[cfg.dtype]
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(cfg.batch, cfg.heads, cfg.seq, cfg.head_dim, generator=g, device=device, dtype=dtype)
+    q = torch.randn(cfg.batch, cfg.heads, cfg.q_len, cfg.head_dim, generator=g, device=device, dtype=dtype)
     k, v = (
-        torch.randn(cfg.batch, cfg.kv_heads, cfg.seq, cfg.head_dim, generator=g, device=device, dtype=dtype)
+        torch.randn(cfg.batch, cfg.kv_heads, cfg.kv_len, cfg.head_dim, generator=g, device=device, dtype=dtype)
         for _ in range(2)
     )
     dout = torch.randn(q.shape, generator=g, device=device, dtype=dtype)
@@ -228,12 +332,13 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
     impl = find_impl(cfg.impl)
     backward = cfg.mode != "fwd"
     q, k, v, dout = _inputs(cfg, ctx.device, ctx.seed)
+    if backward:  # before why_not: inputs that require grad ask it about the backward too
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # A square run writes q_len and kv_len beside seq (its params are seq's); unequal runs have them as params.
+    values = {"q_len": cfg.q_len, "kv_len": cfg.kv_len} if cfg.seq is not None else {}
     reason = impl.why_not(q, k, v, cfg.causal)
     if reason:
-        raise Unsupported(reason)
-    if backward:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    values = {}
+        return Measurement(values, status="unsupported", reason=reason)
 
     # Correctness gate: output (and gradients) against float64, before any timing.
     shape = dataclasses.replace(cfg, impl="", mode="")
@@ -266,11 +371,22 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
             return torch.autograd.grad(impl.fn(q, k, v, cfg.causal), (q, k, v), dout)
 
     stats = ctx.time(step)
-    flops = metrics.attention_flops(cfg.batch, cfg.heads, cfg.seq, cfg.seq, cfg.head_dim, cfg.causal, cfg.mode)
-    rate = metrics.tflops(flops, stats.median)
-    share = ctx.share_of_peak(calibrate.matmul_key(dtype), functools.partial(metrics.pct_of_peak, rate))
+    flops = _flops(cfg)
+    nbytes = metrics.attention_bytes(cfg.batch, cfg.heads, cfg.kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim,
+                                     dtype.itemsize, cfg.mode)
+    rate, bandwidth = metrics.tflops(flops, stats.median), metrics.GBps(nbytes, stats.median)
+    matmul = calibrate.matmul_key(dtype)
+    peaks = ctx.peaks
+    bound = metrics.roofline_bound(flops, nbytes, peaks and peaks.get(matmul), peaks and peaks.get("copy_GBps"))
+    if bound == "memory":
+        share = ctx.share_of_peak("copy_GBps", functools.partial(metrics.pct_of_peak, bandwidth))
+    else:
+        share = ctx.share_of_peak(matmul, functools.partial(metrics.pct_of_peak, rate))
     values.update(
         tflops=rate,
+        bytes_moved=nbytes,
+        GBps=bandwidth,
+        bound=bound,
         pct_of_peak=share.pct,
         peak_mem_MiB=ctx.peak_memory_mib(step),
         do_bench_median_ms=ctx.do_bench_ms(step),
@@ -283,6 +399,7 @@ DISPLAY = (
     Column("median_ms", "ms", "{:.4g}"),
     Column("iqr_ms", "IQR", "{:.2g}"),
     Column("tflops", "TFLOP/s", "{:.3g}"),
+    Column("GBps", "GB/s", "{:.3g}"),
     Column("pct_of_peak", "%peak", "{:.0f}"),
     Column("peak_mem_MiB", "MiB", "{:.0f}"),
     Column("rel_err", "err", "{:.0e}"),
@@ -295,9 +412,12 @@ DISPLAY = (
 NAIVE_WEIGHT = 4.0
 
 
+def _flops(cfg: AttentionConfig) -> float:
+    return metrics.attention_flops(cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len, cfg.head_dim, cfg.causal, cfg.mode)
+
+
 def work(cfg: AttentionConfig) -> float:
-    flops = metrics.attention_flops(cfg.batch, cfg.heads, cfg.seq, cfg.seq, cfg.head_dim, cfg.causal, cfg.mode)
-    return flops * (NAIVE_WEIGHT if cfg.impl == "naive" else 1.0)
+    return _flops(cfg) * (NAIVE_WEIGHT if cfg.impl == "naive" else 1.0)
 
 
 def cost(cfg: AttentionConfig, mean_work: float) -> float:
@@ -312,12 +432,16 @@ def sweep(opts: AttentionOptions) -> Sweep:
         tuning.retune()
     configs = opts.configs()
     mean_work = sum(map(work, configs)) / max(len(configs), 1)
+    # Square runs keep seq as the parameter, so rows join with older runs' in compare, and
+    # write q_len and kv_len beside it; unequal runs are keyed by q_len and kv_len.
+    shape = ("seq",) if opts.square else ("q_len", "kv_len")
     return Sweep(
         suite="attention",
         configs=configs,
         run=run,
-        params=("impl", "seq", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode"),
-        metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms"),
+        params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode"),
+        metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms",
+                 "bytes_moved", "GBps", "bound", *(("q_len", "kv_len") if opts.square else ())),
         display=DISPLAY,
         label="impl",
         baseline=BASELINE,

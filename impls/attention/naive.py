@@ -1,5 +1,11 @@
-"""Attention as written in the textbook: the (S x S) score matrix is
-materialized, softmaxed, and multiplied by V. Memory grows with S².
+"""Attention as written in the textbook: the (Sq x Sk) score matrix is
+materialized, softmaxed, and multiplied by V. Memory grows with Sq·Sk.
+
+Causal attention with fewer queries than keys is aligned bottom-right
+(`causal_mask`): the queries are the last Sq positions of the sequence, as in
+decoding against a KV cache (flash-attention's convention, and PyTorch's
+`causal_lower_right`; `is_causal` in scaled_dot_product_attention aligns
+top-left instead).
 
 Also the float64 reference that every other implementation is checked
 against (`reference`), computed in slices of heads to bound its memory.
@@ -18,14 +24,23 @@ def expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
     return k if group == 1 else k.repeat_interleave(group, dim=1)
 
 
+def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """(Sq, Sk) booleans, True where a query may see a key, aligned bottom-right:
+    query i sits at position kv_len - q_len + i and sees keys 0 .. that
+    position. The square case is the usual lower triangle. Raises ValueError
+    for q_len > kv_len, where the first queries would see no key."""
+    if q_len > kv_len:
+        raise ValueError(f"causal attention aligned bottom-right needs q_len <= kv_len, got {q_len} > {kv_len}")
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
 def attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
-    B, H, S, D = q.shape  # (B, H, S, D)
+    B, H, Sq, D = q.shape  # (B, H, Sq, D); k, v (B, Hkv, Sk, D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k, v = expand_kv(k, H), expand_kv(v, H)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
     if causal:
-        mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(Sq, k.shape[2], q.device), float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
@@ -36,14 +51,14 @@ def reference(q, k, v, causal: bool, dout: torch.Tensor | None = None, max_elems
     score matrix stays under `max_elems` elements where the shape allows.
     Returns (out, (dq, dk, dv) or None), on q's device, in float64.
     """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
     G = H // Hkv
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     grads = None
     if dout is not None:
         grads = tuple(torch.empty(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v))
-    kv_per_chunk = max(1, min(Hkv, max_elems // max(1, G * S * S)))
+    kv_per_chunk = max(1, min(Hkv, max_elems // max(1, G * Sq * Sk)))
     for b in range(B):
         for h0 in range(0, Hkv, kv_per_chunk):
             hk = slice(h0, min(Hkv, h0 + kv_per_chunk))

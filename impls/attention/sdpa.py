@@ -4,15 +4,25 @@ backend (`backend=None`) or forcing one through torch.nn.attention.sdpa_kernel.
 `chosen_backend` asks PyTorch which fused backend it would pick for these
 inputs (torch._fused_sdp_choice, the dispatcher's own choice function; private,
 so feature-detected).
+
+Causal attention with q_len != kv_len: PyTorch's `is_causal` aligns the mask
+top-left, genbench bottom-right (impls/attention/naive.py `causal_mask`), so
+those calls pass the bottom-right mask as an explicit boolean `attn_mask`
+instead, made once per shape and device (`_bottom_right`). A backend that
+takes no mask (flash) then declines, and `why_not` gives PyTorch's reason.
+A single query (decode) sees every key: no mask is passed.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from impls.attention.naive import causal_mask
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -22,12 +32,32 @@ BACKENDS = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _bottom_right(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    return causal_mask(q_len, kv_len, device)
+
+
+def _mask(q, k, causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA: is_causal where top-left and bottom-right
+    agree (q_len == kv_len); no mask at all for one query, the last position,
+    which sees every key (decode: so the backends that take no mask run it)."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if causal and q_len == 1:
+        return None, False
+    if causal and q_len != kv_len:
+        return _bottom_right(q_len, kv_len, q.device), False
+    return None, causal
+
+
 def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
+    mask, is_causal = _mask(q, k, causal)
     if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
     with sdpa_kernel(BACKENDS[backend]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
 
 
 def why_not(q, k, v, causal: bool, backend: str) -> str | None:
@@ -53,7 +83,8 @@ def chosen_backend(q, k, v, causal: bool) -> str:
     if choose is None:
         return "unknown"
     try:
-        index = choose(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=causal, scale=None,
+        mask, is_causal = _mask(q, k, causal)
+        index = choose(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=None,
                        enable_gqa=q.shape[1] != k.shape[1])
         return SDPBackend(index).name.lower().replace("_attention", "")
     except (RuntimeError, TypeError, ValueError):

@@ -19,8 +19,10 @@ def chart(run: Run) -> Figure:
     """TFLOP/s and peak memory against sequence length, one line per implementation."""
     df = plot.ok_rows(run)
     label = run.label
-    # batch follows seq (a fixed number of tokens per batch), so it doesn't split panels.
-    panel_keys = [p for p in plot.varying(df, run.params) if p not in (label, "seq", "batch")]
+    # Square runs against seq, unequal ones (q_len, kv_len) against kv_len, a panel per q_len.
+    x = "seq" if "seq" in run.params else "kv_len"
+    # batch follows the length (a fixed number of tokens per batch), so it doesn't split panels.
+    panel_keys = [p for p in plot.varying(df, run.params) if p not in (label, x, "batch")]
     groups = list(df.groupby(panel_keys, sort=True)) if panel_keys else [((), df)]
     colors = plot.label_colors(df[label])
     # Peak memory is only measured on CUDA; a CPU run gets the TFLOP/s panels alone.
@@ -32,11 +34,11 @@ def chart(run: Run) -> Figure:
     axes = fig.subplots(len(groups), len(panels), squeeze=False)
     for (key, part), row in zip(groups, axes):
         for ax, (column, what) in zip(row, panels.items()):
-            if not plot.lines(ax, part, "seq", column, label, colors):
+            if not plot.lines(ax, part, x, column, label, colors):
                 plot.no_data(ax, f"no {column} values")
             elif column == "tflops":
                 _peak_line(ax, run, part)
-            ax.set_xlabel("sequence length (tokens)")
+            ax.set_xlabel("sequence length (tokens)" if x == "seq" else "kv length (tokens)")
             ax.set_ylabel(what)
             ax.set_title(plot.describe(panel_keys, key), fontsize=10, loc="left")
     plot.legend(fig, axes)

@@ -21,17 +21,24 @@ from bench.commands import (
 from bench.registry import Suite
 
 # suites.attention.IMPLS and GROUP, written out so that --help need not import torch (a test keeps them equal).
-IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-         "sdpa-math")
+IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "flex", "sdpa", "sdpa-flash", "sdpa-efficient",
+         "sdpa-cudnn", "sdpa-math")
 GROUP = "genbench.attention"
-_OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, S, D) and k, v "
-        "(B, H_kv, S, D), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
+_PRESET_HELP = ("Serving shapes; options you give override the preset's. decode: q_len 1 against kv_len "
+                "1k,4k,16k,32k,128k, batch 8, 32 query heads over 8 kv heads of 128, bf16, causal, forward. prefill: "
+                "square causal seq 1k,4k,16k, same heads. On CPU a small version: decode kv_len 256,1k, batch 2, "
+                "8 heads over 2 of 64, fp32; prefill seq 128,512.")
+_OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, Sq, D) and k, v "
+        "(B, H_kv, Sk, D) (causal aligned bottom-right when Sq < Sk), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
 
 
 @cli_errors
 def attention(
-    seq: Annotated[Optional[str], typer.Option(help="Sequence lengths: 512, 8k, 1k,2k,4k. Default: 8k on a GPU, 256,512,1k on CPU.")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq.")] = None,
+    seq: Annotated[Optional[str], typer.Option(help="Sequence lengths, square (q_len = kv_len): 512, 8k, 1k,2k,4k. Default: 8k on a GPU, 256,512,1k on CPU.")] = None,
+    q_len: Annotated[Optional[str], typer.Option(help="Query lengths, with --kv-len instead of --seq: 1,64. Causal aligns them bottom-right (the last q_len positions).")] = None,
+    kv_len: Annotated[Optional[str], typer.Option(help="Key/value (KV cache) lengths, with --q-len: 4k,32k.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help=_PRESET_HELP)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq (or / kv-len).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Query heads. Default: 16 on a GPU, 8 on CPU.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA); must divide --heads. Default: --heads.")] = None,
     head_dim: Annotated[Optional[int], typer.Option(help="Head dimension. Default: 128 on a GPU, 64 on CPU.")] = None,
@@ -55,6 +62,7 @@ def attention(
 
     The defaults suit the machine: on a GPU, seq 8k, 16 heads of 128, bf16, forward and
     forward+backward; on a CPU, a small sweep (256, 512, 1k; 8 heads of 64; fp32; forward).
+    Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode.
     """
     from bench.env import parse_dtype, resolve_device
 
@@ -66,10 +74,26 @@ def attention(
     from suites import attention as suite
 
     gpu = dev.type == "cuda"
+    if preset is not None:
+        p = suite.preset(preset, dev.type)
+        if seq is None and q_len is None and kv_len is None:
+            seq, q_len, kv_len = p.seq, p.q_len, p.kv_len
+        elif seq is None:
+            q_len, kv_len = q_len or p.q_len, kv_len or p.kv_len
+        batch = p.batch if batch is None else batch
+        heads = p.heads if heads is None else heads
+        kv_heads = p.kv_heads if kv_heads is None else kv_heads
+        head_dim = p.head_dim if head_dim is None else head_dim
+        dtype = dtype or p.dtype
+        causal = p.causal if causal is None else causal
+        mode = mode or (list(p.modes) if p.modes else None)
+    square = q_len is None and kv_len is None
     dtype = dtype or ("bf16" if gpu else "fp32")
     parse_dtype(dtype, dev)
     opts = suite.AttentionOptions(
-        seqs=suite.parse_seqs(seq or ("8k" if gpu else "256,512,1k")),
+        seqs=suite.parse_seqs(seq or ("8k" if gpu else "256,512,1k")) if seq is not None or square else (),
+        q_lens=suite.parse_seqs(q_len, "--q-len") if q_len is not None else (),
+        kv_lens=suite.parse_seqs(kv_len, "--kv-len") if kv_len is not None else (),
         batch=batch,
         heads=(16 if gpu else 8) if heads is None else heads,
         kv_heads=kv_heads,

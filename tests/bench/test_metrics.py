@@ -14,6 +14,55 @@ def test_attention_flops_by_hand():
     assert metrics.attention_flops(2, 4, 64, 64, 32, True, "fwd+bwd") == 3.5 * 2_097_152
 
 
+
+def test_attention_flops_unequal_lengths_by_hand():
+    # Sq=3 against Sk=10, causal bottom-right: the queries sit at positions 7, 8, 9 and see
+    # 8, 9, 10 keys: 27 pairs (= 3*10 - 3*2/2); 4*B*H*pairs*D = 4*1*2*27*16 = 3456.
+    assert metrics.attention_pairs(3, 10, True) == 27
+    assert metrics.attention_flops(1, 2, 3, 10, 16, True, "fwd") == 3456
+    assert metrics.attention_flops(1, 2, 3, 10, 16, False, "fwd") == 4 * 2 * 30 * 16
+    # decode: one query sees every key
+    assert metrics.attention_pairs(1, 4096, True) == 4096
+    # square keeps the FlashAttention halving
+    assert metrics.attention_pairs(64, 64, True) == 2048
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(1, 9), (3, 10), (7, 33), (32, 33)])
+def test_causal_pairs_are_the_unmasked_entries(q_len, kv_len):
+    assert metrics.attention_pairs(q_len, kv_len, True) == int(naive.causal_mask(q_len, kv_len).sum())
+
+
+def test_attention_bytes_and_bandwidth_by_hand():
+    # B=1, H=2, Hkv=1, Sq=3, Sk=10, D=4, fp32: Q and O 24 elements each, K and V 40 each.
+    # Forward: (24 + 24 + 40 + 40) * 4 bytes = 512; backward adds dO, dQ (24 each), dK, dV (40 each): 1024.
+    assert metrics.attention_bytes(1, 2, 1, 3, 10, 4, 4, "fwd") == 512
+    assert metrics.attention_bytes(1, 2, 1, 3, 10, 4, 4, "bwd") == 1024
+    assert metrics.attention_bytes(1, 2, 1, 3, 10, 4, 4, "fwd+bwd") == 1024
+    # 512 bytes in 1 us: 0.512 GB/s
+    assert metrics.GBps(512, 1e-3) == pytest.approx(0.512)
+    # The decode shape: batch 8, 32 query heads over 8 kv heads, kv_len 32k, D 128, bf16:
+    # K and V are 2 * 8*8*32768*128 * 2 bytes = 1 GiB, Q and O 2 * 8*32*128 * 2 = 128 KiB more;
+    # in 355 us that is 3025 GB/s.
+    nbytes = metrics.attention_bytes(8, 32, 8, 1, 32768, 128, 2, "fwd")
+    assert nbytes == 2**30 + 2**17
+    assert metrics.GBps(nbytes, 0.355) == pytest.approx(3025.0, rel=1e-4)
+
+
+def test_roofline_bound_by_hand():
+    # ridge point: 2 TFLOP/s over 10 GB/s = 200 FLOP per byte
+    assert metrics.roofline_bound(2000, 10, 2.0, 10.0) == "compute"  # 200: at the ridge
+    assert metrics.roofline_bound(2000, 11, 2.0, 10.0) == "memory"  # 181.8
+    # the decode shape on an H100-like device (800 TFLOP/s, 3000 GB/s: ridge 267): about 4 FLOP/byte
+    flops = metrics.attention_flops(8, 32, 1, 32768, 128, True, "fwd")
+    nbytes = metrics.attention_bytes(8, 32, 8, 1, 32768, 128, 2, "fwd")
+    assert metrics.roofline_bound(flops, nbytes, 800.0, 3000.0) == "memory"
+    # square 8k causal, 16 heads, batch 2: 2*16*8192^2*128*2 FLOPs over ~134 MB, ~1000 FLOP/byte
+    flops = metrics.attention_flops(2, 16, 8192, 8192, 128, True, "fwd")
+    nbytes = metrics.attention_bytes(2, 16, 16, 8192, 8192, 128, 2, "fwd")
+    assert metrics.roofline_bound(flops, nbytes, 800.0, 3000.0) == "compute"
+    assert metrics.roofline_bound(flops, nbytes, None, 3000.0) is None
+    assert metrics.roofline_bound(flops, nbytes, 800.0, None) is None
+
 def _counted(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.correctness import TOLERANCE, max_rel_err
-from impls.attention import naive, sdpa, tiled
+from impls.attention import flex, naive, sdpa, tiled
 from tests.conftest import requires_cuda
 
 IMPLS = {
@@ -116,6 +116,88 @@ def test_sdpa_reports_backend_and_reasons():
         assert "CUDA" in sdpa.why_not(q, k, v, False, "cudnn")
 
 
+
+def _unequal(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Sq, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=g, dtype=dtype) for _ in range(2))
+    dout = torch.randn(B, H, Sq, D, generator=g, dtype=dtype)
+    return q, k, v, dout
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(1, 9), (3, 9), (5, 17), (7, 7)])
+def test_naive_causal_is_aligned_bottom_right(q_len, kv_len):
+    # Built by hand, one score at a time: query i stands at position kv_len - q_len + i
+    # and sees the keys at positions up to its own.
+    q, k, v, _ = (t.double() for t in _unequal(1, 2, 2, q_len, kv_len, 8))
+    want = torch.empty_like(q)
+    for h in range(2):
+        for i in range(q_len):
+            seen = kv_len - q_len + i + 1
+            scores = torch.tensor([float(q[0, h, i] @ k[0, h, j]) / 8**0.5 for j in range(seen)], dtype=torch.float64)
+            want[0, h, i] = scores.softmax(0) @ v[0, h, :seen]
+    assert torch.allclose(naive.attention(q, k, v, causal=True), want, rtol=1e-12, atol=1e-12)
+    if q_len < kv_len:  # top-left alignment would differ
+        top_left = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
+        assert not torch.equal(naive.causal_mask(q_len, kv_len), top_left)
+
+
+def test_causal_with_more_queries_than_keys_is_refused():
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        naive.causal_mask(5, 3)
+
+
+def _check_unequal(fn, Sq, Sk, causal, backward, kv_heads=2, dtype=torch.float32):
+    q, k, v, dout = _unequal(2, 4, kv_heads, Sq, Sk, 16, dtype)
+    ref_out, ref_grads = naive.reference(q, k, v, causal, dout if backward else None)
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, causal)
+    got, want = [out], [ref_out]
+    if backward:
+        got += torch.autograd.grad(out, (q, k, v), dout)
+        want += ref_grads
+    err = max_rel_err(got, want)
+    assert err <= TOLERANCE[dtype], f"rel_err {err:.2e} above {TOLERANCE[dtype]:.0e}"
+
+
+SDPA_ROWS = [n for n in IMPLS if n.startswith("sdpa")]
+
+
+@pytest.mark.parametrize("name", SDPA_ROWS)
+@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 77, True), (3, 77, True), (13, 130, True), (40, 9, False)])
+def test_sdpa_unequal_lengths_match_reference(name, q_len, kv_len, causal):
+    _check_unequal(IMPLS[name], q_len, kv_len, causal, backward=True)
+
+
+def test_sdpa_decode_passes_no_mask():
+    # One query sees every key, so the backends that take no mask can run decode.
+    q, k, v, _ = _unequal(1, 2, 2, 1, 9, 16)
+    assert sdpa._mask(q, k, causal=True) == (None, False)
+    assert torch.equal(sdpa.attention(q, k, v, True), sdpa.attention(q, k, v, False))
+    mask, is_causal = sdpa._mask(q[:, :, :1].expand(1, 2, 2, 16), k, causal=True)
+    assert mask.shape == (2, 9) and not is_causal
+
+
+def test_sdpa_bottom_right_mask_differs_from_is_causal():
+    # The test above could pass with is_causal (top-left) only if the two agreed: they do not.
+    q, k, v, _ = _unequal(1, 2, 2, 3, 9, 16)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.allclose(sdpa.attention(q, k, v, True), top_left, atol=1e-3)
+
+
+@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 77, True), (3, 77, True), (70, 70, True), (40, 9, False)])
+def test_flex_forward_matches_reference(q_len, kv_len, causal):
+    _check_unequal(flex.attention, q_len, kv_len, causal, backward=False)
+
+
+def test_flex_says_why_not():
+    q, k, v, _ = _unequal(1, 2, 2, 5, 3, 16)
+    assert "see no key" in flex.why_not(q, k, v, causal=True)
+    if not torch.cuda.is_available():
+        q.requires_grad_()
+        assert "no backward on CPU" in flex.why_not(q, k, v, causal=False)
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -135,3 +217,15 @@ def test_tiled_memory_grows_linearly_with_length():
 
     # Doubling S doubles a linear footprint and would quadruple an S×S one.
     assert peak(8192) / peak(4096) < 2.5
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1000), (64, 1000), (1000, 1000)])
+def test_flex_compiled_on_gpu(q_len, kv_len):
+    q, k, v, dout = (t.cuda() for t in _unequal(2, 8, 2, q_len, kv_len, 64, torch.bfloat16))
+    ref_out, ref_grads = naive.reference(q, k, v, True, dout)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = flex.attention(q, k, v, True)
+    err = max_rel_err([out, *torch.autograd.grad(out, (q, k, v), dout)], [ref_out, *ref_grads])
+    assert err <= TOLERANCE[torch.bfloat16], f"rel_err {err:.2e}"

@@ -131,3 +131,172 @@ def test_tiled_named_on_cpu_runs_through_the_interpreter(tmp_path):
         assert row["status"] == "ok", row["reason"]
     else:
         assert row["status"] == "unsupported"
+
+
+# Serving shapes: q_len != kv_len, presets, bytes moved and the roofline bound.
+
+def test_unequal_lengths_sweep_every_pair_keyed_by_q_len_and_kv_len():
+    opts = suite.AttentionOptions(q_lens=(1, 64), kv_lens=(4096, 32768), impls=("naive",), causal=(True,))
+    configs = opts.configs()
+    assert [(c.q_len, c.kv_len, c.seq) for c in configs] == [(1, 4096, None), (1, 32768, None), (64, 4096, None),
+                                                            (64, 32768, None)]
+    assert {c.batch for c in configs} == {4, 1}  # 16k tokens of keys
+    sweep = suite.sweep(opts)
+    assert sweep.params[:3] == ("impl", "q_len", "kv_len") and "seq" not in sweep.params
+    assert "q_len" not in sweep.metrics
+    # square runs keep seq as the join key, and write q_len and kv_len beside it
+    square = suite.sweep(suite.AttentionOptions(seqs=(64,)))
+    assert square.params[:3] == ("impl", "seq", "batch") and {"q_len", "kv_len"} <= set(square.metrics)
+    assert _cfg(seq=70).q_len == _cfg(seq=70).kv_len == 70
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seqs=(64,), q_lens=(1,), kv_lens=(64,)), "cannot be combined"),
+    (dict(q_lens=(1,)), "--kv-len is missing"),
+    (dict(kv_lens=(64,)), "--q-len is missing"),
+    (dict(q_lens=(8, 64), kv_lens=(32, 128)), "kv_len >= q_len"),  # causal (the default has both)
+    (dict(), "give --seq"),
+])
+def test_bad_shapes(kwargs, message):
+    with pytest.raises(BadInput, match=message):
+        suite.AttentionOptions(**kwargs)
+
+
+def test_more_queries_than_keys_without_causal_is_fine():
+    opts = suite.AttentionOptions(q_lens=(64,), kv_lens=(32,), causal=(False,))
+    assert [(c.q_len, c.kv_len) for c in opts.configs()][0] == (64, 32)
+
+
+def _unequal(**kw):
+    return _cfg(**{"seq": None, "q_len": 3, "kv_len": 70, **kw})
+
+
+@pytest.mark.parametrize("impl", ["naive", "sdpa", "sdpa-math", "sdpa-flash", "flex"])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 70), (3, 70), (17, 70)])
+def test_unequal_rows_match_float64(impl, q_len, kv_len):
+    if impl == "sdpa-flash" and torch.cuda.is_available():
+        pytest.skip("on a GPU the flash backend declines an explicit mask")
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(q_len,), kv_lens=(kv_len,)))
+    m = measure_one(sweep, _unequal(impl=impl, q_len=q_len, kv_len=kv_len, mode="fwd"), CTX)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5 and m.values["tflops"] > 0
+
+
+def test_unequal_rows_with_backward_match_float64():
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
+    for impl in ("naive", "sdpa"):
+        m = measure_one(sweep, _unequal(impl=impl), CTX)
+        assert m.status == "ok", m.reason
+        assert m.values["rel_err"] < 1e-5
+
+
+def test_rows_that_take_equal_lengths_only_are_unsupported_with_reason():
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
+    m = measure_one(sweep, _unequal(impl="tiled-torch"), CTX)
+    assert m.status == "unsupported" and "q_len == kv_len" in m.reason
+    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32), CTX)
+    assert m.status == "unsupported" and "differ" in m.reason
+
+
+def test_flex_row_on_cpu():
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
+    m = measure_one(sweep, _unequal(impl="flex", mode="fwd"), CTX)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("flex")
+    if not torch.cuda.is_available():
+        m = measure_one(sweep, _unequal(impl="flex", mode="fwd+bwd"), CTX)
+        assert m.status == "unsupported" and "no backward on CPU" in m.reason
+
+
+def _peaks(fp32_tflops, copy_GBps):
+    return {"fp32_tflops": fp32_tflops, "tf32_tflops": None, "fp16_tflops": 1.0, "bf16_tflops": 1.0,
+            "copy_GBps": copy_GBps}
+
+
+def test_bytes_moved_and_share_of_the_bound_ceiling():
+    # q_len 1 against 70 keys, batch 2, 4 heads over 2, D 16, fp32: Q and O 2*4*1*16 = 128 elements
+    # each, K and V 2*2*70*16 = 4480 each: (2*128 + 2*4480) * 4 = 36864 bytes. FLOPs 4*2*4*70*16 = 35840:
+    # under 1 FLOP per byte.
+    cfg = _unequal(impl="naive", q_len=1, mode="fwd")
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(1,), kv_lens=(70,)))
+    # ridge 1e6 TFLOP/s over 1e6 GB/s = 1000 FLOP/byte: memory-bound, share of the copy bandwidth
+    ctx = Context(torch.device("cpu"), warmup_ms=1, rep_ms=5, peaks=_peaks(1e6, 1e6))
+    m = measure_one(sweep, cfg, ctx)
+    assert m.status == "ok", m.reason
+    assert m.values["bytes_moved"] == 36864
+    assert m.values["GBps"] == pytest.approx(36864 / (m.stats.median * 1e-3) / 1e9)
+    assert m.values["bound"] == "memory"
+    assert m.values["pct_of_peak"] == pytest.approx(100 * m.values["GBps"] / 1e6)
+    # ridge 1e6 TFLOP/s over 1e12 GB/s = 0.001 FLOP/byte: compute-bound, share of the matmul peak
+    ctx = Context(torch.device("cpu"), warmup_ms=1, rep_ms=5, peaks=_peaks(1e6, 1e12))
+    m = measure_one(sweep, cfg, ctx)
+    assert m.values["bound"] == "compute"
+    assert m.values["pct_of_peak"] == pytest.approx(100 * m.values["tflops"] / 1e6)
+    # no calibrated peaks: neither bound nor share
+    m = measure_one(sweep, cfg, CTX)
+    assert m.values["bound"] is None and m.values["pct_of_peak"] is None
+
+
+def test_preset_names_and_cpu_versions_are_small():
+    assert suite.preset("decode", "cuda").kv_len == "1k,4k,16k,32k,128k"
+    small = suite.preset("decode", "cpu")
+    assert small.q_len == "1" and max(suite.parse_seqs(small.kv_len)) <= 1024
+    assert suite.preset("prefill", "mps") == suite.PRESETS["prefill"]["cpu"]
+    with pytest.raises(BadInput, match="--preset must be one of decode, prefill"):
+        suite.preset("serve", "cpu")
+
+
+def _invoke(tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    return CliRunner().invoke(app, ["attention", "--device", "cpu", "--out", str(tmp_path), "--warmup-ms", "1",
+                                    "--rep-ms", "5", *args])
+
+
+def test_preset_decode_on_cpu_fills_what_is_not_given(tmp_path):
+    import pandas as pd
+
+    # decode's CPU version, made tinier by options given, which override the preset's
+    result = _invoke(tmp_path, "--preset", "decode", "--kv-len", "64", "--batch", "1", "--heads", "2",
+                     "--head-dim", "16", "--impl", "naive", "--impl", "sdpa", "--impl", "tiled-torch", "--impl", "flex")
+    assert result.exit_code == 0, result.output
+    (csv,) = tmp_path.glob("attention-*.csv")
+    rows = pd.read_csv(csv)
+    assert "seq" not in rows.columns
+    # q_len 1, kv_heads 2, causal, forward and fp32 come from the preset; the rest from the options given
+    assert set(zip(rows.q_len, rows.kv_len, rows.batch, rows.heads, rows.kv_heads, rows.head_dim)) == {(1, 64, 1, 2, 2, 16)}
+    assert rows.causal.tolist() == [True] * 4 and set(rows["mode"]) == {"fwd"} and set(rows.dtype) == {"fp32"}
+    by = rows.set_index("impl")
+    assert (by.loc[["naive", "sdpa", "flex"], "status"] == "ok").all(), by.reason
+    assert by.loc["tiled-torch", "status"] == "unsupported" and "q_len == kv_len" in by.loc["tiled-torch", "reason"]
+    # (Q and O 1*2*1*16 each, K and V 1*2*64*16 each) * 4 bytes
+    assert (by.loc[["naive", "sdpa", "flex"], "bytes_moved"] == (2 * 32 + 2 * 2048) * 4).all()
+
+
+def test_square_run_writes_q_len_and_kv_len_beside_seq(tmp_path):
+    import pandas as pd
+
+    result = _invoke(tmp_path, "--seq", "32", "--batch", "1", "--heads", "1", "--head-dim", "16", "--causal",
+                     "--impl", "naive")
+    assert result.exit_code == 0, result.output
+    (csv,) = tmp_path.glob("attention-*.csv")
+    row = pd.read_csv(csv).iloc[0]
+    assert (row["seq"], row["q_len"], row["kv_len"]) == (32, 32, 32)
+    assert row["bytes_moved"] == 4 * 32 * 16 * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq", "64", "--q-len", "1", "--kv-len", "64"], "cannot be combined"),
+    (["--preset", "decode", "--seq", "64", "--kv-len", "128"], "cannot be combined"),
+    (["--q-len", "64", "--kv-len", "32", "--causal"], "kv_len >= q_len"),
+    (["--q-len", "1"], "--kv-len is missing"),
+    (["--q-len", "1", "--kv-len", "4q"], "--kv-len: cannot read '4q'"),
+    (["--preset", "serve"], "--preset must be one of"),
+])
+def test_bad_serving_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.csv"))

@@ -1,0 +1,91 @@
+"""PyTorch's FlexAttention (torch.nn.attention.flex_attention): attention whose
+mask is a BlockMask, compiled by torch.compile into one fused Triton kernel.
+
+    from impls.attention import flex
+    if flex.why_not(q, k, v, causal=True) is None:
+        out = flex.attention(q, k, v, causal=True)   # (B, H, Sq, D), differentiable
+
+Causal attention is aligned bottom-right (impls/attention/naive.py
+`causal_mask`): query i, at position Sk - Sq + i, sees keys up to it. The
+BlockMask is built once per (Sq, Sk, device) and cached (`block_mask`), so a
+timed call only runs the kernel.
+
+On CUDA the call goes through torch.compile (without it flex_attention runs an
+unfused fallback that materializes the score matrix). On a CPU it runs that
+eager fallback: compiling there works, but takes tens of seconds per shape,
+and the CPU rows check correctness rather than speed; `kernel` says which ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    FLEX_ERROR = None
+except ImportError as exc:  # torch before 2.5
+    FLEX_ERROR = f"torch.nn.attention.flex_attention not importable: {exc}"
+
+
+def compiled(device: torch.device) -> bool:
+    """Whether calls on `device` go through torch.compile (CUDA) or the eager fallback (elsewhere)."""
+    return device.type == "cuda"
+
+
+@functools.cache
+def _compiled_flex():
+    # One compilation per shape and mask. Past dynamo's recompile limit (8) it
+    # would run the eager fallback instead, silently: a sweep's shapes fit
+    # under a higher limit, and a call beyond it fails (an error row) rather
+    # than time the fallback as if compiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=8)
+def block_mask(q_len: int, kv_len: int, device: torch.device):
+    """The bottom-right causal BlockMask of a (q_len, kv_len) shape, for every batch element and head."""
+    offset = kv_len - q_len
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return create_block_mask(causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+def why_not(q, k, v, causal: bool) -> str | None:
+    """None if `attention` runs these inputs here, else why not (inputs that
+    require grad ask for the backward too)."""
+    if FLEX_ERROR is not None:
+        return FLEX_ERROR
+    if causal and q.shape[-2] > k.shape[-2]:
+        return f"causal with {q.shape[-2]} queries over {k.shape[-2]} keys: the first queries would see no key"
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        return "empty input"
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        return "FlexAttention has no backward on CPU (torch raises NotImplementedError)"
+    return None
+
+
+def describe(q) -> str:
+    return "flex compiled" if compiled(q.device) else "flex eager (unfused: materializes the scores)"
+
+
+def attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale (+ bottom-right causal mask)) v; q (B, H, Sq, D), k and v (B, Hkv, Sk, D)."""
+    reason = why_not(q, k, v, causal)
+    if reason is not None:
+        raise ValueError(f"flex attention cannot run this input: {reason}")
+    # One query, the last position, sees every key: no mask to apply.
+    mask = block_mask(q.shape[-2], k.shape[-2], q.device) if causal and q.shape[-2] > 1 else None
+    gqa = q.shape[1] != k.shape[1]
+    if compiled(q.device):
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    with warnings.catch_warnings():
+        # The eager fallback warns that it is unfused on every call; describe() says so once, in the row.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
