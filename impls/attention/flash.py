@@ -108,7 +108,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return ft.TRITON_ERROR
     if not ft.INTERPRET:
         if not torch.cuda.is_available():
-            return "no CUDA and TRITON_INTERPRET is not set"
+            return "no CUDA, and Triton's interpreter is off (TRITON_INTERPRET=1 runs the kernel on CPU, slowly; `genbench attention --impl tiled` on a CPU turns it on)"
         if not q.is_cuda:
             return f"tensors on {q.device.type}: the kernel needs CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in ft.DTYPES:
