@@ -31,7 +31,11 @@ def _inputs(B, H, Hkv, S, D, dtype, device="cpu", seed=0):
 
 
 def _check(fn, B, H, Hkv, S, D, dtype, causal, backward, device="cpu"):
-    q, k, v, dout = _inputs(B, H, Hkv, S, D, dtype, device)
+    return _check_inputs(fn, *_inputs(B, H, Hkv, S, D, dtype, device), dtype, causal, backward)
+
+
+def _check_inputs(fn, q, k, v, dout, dtype, causal, backward):
+    """fn's output (and gradients) against the float64 reference on these inputs; the relative error."""
     ref_out, ref_grads = naive.reference(q, k, v, causal, dout if backward else None)
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -148,17 +152,7 @@ def test_causal_with_more_queries_than_keys_is_refused():
 
 
 def _check_unequal(fn, Sq, Sk, causal, backward, kv_heads=2, dtype=torch.float32):
-    q, k, v, dout = _unequal(2, 4, kv_heads, Sq, Sk, 16, dtype)
-    ref_out, ref_grads = naive.reference(q, k, v, causal, dout if backward else None)
-    if backward:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v, causal)
-    got, want = [out], [ref_out]
-    if backward:
-        got += torch.autograd.grad(out, (q, k, v), dout)
-        want += ref_grads
-    err = max_rel_err(got, want)
-    assert err <= TOLERANCE[dtype], f"rel_err {err:.2e} above {TOLERANCE[dtype]:.0e}"
+    return _check_inputs(fn, *_unequal(2, 4, kv_heads, Sq, Sk, 16, dtype), dtype, causal, backward)
 
 
 SDPA_ROWS = [n for n in IMPLS if n.startswith("sdpa")]
