@@ -17,7 +17,7 @@ import numpy as np
 ATTENTION_BWD_RATIO = 2.5
 
 
-def attention_pairs(seq_q: int, seq_k: int, causal: bool) -> float:
+def attention_pairs(seq_q: int, seq_k: int, causal: bool, window: int | None = None) -> float:
     """(query, key) pairs whose score counts toward attention's FLOPs.
 
     Non-causal: Sq·Sk. Causal, square (Sq = Sk = S): S²/2, the convention of
@@ -27,7 +27,20 @@ def attention_pairs(seq_q: int, seq_k: int, causal: bool) -> float:
     (query i at position Sk − Sq + i sees keys 0 .. Sk − Sq + i, i.e.
     Sk − Sq + i + 1 of them): the exact count of unmasked pairs,
     Σ_{i<Sq} (Sk − Sq + i + 1) = Sq·(Sk − Sq) + Sq(Sq+1)/2 = Sq·Sk − Sq(Sq−1)/2.
-    At Sq = 1 (decode) every key counts: Sk."""
+    At Sq = 1 (decode) every key counts: Sk.
+
+    Sliding window of N keys (with causal): the query at position p sees keys
+    p − N < j <= p, min(N, p + 1) of them, for p = Sk − Sq .. Sk − 1. With
+    m = p + 1 running over a = Sk − Sq + 1 .. Sk, the exact count is
+    Σ_{m=a}^{Sk} min(N, m): the terms below N, m = a .. c with c = min(Sk, N − 1),
+    sum to (a + c)(c − a + 1)/2, and each of the Sk − max(a, N) + 1 others
+    to N. A window of Sk or more masks nothing: the causal count above."""
+    if window is not None and window < seq_k:
+        assert causal, "a sliding window is defined with causal attention only"
+        assert seq_q <= seq_k, f"causal attention aligned bottom-right needs seq_q <= seq_k, got {seq_q} > {seq_k}"
+        a, c = seq_k - seq_q + 1, min(seq_k, window - 1)
+        below = (a + c) * (c - a + 1) / 2 if c >= a else 0.0
+        return below + window * max(0, seq_k - max(a, window) + 1)
     if not causal:
         return float(seq_q * seq_k)
     if seq_q == seq_k:
@@ -37,14 +50,16 @@ def attention_pairs(seq_q: int, seq_k: int, causal: bool) -> float:
 
 
 def attention_flops(
-    batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool, mode: str
+    batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool, mode: str,
+    window: int | None = None,
 ) -> float:
     """FLOPs of one attention call: 4·B·H·D per scored (query, key) pair
     forward (two matmuls, QK^T and PV, at 2 FLOPs per multiply-add), so
-    4·B·H·Sq·Sk·D; causal counts only the unmasked pairs (`attention_pairs`:
-    half when square); ×2.5 for the backward alone, ×3.5 for forward plus
-    backward."""
-    fwd = 4.0 * batch * heads * attention_pairs(seq_q, seq_k, causal) * head_dim
+    4·B·H·Sq·Sk·D; causal and a sliding window count only the unmasked pairs
+    (`attention_pairs`: half when square); ×2.5 for the backward alone, ×3.5
+    for forward plus backward. Soft-capping and ALiBi add elementwise work
+    per pair, O(1) against the matmuls' O(D), and count nothing."""
+    fwd = 4.0 * batch * heads * attention_pairs(seq_q, seq_k, causal, window) * head_dim
     factor = {"fwd": 1.0, "bwd": ATTENTION_BWD_RATIO, "fwd+bwd": 1.0 + ATTENTION_BWD_RATIO}
     assert mode in factor, f"unknown mode {mode!r}"
     return fwd * factor[mode]

@@ -7,8 +7,12 @@ mask is a BlockMask, compiled by torch.compile into one fused Triton kernel.
 
 Causal attention is aligned bottom-right (impls/attention/naive.py
 `causal_mask`): query i, at position Sk - Sq + i, sees keys up to it. The
-BlockMask is built once per (Sq, Sk, device) and cached (`block_mask`), so a
-timed call only runs the kernel.
+BlockMask is built once per (Sq, Sk, window, device) and cached (`block_mask`),
+so a timed call only runs the kernel.
+
+Masks (impls/attention/naive.py `Masks`): causal and the sliding window are
+the BlockMask's mask_mod (blocks wholly outside the window are skipped);
+soft-capping and ALiBi a score_mod, applied in naive's order (cap, then bias).
 
 On CUDA the call goes through torch.compile (without it flex_attention runs an
 unfused fallback that materializes the score matrix). On a CPU it runs that
@@ -22,6 +26,8 @@ import functools
 import warnings
 
 import torch
+
+from impls.attention.naive import NO_MASKS, Masks, alibi_slopes
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -47,17 +53,41 @@ def _compiled_flex():
 
 
 @functools.lru_cache(maxsize=8)
-def block_mask(q_len: int, kv_len: int, device: torch.device):
-    """The bottom-right causal BlockMask of a (q_len, kv_len) shape, for every batch element and head."""
+def block_mask(q_len: int, kv_len: int, device: torch.device, window: int | None = None):
+    """The bottom-right causal BlockMask of a (q_len, kv_len) shape, for every
+    batch element and head; with a window, query position i sees keys i - window < j <= i."""
     offset = kv_len - q_len
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx + offset >= kv_idx
 
-    return create_block_mask(causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx + offset >= kv_idx) & (q_idx + offset - kv_idx < window)
+
+    return create_block_mask(causal if window is None else sliding, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                             device=device)
 
 
-def why_not(q, k, v, causal: bool) -> str | None:
+@functools.lru_cache(maxsize=8)
+def score_mod(q_len: int, kv_len: int, softcap: float | None, alibi_heads: int | None, device: torch.device):
+    """Soft-capping, X·tanh(s / X), then ALiBi's bias −slope_h·(i − j); None
+    without either. Cached, so a compiled call sees the same function each time."""
+    if softcap is None and alibi_heads is None:
+        return None
+    offset = kv_len - q_len
+    slopes = None if alibi_heads is None else alibi_slopes(alibi_heads).to(device=device, dtype=torch.float32)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score - slopes[h] * (q_idx + offset - kv_idx)
+        return score
+
+    return mod
+
+
+def why_not(q, k, v, causal: bool, masks: Masks = NO_MASKS) -> str | None:
     """None if `attention` runs these inputs here, else why not (inputs that
     require grad ask for the backward too)."""
     if FLEX_ERROR is not None:
@@ -75,17 +105,20 @@ def describe(q) -> str:
     return "flex compiled" if compiled(q.device) else "flex eager (unfused: materializes the scores)"
 
 
-def attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale (+ bottom-right causal mask)) v; q (B, H, Sq, D), k and v (B, Hkv, Sk, D)."""
-    reason = why_not(q, k, v, causal)
+def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS) -> torch.Tensor:
+    """softmax(q k^T * scale (+ bottom-right causal mask, masks)) v; q (B, H, Sq, D), k and v (B, Hkv, Sk, D)."""
+    reason = why_not(q, k, v, causal, masks)
     if reason is not None:
         raise ValueError(f"flex attention cannot run this input: {reason}")
-    # One query, the last position, sees every key: no mask to apply.
-    mask = block_mask(q.shape[-2], k.shape[-2], q.device) if causal and q.shape[-2] > 1 else None
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    # One query, the last position, sees every key (but for a window): no mask to apply.
+    masked = causal and (q_len > 1 or (masks.window is not None and masks.window < kv_len))
+    mask = block_mask(q_len, kv_len, q.device, masks.window) if masked else None
+    mod = score_mod(q_len, kv_len, masks.softcap, q.shape[1] if masks.alibi else None, q.device)
     gqa = q.shape[1] != k.shape[1]
     if compiled(q.device):
-        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale, enable_gqa=gqa)
     with warnings.catch_warnings():
         # The eager fallback warns that it is unfused on every call; describe() says so once, in the row.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        return flex_attention(q, k, v, score_mod=mod, block_mask=mask, scale=scale, enable_gqa=gqa)

@@ -7,6 +7,15 @@ decoding against a KV cache (flash-attention's convention, and PyTorch's
 `causal_lower_right`; `is_causal` in scaled_dot_product_attention aligns
 top-left instead).
 
+Masks beyond causal (`Masks`), applied in this order to the scaled scores
+s = q·k^T·scale: logit soft-capping, s = X·tanh(s / X) (Gemma 2's); the ALiBi
+bias, −slope_h·(i − j) (Press et al. 2022, "Train Short, Test Long"; slopes
+in `alibi_slopes`); the sliding window with causal, query position i seeing
+keys i − N < j <= i. Positions i, j are in the bottom-right aligned frame:
+query row r sits at i = Sk − Sq + r. The ALiBi bias and the masks are one
+additive (H, Sq, Sk) tensor (`bias`: −inf where masked), which the SDPA rows
+pass as their float `attn_mask` too.
+
 Also the float64 reference that every other implementation is checked
 against (`reference`), computed in slices of heads to bound its memory.
 """
@@ -14,8 +23,25 @@ against (`reference`), computed in slices of heads to bound its memory.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Masks:
+    """What shapes the scores beside causal: a sliding window of N keys
+    (causal only), tanh soft-capping at X, ALiBi. False when none is set."""
+
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
+
+    def __bool__(self) -> bool:
+        return self.window is not None or self.softcap is not None or self.alibi
+
+
+NO_MASKS = Masks()
 
 
 def expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -34,17 +60,66 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
 
 
-def attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes, float64 (H,): for H a power of two the
+    geometric sequence 2^(-8h/H), h = 1..H (H = 8: 1/2, 1/4, ..., 1/256).
+    For other H, as the paper's reference code does (ofirpress/attention_with_linear_biases,
+    `get_slopes`): the slopes of the largest power of two n < H, followed by
+    every other one of the slopes for 2n (the 1st, 3rd, ...), H − n of them."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: heads - n]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+def distance(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """(Sq, Sk) integers i − j: query row r at position i = Sk − Sq + r, key j, aligned bottom-right."""
+    i = torch.arange(kv_len - q_len, kv_len, device=device)
+    return i[:, None] - torch.arange(kv_len, device=device)[None, :]
+
+
+def bias(q_len: int, kv_len: int, causal: bool, masks: Masks, slopes: torch.Tensor | None, dtype,
+         device=None) -> torch.Tensor | None:
+    """The additive score bias, (H, Sq, Sk) with ALiBi's `slopes` (H,), else (1, Sq, Sk):
+    −slope·(i − j), and −inf where causal or the window masks a key. None
+    with neither causal, window nor ALiBi."""
+    if not (causal or masks.window is not None or masks.alibi):
+        return None
+    d = distance(q_len, kv_len, device)
+    out = torch.zeros(1, q_len, kv_len, dtype=dtype, device=device)
+    if masks.alibi:
+        out = -slopes.to(device=device, dtype=dtype)[:, None, None] * d.to(dtype)
+    visible = (d >= 0) if causal else torch.ones_like(d, dtype=torch.bool)
+    if masks.window is not None:
+        visible = visible & (d < masks.window)
+    return out.masked_fill(~visible, float("-inf"))
+
+
+def _attention(q, k, v, causal: bool, scale, masks: Masks, slopes) -> torch.Tensor:
     B, H, Sq, D = q.shape  # (B, H, Sq, D); k, v (B, Hkv, Sk, D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k, v = expand_kv(k, H), expand_kv(v, H)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
-    if causal:
+    if masks.softcap is not None:
+        scores = masks.softcap * torch.tanh(scores / masks.softcap)
+    if causal and not masks:
         scores = scores.masked_fill(~causal_mask(Sq, k.shape[2], q.device), float("-inf"))
+    elif masks:
+        if causal:
+            causal_mask(Sq, k.shape[2])  # raises for q_len > kv_len, as without masks
+        add = bias(Sq, k.shape[2], causal, masks, slopes, scores.dtype, q.device)
+        scores = scores if add is None else scores + add
     return scores.softmax(dim=-1) @ v
 
 
-def reference(q, k, v, causal: bool, dout: torch.Tensor | None = None, max_elems: int = 2**28):
+def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS) -> torch.Tensor:
+    return _attention(q, k, v, causal, scale, masks, alibi_slopes(q.shape[1]) if masks.alibi else None)
+
+
+def reference(q, k, v, causal: bool, dout: torch.Tensor | None = None, max_elems: int = 2**28,
+              masks: Masks = NO_MASKS):
     """Float64 attention output, and the gradients of <out, dout> when dout is given.
 
     Works one batch element and one group of kv heads at a time so the float64
@@ -59,17 +134,19 @@ def reference(q, k, v, causal: bool, dout: torch.Tensor | None = None, max_elems
     if dout is not None:
         grads = tuple(torch.empty(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v))
     kv_per_chunk = max(1, min(Hkv, max_elems // max(1, G * Sq * Sk)))
+    slopes = alibi_slopes(H) if masks.alibi else None
     for b in range(B):
         for h0 in range(0, Hkv, kv_per_chunk):
             hk = slice(h0, min(Hkv, h0 + kv_per_chunk))
             hq = slice(hk.start * G, hk.stop * G)
             qs, ks, vs = (t[b : b + 1, s].double() for t, s in ((q, hq), (k, hk), (v, hk)))
+            sl = None if slopes is None else slopes[hq]
             if dout is None:
-                out[b : b + 1, hq] = attention(qs, ks, vs, causal)
+                out[b : b + 1, hq] = _attention(qs, ks, vs, causal, None, masks, sl)
                 continue
             qs, ks, vs = (t.requires_grad_() for t in (qs, ks, vs))
             with torch.enable_grad():
-                o = attention(qs, ks, vs, causal)
+                o = _attention(qs, ks, vs, causal, None, masks, sl)
                 dq, dk, dv = torch.autograd.grad(o, (qs, ks, vs), dout[b : b + 1, hq].double())
             out[b : b + 1, hq] = o.detach()
             grads[0][b : b + 1, hq], grads[1][b : b + 1, hk], grads[2][b : b + 1, hk] = dq, dk, dv

@@ -11,6 +11,14 @@ those calls pass the bottom-right mask as an explicit boolean `attn_mask`
 instead, made once per shape and device (`_bottom_right`). A backend that
 takes no mask (flash) then declines, and `why_not` gives PyTorch's reason.
 A single query (decode) sees every key: no mask is passed.
+
+Masks (impls/attention/naive.py `Masks`): a sliding window and ALiBi go in as
+an explicit float `attn_mask`, the additive bias naive.bias builds (−inf where
+masked, −slope·(i − j) for ALiBi), (1, H, Sq, Sk), cached per shape. It
+materializes Sq·Sk scores per head, as naive does: fine for checking and
+timing the rows, not what a served kernel would do. A backend that takes no
+explicit mask declines it (`why_not` gives PyTorch's reason). SDPA has no
+logit soft-capping: `why_not` says so.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from impls.attention.naive import causal_mask
+from impls.attention.naive import NO_MASKS, Masks, alibi_slopes, bias, causal_mask
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -37,11 +45,20 @@ def _bottom_right(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor
     return causal_mask(q_len, kv_len, device)
 
 
-def _mask(q, k, causal: bool) -> tuple[torch.Tensor | None, bool]:
+@functools.lru_cache(maxsize=4)
+def _bias(q_len: int, kv_len: int, causal: bool, masks: Masks, heads: int, dtype, device) -> torch.Tensor:
+    slopes = alibi_slopes(heads) if masks.alibi else None
+    return bias(q_len, kv_len, causal, masks, slopes, dtype, device)[None]  # (1, H or 1, Sq, Sk)
+
+
+def _mask(q, k, causal: bool, masks: Masks = NO_MASKS) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for SDPA: is_causal where top-left and bottom-right
     agree (q_len == kv_len); no mask at all for one query, the last position,
-    which sees every key (decode: so the backends that take no mask run it)."""
+    which sees every key (decode: so the backends that take no mask run it);
+    the float bias for a window or ALiBi."""
     q_len, kv_len = q.shape[-2], k.shape[-2]
+    if masks.window is not None or masks.alibi:
+        return _bias(q_len, kv_len, causal, masks, q.shape[1], q.dtype, q.device), False
     if causal and q_len == 1:
         return None, False
     if causal and q_len != kv_len:
@@ -49,9 +66,12 @@ def _mask(q, k, causal: bool) -> tuple[torch.Tensor | None, bool]:
     return None, causal
 
 
-def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | None = None,
+              masks: Masks = NO_MASKS) -> torch.Tensor:
+    if masks.softcap is not None:
+        raise ValueError(NO_SOFTCAP)
     gqa = q.shape[1] != k.shape[1]
-    mask, is_causal = _mask(q, k, causal)
+    mask, is_causal = _mask(q, k, causal, masks)
     if backend is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=gqa)
@@ -60,17 +80,24 @@ def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | 
                                               enable_gqa=gqa)
 
 
-def why_not(q, k, v, causal: bool, backend: str) -> str | None:
-    """None if the forced backend runs on these inputs, else PyTorch's reason
-    (the error and the warnings in which the dispatcher says why each fused
-    kernel declined)."""
+NO_SOFTCAP = "SDPA has no logit soft-capping"
+
+
+def why_not(q, k, v, causal: bool, backend: str | None, masks: Masks = NO_MASKS) -> str | None:
+    """None if the backend (None: PyTorch's choice) runs on these inputs,
+    else PyTorch's reason (the error and the warnings in which the dispatcher
+    says why each fused kernel declined)."""
+    if masks.softcap is not None:
+        return NO_SOFTCAP
+    if backend is None:
+        return None
     if q.device.type != "cuda" and backend in ("efficient", "cudnn"):
         return f"the {backend} backend needs a CUDA device"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with torch.no_grad():
-                attention(q, k, v, causal, backend=backend)
+                attention(q, k, v, causal, backend=backend, masks=masks)
         except RuntimeError as exc:
             reasons = [str(w.message).split("\n")[0] for w in caught if "kernel" in str(w.message).lower()]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no kernel"
@@ -78,12 +105,12 @@ def why_not(q, k, v, causal: bool, backend: str) -> str | None:
     return None
 
 
-def chosen_backend(q, k, v, causal: bool) -> str:
+def chosen_backend(q, k, v, causal: bool, masks: Masks = NO_MASKS) -> str:
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is None:
         return "unknown"
     try:
-        mask, is_causal = _mask(q, k, causal)
+        mask, is_causal = _mask(q, k, causal, masks)
         index = choose(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=None,
                        enable_gqa=q.shape[1] != k.shape[1])
         return SDPBackend(index).name.lower().replace("_attention", "")
