@@ -15,6 +15,15 @@ the reference. Square runs keep the `seq` parameter, so they compare with
 older runs, and write q_len and kv_len as extra columns; unequal runs have
 q_len and kv_len as parameters instead of seq.
 
+Masks: `--window N` (sliding window, with causal only: the query at
+position i sees keys i - N < j <= i, in the bottom-right frame), `--softcap X`
+(scores X·tanh(scores / X)), `--alibi` (ALiBi's per-head linear bias);
+impls/attention/naive.py `Masks` defines them. naive, the reference, flex and
+the SDPA rows take them (SDPA: window and ALiBi as an explicit float mask, no
+soft-capping); the tiled rows do not yet and are unsupported. Each given
+mask is a parameter (a column); a run without masks has none of them, so it
+compares with older runs.
+
 Beside TFLOP/s each row reports the bytes the call must move (`bytes_moved`,
 bench/metrics.py attention_bytes) and the GB/s achieved. `bound` says which
 ceiling `pct_of_peak` is taken against: "memory" (the calibrated copy
@@ -47,6 +56,7 @@ from bench.env import DTYPES
 from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
 from impls.attention import flash, flex, naive, sdpa, tiled, tuning
+from impls.attention.naive import NO_MASKS, Masks
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -61,13 +71,17 @@ class Impl:
     why_not: Callable[..., str | None] = lambda q, k, v, causal: None
     # What actually ran (backend, kernel configuration), for the `kernel` column.
     kernel: Callable[..., str] = lambda q, k, v, causal: ""
+    # None if fn, why_not and kernel take a keyword `masks` (naive.Masks), else
+    # why the implementation cannot run a window, soft-capping or ALiBi.
+    no_masks: str | None = "it takes no masks (window, softcap, ALiBi)"
 
 
 def _forced(backend: str) -> Impl:
     return Impl(
         fn=functools.partial(sdpa.attention, backend=backend),
         why_not=functools.partial(sdpa.why_not, backend=backend),
-        kernel=lambda q, k, v, causal: backend,
+        kernel=lambda q, k, v, causal, masks=NO_MASKS: backend,
+        no_masks=None,
     )
 
 
@@ -89,25 +103,31 @@ def _triton_only_why_not(q, k, v, causal) -> str | None:
     return reason
 
 
+_KERNELS_TAKE_NO_MASKS = "the tiled kernels take no masks (window, softcap, ALiBi) yet"
+
+
 def _flash(why_not, **options) -> Impl:
     # Each call records the kernels it ran on `ran`; the kernel column reads the last call's.
     ran = flash.Kernels()
     return Impl(functools.partial(flash.attention, kernels=ran, **options), why_not=why_not,
-                kernel=lambda q, k, v, causal: str(ran))
+                kernel=lambda q, k, v, causal: str(ran), no_masks=_KERNELS_TAKE_NO_MASKS)
 
 
 IMPLS: dict[str, Impl] = {
-    "naive": Impl(naive.attention, kernel=lambda q, k, v, causal: "matmul+softmax+matmul"),
+    "naive": Impl(naive.attention, why_not=lambda q, k, v, causal, masks=NO_MASKS: None,
+                  kernel=lambda q, k, v, causal, masks=NO_MASKS: "matmul+softmax+matmul", no_masks=None),
     # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
     "tiled": _flash(_triton_why_not),
     # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).
     "tiled-triton": _flash(_triton_only_why_not, gluon=False),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
     "tiled-torch": Impl(tiled.attention, why_not=lambda q, k, v, causal: _square_only(q, k, "tiled-torch"),
-                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}"),
+                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}", no_masks=_KERNELS_TAKE_NO_MASKS),
     # FlexAttention: compiled on CUDA, its eager fallback elsewhere (impls/attention/flex.py).
-    "flex": Impl(flex.attention, why_not=flex.why_not, kernel=lambda q, k, v, causal: flex.describe(q)),
-    "sdpa": Impl(sdpa.attention, kernel=sdpa.chosen_backend),
+    "flex": Impl(flex.attention, why_not=flex.why_not, kernel=lambda q, k, v, causal, masks=NO_MASKS: flex.describe(q),
+                 no_masks=None),
+    "sdpa": Impl(sdpa.attention, why_not=functools.partial(sdpa.why_not, backend=None), kernel=sdpa.chosen_backend,
+                 no_masks=None),
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
 }
 BASELINE = "naive"
@@ -171,6 +191,13 @@ class AttentionConfig:
     mode: str
     q_len: int | None = None
     kv_len: int | None = None
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
+
+    @property
+    def masks(self) -> Masks:
+        return Masks(self.window, self.softcap, self.alibi)
 
     def __post_init__(self):
         if self.seq is not None:
@@ -197,10 +224,17 @@ class AttentionOptions:
     retune: bool = False  # time every kernel configuration here, ignoring shipped and cached choices
     q_lens: tuple[int, ...] = ()
     kv_lens: tuple[int, ...] = ()
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
 
     @property
     def square(self) -> bool:
         return not (self.q_lens or self.kv_lens)
+
+    @property
+    def masks(self) -> Masks:
+        return Masks(self.window, self.softcap, self.alibi)
 
     def __post_init__(self):
         if self.seqs and not self.square:
@@ -213,6 +247,12 @@ class AttentionOptions:
             raise BadInput(f"causal attention needs kv_len >= q_len (the queries are the last q_len positions), got "
                            f"--q-len {max(self.q_lens)} with --kv-len {min(self.kv_lens)}; add --no-causal or longer "
                            "--kv-len")
+        if self.window is not None and self.window <= 0:
+            raise BadInput(f"--window must be positive (keys each query sees), got {self.window}")
+        if self.window is not None and self.causal != (True,):
+            raise BadInput("--window is a causal sliding window: add --causal")
+        if self.softcap is not None and not self.softcap > 0:
+            raise BadInput(f"--softcap must be positive (scores become X·tanh(scores / X)), got {self.softcap}")
         kv = self.kv_heads or self.heads
         for name, value in (("--heads", self.heads), ("--kv-heads", kv), ("--head-dim", self.head_dim)):
             if value <= 0:
@@ -241,6 +281,7 @@ class AttentionOptions:
                 batch=self.batch or max(1, TOKENS_PER_BATCH // (seq or kv_len)),
                 heads=self.heads, kv_heads=self.kv_heads or self.heads, head_dim=self.head_dim,
                 dtype=self.dtype, causal=causal, mode=mode,
+                window=self.window, softcap=self.softcap, alibi=self.alibi,
             )
             for seq, q_len, kv_len in shapes for causal in self.causal for mode in self.modes for impl in self.impls
         ]
@@ -325,7 +366,7 @@ def _inputs(cfg: AttentionConfig, device: torch.device, seed: int):
 def _reference(shape: AttentionConfig, device: torch.device, seed: int, backward: bool):
     """Float64 output (and gradients), computed once for all impls of a shape."""
     q, k, v, dout = _inputs(shape, device, seed)
-    return naive.reference(q, k, v, shape.causal, dout if backward else None)
+    return naive.reference(q, k, v, shape.causal, dout if backward else None, masks=shape.masks)
 
 
 def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
@@ -336,21 +377,23 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     # A square run writes q_len and kv_len beside seq (its params are seq's); unequal runs have them as params.
     values = {"q_len": cfg.q_len, "kv_len": cfg.kv_len} if cfg.seq is not None else {}
-    reason = impl.why_not(q, k, v, cfg.causal)
+    # Implementations that take masks get them as a keyword; those without masks are called as before.
+    kw = {"masks": cfg.masks} if cfg.masks else {}
+    reason = impl.no_masks if kw and impl.no_masks else impl.why_not(q, k, v, cfg.causal, **kw)
     if reason:
         return Measurement(values, status="unsupported", reason=reason)
 
     # Correctness gate: output (and gradients) against float64, before any timing.
     shape = dataclasses.replace(cfg, impl="", mode="")
     ref_out, ref_grads = _reference(shape, ctx.device, ctx.seed, backward)
-    out = impl.fn(q, k, v, cfg.causal)
+    out = impl.fn(q, k, v, cfg.causal, **kw)
     got, want = [out], [ref_out]
     if backward:
         got += torch.autograd.grad(out, (q, k, v), dout)
         want += ref_grads
     err = correctness.max_rel_err(got, want)
     values["rel_err"] = err
-    values["kernel"] = impl.kernel(q, k, v, cfg.causal)  # after a call: autotuners have chosen
+    values["kernel"] = impl.kernel(q, k, v, cfg.causal, **kw)  # after a call: autotuners have chosen
     del out, got, want
     dtype = DTYPES[cfg.dtype]
     if not correctness.passes(err, dtype):
@@ -360,15 +403,15 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
     if cfg.mode == "fwd":
         def step():
             with torch.no_grad():
-                return impl.fn(q, k, v, cfg.causal)
+                return impl.fn(q, k, v, cfg.causal, **kw)
     elif cfg.mode == "bwd":
-        out = impl.fn(q, k, v, cfg.causal)
+        out = impl.fn(q, k, v, cfg.causal, **kw)
 
         def step():
             return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     else:
         def step():
-            return torch.autograd.grad(impl.fn(q, k, v, cfg.causal), (q, k, v), dout)
+            return torch.autograd.grad(impl.fn(q, k, v, cfg.causal, **kw), (q, k, v), dout)
 
     stats = ctx.time(step)
     flops = _flops(cfg)
@@ -413,7 +456,8 @@ NAIVE_WEIGHT = 4.0
 
 
 def _flops(cfg: AttentionConfig) -> float:
-    return metrics.attention_flops(cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len, cfg.head_dim, cfg.causal, cfg.mode)
+    return metrics.attention_flops(cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len, cfg.head_dim, cfg.causal, cfg.mode,
+                                   cfg.window)
 
 
 def work(cfg: AttentionConfig) -> float:
@@ -435,11 +479,14 @@ def sweep(opts: AttentionOptions) -> Sweep:
     # Square runs keep seq as the parameter, so rows join with older runs' in compare, and
     # write q_len and kv_len beside it; unequal runs are keyed by q_len and kv_len.
     shape = ("seq",) if opts.square else ("q_len", "kv_len")
+    # Each mask given is a parameter; without masks the keys are those of older runs.
+    masks = tuple(name for name, given in (("window", opts.window is not None), ("softcap", opts.softcap is not None),
+                                           ("alibi", opts.alibi)) if given)
     return Sweep(
         suite="attention",
         configs=configs,
         run=run,
-        params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode"),
+        params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", *masks),
         metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms",
                  "bytes_moved", "GBps", "bound", *(("q_len", "kv_len") if opts.square else ())),
         display=DISPLAY,

@@ -38,6 +38,9 @@ def attention(
     q_len: Annotated[Optional[str], typer.Option(help="Query lengths, with --kv-len instead of --seq: 1,64. Causal aligns them bottom-right (the last q_len positions).")] = None,
     kv_len: Annotated[Optional[str], typer.Option(help="Key/value (KV cache) lengths, with --q-len: 4k,32k.")] = None,
     preset: Annotated[Optional[str], typer.Option(help=_PRESET_HELP)] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window of N keys, with --causal: the query at position i sees keys i-N < j <= i (bottom-right frame).")] = None,
+    softcap: Annotated[Optional[float], typer.Option(help="Logit soft-capping at X > 0: scores become X*tanh(scores/X). SDPA rows cannot.")] = None,
+    alibi: Annotated[bool, typer.Option("--alibi", help="ALiBi: add -slope_h*(i-j) to the scores, slopes 2^(-8h/H) (Press et al. 2022).")] = False,
     batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq (or / kv-len).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Query heads. Default: 16 on a GPU, 8 on CPU.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA); must divide --heads. Default: --heads.")] = None,
@@ -103,6 +106,9 @@ def attention(
         modes=tuple(mode) if mode else (("fwd", "fwd+bwd") if gpu else ("fwd",)),
         impls=tuple(impl) if impl else tuple(suite.IMPLS),
         retune=retune,
+        window=window,
+        softcap=softcap,
+        alibi=alibi,
     )
     run_suite(suite.sweep(opts), RunOptions(dev, out, seed, warmup_ms, rep_ms, crosscheck, profile))
 
