@@ -68,9 +68,9 @@ class Impl:
 
     fn: Callable[..., torch.Tensor]
     # None if it can run these inputs here, else the reason it cannot.
-    why_not: Callable[..., str | None] = lambda q, k, v, causal: None
+    why_not: Callable[..., str | None] = lambda q, k, v, causal, masks=NO_MASKS: None
     # What actually ran (backend, kernel configuration), for the `kernel` column.
-    kernel: Callable[..., str] = lambda q, k, v, causal: ""
+    kernel: Callable[..., str] = lambda q, k, v, causal, masks=NO_MASKS: ""
     # None if fn, why_not and kernel take a keyword `masks` (naive.Masks), else
     # why the implementation cannot run a window, soft-capping or ALiBi.
     no_masks: str | None = "it takes no masks (window, softcap, ALiBi)"
@@ -114,8 +114,7 @@ def _flash(why_not, **options) -> Impl:
 
 
 IMPLS: dict[str, Impl] = {
-    "naive": Impl(naive.attention, why_not=lambda q, k, v, causal, masks=NO_MASKS: None,
-                  kernel=lambda q, k, v, causal, masks=NO_MASKS: "matmul+softmax+matmul", no_masks=None),
+    "naive": Impl(naive.attention, kernel=lambda q, k, v, causal, masks=NO_MASKS: "matmul+softmax+matmul", no_masks=None),
     # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
     "tiled": _flash(_triton_why_not),
     # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).

@@ -166,3 +166,23 @@ def test_energy_formulas_by_hand():
     # no energy measured (a CPU, a short window): nothing derived from it
     assert metrics.joules_per_step(None, 9) is None and metrics.tokens_per_joule(2048, None) is None
     assert metrics.joules_per_step(45.0, 0) is None
+
+
+def test_window_pairs_by_hand():
+    # Square 4 with a window of 2: the queries at positions 0..3 see 1, 2, 2, 2 keys: 7 pairs.
+    assert metrics.attention_pairs(4, 4, True, window=2) == 7
+    # 3 queries over 10 keys, window 4: positions 7, 8, 9 each see 4 keys: 12.
+    assert metrics.attention_pairs(3, 10, True, window=4) == 12
+    # 7 over 9, window 3: positions 2..8, each sees 3 keys: 21. Window 1: each sees itself.
+    assert metrics.attention_pairs(7, 9, True, window=3) == 21
+    assert metrics.attention_pairs(5, 5, True, window=1) == 5
+    # A window as long as the keys masks nothing: the causal count (square: S^2/2).
+    assert metrics.attention_pairs(5, 5, True, window=5) == metrics.attention_pairs(5, 5, True) == 12.5
+    # fwd FLOPs: 4·B·H·pairs·D
+    assert metrics.attention_flops(2, 3, 4, 4, 8, True, "fwd", window=2) == 4 * 2 * 3 * 7 * 8
+
+
+@pytest.mark.parametrize("q_len, kv_len, window", [(1, 9, 4), (5, 17, 3), (17, 17, 6), (6, 40, 9)])
+def test_window_pairs_are_the_unmasked_entries(q_len, kv_len, window):
+    visible = naive.bias(q_len, kv_len, True, naive.Masks(window=window), None, torch.float64)
+    assert metrics.attention_pairs(q_len, kv_len, True, window) == int(torch.isfinite(visible).sum())

@@ -1,5 +1,6 @@
 """Every attention implementation against the float64 reference."""
 
+import math
 import os
 import subprocess
 import sys
@@ -223,3 +224,106 @@ def test_flex_compiled_on_gpu(q_len, kv_len):
     out = flex.attention(q, k, v, True)
     err = max_rel_err([out, *torch.autograd.grad(out, (q, k, v), dout)], [ref_out, *ref_grads])
     assert err <= TOLERANCE[torch.bfloat16], f"rel_err {err:.2e}"
+
+
+# Masks: a sliding window, soft-capping and ALiBi, in the bottom-right aligned frame.
+
+def _dense_masked(q, k, v, causal, window=None, softcap=None, slopes=None):
+    """Attention written out pair by pair in float64: query row r at position i = Sk - Sq + r."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = torch.zeros(B, H, Sq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            for r in range(Sq):
+                i = Sk - Sq + r
+                scores = torch.full((Sk,), float("-inf"), dtype=torch.float64)
+                for j in range(Sk):
+                    if causal and j > i or window is not None and j <= i - window:
+                        continue
+                    s = float(q[b, h, r].double() @ k[b, hk, j].double()) / D ** 0.5
+                    if softcap is not None:
+                        s = softcap * math.tanh(s / softcap)
+                    if slopes is not None:
+                        s -= slopes[h] * (i - j)
+                    scores[j] = s
+                out[b, h, r] = scores.softmax(0) @ v[b, hk].double()
+    return out
+
+
+_MASKS = [
+    dict(window=3), dict(window=1), dict(softcap=0.7), dict(alibi=True), dict(window=4, softcap=1.5, alibi=True),
+]
+
+
+@pytest.mark.parametrize("masks", _MASKS, ids=str)
+@pytest.mark.parametrize("q_len, kv_len", [(7, 7), (3, 11), (1, 9)])
+def test_naive_masks_match_pairwise_attention(masks, q_len, kv_len):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, q_len, 8, generator=g)
+    k, v = (torch.randn(2, 2, kv_len, 8, generator=g) for _ in range(2))  # GQA: 4 query heads over 2
+    slopes = [2.0 ** (-8 * h / 4) for h in range(1, 5)] if masks.get("alibi") else None
+    want = _dense_masked(q, k, v, True, masks.get("window"), masks.get("softcap"), slopes)
+    m = naive.Masks(**masks)
+    assert torch.allclose(naive.attention(q, k, v, True, masks=m).double(), want, atol=1e-5)
+    assert torch.allclose(naive.reference(q, k, v, True, masks=m, max_elems=1)[0], want, atol=1e-12)
+
+
+def test_alibi_without_causal_and_softcap_alone_match_pairwise_attention():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (5, 9, 9))
+    want = _dense_masked(q, k, v, False, slopes=[2.0 ** -4, 2.0 ** -8])
+    assert torch.allclose(naive.attention(q, k, v, False, masks=naive.Masks(alibi=True)).double(), want, atol=1e-5)
+    want = _dense_masked(q, k, v, False, softcap=0.3)
+    assert torch.allclose(naive.attention(q, k, v, False, masks=naive.Masks(softcap=0.3)).double(), want, atol=1e-5)
+
+
+def test_alibi_slopes():
+    assert naive.alibi_slopes(8).tolist() == [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+    # 6 heads: the slopes of 4 (2^-2, 2^-4, 2^-6, 2^-8), then every other slope of 8 (2^-1, 2^-3)
+    assert naive.alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+
+
+_MASKED_ROWS = {
+    "flex": flex.attention,
+    "sdpa": sdpa.attention,
+    "sdpa-math": lambda q, k, v, causal, masks: sdpa.attention(q, k, v, causal, backend="math", masks=masks),
+}
+
+
+@pytest.mark.parametrize("name, masks", [
+    (name, masks) for name in _MASKED_ROWS for masks in _MASKS
+    if not (name.startswith("sdpa") and "softcap" in masks)  # SDPA has none: test_sdpa_refuses_softcap
+], ids=str)
+@pytest.mark.parametrize("q_len, kv_len", [(13, 13), (5, 21), (1, 21)])
+def test_masked_rows_match_float64(name, masks, q_len, kv_len):
+    m = naive.Masks(**masks)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, q_len, 16, generator=g)
+    k, v = (torch.randn(2, 1, kv_len, 16, generator=g) for _ in range(2))  # MQA
+    want, _ = naive.reference(q, k, v, True, masks=m)
+    got = _MASKED_ROWS[name](q, k, v, True, masks=m)
+    assert max_rel_err([got], [want]) <= TOLERANCE[torch.float32]
+    # and the masks change the answer: the check can fail
+    assert max_rel_err([naive.attention(q, k, v, True)], [want]) > 1e-3
+
+
+def test_sdpa_backward_with_window_and_alibi():
+    masks = naive.Masks(window=5, alibi=True)
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(1, 2, 17, 8, generator=g) for _ in range(4))
+    ref_out, ref_grads = naive.reference(q, k, v, True, dout, masks=masks)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = sdpa.attention(q, k, v, True, masks=masks)
+    got = [out, *torch.autograd.grad(out, (q, k, v), dout)]
+    assert max_rel_err(got, [ref_out, *ref_grads]) <= TOLERANCE[torch.float32]
+
+
+def test_sdpa_refuses_softcap():
+    q = torch.randn(1, 2, 4, 8)
+    m = naive.Masks(softcap=5.0)
+    assert sdpa.why_not(q, q, q, True, None, m) == "SDPA has no logit soft-capping"
+    assert sdpa.why_not(q, q, q, True, "math", m) == "SDPA has no logit soft-capping"
+    with pytest.raises(ValueError, match="soft-capping"):
+        sdpa.attention(q, q, q, True, masks=m)

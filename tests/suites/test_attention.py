@@ -300,3 +300,100 @@ def test_bad_serving_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not list(tmp_path.glob("*.csv"))
+
+
+# Masks: --window, --softcap, --alibi.
+
+def _masked(**kw):
+    return _cfg(**{"seq": None, "q_len": 5, "kv_len": 40, "mode": "fwd", **kw})
+
+
+@pytest.mark.parametrize("impl", ["naive", "sdpa", "sdpa-math", "flex"])
+@pytest.mark.parametrize("masks", [dict(window=7), dict(alibi=True), dict(window=4, alibi=True),
+                                   dict(softcap=2.0), dict(softcap=2.0, alibi=True, window=9)], ids=str)
+def test_masked_rows_match_float64(impl, masks):
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(5,), kv_lens=(40,), causal=(True,), **masks))
+    m = measure_one(sweep, _masked(impl=impl, **masks), CTX)
+    if impl.startswith("sdpa") and "softcap" in masks:
+        assert m.status == "unsupported" and m.reason == "SDPA has no logit soft-capping"
+        return
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-5
+
+
+def test_masked_backward_rows_match_float64():
+    masks = dict(window=6, alibi=True)
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(5,), kv_lens=(40,), causal=(True,), **masks))
+    for impl in ("naive", "sdpa"):
+        m = measure_one(sweep, _masked(impl=impl, mode="fwd+bwd", **masks), CTX)
+        assert m.status == "ok", m.reason
+        assert m.values["rel_err"] < 1e-5
+
+
+def test_a_wrong_mask_is_a_mismatch(monkeypatch):
+    # An implementation that ignores the window fails the gate.
+    ignores = suite.Impl(lambda q, k, v, causal, masks: naive.attention(q, k, v, causal), no_masks=None)
+    monkeypatch.setitem(suite.IMPLS, "ignores", ignores)
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(5,), kv_lens=(40,), causal=(True,), window=4))
+    assert measure_one(sweep, _masked(impl="ignores", window=4), CTX).status == "mismatch"
+
+
+@pytest.mark.parametrize("impl", ["tiled", "tiled-triton", "tiled-torch"])
+def test_tiled_rows_take_no_masks(impl):
+    sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), alibi=True))
+    m = measure_one(sweep, _cfg(impl=impl, seq=64, head_dim=32, alibi=True), CTX)
+    assert m.status == "unsupported" and m.reason == "the tiled kernels take no masks (window, softcap, ALiBi) yet"
+
+
+def test_masks_are_parameters_only_when_given():
+    plain = suite.sweep(suite.AttentionOptions(seqs=(64,)))
+    assert not {"window", "softcap", "alibi"} & set(plain.params + plain.metrics)
+    masked = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), window=16, alibi=True))
+    assert masked.params[-2:] == ("window", "alibi") and "softcap" not in masked.params
+    assert {(c.window, c.softcap, c.alibi) for c in masked.configs} == {(16, None, True)}
+
+
+def test_window_counts_only_the_pairs_it_sees():
+    # seq 64, window 16: positions 0..14 see 1..15 keys (120 pairs), 15..63 see 16 each (49*16 = 784): 904.
+    cfg = _cfg(seq=64, batch=1, heads=1, head_dim=16, mode="fwd", window=16)
+    assert suite._flops(cfg) == 4 * 904 * 16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=0, causal=(True,)), "--window must be positive"),
+    (dict(window=-3, causal=(True,)), "--window must be positive"),
+    (dict(window=8), "add --causal"),  # the default sweeps both causal and not
+    (dict(window=8, causal=(False,)), "add --causal"),
+    (dict(softcap=0.0), "--softcap must be positive"),
+    (dict(softcap=-1.0), "--softcap must be positive"),
+])
+def test_bad_masks(kwargs, message):
+    with pytest.raises(BadInput, match=message):
+        suite.AttentionOptions(seqs=(64,), **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq", "64", "--causal", "--window", "0"], "--window must be positive"),
+    (["--seq", "64", "--no-causal", "--window", "16"], "add --causal"),
+    (["--seq", "64", "--softcap", "-2"], "--softcap must be positive"),
+    (["--seq", "64", "--window", "x"], "Invalid value for '--window'"),  # typer's own check
+])
+def test_bad_masks_are_one_line_and_exit_2(tmp_path, args, message):
+    result = _invoke(tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def test_window_run_writes_ok_rows(tmp_path):
+    import pandas as pd
+
+    result = _invoke(tmp_path, "--window", "16", "--causal", "--seq", "64", "--batch", "1", "--heads", "2",
+                     "--head-dim", "16", "--impl", "naive", "--impl", "sdpa", "--impl", "flex", "--impl", "tiled-torch")
+    assert result.exit_code == 0, result.output
+    (csv,) = tmp_path.glob("attention-*.csv")
+    by = pd.read_csv(csv).set_index("impl")
+    assert (by.loc[["naive", "sdpa", "flex"], "status"] == "ok").all(), by.reason
+    assert (by.window == 16).all() and "softcap" not in by.columns and "alibi" not in by.columns
+    assert by.loc["tiled-torch", "status"] == "unsupported"
+    assert (by.loc[["naive", "sdpa", "flex"], "rel_err"] < 1e-5).all()
