@@ -91,12 +91,15 @@ class ResultWriter:
         self._write_line(row)
         self.rows.append(row)
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, wall_s: float | None = None) -> None:
+        """Finish the files; `wall_s`: the sweep's wall time, kept in the JSON."""
         self._file.close()
         if self._samples:
             np.savez_compressed(self.samples_path, **self._samples)
             self._meta["samples"] = self.samples_path.name
         self._meta.update(complete=complete, rows=len(self.rows))
+        if wall_s is not None:
+            self._meta["wall_s"] = wall_s
         self._write_json()
 
 

@@ -51,6 +51,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -503,6 +504,14 @@ def _train_row(cfg: PrecisionConfig, ctx: Context, shared: Shared) -> Measuremen
     return Measurement(values, stats=stats)
 
 
+def probe_shape(seq_len: int, rows: int = 16) -> tuple[int, int]:
+    """(batch, tokens) of the dtype check's forward: a few tokens, and batch x
+    tokens a multiple of `rows`, since fp8's products take only row counts
+    that are multiples of 16 (impls/fp8.py)."""
+    t = min(seq_len, rows)
+    return rows // math.gcd(t, rows), t
+
+
 def _check_lowered(precision: Precision, shared: Shared, cfg: PrecisionConfig, ctx: Context) -> None:
     """Unsupported unless this precision's products ran in its dtype, checked
     on one forward of a copy of the initial model (untimed): autocast lowers
@@ -511,7 +520,7 @@ def _check_lowered(precision: Precision, shared: Shared, cfg: PrecisionConfig, c
     returns (logits, loss), as training reads it."""
     device = ctx.device
     model = precision.prepare(shared.initial_model(ctx.seed).to(device))
-    x = torch.zeros(1, min(cfg.seq_len, 8), dtype=torch.long, device=device)
+    x = torch.zeros(probe_shape(cfg.seq_len), dtype=torch.long, device=device)
     dtypes = precision.matmul_dtypes(lambda idx: _logits_and_loss(model, idx, idx, cfg.model), x, device)
     want = precision.compute_dtype
     if want not in dtypes:

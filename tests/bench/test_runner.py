@@ -68,6 +68,17 @@ def test_each_failure_becomes_a_row_and_the_sweep_goes_on(tmp_path):
     assert sorted(samples) == [0, 5] and len(samples[5]) == 5
 
 
+def test_each_row_says_how_long_its_configuration_took(tmp_path, monkeypatch):
+    # wall_s is the whole wait for a row (compile, check, warm-up, timing), not its timed samples.
+    clock = iter([10.0, 10.5, 13.5, 14.0, 14.25, 15.0])  # start, (began, done) per configuration, end
+    monkeypatch.setattr(runner, "_clock", lambda: next(clock))
+    writer = run_sweep(_sweep(["slow", "fast"]), Context(torch.device("cpu")), tmp_path, {},
+                       Console(file=open("/dev/null", "w")))
+    assert [float(r["wall_s"]) for r in _read(writer.csv_path)] == [3.0, 0.25]
+    meta = json.loads(writer.json_path.read_text())
+    assert meta["wall_s"] == 5.0
+
+
 def test_interrupted_run_keeps_finished_rows(tmp_path):
     sweep = _sweep(["slow", "fast", "ctrl-c", "fast"])
     with pytest.raises(Interrupted) as info:

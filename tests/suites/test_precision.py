@@ -451,3 +451,13 @@ def test_gpu_rows(data):
         if m.status == "ok":
             assert m.values["peak_mem_MiB"] > 0 and m.values["verdict"] in ("",) + suite.VERDICTS
     assert rows["tf32"].values["peak_tflops"] == 400.0 and rows["bf16+compile"].values["compiled"] is True
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 8, 16, 24, 64, 1024])
+def test_dtype_check_forward_has_rows_fp8_can_multiply(seq_len):
+    # fp8's products take row counts that are multiples of 16 only: the check's
+    # forward once had 8 tokens, and every fp8 row on a GPU ended in an error.
+    batch, tokens = suite.probe_shape(seq_len)
+    assert tokens <= min(seq_len, 16)
+    assert (batch * tokens) % 16 == 0
+    assert batch * tokens <= 16 * 16
