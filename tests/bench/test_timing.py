@@ -48,8 +48,14 @@ def test_agrees_with_triton_do_bench_on_sdpa_8k():
 
     q = torch.randn(2, 16, 8192, 128, device="cuda", dtype=torch.bfloat16)
     fn = lambda: F.scaled_dot_product_attention(q, q, q)  # noqa: E731
-    ours = timing.measure(fn, device=torch.device("cuda"), warmup_ms=100, rep_ms=500).median
-    theirs = timing.do_bench_median(fn, 100, 500)
+    # Interleaved rounds: a power-capped GPU's clock wanders by several percent
+    # over seconds (seen: 1695 to 1980 MHz within one sweep on an H100), which
+    # two back-to-back measurements would read as a disagreement.
+    ours, theirs = [], []
+    for _ in range(3):
+        ours.append(timing.measure(fn, device=torch.device("cuda"), warmup_ms=50, rep_ms=200).median)
+        theirs.append(timing.do_bench_median(fn, 50, 200))
+    ours, theirs = sorted(ours)[1], sorted(theirs)[1]
     print(f"genbench median {ours:.4f} ms, triton do_bench median {theirs:.4f} ms")
     assert abs(ours / theirs - 1) < 0.03
 
