@@ -64,7 +64,7 @@ from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
 from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash, flex, naive, sdpa, tiled, tuning
+from impls.attention import flash, flex, naive, sdpa, third_party, tiled, tuning
 from impls.attention.naive import NO_MASKS, Masks, Varlen
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -159,6 +159,9 @@ IMPLS: dict[str, Impl] = {
     "sdpa": Impl(sdpa.attention, why_not=functools.partial(sdpa.why_not, backend=None), kernel=sdpa.chosen_backend,
                  no_masks=None, varlen=None, paged=None, no_softcap=sdpa.NO_SOFTCAP),
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
+    # The kernels users install (impls/attention/third_party.py): unsupported, "not installed", where absent.
+    **{name: Impl(row.attention, why_not=row.why_not, kernel=row.describe, no_masks=None, varlen=None, paged=None)
+       for name, row in third_party.ROWS.items()},
 }
 BASELINE = "naive"
 GROUP = "genbench.attention"  # where installed packages register implementations (bench/registry.py)

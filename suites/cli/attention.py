@@ -22,7 +22,7 @@ from bench.registry import Suite
 
 # suites.attention.IMPLS and GROUP, written out so that --help need not import torch (a test keeps them equal).
 IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "flex", "sdpa", "sdpa-flash", "sdpa-efficient",
-         "sdpa-cudnn", "sdpa-math")
+         "sdpa-cudnn", "sdpa-math", "flash-attn", "flash-attn3", "flashinfer", "xformers")
 GROUP = "genbench.attention"
 _PRESET_HELP = ("Serving shapes; options you give override the preset's. decode: q_len 1 against kv_len "
                 "1k,4k,16k,32k,128k, batch 8, 32 query heads over 8 kv heads of 128, bf16, causal, forward. prefill: "
