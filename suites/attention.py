@@ -44,6 +44,10 @@ calibrated peaks (bench/metrics.py roofline_bound).
 Each configuration is checked against a float64 reference on the same inputs
 (output, and gradients when the backward is measured) before it is timed.
 
+The kernels users install (flash-attention 2 and 3, FlashInfer, xformers)
+are rows too, `unsupported` with `not installed` where absent
+(impls/attention/third_party.py).
+
 Your own implementation is measured the same way, correctness gate included
 (`find_impl`): `--impl mypkg.kernels:attention`, or by the name an installed
 package gives it under the entry-point group `genbench.attention`.

@@ -24,7 +24,9 @@ Variable-length batches (naive.Varlen): SDPA has no cu_seqlens, so the rows
 loop over the packed sequences, one SDPA call per non-empty sequence (square,
 so `is_causal` aligns right and backends without masks run it), writing into
 the packed output: no padding and no block-diagonal T x T mask, the work done
-is the real tokens', and the time includes one kernel launch per sequence.
+is the real tokens', and the time includes one kernel launch per sequence
+(and, with a window or ALiBi over more than four distinct lengths, building
+their float masks again, as `_bias` keeps four).
 
 Paged KV caches (a `block_table`): SDPA reads contiguous K and V only, so the
 rows gather the pages first (naive.gather_pages) and then attend; the gather,

@@ -69,7 +69,8 @@ def attention(
 
     The defaults suit the machine: on a GPU, seq 8k, 16 heads of 128, bf16, forward and
     forward+backward; on a CPU, a small sweep (256, 512, 1k; 8 heads of 64; fp32; forward).
-    Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode.
+    Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode;
+    --varlen --lengths 128,4k,900 (a packed batch), --page-size 16 (a paged KV cache).
     """
     from bench.env import parse_dtype, resolve_device
     from bench.errors import BadInput
