@@ -293,3 +293,11 @@ def test_prefill_varlen_preset_on_cpu(tmp_path):
     assert (by.loc[["naive", "sdpa"], "status"] == "ok").all(), by.reason
     assert (by.loc[["naive", "sdpa"], "tokens"] == 330).all()
     assert by.loc["tiled-torch", "status"] == "unsupported"
+    # and its chart puts the rows against the packed tokens
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    result = CliRunner().invoke(app, ["plot", str(csv), "-o", str(tmp_path / "varlen.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "varlen.png").stat().st_size > 0
