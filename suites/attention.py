@@ -123,14 +123,13 @@ def _triton_only_why_not(q, k, v, causal) -> str | None:
     return reason
 
 
-# What our tiled rows cannot run yet, and why: the one place to flip when the
-# kernels learn one (delete its entry, and fn, why_not and kernel take its keyword).
+# What our tiled kernels' rows (tiled, tiled-triton) cannot run yet, and why: the one place to flip
+# when the kernels learn one (delete its entry; flash.attention then takes its keyword).
 TILED_LACKS = {
     "masks": "the tiled kernels take no masks (window, softcap, ALiBi) yet",
     "varlen": "the tiled kernels take no packed variable-length batch (cu_seqlens) yet",
     "paged": "the tiled kernels take no paged KV cache (block table) yet",
 }
-_KERNELS_TAKE_NO_MASKS = TILED_LACKS["masks"]
 
 
 def _tiled_lacks() -> dict:
@@ -154,7 +153,10 @@ IMPLS: dict[str, Impl] = {
     "tiled-triton": _flash(_triton_only_why_not, gluon=False),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
     "tiled-torch": Impl(tiled.attention, why_not=lambda q, k, v, causal: _square_only(q, k, "tiled-torch"),
-                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}", **_tiled_lacks()),
+                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}",
+                        no_masks="tiled-torch, the PyTorch reference of tiled, takes no masks (window, softcap, ALiBi)",
+                        varlen="tiled-torch takes no packed variable-length batch (cu_seqlens)",
+                        paged="tiled-torch takes no paged KV cache (block table)"),
     # FlexAttention: compiled on CUDA, its eager fallback elsewhere (impls/attention/flex.py).
     "flex": Impl(flex.attention, why_not=flex.why_not,
                  kernel=lambda q, k, v, causal, block_table=None, **kw: (

@@ -150,7 +150,7 @@ def test_rows_within_twice_pytorchs_low_precision_error(name, impl, dtype):
                                causal, **kw)
     if why:
         # The rows that cannot run a case, and only those, say so.
-        expected = {"tiled-torch": "tiled kernels" if (masks or varlen or page_size) else "q_len == kv_len",
+        expected = {"tiled-torch": "tiled-torch" if (masks or varlen or page_size) else "q_len == kv_len",
                     "tiled": "tiled kernels" if (masks or varlen or page_size) else "differ",
                     "sdpa": "soft-capping", "sdpa-math": "soft-capping", "sdpa-flash": "soft-capping"}
         assert expected.get(impl, "runs everything") in why, why
@@ -202,8 +202,10 @@ def test_varlen_rows(tmp_path):
     sweep = suite.sweep(_varlen_opts())
     for cfg in sweep.configs:
         m = measure_one(sweep, cfg, CTX)
-        if cfg.impl.startswith("tiled"):
+        if cfg.impl == "tiled":
             assert m.status == "unsupported" and m.reason == suite.TILED_LACKS["varlen"]
+        elif cfg.impl == "tiled-torch":
+            assert m.status == "unsupported" and m.reason.startswith("tiled-torch takes no packed")
         else:
             assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
 
@@ -211,13 +213,14 @@ def test_varlen_rows(tmp_path):
 def test_paged_rows():
     opts = suite.AttentionOptions(q_lens=(3,), kv_lens=(64,), page_size=16, heads=4, kv_heads=2, head_dim=16,
                                   causal=(True,), modes=("fwd",), batch=2, dtype="fp32",
-                                  impls=("naive", "sdpa", "sdpa-math", "flex", "tiled-torch"))
+                                  impls=("naive", "sdpa", "sdpa-math", "flex", "tiled", "tiled-torch"))
     sweep = suite.sweep(opts)
     assert sweep.params[-1] == "page_size"
     for cfg in sweep.configs:
         m = measure_one(sweep, cfg, CTX)
-        if cfg.impl == "tiled-torch":
-            assert m.status == "unsupported" and m.reason == suite.TILED_LACKS["paged"]
+        if cfg.impl.startswith("tiled"):
+            assert m.status == "unsupported" and m.reason == (
+                suite.TILED_LACKS["paged"] if cfg.impl == "tiled" else "tiled-torch takes no paged KV cache (block table)")
             continue
         assert m.status == "ok" and m.values["rel_err"] < 1e-5, (cfg.impl, m.reason)
         if cfg.impl != "naive":
