@@ -24,6 +24,15 @@ soft-capping); the tiled rows do not yet and are unsupported. Each given
 mask is a parameter (a column); a run without masks has none of them, so it
 compares with older runs.
 
+Variable-length batches: `--lengths 128,4k,900` (or `uniform:128-4k:16`,
+`parse_lengths`) packs sequences of those lengths without padding, each
+attending only to itself (impls/attention/naive.py `Varlen`); the rows get
+q, k, v as (1, H, T, D) and `varlen=` (its `cu_seqlens`), and FLOPs and bytes
+count the real tokens only. Paged KV caches: `--page-size N` stores K and V
+as pages with a block table (naive.py `pages`); the rows get the pages as k, v
+and `block_table=`, forward only. Which rows take each is said once, in
+`Impl.varlen` and `Impl.paged` (for ours, `TILED_LACKS`).
+
 Beside TFLOP/s each row reports the bytes the call must move (`bytes_moved`,
 bench/metrics.py attention_bytes) and the GB/s achieved. `bound` says which
 ceiling `pct_of_peak` is taken against: "memory" (the calibrated copy
@@ -34,6 +43,10 @@ calibrated peaks (bench/metrics.py roofline_bound).
 
 Each configuration is checked against a float64 reference on the same inputs
 (output, and gradients when the backward is measured) before it is timed.
+
+The kernels users install (flash-attention 2 and 3, FlashInfer, xformers)
+are rows too, `unsupported` with `not installed` where absent
+(impls/attention/third_party.py).
 
 Your own implementation is measured the same way, correctness gate included
 (`find_impl`): `--impl mypkg.kernels:attention`, or by the name an installed
@@ -55,8 +68,8 @@ from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
 from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash, flex, naive, sdpa, tiled, tuning
-from impls.attention.naive import NO_MASKS, Masks
+from impls.attention import flash, flex, naive, sdpa, third_party, tiled, tuning
+from impls.attention.naive import NO_MASKS, Masks, Varlen
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16 * 1024  # default batch: batch × seq = 16k tokens
@@ -68,20 +81,27 @@ class Impl:
 
     fn: Callable[..., torch.Tensor]
     # None if it can run these inputs here, else the reason it cannot.
-    why_not: Callable[..., str | None] = lambda q, k, v, causal, masks=NO_MASKS: None
+    why_not: Callable[..., str | None] = lambda q, k, v, causal, **kw: None
     # What actually ran (backend, kernel configuration), for the `kernel` column.
-    kernel: Callable[..., str] = lambda q, k, v, causal, masks=NO_MASKS: ""
+    kernel: Callable[..., str] = lambda q, k, v, causal, **kw: ""
     # None if fn, why_not and kernel take a keyword `masks` (naive.Masks), else
     # why the implementation cannot run a window, soft-capping or ALiBi.
     no_masks: str | None = "it takes no masks (window, softcap, ALiBi)"
+    # None if they take a keyword `varlen` (naive.Varlen) with q, k, v packed (1, H, T, D), else why not.
+    varlen: str | None = "it takes no packed variable-length batch (cu_seqlens)"
+    # None if they take a keyword `block_table` with k, v as pages (naive.pages), else why not.
+    paged: str | None = "it takes no paged KV cache (block table)"
+    # Why it cannot soft-cap, where it takes the other masks but not that one.
+    no_softcap: str | None = None
 
 
 def _forced(backend: str) -> Impl:
     return Impl(
         fn=functools.partial(sdpa.attention, backend=backend),
         why_not=functools.partial(sdpa.why_not, backend=backend),
-        kernel=lambda q, k, v, causal, masks=NO_MASKS: backend,
-        no_masks=None,
+        kernel=lambda q, k, v, causal, masks=NO_MASKS, varlen=None, block_table=None: (
+            ("gather+" if block_table is not None else "") + ("per-sequence " if varlen else "") + backend),
+        no_masks=None, varlen=None, paged=None, no_softcap=sdpa.NO_SOFTCAP,
     )
 
 
@@ -103,31 +123,51 @@ def _triton_only_why_not(q, k, v, causal) -> str | None:
     return reason
 
 
-_KERNELS_TAKE_NO_MASKS = "the tiled kernels take no masks (window, softcap, ALiBi) yet"
+# What our tiled kernels' rows (tiled, tiled-triton) cannot run yet, and why: the one place to flip
+# when the kernels learn one (delete its entry; flash.attention then takes its keyword).
+TILED_LACKS = {
+    "masks": "the tiled kernels take no masks (window, softcap, ALiBi) yet",
+    "varlen": "the tiled kernels take no packed variable-length batch (cu_seqlens) yet",
+    "paged": "the tiled kernels take no paged KV cache (block table) yet",
+}
+
+
+def _tiled_lacks() -> dict:
+    return {"no_masks": TILED_LACKS.get("masks"), "varlen": TILED_LACKS.get("varlen"),
+            "paged": TILED_LACKS.get("paged")}
 
 
 def _flash(why_not, **options) -> Impl:
     # Each call records the kernels it ran on `ran`; the kernel column reads the last call's.
     ran = flash.Kernels()
     return Impl(functools.partial(flash.attention, kernels=ran, **options), why_not=why_not,
-                kernel=lambda q, k, v, causal: str(ran), no_masks=_KERNELS_TAKE_NO_MASKS)
+                kernel=lambda q, k, v, causal, **kw: str(ran), **_tiled_lacks())
 
 
 IMPLS: dict[str, Impl] = {
-    "naive": Impl(naive.attention, kernel=lambda q, k, v, causal, masks=NO_MASKS: "matmul+softmax+matmul", no_masks=None),
+    "naive": Impl(naive.attention, kernel=lambda q, k, v, causal, **kw: "matmul+softmax+matmul", no_masks=None,
+                  varlen=None, paged=None),
     # The Triton kernel: on CUDA, or on CPU through TRITON_INTERPRET=1 (slow, but the real kernel).
     "tiled": _flash(_triton_why_not),
     # tiled with the Triton kernels only, where tiled would run Gluon's (Hopper, head dim 128).
     "tiled-triton": _flash(_triton_only_why_not, gluon=False),
     # The same algorithm in PyTorch: the readable reference, and the CPU path.
     "tiled-torch": Impl(tiled.attention, why_not=lambda q, k, v, causal: _square_only(q, k, "tiled-torch"),
-                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}", no_masks=_KERNELS_TAKE_NO_MASKS),
+                        kernel=lambda q, k, v, causal: f"torch block={tiled.BLOCK}",
+                        no_masks="tiled-torch, the PyTorch reference of tiled, takes no masks (window, softcap, ALiBi)",
+                        varlen="tiled-torch takes no packed variable-length batch (cu_seqlens)",
+                        paged="tiled-torch takes no paged KV cache (block table)"),
     # FlexAttention: compiled on CUDA, its eager fallback elsewhere (impls/attention/flex.py).
-    "flex": Impl(flex.attention, why_not=flex.why_not, kernel=lambda q, k, v, causal, masks=NO_MASKS: flex.describe(q),
-                 no_masks=None),
+    "flex": Impl(flex.attention, why_not=flex.why_not,
+                 kernel=lambda q, k, v, causal, block_table=None, **kw: (
+                     ("gather+" if block_table is not None else "") + flex.describe(q)),
+                 no_masks=None, varlen=None, paged=None),
     "sdpa": Impl(sdpa.attention, why_not=functools.partial(sdpa.why_not, backend=None), kernel=sdpa.chosen_backend,
-                 no_masks=None),
+                 no_masks=None, varlen=None, paged=None, no_softcap=sdpa.NO_SOFTCAP),
     **{f"sdpa-{name}": _forced(name) for name in sdpa.BACKENDS},
+    # The kernels users install (impls/attention/third_party.py): unsupported, "not installed", where absent.
+    **{name: Impl(row.attention, why_not=row.why_not, kernel=row.describe, no_masks=None, varlen=None, paged=None)
+       for name, row in third_party.ROWS.items()},
 }
 BASELINE = "naive"
 GROUP = "genbench.attention"  # where installed packages register implementations (bench/registry.py)
@@ -193,12 +233,23 @@ class AttentionConfig:
     window: int | None = None
     softcap: float | None = None
     alibi: bool = False
+    lengths: str | None = None  # a packed batch of these sequence lengths ("128,4096,0"); q_len = kv_len = total
+    page_size: int | None = None  # K and V in pages of this many positions, with a block table
 
     @property
     def masks(self) -> Masks:
         return Masks(self.window, self.softcap, self.alibi)
 
+    @property
+    def varlen(self) -> Varlen | None:
+        return None if self.lengths is None else Varlen(tuple(int(n) for n in self.lengths.split(",")))
+
     def __post_init__(self):
+        if self.lengths is not None:
+            total = self.varlen.total
+            assert self.seq is None and self.q_len in (None, total) and self.kv_len in (None, total)
+            object.__setattr__(self, "q_len", total)
+            object.__setattr__(self, "kv_len", total)
         if self.seq is not None:
             assert self.q_len in (None, self.seq) and self.kv_len in (None, self.seq), "seq is the square case"
             object.__setattr__(self, "q_len", self.seq)
@@ -226,21 +277,41 @@ class AttentionOptions:
     window: int | None = None
     softcap: float | None = None
     alibi: bool = False
+    lengths: tuple[int, ...] = ()  # varlen: one packed batch of these sequences, instead of seqs or q_lens/kv_lens
+    page_size: int | None = None
 
     @property
     def square(self) -> bool:
-        return not (self.q_lens or self.kv_lens)
+        return not (self.q_lens or self.kv_lens or self.lengths)
 
     @property
     def masks(self) -> Masks:
         return Masks(self.window, self.softcap, self.alibi)
 
     def __post_init__(self):
+        if self.lengths:
+            if self.seqs or self.q_lens or self.kv_lens:
+                raise BadInput("--varlen packs the sequences --lengths gives: not with --seq, --q-len or --kv-len")
+            if self.batch is not None:
+                raise BadInput("--varlen packs the --lengths sequences into one batch: leave out --batch")
+            if sum(self.lengths) == 0:
+                raise BadInput("--lengths: every sequence is empty; give at least one token")
+            if self.page_size is not None:
+                raise BadInput("--page-size pages a decode KV cache (--q-len/--kv-len or --seq), not a --varlen batch")
+        if self.page_size is not None:
+            if self.page_size <= 0:
+                raise BadInput(f"--page-size must be positive, got {self.page_size}")
+            for kv in self.kv_lens or self.seqs:
+                if kv % self.page_size:
+                    raise BadInput(f"--page-size {self.page_size} does not divide kv_len {kv}: each sequence's "
+                                   "cache must fill whole pages")
+            if set(self.modes) != {"fwd"}:
+                raise BadInput("--page-size measures the forward (decode against a paged cache): add --mode fwd")
         if self.seqs and not self.square:
             raise BadInput("--seq is the square case and cannot be combined with --q-len/--kv-len: give one or the other")
         if self.square and not self.seqs:
-            raise BadInput("give --seq, or --q-len and --kv-len")
-        if not self.square and not (self.q_lens and self.kv_lens):
+            raise BadInput("give --seq, or --q-len and --kv-len, or --varlen --lengths")
+        if not self.square and not self.lengths and not (self.q_lens and self.kv_lens):
             raise BadInput(f"--{'kv-len' if self.q_lens else 'q-len'} is missing: --q-len and --kv-len go together")
         if True in self.causal and self.q_lens and max(self.q_lens) > min(self.kv_lens):
             raise BadInput(f"causal attention needs kv_len >= q_len (the queries are the last q_len positions), got "
@@ -267,20 +338,29 @@ class AttentionOptions:
                 raise BadInput(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         for impl in self.impls:
             find_impl(impl)  # unknown, or yours not importable: an error now, before anything runs
+        # Asked for what none of the named implementations takes: nothing would be measured.
+        probe = self.configs()[0]
+        reasons = [_lacks(find_impl(impl), probe) for impl in self.impls]
+        if all(reasons):
+            raise BadInput(f"--impl {', '.join(self.impls)}: {reasons[0]}; naive and flex take masks, --varlen "
+                           "and --page-size")
 
     def configs(self) -> list[AttentionConfig]:
         # Shapes outermost, implementations innermost: rows that share a
         # reference (and a table) are measured one after another.
         # Unequal lengths: a default batch of 16k tokens of keys.
         shapes = ([(seq, None, None) for seq in self.seqs] if self.square
+                  else [(None, None, None)] if self.lengths
                   else [(None, q, kv) for q in self.q_lens for kv in self.kv_lens])
+        lengths = ",".join(map(str, self.lengths)) if self.lengths else None
         return [
             AttentionConfig(
                 impl=impl, seq=seq, q_len=q_len, kv_len=kv_len,
-                batch=self.batch or max(1, TOKENS_PER_BATCH // (seq or kv_len)),
+                batch=1 if lengths else self.batch or max(1, TOKENS_PER_BATCH // (seq or kv_len)),
                 heads=self.heads, kv_heads=self.kv_heads or self.heads, head_dim=self.head_dim,
                 dtype=self.dtype, causal=causal, mode=mode,
                 window=self.window, softcap=self.softcap, alibi=self.alibi,
+                lengths=lengths, page_size=self.page_size,
             )
             for seq, q_len, kv_len in shapes for causal in self.causal for mode in self.modes for impl in self.impls
         ]
@@ -301,6 +381,7 @@ class Preset:
     dtype: str | None = None
     causal: bool | None = None
     modes: tuple[str, ...] | None = None
+    lengths: str | None = None  # varlen, as --lengths takes them
 
 
 # Serving shapes, by name and device type ("cuda", or "cpu" for any other):
@@ -320,6 +401,13 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "cuda": Preset(seq="1k,4k,16k", heads=32, kv_heads=8, head_dim=128, dtype="bf16", causal=True,
                        modes=("fwd",)),
         "cpu": Preset(seq="128,512", heads=8, kv_heads=2, head_dim=64, dtype="fp32", causal=True, modes=("fwd",)),
+    },
+    # prompts of different lengths prefilled together, packed: 16k tokens in ten sequences of 128 to 4k
+    "prefill-varlen": {
+        "cuda": Preset(lengths="4k,128,2500,900,3072,1800,128,2k,512,1200", heads=32, kv_heads=8, head_dim=128,
+                       dtype="bf16", causal=True, modes=("fwd",)),
+        "cpu": Preset(lengths="100,0,1,37,128,64", heads=8, kv_heads=2, head_dim=64, dtype="fp32", causal=True,
+                      modes=("fwd",)),
     },
 }
 
@@ -348,6 +436,37 @@ def parse_seqs(text: str, option: str = "--seq") -> tuple[int, ...]:
     return tuple(seqs)
 
 
+_DISTRIBUTION = re.compile(r"^\s*(\w+)\s*:\s*(\d+[kK]?)\s*-\s*(\d+[kK]?)\s*:\s*(\d+)\s*(?:@\s*(\d+))?\s*$")
+DISTRIBUTIONS = ("uniform",)
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """--lengths: a list, '128,4k,900,0,1' (0 and 1 allowed), or a distribution
+    NAME:LO-HI:N[@SEED], 'uniform:128-4k:16@3': N lengths drawn uniformly from
+    LO..HI inclusive by a torch.Generator seeded with SEED (default 0), so the
+    same text gives the same lengths everywhere."""
+    match = _DISTRIBUTION.match(text)
+    if match:
+        name, lo, hi, n, seed = match.groups()
+        if name not in DISTRIBUTIONS:
+            raise BadInput(f"--lengths: unknown distribution {name!r}; known: {', '.join(DISTRIBUTIONS)}")
+        (lo, hi), n = (_size(x, "--lengths") for x in (lo, hi)), int(n)
+        if lo > hi or n == 0:
+            raise BadInput(f"--lengths {text.strip()}: need LO <= HI and N >= 1 (NAME:LO-HI:N[@SEED])")
+        g = torch.Generator().manual_seed(int(seed or 0))
+        return tuple(torch.randint(lo, hi + 1, (n,), generator=g).tolist())
+    if ":" in text:
+        raise BadInput(f"--lengths: cannot read {text.strip()!r} (examples: 128,4k,900 or uniform:128-4k:16@0)")
+    return tuple(_size(part, "--lengths") for part in text.split(","))
+
+
+def _size(part: str, option: str) -> int:
+    match = _SIZE.match(part)
+    if not match:
+        raise BadInput(f"{option}: cannot read {part.strip()!r} as a length (examples: 128,4k,900 or uniform:128-4k:16@0)")
+    return int(match.group(1)) * (1024 if match.group(2) else 1)
+
+
 def _inputs(cfg: AttentionConfig, device: torch.device, seed: int):
     """q, k, v and the output gradient, the same for every impl of one shape."""
     dtype = DTYPES[cfg.dtype]
@@ -365,7 +484,14 @@ def _inputs(cfg: AttentionConfig, device: torch.device, seed: int):
 def _reference(shape: AttentionConfig, device: torch.device, seed: int, backward: bool):
     """Float64 output (and gradients), computed once for all impls of a shape."""
     q, k, v, dout = _inputs(shape, device, seed)
-    return naive.reference(q, k, v, shape.causal, dout if backward else None, masks=shape.masks)
+    return naive.reference(q, k, v, shape.causal, dout if backward else None, masks=shape.masks, varlen=shape.varlen)
+
+
+def _lacks(impl: Impl, cfg: AttentionConfig) -> str | None:
+    """Why `impl` cannot take what this configuration asks beyond plain attention, or None."""
+    wants = ((cfg.varlen is not None, impl.varlen), (cfg.page_size is not None, impl.paged),
+             (bool(cfg.masks), impl.no_masks), (cfg.softcap is not None, impl.no_softcap))
+    return next((reason for asked, reason in wants if asked and reason), None)
 
 
 def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
@@ -376,11 +502,25 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     # A square run writes q_len and kv_len beside seq (its params are seq's); unequal runs have them as params.
     values = {"q_len": cfg.q_len, "kv_len": cfg.kv_len} if cfg.seq is not None else {}
-    # Implementations that take masks get them as a keyword; those without masks are called as before.
-    kw = {"masks": cfg.masks} if cfg.masks else {}
-    reason = impl.no_masks if kw and impl.no_masks else impl.why_not(q, k, v, cfg.causal, **kw)
+    if cfg.varlen is not None:
+        values["tokens"], values["sequences"] = cfg.varlen.total, len(cfg.varlen.lengths)
+    # Masks, a packed batch and a block table go in as keywords, to the implementations that take them.
+    reason = _lacks(impl, cfg)
     if reason:
         return Measurement(values, status="unsupported", reason=reason)
+    kw = {"masks": cfg.masks} if cfg.masks else {}
+    if cfg.varlen is not None:
+        kw["varlen"] = cfg.varlen
+    k_in, v_in = k, v  # the reference's contiguous K and V; with pages, the rows read these instead:
+    if cfg.page_size is not None:
+        g = torch.Generator().manual_seed(ctx.seed)
+        k_in, block_table = naive.pages(k, cfg.page_size, g)
+        v_in, _ = naive.pages(v, cfg.page_size, torch.Generator().manual_seed(ctx.seed))
+        kw["block_table"] = block_table
+    reason = impl.why_not(q, k_in, v_in, cfg.causal, **kw)
+    if reason:
+        return Measurement(values, status="unsupported", reason=reason)
+    k, v = k_in, v_in
 
     # Correctness gate: output (and gradients) against float64, before any timing.
     shape = dataclasses.replace(cfg, impl="", mode="")
@@ -414,6 +554,7 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
 
     stats = ctx.time(step)
     flops = _flops(cfg)
+    # A packed batch moves its T tokens of Q, K, V and O once, as one sequence of T would.
     nbytes = metrics.attention_bytes(cfg.batch, cfg.heads, cfg.kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim,
                                      dtype.itemsize, cfg.mode)
     rate, bandwidth = metrics.tflops(flops, stats.median), metrics.GBps(nbytes, stats.median)
@@ -455,6 +596,9 @@ NAIVE_WEIGHT = 4.0
 
 
 def _flops(cfg: AttentionConfig) -> float:
+    if cfg.varlen is not None:  # each sequence attends to itself: the real tokens' pairs, no padding
+        return sum(metrics.attention_flops(1, cfg.heads, n, n, cfg.head_dim, cfg.causal, cfg.mode, cfg.window)
+                   for n in cfg.varlen.lengths)
     return metrics.attention_flops(cfg.batch, cfg.heads, cfg.q_len, cfg.kv_len, cfg.head_dim, cfg.causal, cfg.mode,
                                    cfg.window)
 
@@ -477,7 +621,8 @@ def sweep(opts: AttentionOptions) -> Sweep:
     mean_work = sum(map(work, configs)) / max(len(configs), 1)
     # Square runs keep seq as the parameter, so rows join with older runs' in compare, and
     # write q_len and kv_len beside it; unequal runs are keyed by q_len and kv_len.
-    shape = ("seq",) if opts.square else ("q_len", "kv_len")
+    shape = ("seq",) if opts.square else ("lengths",) if opts.lengths else ("q_len", "kv_len")
+    paged = ("page_size",) if opts.page_size is not None else ()
     # Each mask given is a parameter; without masks the keys are those of older runs.
     masks = tuple(name for name, given in (("window", opts.window is not None), ("softcap", opts.softcap is not None),
                                            ("alibi", opts.alibi)) if given)
@@ -485,9 +630,10 @@ def sweep(opts: AttentionOptions) -> Sweep:
         suite="attention",
         configs=configs,
         run=run,
-        params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", *masks),
+        params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", *masks, *paged),
         metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms",
-                 "bytes_moved", "GBps", "bound", *(("q_len", "kv_len") if opts.square else ())),
+                 "bytes_moved", "GBps", "bound", *(("q_len", "kv_len") if opts.square else ()),
+                 *(("tokens", "sequences") if opts.lengths else ())),
         display=DISPLAY,
         label="impl",
         baseline=BASELINE,

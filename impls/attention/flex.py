@@ -14,6 +14,15 @@ Masks (impls/attention/naive.py `Masks`): causal and the sliding window are
 the BlockMask's mask_mod (blocks wholly outside the window are skipped);
 soft-capping and ALiBi a score_mod, applied in naive's order (cap, then bias).
 
+Variable-length batches (naive.Varlen), packed (1, H, T, D): the document
+mask. The BlockMask's mask_mod looks up each position's sequence in a (T,)
+tensor of sequence ids and keeps pairs of the same sequence (causal and the
+window within it), so blocks that straddle no sequence of the query's are
+skipped; a square sequence's relative positions are the packed ones' shifted
+alike, so ALiBi's score_mod needs no change. Paged KV caches: flex reads
+contiguous K and V, so the pages are gathered first (naive.gather_pages), a
+copy inside the timed call.
+
 On CUDA the call goes through torch.compile (without it flex_attention runs an
 unfused fallback that materializes the score matrix). On a CPU it runs that
 eager fallback: compiling there works, but takes tens of seconds per shape,
@@ -27,7 +36,7 @@ import warnings
 
 import torch
 
-from impls.attention.naive import NO_MASKS, Masks, alibi_slopes
+from impls.attention.naive import NO_MASKS, Masks, Varlen, alibi_slopes, gather_pages
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -68,6 +77,26 @@ def block_mask(q_len: int, kv_len: int, device: torch.device, window: int | None
                              device=device)
 
 
+@functools.lru_cache(maxsize=4)
+def document_mask(varlen: Varlen, causal: bool, device: torch.device, window: int | None = None):
+    """The BlockMask of a packed batch: query and key in the same sequence,
+    causal within it (and the window); packed positions, as each sequence is square."""
+    doc = torch.repeat_interleave(torch.arange(len(varlen.lengths), device=device),
+                                  torch.tensor(varlen.lengths, device=device))  # (T,) sequence of each position
+
+    def same(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def same_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    def same_sliding(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    mod = same if not causal else same_causal if window is None else same_sliding
+    return create_block_mask(mod, B=None, H=None, Q_LEN=varlen.total, KV_LEN=varlen.total, device=device)
+
+
 @functools.lru_cache(maxsize=8)
 def score_mod(q_len: int, kv_len: int, softcap: float | None, alibi_heads: int | None, device: torch.device):
     """Soft-capping, X·tanh(s / X), then ALiBi's bias −slope_h·(i − j); None
@@ -87,11 +116,14 @@ def score_mod(q_len: int, kv_len: int, softcap: float | None, alibi_heads: int |
     return mod
 
 
-def why_not(q, k, v, causal: bool, masks: Masks = NO_MASKS) -> str | None:
+def why_not(q, k, v, causal: bool, masks: Masks = NO_MASKS, varlen: Varlen | None = None,
+            block_table: torch.Tensor | None = None) -> str | None:
     """None if `attention` runs these inputs here, else why not (inputs that
     require grad ask for the backward too)."""
     if FLEX_ERROR is not None:
         return FLEX_ERROR
+    if block_table is not None:
+        k = gather_pages(k, block_table)
     if causal and q.shape[-2] > k.shape[-2]:
         return f"causal with {q.shape[-2]} queries over {k.shape[-2]} keys: the first queries would see no key"
     if q.shape[-2] == 0 or k.shape[-2] == 0:
@@ -105,15 +137,22 @@ def describe(q) -> str:
     return "flex compiled" if compiled(q.device) else "flex eager (unfused: materializes the scores)"
 
 
-def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS) -> torch.Tensor:
-    """softmax(q k^T * scale (+ bottom-right causal mask, masks)) v; q (B, H, Sq, D), k and v (B, Hkv, Sk, D)."""
-    reason = why_not(q, k, v, causal, masks)
+def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS,
+              varlen: Varlen | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale (+ bottom-right causal mask, masks)) v; q (B, H, Sq, D), k and v (B, Hkv, Sk, D),
+    or pages with `block_table`; with `varlen`, packed (1, H or Hkv, T, D)."""
+    reason = why_not(q, k, v, causal, masks, varlen, block_table)
     if reason is not None:
         raise ValueError(f"flex attention cannot run this input: {reason}")
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    # One query, the last position, sees every key (but for a window): no mask to apply.
-    masked = causal and (q_len > 1 or (masks.window is not None and masks.window < kv_len))
-    mask = block_mask(q_len, kv_len, q.device, masks.window) if masked else None
+    if varlen is not None:
+        mask = document_mask(varlen, causal, q.device, masks.window)
+    else:
+        # One query, the last position, sees every key (but for a window): no mask to apply.
+        masked = causal and (q_len > 1 or (masks.window is not None and masks.window < kv_len))
+        mask = block_mask(q_len, kv_len, q.device, masks.window) if masked else None
     mod = score_mod(q_len, kv_len, masks.softcap, q.shape[1] if masks.alibi else None, q.device)
     gqa = q.shape[1] != k.shape[1]
     if compiled(q.device):

@@ -16,12 +16,25 @@ query row r sits at i = Sk − Sq + r. The ALiBi bias and the masks are one
 additive (H, Sq, Sk) tensor (`bias`: −inf where masked), which the SDPA rows
 pass as their float `attn_mask` too.
 
+Variable-length batches (`Varlen`): sequences of different lengths packed
+without padding into one (1, H, T, D) tensor, T the total of their lengths,
+cu_seqlens (N + 1,) int32 their offsets (flash-attention's convention). Each
+sequence attends only to itself (document masking), causal within it, and the
+masks above apply in each sequence's own frame. naive and the reference loop
+over the sequences; empty and 1-token sequences are allowed.
+
+Paged KV caches (`pages`, `gather_pages`): the cache as (num_pages, page_size,
+Hkv, D) pages and a (B, Sk / page_size) int32 block table naming each
+sequence's pages in order (vLLM's and flash-attention's layout); naive gathers
+the pages back into (B, Hkv, Sk, D) and attends.
+
 Also the float64 reference that every other implementation is checked
 against (`reference`), computed in slices of heads to bound its memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +55,57 @@ class Masks:
 
 
 NO_MASKS = Masks()
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """A packed batch of sequences of these lengths (0 allowed), each attending only to itself."""
+
+    lengths: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each non-empty sequence in the packed tensor."""
+        ends = [sum(self.lengths[: i + 1]) for i in range(len(self.lengths))]
+        return [(e - n, e) for n, e in zip(self.lengths, ends) if n > 0]
+
+    def cu_seqlens(self, device) -> torch.Tensor:
+        """(N + 1,) int32 offsets, 0 first and T last; made once per device."""
+        return _cu_seqlens(self.lengths, torch.device(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _cu_seqlens(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def pages(k: torch.Tensor, page_size: int, generator: torch.Generator | None = None):
+    """(B, Hkv, Sk, D) -> (pages (B·Sk/page_size, page_size, Hkv, D), block_table (B, Sk/page_size) int32).
+    The pages are stored in a random order (`generator`, on the CPU), so a reader must follow the table."""
+    B, Hkv, Sk, D = k.shape
+    assert Sk % page_size == 0, f"page size {page_size} does not divide {Sk}"
+    n = Sk // page_size
+    order = torch.randperm(B * n, generator=generator).to(k.device)
+    store = torch.empty(B * n, page_size, Hkv, D, dtype=k.dtype, device=k.device)
+    store[order] = k.transpose(1, 2).reshape(B * n, page_size, Hkv, D)
+    return store, order.reshape(B, n).to(torch.int32)
+
+
+def gather_pages(store: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The cache a block table names, contiguous: (num_pages, P, Hkv, D), (B, n) -> (B, Hkv, n·P, D)."""
+    B, n = block_table.shape
+    _, P, Hkv, D = store.shape
+    return store[block_table.long()].reshape(B, n * P, Hkv, D).transpose(1, 2)
 
 
 def expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -114,18 +178,41 @@ def _attention(q, k, v, causal: bool, scale, masks: Masks, slopes) -> torch.Tens
     return scores.softmax(dim=-1) @ v
 
 
-def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS) -> torch.Tensor:
-    return _attention(q, k, v, causal, scale, masks, alibi_slopes(q.shape[1]) if masks.alibi else None)
+def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = NO_MASKS,
+              varlen: Varlen | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, Sq, D); k, v (B, Hkv, Sk, D), or pages with `block_table`;
+    with `varlen`, q, k, v packed as (1, H or Hkv, T, D)."""
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
+    slopes = alibi_slopes(q.shape[1]) if masks.alibi else None
+    if varlen is None:
+        return _attention(q, k, v, causal, scale, masks, slopes)
+    out = torch.zeros_like(q)  # empty sequences have no rows; every other row is written below
+    for s, e in varlen.spans():
+        out[:, :, s:e] = _attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal, scale, masks, slopes)
+    return out
 
 
 def reference(q, k, v, causal: bool, dout: torch.Tensor | None = None, max_elems: int = 2**28,
-              masks: Masks = NO_MASKS):
+              masks: Masks = NO_MASKS, varlen: Varlen | None = None):
     """Float64 attention output, and the gradients of <out, dout> when dout is given.
 
     Works one batch element and one group of kv heads at a time so the float64
-    score matrix stays under `max_elems` elements where the shape allows.
+    score matrix stays under `max_elems` elements where the shape allows;
+    with `varlen`, one packed sequence at a time (empty ones have nothing).
     Returns (out, (dq, dk, dv) or None), on q's device, in float64.
     """
+    if varlen is not None:
+        out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+        grads = None if dout is None else tuple(torch.zeros(t.shape, dtype=torch.float64, device=q.device)
+                                                 for t in (q, k, v))
+        for s, e in varlen.spans():
+            o, g = reference(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal,
+                             None if dout is None else dout[:, :, s:e], max_elems, masks)
+            out[:, :, s:e] = o
+            for whole, part in zip(grads or (), g or ()):
+                whole[:, :, s:e] = part
+        return out, grads
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = H // Hkv

@@ -19,6 +19,18 @@ materializes Sq·Sk scores per head, as naive does: fine for checking and
 timing the rows, not what a served kernel would do. A backend that takes no
 explicit mask declines it (`why_not` gives PyTorch's reason). SDPA has no
 logit soft-capping: `why_not` says so.
+
+Variable-length batches (naive.Varlen): SDPA has no cu_seqlens, so the rows
+loop over the packed sequences, one SDPA call per non-empty sequence (square,
+so `is_causal` aligns right and backends without masks run it), writing into
+the packed output: no padding and no block-diagonal T x T mask, the work done
+is the real tokens', and the time includes one kernel launch per sequence
+(and, with a window or ALiBi over more than four distinct lengths, building
+their float masks again, as `_bias` keeps four).
+
+Paged KV caches (a `block_table`): SDPA reads contiguous K and V only, so the
+rows gather the pages first (naive.gather_pages) and then attend; the gather,
+a copy of the cache, is inside the timed call.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from impls.attention.naive import NO_MASKS, Masks, alibi_slopes, bias, causal_mask
+from impls.attention.naive import NO_MASKS, Masks, Varlen, alibi_slopes, bias, causal_mask, gather_pages
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -67,9 +79,17 @@ def _mask(q, k, causal: bool, masks: Masks = NO_MASKS) -> tuple[torch.Tensor | N
 
 
 def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | None = None,
-              masks: Masks = NO_MASKS) -> torch.Tensor:
+              masks: Masks = NO_MASKS, varlen: Varlen | None = None,
+              block_table: torch.Tensor | None = None) -> torch.Tensor:
     if masks.softcap is not None:
         raise ValueError(NO_SOFTCAP)
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
+    if varlen is not None:
+        out = torch.zeros_like(q)
+        for s, e in varlen.spans():
+            out[:, :, s:e] = attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal, scale, backend, masks)
+        return out
     gqa = q.shape[1] != k.shape[1]
     mask, is_causal = _mask(q, k, causal, masks)
     if backend is None:
@@ -83,7 +103,8 @@ def attention(q, k, v, causal: bool, scale: float | None = None, backend: str | 
 NO_SOFTCAP = "SDPA has no logit soft-capping"
 
 
-def why_not(q, k, v, causal: bool, backend: str | None, masks: Masks = NO_MASKS) -> str | None:
+def why_not(q, k, v, causal: bool, backend: str | None, masks: Masks = NO_MASKS, varlen: Varlen | None = None,
+            block_table: torch.Tensor | None = None) -> str | None:
     """None if the backend (None: PyTorch's choice) runs on these inputs,
     else PyTorch's reason (the error and the warnings in which the dispatcher
     says why each fused kernel declined)."""
@@ -97,7 +118,7 @@ def why_not(q, k, v, causal: bool, backend: str | None, masks: Masks = NO_MASKS)
         warnings.simplefilter("always")
         try:
             with torch.no_grad():
-                attention(q, k, v, causal, backend=backend, masks=masks)
+                attention(q, k, v, causal, backend=backend, masks=masks, varlen=varlen, block_table=block_table)
         except RuntimeError as exc:
             reasons = [str(w.message).split("\n")[0] for w in caught if "kernel" in str(w.message).lower()]
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no kernel"
@@ -105,7 +126,23 @@ def why_not(q, k, v, causal: bool, backend: str | None, masks: Masks = NO_MASKS)
     return None
 
 
-def chosen_backend(q, k, v, causal: bool, masks: Masks = NO_MASKS) -> str:
+def chosen_backend(q, k, v, causal: bool, masks: Masks = NO_MASKS, varlen: Varlen | None = None,
+                   block_table: torch.Tensor | None = None) -> str:
+    """PyTorch's choice for these inputs (for a packed batch, for its longest sequence),
+    prefixed "gather+" when the pages are gathered first and "per-sequence " for a packed batch."""
+    prefix = "gather+" if block_table is not None else ""
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
+    if varlen is not None:
+        spans = varlen.spans()
+        if not spans:
+            return "per-sequence (none)"
+        s, e = max(spans, key=lambda span: span[1] - span[0])
+        return "per-sequence " + chosen_backend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal, masks)
+    return prefix + _choice(q, k, v, causal, masks)
+
+
+def _choice(q, k, v, causal: bool, masks: Masks) -> str:
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is None:
         return "unknown"

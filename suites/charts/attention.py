@@ -19,8 +19,9 @@ def chart(run: Run) -> Figure:
     """TFLOP/s and peak memory against sequence length, one line per implementation."""
     df = plot.ok_rows(run)
     label = run.label
-    # Square runs against seq, unequal ones (q_len, kv_len) against kv_len, a panel per q_len.
-    x = "seq" if "seq" in run.params else "kv_len"
+    # Square runs against seq, unequal ones (q_len, kv_len) against kv_len, a panel per q_len;
+    # packed ones (--varlen, keyed by lengths) against their total tokens.
+    x = "seq" if "seq" in run.params else "tokens" if "lengths" in run.params else "kv_len"
     # batch follows the length (a fixed number of tokens per batch), so it doesn't split panels.
     panel_keys = [p for p in plot.varying(df, run.params) if p not in (label, x, "batch")]
     groups = list(df.groupby(panel_keys, sort=True)) if panel_keys else [((), df)]
@@ -38,7 +39,7 @@ def chart(run: Run) -> Figure:
                 plot.no_data(ax, f"no {column} values")
             elif column == "tflops":
                 _peak_line(ax, run, part)
-            ax.set_xlabel("sequence length (tokens)" if x == "seq" else "kv length (tokens)")
+            ax.set_xlabel({"seq": "sequence length (tokens)", "tokens": "packed tokens"}.get(x, "kv length (tokens)"))
             ax.set_ylabel(what)
             ax.set_title(plot.describe(panel_keys, key), fontsize=10, loc="left")
     plot.legend(fig, axes)

@@ -22,12 +22,13 @@ from bench.registry import Suite
 
 # suites.attention.IMPLS and GROUP, written out so that --help need not import torch (a test keeps them equal).
 IMPLS = ("naive", "tiled", "tiled-triton", "tiled-torch", "flex", "sdpa", "sdpa-flash", "sdpa-efficient",
-         "sdpa-cudnn", "sdpa-math")
+         "sdpa-cudnn", "sdpa-math", "flash-attn", "flash-attn3", "flashinfer", "xformers")
 GROUP = "genbench.attention"
 _PRESET_HELP = ("Serving shapes; options you give override the preset's. decode: q_len 1 against kv_len "
                 "1k,4k,16k,32k,128k, batch 8, 32 query heads over 8 kv heads of 128, bf16, causal, forward. prefill: "
                 "square causal seq 1k,4k,16k, same heads. On CPU a small version: decode kv_len 256,1k, batch 2, "
-                "8 heads over 2 of 64, fp32; prefill seq 128,512.")
+                "8 heads over 2 of 64, fp32; prefill seq 128,512. prefill-varlen: 16k tokens packed in ten causal "
+                "sequences of 128 to 4k, same heads (CPU: lengths 100,0,1,37,128,64).")
 _OWN = ("--impl module:function, a function fn(q, k, v, causal) -> out with q, out of shape (B, H, Sq, D) and k, v "
         "(B, H_kv, Sk, D) (causal aligned bottom-right when Sq < Sk), and optionally fn.why_not(q, k, v, causal) -> None or the reason it cannot run them")
 
@@ -41,6 +42,9 @@ def attention(
     window: Annotated[Optional[int], typer.Option(help="Sliding window of N keys, with --causal: the query at position i sees keys i-N < j <= i (bottom-right frame).")] = None,
     softcap: Annotated[Optional[float], typer.Option(help="Logit soft-capping at X > 0: scores become X*tanh(scores/X). SDPA rows cannot.")] = None,
     alibi: Annotated[bool, typer.Option("--alibi", help="ALiBi: add -slope_h*(i-j) to the scores, slopes 2^(-8h/H) (Press et al. 2022).")] = False,
+    varlen: Annotated[bool, typer.Option("--varlen", help="A packed batch of sequences of different lengths (no padding, cu_seqlens), each attending only to itself; give --lengths.")] = False,
+    lengths: Annotated[Optional[str], typer.Option(help="The --varlen sequences: 128,4k,900 (0 and 1 allowed), or uniform:LO-HI:N[@SEED], e.g. uniform:128-4k:16@0 (N lengths uniform in LO..HI, seeded).")] = None,
+    page_size: Annotated[Optional[int], typer.Option(help="Store K and V as pages of N positions with a block table (decode, forward); N must divide every kv_len.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size. Default: 16k tokens / seq (or / kv-len).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Query heads. Default: 16 on a GPU, 8 on CPU.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA); must divide --heads. Default: --heads.")] = None,
@@ -65,9 +69,11 @@ def attention(
 
     The defaults suit the machine: on a GPU, seq 8k, 16 heads of 128, bf16, forward and
     forward+backward; on a CPU, a small sweep (256, 512, 1k; 8 heads of 64; fp32; forward).
-    Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode.
+    Serving shapes: --q-len 1,64 --kv-len 4k,32k (queries against a KV cache), or --preset decode;
+    --varlen --lengths 128,4k,900 (a packed batch), --page-size 16 (a paged KV cache).
     """
     from bench.env import parse_dtype, resolve_device
+    from bench.errors import BadInput
 
     dev = resolve_device(device)
     if dev.type == "cpu" and {"tiled", "tiled-triton"} & set(impl or ()):
@@ -79,7 +85,9 @@ def attention(
     gpu = dev.type == "cuda"
     if preset is not None:
         p = suite.preset(preset, dev.type)
-        if seq is None and q_len is None and kv_len is None:
+        if p.lengths is not None:
+            varlen, lengths = True, lengths or p.lengths
+        elif seq is None and q_len is None and kv_len is None:
             seq, q_len, kv_len = p.seq, p.q_len, p.kv_len
         elif seq is None:
             q_len, kv_len = q_len or p.q_len, kv_len or p.kv_len
@@ -90,11 +98,15 @@ def attention(
         dtype = dtype or p.dtype
         causal = p.causal if causal is None else causal
         mode = mode or (list(p.modes) if p.modes else None)
-    square = q_len is None and kv_len is None
+    if varlen != (lengths is not None):
+        raise BadInput("--varlen and --lengths go together: --varlen --lengths 128,4k,900")
+    square = q_len is None and kv_len is None and not varlen
     dtype = dtype or ("bf16" if gpu else "fp32")
     parse_dtype(dtype, dev)
     opts = suite.AttentionOptions(
         seqs=suite.parse_seqs(seq or ("8k" if gpu else "256,512,1k")) if seq is not None or square else (),
+        lengths=suite.parse_lengths(lengths) if varlen else (),
+        page_size=page_size,
         q_lens=suite.parse_seqs(q_len, "--q-len") if q_len is not None else (),
         kv_lens=suite.parse_seqs(kv_len, "--kv-len") if kv_len is not None else (),
         batch=batch,

@@ -342,7 +342,7 @@ def test_a_wrong_mask_is_a_mismatch(monkeypatch):
 def test_tiled_rows_take_no_masks(impl):
     sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), alibi=True))
     m = measure_one(sweep, _cfg(impl=impl, seq=64, head_dim=32, alibi=True), CTX)
-    assert m.status == "unsupported" and m.reason == "the tiled kernels take no masks (window, softcap, ALiBi) yet"
+    assert m.status == "unsupported" and "take" in m.reason and "no masks (window, softcap, ALiBi)" in m.reason
 
 
 def test_masks_are_parameters_only_when_given():

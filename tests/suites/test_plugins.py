@@ -233,7 +233,7 @@ def test_a_name_that_cannot_be_had_is_one_line_and_exit_2(kernels, tmp_path, imp
 
 def test_unknown_names_list_the_installed_ones(kernels):
     result = runner.invoke(app, ["attention", "--device", "cpu", "--impl", "flash4"])
-    assert result.exit_code == 2 and "sdpa-math, myflash, mywrong, or your own as module:function" in result.output
+    assert result.exit_code == 2 and "xformers, myflash, mywrong, or your own as module:function" in result.output
 
 
 def test_list_shows_built_in_installed_and_your_own(kernels):
