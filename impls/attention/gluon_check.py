@@ -33,12 +33,14 @@ release.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from impls.attention import gluon_compat
@@ -135,8 +137,9 @@ def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
     return Verdict(True, f"self-checked on Triton {version}: {len(todo)} kernels within {worst:.1e} of Triton's")
 
 
+@functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """A hash of the Gluon kernels' source: a changed kernel is checked again."""
+    """A hash of the Gluon kernels' source: a changed kernel is checked again. Read once: verdict() runs every call."""
     here = Path(__file__).parent
     text = b"".join((here / name).read_bytes() for name in ("flash_gluon.py", "gluon_compat.py"))
     return hashlib.sha256(text).hexdigest()[:16]
