@@ -66,9 +66,10 @@ import torch
 
 from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
+from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash, flex, naive, sdpa, third_party, tiled, tuning
+from impls.attention import flash, flex, gluon_check, naive, sdpa, third_party, tiled, tuning
 from impls.attention.naive import NO_MASKS, Masks, Varlen
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -617,6 +618,7 @@ def cost(cfg: AttentionConfig, mean_work: float) -> float:
 def sweep(opts: AttentionOptions) -> Sweep:
     if opts.retune:
         tuning.retune()
+    gluon_check.use_cache(cache_dir())  # where the Gluon kernels' self-check keeps its verdicts
     configs = opts.configs()
     mean_work = sum(map(work, configs)) / max(len(configs), 1)
     # Square runs keep seq as the parameter, so rows join with older runs' in compare, and

@@ -8,8 +8,13 @@ flash_gluon.py was compiled here first: this prints, per kernel and config,
 the shared memory, the registers a thread is launched with, the stack (spill)
 bytes, and whether ptxas had to serialize the wgmma instructions for lack of
 registers (its C7512 warning), which costs most of the kernel's speed. The
-register and spill figures in docs/attention-kernels.md come from it (with
-triton 3.6; other versions may compile differently or not at all).
+register and spill figures in docs/attention-kernels.md come from it, as
+does the table there of the Triton releases that build every kernel. To
+compile with another release, install it beside the project's and put it
+first on the path:
+
+    pip install --no-deps --target /tmp/triton-3.7.1 triton==3.7.1
+    PYTHONPATH=/tmp/triton-3.7.1:. python3 -m tools.compile_gluon
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 
 from impls.attention import flash_gluon as fg
+from impls.attention import gluon_compat
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -112,7 +118,9 @@ def main():
     args = p.parse_args()
     if fg.GLUON_ERROR is not None:
         raise SystemExit(f"compile_gluon: {fg.GLUON_ERROR}")
-    print(f"triton {triton.__version__}, target sm_90a")
+    measured = "measured on a GPU" if gluon_compat.measured(triton.__version__) else \
+        "not measured on a GPU: `tiled` self-checks the kernels there first (impls/attention/gluon_check.py)"
+    print(f"triton {triton.__version__}, target sm_90a; this release is {measured}")
     print(f"{'kernel':<44} {'smem KB':>8} {'regs*':>5} {'stack':>6}  wgmma")
     print("(* registers a thread at launch; setmaxnreg then gives each consumer warpgroup "
           f"{fg.CONSUMER_REGS} and the loader warp 24. stack: bytes of spills.)")

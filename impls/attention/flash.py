@@ -12,7 +12,9 @@ The kernels live in flash_triton.py (Triton language: forward, delta, dK/dV
 and dQ, on any CUDA GPU and, without one, in Triton's interpreter) and
 flash_gluon.py (Gluon, warp-specialized for Hopper: forward, dK/dV and dQ).
 This module decides, per call, which of them run (`plan`):
-- Gluon's forward where it can run (flash_gluon.supported) and, by default,
+- Gluon's forward where it can run (flash_gluon.supported; on a Triton
+  release it was not measured on, once gluon_check.py has passed it on this
+  device, else the forward's `kernel` entry says why not) and, by default,
   only at the head dims where it is the faster one
   (flash_gluon.PREFERRED_HEAD_DIMS); `gluon=False` keeps every kernel
   Triton's, `gluon=True` takes Gluon's wherever they run;
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from impls.attention import flash_triton as ft
+from impls.attention import gluon_check
 
 # Whether the Triton kernels use descriptor (TMA) loads unless told: off, as
 # they were slower in the forward and no faster in the backward
@@ -71,6 +74,7 @@ class Plan:
     gluon: bool = False  # flash_gluon's forward, and its dK/dV where that can run
     gluon_dq: bool = True  # with gluon: flash_gluon's dQ kernel too
     concurrent_dq: bool = True  # with gluon and gluon_dq: dQ on a second stream beside dK/dV
+    note: str = ""  # added to the forward's `kernel` entry: why Gluon is off, or that it was self-checked
 
 
 # flash_gluon, imported on the first call that could use it: None until then,
@@ -149,12 +153,21 @@ def uses_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool | 
     gluon=None: where it can run and the head dim is one of
     flash_gluon.PREFERRED_HEAD_DIMS; True: wherever it can run; False: never.
     """
+    return _gluon_choice(q, k, v, gluon)[0]
+
+
+def _gluon_choice(q, k, v, gluon: bool | None) -> tuple[bool, str]:
+    # (uses_gluon, a note for the forward's `kernel` entry). On a Triton the Gluon
+    # kernels were not measured on, they run only once gluon_check has passed them here.
     if gluon is False:
-        return False
+        return False, ""
     fg = _gluon_module(q)
     if fg is None or fg.supported(q, k, v) is not None:
-        return False
-    return bool(gluon) or q.shape[-1] in fg.PREFERRED_HEAD_DIMS
+        return False, ""
+    if not (gluon or q.shape[-1] in fg.PREFERRED_HEAD_DIMS):
+        return False, ""
+    checked = gluon_check.verdict(q.device)
+    return checked.ok, f" ({checked.note})" if checked.note else ""
 
 
 def tma_available() -> bool:
@@ -178,13 +191,16 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
          use_tma: bool = PREFER_TMA, gluon: bool | None = None, gluon_dq: bool = True,
          concurrent_dq: bool = True) -> Plan:
     """The kernels attention(q, k, v, causal, scale, ...) with these options runs (see the module docstring)."""
+    # Imports flash_gluon where it may run, before its tuners are seeded.
+    use_gluon, note = _gluon_choice(q, k, v, gluon)
     return Plan(
         causal=bool(causal),
         scale=float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale),
         tma=bool(use_tma) and tma_available() and _tma_allowed(q, k, v),
-        gluon=uses_gluon(q, k, v, gluon),  # imports flash_gluon where it may run, before its tuners are seeded
+        gluon=use_gluon,
         gluon_dq=gluon_dq,
         concurrent_dq=concurrent_dq,
+        note=note,
     )
 
 
@@ -202,6 +218,7 @@ def _forward(q, k, v, p: Plan, ran: Kernels):
     else:
         o, lse, config = ft.forward(q, k, v, p.causal, p.scale, p.tma)
         ran.fwd = "triton fwd " + ft.describe(config) + _tma(p.tma)
+    ran.fwd += p.note
     ran.dkdv = ran.dq = ""
     return o, lse
 

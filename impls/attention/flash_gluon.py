@@ -55,8 +55,10 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from impls.attention import gluon_compat
 
     GLUON_ERROR: str | None = None
 except Exception as exc:  # noqa: BLE001 - any import failure makes the kernel unavailable; supported() says why
@@ -131,9 +133,7 @@ class Tuner:
         return self._memo[memo]
 
 if GLUON_ERROR is None:
-    # Gluon renamed the TMA load after Triton 3.6; either name, so that compile_gluon also builds
-    # these kernels with later Tritons (they run only on 3.6: see TRITON_VERSIONS).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_load = gluon_compat.tma_load  # renamed between Triton releases
 
     @gluon.jit
     def _origin(offset, stride_s):
@@ -773,21 +773,10 @@ PREFERRED_HEAD_DIMS = (128,)
 FWD_TUNER = Tuner("fwd")
 
 
-# Gluon's API changes between Triton releases, and a kernel that compiles is
-# not yet a kernel that was measured: they run only on the versions they were
-# measured with, unless GENBENCH_GLUON_ANY_TRITON=1 asks to try another
-# (3.9 compiles them: `python3 -m tools.compile_gluon`).
-TRITON_VERSIONS = ("3.6.",)
-
-
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if forward() runs these inputs here, else a short reason (flash_triton's kernel runs them)."""
-    import os
     if GLUON_ERROR is not None:
         return GLUON_ERROR
-    if not triton.__version__.startswith(TRITON_VERSIONS) and os.environ.get("GENBENCH_GLUON_ANY_TRITON") != "1":
-        return (f"the Gluon kernels are written for Triton {', '.join(v.rstrip('.') for v in TRITON_VERSIONS)}, "
-                f"this is {triton.__version__} (GENBENCH_GLUON_ANY_TRITON=1 tries anyway)")
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return "the Gluon kernel is written for Hopper (sm_90) GPUs"
     if q.dtype not in (torch.float16, torch.bfloat16):

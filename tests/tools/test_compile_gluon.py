@@ -22,10 +22,11 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
 from impls.attention import flash_gluon as fg  # noqa: E402
+from impls.attention import gluon_compat  # noqa: E402
 
 # Versions whose Gluon these kernels are known to compile with; another version
 # may have renamed what they use, which is a skip here, not a failure.
-COMPILES_WITH = ("3.6.", "3.9.")
+COMPILES_WITH = gluon_compat.COMPILES
 
 LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
           "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3"]
@@ -65,3 +66,20 @@ def test_gluon_kernel_compiles_for_sm90(compiled, label):
             pytest.skip(f"Triton {triton.__version__}'s Gluon: {r['error'][:200]}")
         pytest.fail(f"{label}: {r['error']}")
     assert r["smem"] <= 227 * 1024 and not r["wgmma_serialized"], r
+
+
+@pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="triton.experimental.gluon not importable")
+def test_tool_prints_a_row_per_kernel():
+    # The tool as a developer runs it, on the installed Triton, for one kernel: its header and a compiled row.
+    label = "dq D=64 causal=False 64 s3"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tools.compile_gluon", "-k", label], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"triton {triton.__version__}, target sm_90a")
+    rows = [line for line in lines if line.startswith(label)]
+    assert len(rows) == 1, run.stdout
+    if not triton.__version__.startswith(COMPILES_WITH):
+        pytest.skip(f"Triton {triton.__version__} is not one the kernels are known to compile with: {rows[0]}")
+    assert rows[0].split()[-1] == "async", rows[0]

@@ -1,0 +1,223 @@
+"""The self-check that lets flash_gluon's kernels run on a Triton release they were not measured on.
+
+    from impls.attention import gluon_check
+    gluon_check.use_cache(folder)          # where verdicts are kept (the attention suite passes genbench's cache)
+    v = gluon_check.verdict(device)        # v.ok: Gluon may run here; v.note: what the `kernel` column adds
+
+A Gluon kernel that compiles with a new Triton has not yet been shown to
+compute the right thing with it: Gluon is experimental, and a changed
+lowering of a barrier or an async wgmma gives wrong numbers, not an error.
+So on a release outside gluon_compat.MEASURED, the first call on a device
+checks them there before `tiled` uses them:
+
+- every config of every Gluon kernel (forward, dK/dV, dQ; head dims 64 and
+  128; causal and not) is compiled and launched on small bf16 inputs
+  (SHAPE: grouped-query heads and a sequence that ends in a partial block);
+- each result is compared with flash_triton's kernel on the same inputs
+  (the backward kernels take the Triton forward's lse and delta): the largest
+  difference over the largest magnitude of the Triton result must be within
+  TOLERANCE.
+
+The verdict is kept per device name, Triton version and hash of the kernels'
+source (flash_gluon.py and gluon_compat.py): in this process, and in
+`<folder>/gluon-selfcheck.json` once use_cache(folder) has named a folder. A
+failed check, or a kernel that does not compile, leaves `tiled` on the Triton
+kernels with the reason in its `kernel` column. A verdict file that cannot be
+read is checked again, with a warning.
+
+GENBENCH_GLUON_SELFCHECK=1 checks on a measured release too, and afresh
+(a kept verdict is replaced): how the check itself is tried on a GPU.
+GENBENCH_GLUON_SELFCHECK=0 skips it: the Gluon kernels run unchecked on any
+release.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from impls.attention import gluon_compat
+
+# A difference between two bf16 results of the same sums is rounding, a few
+# 1e-3 of the largest value (each kernel is within 2.2e-3 of float64 forward
+# and 3.5e-3 backward: docs/attention-kernels.md); a miscompiled kernel is off
+# by O(1) or not finite.
+TOLERANCE = 2e-2
+SHAPE = (2, 4, 2, 320)  # B, H, Hkv, S: groups of two query heads, 2.5 blocks of 128 rows
+DTYPE = torch.bfloat16
+ENV = "GENBENCH_GLUON_SELFCHECK"
+FILE = "gluon-selfcheck.json"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One Gluon kernel config on one kind of input."""
+
+    kernel: str  # "fwd", "dkdv" or "dq", as flash_gluon.describe names them
+    head_dim: int
+    causal: bool
+    config: tuple
+
+    def __str__(self) -> str:
+        return f"{self.kernel} D={self.head_dim} {'causal' if self.causal else 'non-causal'} {self.config}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool  # whether the Gluon kernels may run
+    note: str = ""  # for the `kernel` column: why they do not, or that they were checked rather than measured
+
+
+def cases(fg) -> list[Case]:
+    """Every config the Gluon tuners may choose, on every kind of input they take."""
+    out = []
+    for D in sorted(fg.CONFIGS):
+        for causal in (False, True):
+            out += [Case("fwd", D, causal, c) for c in fg.CONFIGS[D] if not (causal and c[3] == "persistent")]
+            out += [Case("dkdv", D, causal, c) for c in fg.BWD_CONFIGS]
+            out += [Case("dq", D, causal, c) for c in fg.DQ_CONFIGS]
+    return out
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    # Largest difference over the largest magnitude; NaN when got is not finite.
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return float("nan")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
+def compare(case: Case, device: torch.device) -> float:
+    """The Gluon kernel of `case` against flash_triton's on SHAPE: the largest relative difference (GPU only)."""
+    from impls.attention import flash_gluon as fg
+    from impls.attention import flash_triton as ft
+    B, H, Hkv, S = SHAPE
+    D = case.head_dim
+    gen = torch.Generator(device=device).manual_seed(D + case.causal)
+    q, do = (torch.randn(B, H, S, D, generator=gen, device=device, dtype=DTYPE) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen, device=device, dtype=DTYPE) for _ in range(2))
+    scale = D ** -0.5
+    with torch.no_grad():
+        o, lse, _ = ft.forward(q, k, v, case.causal, scale)
+        if case.kernel == "fwd":
+            go, glse, _ = fg.forward(q, k, v, case.causal, scale, case.config)
+            return max(_err(go, o), _err(glse, lse))
+        delta = ft.delta(o, do)
+        if case.kernel == "dkdv":
+            gk, gv, _ = fg.backward_dkdv(q, k, v, do, lse, delta, case.causal, scale, case.config)
+            tk, tv, _ = ft.backward_dkdv(q, k, v, do, lse, delta, case.causal, scale)
+            return max(_err(gk, tk), _err(gv, tv))
+        assert case.kernel == "dq", f"no Gluon kernel {case.kernel!r}"
+        gq, _ = fg.backward_dq(q, k, v, do, lse, delta, case.causal, scale, case.config)
+        tq, _ = ft.backward_dq(q, k, v, do, lse, delta, case.causal, scale)
+        return _err(gq, tq)
+
+
+def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
+    """compare() every case; the first that fails (does not compile, raises, or is off) fails the check."""
+    worst = 0.0
+    for case in todo:
+        try:
+            err = compare(case, device)
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or run fails the check
+            first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            return Verdict(False, f"Gluon off: self-check on Triton {version}: {case} "
+                                  f"failed: {type(exc).__name__}: {first}")
+        if not err <= TOLERANCE:  # NaN fails too
+            return Verdict(False, f"Gluon off: self-check on Triton {version}: {case} "
+                                  f"differs from the Triton kernel by {err:.1e} (tolerance {TOLERANCE:.0e})")
+        worst = max(worst, err)
+    return Verdict(True, f"self-checked on Triton {version}: {len(todo)} kernels within {worst:.1e} of Triton's")
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A hash of the Gluon kernels' source: a changed kernel is checked again. Read once: verdict() runs every call."""
+    here = Path(__file__).parent
+    text = b"".join((here / name).read_bytes() for name in ("flash_gluon.py", "gluon_compat.py"))
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+_folder: Path | None = None
+_memo: dict[str, Verdict] = {}  # this process's verdicts, by key
+
+
+def use_cache(folder: Path | str | None) -> None:
+    """Keep verdicts in folder/gluon-selfcheck.json (None: in this process only)."""
+    global _folder
+    _folder = None if folder is None else Path(folder)
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.warn(f"{path} cannot be read ({exc}): the Gluon kernels are checked again", stacklevel=3)
+        return {}
+
+
+def _write(path: Path, key: str, verdict: Verdict) -> None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = {}  # missing, or unreadable and already warned about: replaced
+    data = data if isinstance(data, dict) else {}
+    data[key] = {"ok": verdict.ok, "note": verdict.note}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"the Gluon self-check's verdict could not be kept in {path} ({exc})", stacklevel=3)
+
+
+def _kept(path: Path, key: str) -> Verdict | None:
+    entry = _read(path).get(key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("ok"), bool) and isinstance(entry.get("note"), str)):
+        return None
+    return Verdict(entry["ok"], entry["note"])
+
+
+def verdict(device: torch.device, *, version: str | None = None, device_name: str | None = None) -> Verdict:
+    """Whether the Gluon kernels may run on `device` with this Triton; checks them first where they must be.
+
+    version and device_name default to triton.__version__ and the CUDA device's name.
+    """
+    if version is None:
+        import triton
+        version = triton.__version__
+    mode = os.environ.get(ENV, "")
+    if mode not in ("", "0", "1"):
+        warnings.warn(f"{ENV}={mode!r} is not 0 or 1: taken as unset", stacklevel=2)
+        mode = ""
+    forced = mode == "1"
+    if gluon_compat.measured(version) and not forced:
+        return Verdict(True)
+    if mode == "0":
+        return Verdict(True, f"unchecked on Triton {version} ({ENV}=0)")
+    device_name = device_name or torch.cuda.get_device_name(device)
+    key = f"{device_name}|triton {version}|{source_hash()}"
+    if key in _memo:
+        return _memo[key]
+    path = None if _folder is None else _folder / FILE
+    kept = None if (path is None or forced) else _kept(path, key)
+    if kept is None:
+        from impls.attention import flash_gluon
+        kept = run_check(cases(flash_gluon), device, version)
+        if path is not None:
+            _write(path, key, kept)
+    _memo[key] = kept
+    return kept

@@ -1,0 +1,52 @@
+"""What differs in Gluon between the Triton releases that flash_gluon.py's kernels are built with, in one place.
+
+    from impls.attention import gluon_compat
+    gluon_compat.tma_load(desc, [row, col], barrier, smem)   # inside a @gluon.jit function
+    gluon_compat.measured("3.6.0")                          # True: timed and checked on a GPU
+
+Gluon (triton.experimental.gluon) is Triton's experimental layer and its API
+moves between releases. The kernels call what moved through the names here,
+so they read the same on every release and never branch on a version:
+
+- the TMA copy from global to shared memory is `tma.async_copy_global_to_shared`
+  up to Triton 3.7 and `tma.async_load` from 3.8, where 3.9 turned the old
+  name into a stub that raises.
+
+The other Gluon calls the kernels make (warp_specialize's list of
+(partition, args) with worker warps and registers, warpgroup_mma and its
+wait, mbarrier, NVMMADistributedLayout, NVMMASharedLayout.get_default_for,
+the host TensorDescriptor) keep their form from 3.6 to 3.9;
+`python -m tools.compile_gluon` builds every kernel for sm_90a on each
+(table in docs/attention-kernels.md).
+
+A kernel that compiles has not yet run: MEASURED are the releases whose
+Gluon kernels were run and timed on a GPU. On any other release
+impls/attention/gluon_check.py checks them against the Triton kernels on the
+device before `tiled` uses them.
+"""
+
+from __future__ import annotations
+
+# Releases (prefixes of triton.__version__) the Gluon kernels were run and timed on, on a Hopper GPU.
+MEASURED = ("3.6.",)
+# Releases whose Gluon builds every kernel for sm_90a (tools/compile_gluon.py; docs/attention-kernels.md).
+COMPILES = ("3.6.", "3.7.", "3.8.", "3.9.")
+
+
+def measured(version: str) -> bool:
+    """Whether the Gluon kernels were run and timed on a GPU with this Triton version."""
+    return version.startswith(MEASURED)
+
+
+def tma_load_of(tma):
+    """The TMA global-to-shared copy of this Gluon's `tma` module: async_load where it exists (3.8 on)."""
+    return getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+try:
+    from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
+except Exception:  # noqa: BLE001 - flash_gluon reports the missing Gluon itself
+    _tma = None
+
+if _tma is not None:
+    tma_load = tma_load_of(_tma)

@@ -1,0 +1,70 @@
+"""Developer tool: does Triton's automatic warp specialization change the Triton forward's code? No GPU needed.
+
+    python3 -m tools.compile_warp_spec              # sm_90a (Hopper), from the repository root
+    python3 -m tools.compile_warp_spec --arch 100   # sm_100a (Blackwell)
+
+flash_triton's forward can ask Triton to warp-specialize its unmasked key
+loop (`tl.range(..., warp_specialize=WARP_SPEC)`, Triton 3.4 on). This
+compiles `_fwd_kernel` at head dim 128, 128x64 blocks, with and without
+WARP_SPEC, for pointer and descriptor (TMA) loads and a few warp and stage
+counts, and prints per variant whether the specialized PTX differs from the
+plain one, or why it did not compile. Identical PTX means the option can only
+add autotuning time, which is why it is not in FWD_CONFIGS
+(docs/attention-kernels.md); run this again with a new Triton before timing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+
+from impls.attention import flash_triton as ft
+
+VARIANTS = [(False, 8, 2), (False, 8, 3), (True, 8, 2), (True, 8, 3), (False, 4, 2)]  # (TMA, warps, stages)
+
+
+def compile_fwd(arch: int, use_tma: bool, warp_spec: bool, num_warps: int, num_stages: int, head_dim: int = 128):
+    """triton.compile of flash_triton's forward, non-causal, from example arguments (no device needed)."""
+    fn = ft._fwd_kernel.fn
+    x = torch.empty(2, 16, 8192, head_dim, dtype=torch.bfloat16)  # CPU tensors: only dtypes matter
+    args = dict(Q=x, K=x, V=x, O=x, LSE=torch.empty(2, 16, 8192), H=16, GROUP=1, S=8192, S_BUCKET=8192,
+                qk_scale=0.5, **{f"stride_{n}{a}": 3 for n in "qkvo" for a in "bhs"})
+    consts = dict(HEAD_DIM=head_dim, D_PAD=head_dim, CAUSAL=False, USE_TMA=use_tma, BLOCK_M=128, BLOCK_N=64,
+                  WARP_SPEC=warp_spec)
+    sig = {n: "constexpr" if n in consts else mangle_type(args[n]) for n in fn.arg_names}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
+                                                                                 num_stages=num_stages))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 (Hopper), 100, ...")
+    args = p.parse_args()
+    if ft.TRITON_ERROR is not None:
+        raise SystemExit(f"compile_warp_spec: {ft.TRITON_ERROR}")
+    if ft.INTERPRET:
+        raise SystemExit("compile_warp_spec: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    print(f"triton {triton.__version__}, target sm_{args.arch}a, _fwd_kernel D=128 128x64 non-causal")
+    for use_tma, warps, stages in VARIANTS:
+        label = f"{'tma' if use_tma else 'pointer'} w{warps} s{stages}"
+        ptx = {}
+        for warp_spec in (False, True):
+            try:
+                ptx[warp_spec] = compile_fwd(args.arch, use_tma, warp_spec, warps, stages).asm["ptx"]
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a row
+                text = str(exc).strip().splitlines()
+                ptx[warp_spec] = f"does not compile: {type(exc).__name__}: {text[-1][:80] if text else ''}"
+        if not ptx[False].startswith("does not compile") and not ptx[True].startswith("does not compile"):
+            ptx[True] = "same PTX as without" if ptx[True] == ptx[False] else "different PTX"
+        plain = "compiles" if not ptx[False].startswith("does not compile") else ptx[False]
+        print(f"{label:<16} plain: {plain}; warp_specialize: {ptx[True]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
