@@ -20,7 +20,8 @@ position i sees keys i - N < j <= i, in the bottom-right frame), `--softcap X`
 (scores X·tanh(scores / X)), `--alibi` (ALiBi's per-head linear bias);
 impls/attention/naive.py `Masks` defines them. naive, the reference, flex and
 the SDPA rows take them (SDPA: window and ALiBi as an explicit float mask, no
-soft-capping); the tiled rows do not yet and are unsupported. Each given
+soft-capping); tiled computes them inside its kernels, tiled-torch does not
+and is unsupported. Each given
 mask is a parameter (a column); a run without masks has none of them, so it
 compares with older runs.
 
@@ -91,26 +92,26 @@ def _square_only(q, k, name: str) -> str | None:
     return None
 
 
-def _triton_why_not(q, k, v, causal) -> str | None:
-    reason = flash.supported(q, k, v, causal)
+def _triton_why_not(q, k, v, causal, masks=NO_MASKS) -> str | None:
+    reason = flash.supported(q, k, v, causal, masks)
     return reason and f"{reason}; tiled-torch is the CPU path"
 
 
-def _triton_only_why_not(q, k, v, causal) -> str | None:
-    reason = _triton_why_not(q, k, v, causal)
-    if reason is None and not flash.uses_gluon(q, k, v):
+def _triton_only_why_not(q, k, v, causal, masks=NO_MASKS) -> str | None:
+    reason = _triton_why_not(q, k, v, causal, masks)
+    if reason is None and not flash.uses_gluon(q, k, v, masks=masks):
         reason = "tiled runs the Triton kernels here already"
     return reason
 
 
-_KERNELS_TAKE_NO_MASKS = "the tiled kernels take no masks (window, softcap, ALiBi) yet"
+_KERNELS_TAKE_NO_MASKS = "tiled-torch takes no masks (window, softcap, ALiBi); tiled does"
 
 
 def _flash(why_not, **options) -> Impl:
     # Each call records the kernels it ran on `ran`; the kernel column reads the last call's.
     ran = flash.Kernels()
     return Impl(functools.partial(flash.attention, kernels=ran, **options), why_not=why_not,
-                kernel=lambda q, k, v, causal: str(ran), no_masks=_KERNELS_TAKE_NO_MASKS)
+                kernel=lambda q, k, v, causal, masks=NO_MASKS: str(ran), no_masks=None)
 
 
 IMPLS: dict[str, Impl] = {
