@@ -1,5 +1,5 @@
 """Time `tiled`'s split-KV decode kernel (impls/attention/flash_triton.py
-`decode`) against SDPA's backends and FlexAttention at decode shapes, with
+`decode`, called directly) against SDPA's backends and FlexAttention at decode shapes, with
 triton.testing.do_bench, and check each against the float64 reference.
 
     python -m tools.bench_decode                        # batch 8, kv 32k, 32 heads over 8, D 128, bf16, q_len 1 and 64
@@ -11,7 +11,8 @@ median microseconds, the GB/s achieved on the bytes the call must move
 (bench/metrics.py attention_bytes: Q, K, V and O once), with --copy-gbps the
 percentage of that copy bandwidth, and the relative error against the float64
 reference. An implementation that cannot run the shape is a row with the
-reason. `--splits auto` lets the kernel choose (ft.decode_splits); a page
+reason. `--splits auto` lets the kernel choose (ft.decode_splits), `--rows
+auto` takes every query row of a kv head's group, up to 128; a page
 size of 0 is the dense cache, any other builds a paged copy of it with a
 shuffled block table. Without CUDA everything runs on the CPU through
 Triton's interpreter, timed by the wall clock: a smoke test, not a measurement.
@@ -37,6 +38,7 @@ if not torch.cuda.is_available():
 
 from bench import metrics  # noqa: E402  (after the checkout is on the path)
 from impls.attention import flash, flex, naive, sdpa  # noqa: E402
+from impls.attention import flash_triton as ft  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("tiled", *(f"sdpa-{name}" for name in sdpa.BACKENDS), "flex")
@@ -92,20 +94,23 @@ def cases(args, q, k, v):
                 call = lambda backend=backend: sdpa.attention(q, k, v, args.causal, backend=backend)  # noqa: E731
             yield impl, "", "", (None if reason else call), reason
             continue
+        scale = 1 / math.sqrt(q.shape[-1])
         for page_size in args.page_size:
             kc, vc, table = paged(k, v, page_size) if page_size else (k, v, None)
             # The last page may be part-filled: the cache holds kv_len keys of each sequence.
             lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device) if page_size else None
-            for splits in args.splits:
-                n = None if splits == "auto" else int(splits)
-                ran = flash.Kernels()
+            reason = flash.supported(q, kc, vc, args.causal, block_table=table, cache_seqlens=lengths)
+            for rows in args.rows:
+                for splits in args.splits:
+                    ran = flash.Kernels()
 
-                def call(kc=kc, vc=vc, table=table, lengths=lengths, n=n, ran=ran):
-                    return flash.attention(q, kc, vc, args.causal, block_table=table, cache_seqlens=lengths,
-                                           decode=True, num_splits=n, kernels=ran)
+                    def call(kc=kc, vc=vc, table=table, lengths=lengths, ran=ran,
+                             n=None if splits == "auto" else int(splits), rows=None if rows == "auto" else int(rows)):
+                        out, description = ft.decode(q, kc, vc, args.causal, scale, ft.PLAIN, table, lengths, n, rows)
+                        ran.fwd = "triton decode " + description
+                        return out
 
-                reason = flash.supported(q, kc, vc, args.causal, block_table=table, cache_seqlens=lengths)
-                yield impl, ran, page_size, (None if reason else call), reason
+                    yield impl, ran, page_size, (None if reason else call), reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=lambda s: s.split(","), default=["auto"],
                         help="tiled's key splits: auto or numbers, comma-separated")
     parser.add_argument("--page-size", type=_ints, default=[0], help="tiled's page sizes; 0 = the dense cache")
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=["auto"],
+                        help="tiled's packed query rows a program holds: auto or powers of two >= 16")
     parser.add_argument("--copy-gbps", type=float, default=None, help="the calibrated copy bandwidth, for %% of it")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 reference (saves time)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows to this CSV file")

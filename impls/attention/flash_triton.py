@@ -814,12 +814,20 @@ def _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kp, stride_
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(k_base, bt_row, cols, SK, stride_kp, stride_ks, PAGE_SIZE, PAGED, HEAD_DIM, D_PAD, BOUNDS)
         qk = _dot(q, tl.trans(k), None)  # (BLOCK_R, BLOCK_N)
-        s, _ = _logits(qk, qpos[:, None], cols[None, :], qk_scale, cap_in, cap_out, slope2, SOFTCAP, ALIBI)
-        if CAUSAL_MASK or BOUNDS or WINDOW_MASK:
-            s = tl.where(_keep(qpos[:, None], cols[None, :], SK, window, CAUSAL_MASK, WINDOW_MASK), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
+        if CAUSAL_MASK or BOUNDS or WINDOW_MASK or SOFTCAP or ALIBI:
+            s, _ = _logits(qk, qpos[:, None], cols[None, :], qk_scale, cap_in, cap_out, slope2, SOFTCAP, ALIBI)
+            if CAUSAL_MASK or BOUNDS or WINDOW_MASK:
+                keep = _keep(qpos[:, None], cols[None, :], SK, window, CAUSAL_MASK, WINDOW_MASK)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            # Unmasked blocks: every row sees every key (padding rows' q is 0),
+            # so the max is finite and the scale folds into one FMA, as in _fwd_kv_loop.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(v_base, bt_row, cols, SK, stride_vp, stride_vs, PAGE_SIZE, PAGED, HEAD_DIM, D_PAD, BOUNDS)
@@ -1102,7 +1110,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, block_table=None,
-           cache_seqlens=None, num_splits: int | None = None):
+           cache_seqlens=None, num_splits: int | None = None, block_rows: int | None = None):
     """(o, description): split-KV attention of a few queries against a long cache (Flash-Decoding).
 
     q (B, H, SQ, D), SQ small; k, v (B, Hkv, SK, D), or with block_table
@@ -1110,7 +1118,9 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
     cache_seqlens: None (every sequence has all SK keys; paged: pages per
     sequence × page_size), or (B,) int32 lengths. Causal is aligned bottom-right
     on each sequence's length. Forward only. num_splits: None chooses from
-    the SM count and the key length (decode_splits).
+    the SM count and the key length (decode_splits). block_rows: the packed
+    query rows (query heads of a group × queries) one program holds, a power
+    of two >= 16; None takes them all, up to 128.
     """
     B, H, SQ, D = q.shape
     f = features
@@ -1126,7 +1136,8 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
         k_strides, v_strides, bt_stride = _strides(k), _strides(v), 0
     group = H // Hkv
     rows = group * SQ
-    block_r = max(16, min(128, triton.next_power_of_2(rows)))
+    block_r = block_rows or max(16, min(128, triton.next_power_of_2(rows)))
+    assert block_r >= 16 and block_r & (block_r - 1) == 0, f"block_rows {block_r}: a power of two >= 16 (tl.dot's least)"
     row_blocks = triton.cdiv(rows, block_r)
     if num_splits is None:
         slots = _sm_count(q.device) * (2 if block_r <= 64 else 1)

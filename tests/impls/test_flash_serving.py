@@ -170,6 +170,16 @@ def test_decode_bf16_gqa_group_of_eight():
     assert rel_err(out, naive.reference(q, k, v, True)[0]) < TOL[torch.bfloat16]
 
 
+@needs_kernel
+def test_decode_query_rows_over_several_programs():
+    # 8 heads x 3 queries = 24 packed rows in programs of 16: a group's rows span two programs.
+    gen = torch.Generator(device=DEVICE).manual_seed(14)
+    q, k, v = (randn(2, h, s, 16, gen=gen) for h, s in ((8, 3), (1, 50), (1, 50)))
+    out, text = ft.decode(q, k, v, True, 0.25, num_splits=2, block_rows=16)
+    assert "rows=16" in text
+    assert rel_err(out, naive.reference(q, k, v, True)[0]) < TOL[torch.float32]
+
+
 def _paged(k, v, page_size, gen):
     """k, v (B, Hkv, S, D) as a paged cache (pages, page_size, Hkv, D) in shuffled pages, and its block table."""
     B, Hkv, S, D = k.shape
