@@ -42,7 +42,11 @@ Varlen inputs are packed as flash-attn's are: q (total_q, H, D), k and v
 (int32, on the tensors' device), max_seqlen_q/k the longest; the output is
 (total_q, H, D). Each sequence attends only to its own keys, causal aligned
 bottom-right on its own lengths (a query that sees no key gives 0).
-The measurements behind these defaults are in docs/attention-kernels.md.
+A paged cache is flash-attn's too: k_cache and v_cache (pages, page_size,
+Hkv, D), block_table (B, pages per sequence) int32 naming sequence b's
+pages in order, cache_seqlens (B,) int32 its lengths (None: every page
+full); q stays (B, H, q_len, D). The measurements behind these defaults are
+in docs/attention-kernels.md.
 
 Which kernel ran, with its block configuration, is written to a `Kernels`
 record that the caller passes: the forward's at the call, the backward's when
