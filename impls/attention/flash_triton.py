@@ -747,13 +747,18 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K,
 if INTERPRET:
     DECODE_CONFIGS = [_cfg(4, 1, BLOCK_N=16)]
 else:
-    # Memory-bound: deep pipelines of K/V tiles; 128-key tiles for the long
-    # splits, 64 where two programs share an SM.
+    # Memory-bound at few rows: enough K/V bytes in flight per SM to cover
+    # the memory latency, from deep pipelines of 64- or 128-key tiles (one
+    # program per SM) or shallower ones with two programs per SM. At 128
+    # rows (q_len 64 with groups of 4) the products count too: 8 warps, two
+    # wgmma warpgroups, as the forward's configs.
     DECODE_CONFIGS = [
         _cfg(4, 3, BLOCK_N=64),
         _cfg(4, 4, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_N=64),
+        _cfg(4, 6, BLOCK_N=64),
         _cfg(4, 3, BLOCK_N=128),
+        _cfg(4, 4, BLOCK_N=128),
+        _cfg(8, 3, BLOCK_N=64),
         _cfg(8, 3, BLOCK_N=128),
         _cfg(8, 2, BLOCK_N=128),
     ]
