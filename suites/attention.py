@@ -20,7 +20,8 @@ position i sees keys i - N < j <= i, in the bottom-right frame), `--softcap X`
 (scores X·tanh(scores / X)), `--alibi` (ALiBi's per-head linear bias);
 impls/attention/naive.py `Masks` defines them. naive, the reference, flex and
 the SDPA rows take them (SDPA: window and ALiBi as an explicit float mask, no
-soft-capping); the tiled rows do not yet and are unsupported. Each given
+soft-capping); tiled computes them inside its kernels, tiled-torch does not
+and is unsupported. Each given
 mask is a parameter (a column); a run without masks has none of them, so it
 compares with older runs.
 
@@ -31,7 +32,7 @@ q, k, v as (1, H, T, D) and `varlen=` (its `cu_seqlens`), and FLOPs and bytes
 count the real tokens only. Paged KV caches: `--page-size N` stores K and V
 as pages with a block table (naive.py `pages`); the rows get the pages as k, v
 and `block_table=`, forward only. Which rows take each is said once, in
-`Impl.varlen` and `Impl.paged` (for ours, `TILED_LACKS`).
+`Impl.varlen` and `Impl.paged`; `tiled` passes both to its kernels (`_flash_args`).
 
 Beside TFLOP/s each row reports the bytes the call must move (`bytes_moved`,
 bench/metrics.py attention_bytes) and the GB/s achieved. `bound` says which
@@ -112,37 +113,42 @@ def _square_only(q, k, name: str) -> str | None:
     return None
 
 
-def _triton_why_not(q, k, v, causal) -> str | None:
-    reason = flash.supported(q, k, v, causal)
+def _triton_why_not(q, k, v, causal, masks=NO_MASKS, varlen=None, block_table=None) -> str | None:
+    (q, k, v), extra = _flash_args(q, k, v, varlen, block_table)
+    reason = flash.supported(q, k, v, causal, masks, **extra)
     return reason and f"{reason}; tiled-torch is the CPU path"
 
 
-def _triton_only_why_not(q, k, v, causal) -> str | None:
-    reason = _triton_why_not(q, k, v, causal)
-    if reason is None and not flash.uses_gluon(q, k, v):
+def _triton_only_why_not(q, k, v, causal, masks=NO_MASKS, varlen=None, block_table=None) -> str | None:
+    reason = _triton_why_not(q, k, v, causal, masks, varlen, block_table)
+    if reason is None and (varlen is not None or block_table is not None
+                           or not flash.uses_gluon(q, k, v, masks=masks)):
         reason = "tiled runs the Triton kernels here already"
     return reason
 
 
-# What our tiled kernels' rows (tiled, tiled-triton) cannot run yet, and why: the one place to flip
-# when the kernels learn one (delete its entry; flash.attention then takes its keyword).
-TILED_LACKS = {
-    "masks": "the tiled kernels take no masks (window, softcap, ALiBi) yet",
-    "varlen": "the tiled kernels take no packed variable-length batch (cu_seqlens) yet",
-    "paged": "the tiled kernels take no paged KV cache (block table) yet",
-}
+def _flash_args(q, k, v, varlen=None, block_table=None) -> tuple:
+    """The suite's calling convention onto flash.attention's: a packed batch
+    comes as (1, H, T, D) views with a naive.Varlen, which flash takes as
+    (T, H, D) with cu_seqlens; a block table passes through."""
+    if varlen is None:
+        return (q, k, v), {"block_table": block_table} if block_table is not None else {}
+    cu = varlen.cu_seqlens(q.device)
+    return tuple(t[0].transpose(0, 1) for t in (q, k, v)), {
+        "cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": varlen.max_len, "max_seqlen_k": varlen.max_len}
 
 
-def _tiled_lacks() -> dict:
-    return {"no_masks": TILED_LACKS.get("masks"), "varlen": TILED_LACKS.get("varlen"),
-            "paged": TILED_LACKS.get("paged")}
+def _flash_call(q, k, v, causal, *, varlen=None, block_table=None, **options):
+    (q, k, v), extra = _flash_args(q, k, v, varlen, block_table)
+    out = flash.attention(q, k, v, causal, **extra, **options)
+    return out.transpose(0, 1).unsqueeze(0) if varlen is not None else out
 
 
 def _flash(why_not, **options) -> Impl:
     # Each call records the kernels it ran on `ran`; the kernel column reads the last call's.
     ran = flash.Kernels()
-    return Impl(functools.partial(flash.attention, kernels=ran, **options), why_not=why_not,
-                kernel=lambda q, k, v, causal, **kw: str(ran), **_tiled_lacks())
+    return Impl(functools.partial(_flash_call, kernels=ran, **options), why_not=why_not,
+                kernel=lambda q, k, v, causal, **kw: str(ran), no_masks=None, varlen=None, paged=None)
 
 
 IMPLS: dict[str, Impl] = {

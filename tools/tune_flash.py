@@ -527,20 +527,14 @@ def gluon_bwd_experiment(rep_ms, out):
             scale = 1 / math.sqrt(D)
             o, lse, _ = ft.forward(q, k, v, causal, scale)
             delta = (o.float() * do.float()).sum(-1)
-            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            common = (S, ft._seq_bucket(S), scale * ft.LOG2E, scale, D, D, causal, False)
             kernels = [(f"gluon dkdv {c}", lambda c=c: gluon_dkdv(q, k, v, do, lse, delta, causal, scale, c), None)
                        for c in fg.BWD_CONFIGS]
-            kernels.append(("triton dkdv", lambda: ft._bwd_dkdv_kernel[
-                lambda meta: (ft.triton.cdiv(S, meta["BLOCK_N"]), B * H)](
-                q, k, v, do, dk, dv, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
-                *ft._strides(do), *ft._strides(dk), *ft._strides(dv), H, 1, *common), ft._bwd_dkdv_kernel))
+            kernels.append(("triton dkdv", lambda: ft.backward_dkdv(q, k, v, do, lse, delta, causal, scale),
+                            ft._bwd_dkdv_kernel))
             kernels += [(f"gluon dq {c}", lambda c=c: gluon_dq(q, k, v, do, lse, delta, causal, scale, c), None)
                         for c in fg.DQ_CONFIGS]
-            kernels.append(("triton dq", lambda: ft._bwd_dq_kernel[
-                lambda meta: (ft.triton.cdiv(S, meta["BLOCK_M"]), B * H)](
-                q, k, v, do, dq, lse, delta, *ft._strides(q), *ft._strides(k), *ft._strides(v),
-                *ft._strides(do), *ft._strides(dq), H, 1, *common), ft._bwd_dq_kernel))
+            kernels.append(("triton dq", lambda: ft.backward_dq(q, k, v, do, lse, delta, causal, scale),
+                            ft._bwd_dq_kernel))
             for label, launch, autotuned in kernels:
                 row = dict(case=case, impl=label)
                 try:

@@ -200,7 +200,8 @@ def test_supported_gives_reasons():
     kv3 = torch.randn(1, 3, 8, 64, device=DEVICE)
     assert "do not divide" in flash.supported(q, kv3, kv3, False)
     short = torch.randn(1, 4, 5, 64, device=DEVICE)
-    assert "differ" in flash.supported(q, short, short, True)
+    assert "needs kv_len >= q_len" in flash.supported(q, short, short, True)
+    assert flash.supported(q, short, short, False) is None  # q_len > kv_len without causal is fine
     strided = torch.randn(1, 4, 8, 128, device=DEVICE)[..., ::2]
     assert "contiguous" in flash.supported(strided, strided, strided, False)
     with pytest.raises(ValueError, match="head dim 80"):

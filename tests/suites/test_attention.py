@@ -72,7 +72,7 @@ def test_tiled_triton_runs_only_where_tiled_would_run_gluon(monkeypatch):
     m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)  # no Gluon here: the same as tiled
     assert m.status == "unsupported" and "Triton kernels here already" in m.reason
     # Where tiled would take Gluon's kernels, tiled-triton runs and keeps Triton's.
-    monkeypatch.setattr(suite.flash, "uses_gluon", lambda q, k, v, gluon=None: gluon is not False)
+    monkeypatch.setattr(suite.flash, "uses_gluon", lambda q, k, v, gluon=None, masks=None: gluon is not False)
     m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
@@ -194,8 +194,17 @@ def test_rows_that_take_equal_lengths_only_are_unsupported_with_reason():
     sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
     m = measure_one(sweep, _unequal(impl="tiled-torch"), CTX)
     assert m.status == "unsupported" and "q_len == kv_len" in m.reason
-    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32), CTX)
-    assert m.status == "unsupported" and "differ" in m.reason
+
+
+
+def test_tiled_runs_unequal_lengths_and_decodes_in_fwd_mode():
+    sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
+    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32), CTX)  # fwd+bwd: the prefill kernels
+    assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
+    assert m.values["kernel"].startswith("triton fwd") and "dkdv" in m.values["kernel"]
+    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32, mode="fwd"), CTX)  # no gradient: split-KV decode
+    assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
+    assert m.values["kernel"].startswith("triton decode")
 
 
 def test_flex_row_on_cpu():
@@ -338,11 +347,12 @@ def test_a_wrong_mask_is_a_mismatch(monkeypatch):
     assert measure_one(sweep, _masked(impl="ignores", window=4), CTX).status == "mismatch"
 
 
-@pytest.mark.parametrize("impl", ["tiled", "tiled-triton", "tiled-torch"])
-def test_tiled_rows_take_no_masks(impl):
+def test_tiled_takes_masks_and_tiled_torch_does_not():
     sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), alibi=True))
-    m = measure_one(sweep, _cfg(impl=impl, seq=64, head_dim=32, alibi=True), CTX)
-    assert m.status == "unsupported" and "take" in m.reason and "no masks (window, softcap, ALiBi)" in m.reason
+    m = measure_one(sweep, _cfg(impl="tiled-torch", seq=64, head_dim=32, alibi=True), CTX)
+    assert m.status == "unsupported" and m.reason.startswith("tiled-torch") and "takes no masks" in m.reason
+    m = measure_one(sweep, _cfg(impl="tiled", seq=64, head_dim=32, alibi=True, mode="fwd+bwd"), CTX)
+    assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
 
 
 def test_masks_are_parameters_only_when_given():

@@ -1,0 +1,90 @@
+"""Developer tool: compile the Triton attention kernels (flash_triton.py) for
+Hopper (sm_90a) without a GPU, with each feature flag on and off.
+
+    python3 -m tools.compile_flash                 # from the repository root: a table, one line a kernel variant
+    python3 -m tools.compile_flash --only decode   # variants whose label contains "decode"
+
+Triton's interpreter, which the CPU tests run the kernels through, accepts
+code the compiler refuses (a Python int where a tensor is needed, a return in
+the wrong place), so every kernel change is compiled here too. Each line
+gives the shared memory, the registers a thread is launched with, its stack
+(spill) bytes, and whether ptxas serialized the wgmma instructions.
+Runs without TRITON_INTERPRET (set here), whatever the caller's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the compiler, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from impls.attention import flash_triton as ft  # noqa: E402
+from tools.compile_gluon import resources  # noqa: E402
+
+FLOATS = {"qk_scale": "fp32", "sm_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}
+
+
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
+    """triton.compile of a Triton kernel for sm_90a; arguments not named in types are i32, None ones constexpr."""
+    sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _optional(pointers: dict[str, tuple[str, bool]]) -> tuple[dict, dict]:
+    """(types of the pointers given, None constexprs for those left out)."""
+    return ({n: t for n, (t, on) in pointers.items() if on}, {n: None for n, (t, on) in pointers.items() if not on})
+
+
+def jobs():
+    """(label, fn, types, constexprs, num_warps) for each variant compiled."""
+    bf16 = "*bf16"
+    for label, (window, softcap, alibi, varlen, causal) in {
+            "causal": (False, False, False, False, True), "plain": (False, False, False, False, False),
+            "window softcap alibi varlen causal": (True, True, True, True, True)}.items():
+        flags = dict(WINDOW=window, SOFTCAP=softcap, ALIBI=alibi, VARLEN=varlen, CAUSAL=causal, USE_TMA=False,
+                     HEAD_DIM=128, D_PAD=128)
+        given, absent = _optional({"SLOPES": ("*fp32", alibi), "CU_Q": ("*i32", varlen), "CU_K": ("*i32", varlen)})
+        lse = {"LSE": "*fp32", "DELTA": "*fp32"}
+        yield (f"fwd {label}", ft._fwd_kernel.fn, {**dict.fromkeys("QKVO", bf16), **lse, **given, **FLOATS},
+               {**flags, **absent, "BLOCK_M": 128, "BLOCK_N": 64, "WARP_SPEC": False}, 8)
+        yield (f"dkdv {label}", ft._bwd_dkdv_kernel.fn,
+               {**dict.fromkeys(["Q", "K", "V", "DO", "DK", "DV"], bf16), **lse, **given, **FLOATS},
+               {**flags, **absent, "BLOCK_M": 32, "BLOCK_N": 128}, 8)
+        yield (f"dq {label}", ft._bwd_dq_kernel.fn,
+               {**dict.fromkeys(["Q", "K", "V", "DO", "DQ"], bf16), **lse, **given, **FLOATS},
+               {**flags, **absent, "BLOCK_M": 128, "BLOCK_N": 64}, 8)
+    for paged, split, rows, masks in [(False, True, 16, False), (True, False, 128, True)]:
+        given, absent = _optional({"O_PART": ("*fp32", split), "LSE_PART": ("*fp32", split),
+                                   "SEQLENS": ("*i32", paged), "BLOCK_TABLE": ("*i32", paged),
+                                   "SLOPES": ("*fp32", masks)})
+        flags = dict(HEAD_DIM=128, D_PAD=128, CAUSAL=True, WINDOW=masks, SOFTCAP=masks, ALIBI=masks, PAGED=paged,
+                     PAGE_SIZE=16 if paged else 1, SEQLENS_GIVEN=paged, SPLIT=split, BLOCK_R=rows, BLOCK_N=64)
+        label = f"decode rows={rows}{' split' if split else ''}{' paged' if paged else ''}{' masks' if masks else ''}"
+        yield (label, ft._decode_kernel.fn, {**dict.fromkeys("QKVO", bf16), **given, **FLOATS},
+               {**flags, **absent}, 4 if rows <= 64 else 8)
+    yield ("decode combine", ft._decode_combine_kernel, {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": bf16},
+           dict(HEAD_DIM=128, D_PAD=128, SPLITS_PAD=8), 4)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="compile only the variants whose label contains this")
+    args = parser.parse_args(argv)
+    for label, fn, types, constexprs, warps in jobs():
+        if args.only in label:
+            use = resources(compile_sm90(fn, types, constexprs, warps))
+            print(f"{label:45s} smem={use['smem']} regs={use['regs']} stack={use['stack']} "
+                  f"wgmma_serialized={use['wgmma_serialized']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
