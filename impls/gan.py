@@ -324,3 +324,55 @@ def coverage(samples: torch.Tensor, mixture: Mixture, min_per_mode: int = MIN_PE
     return Coverage(modes=len(mixture.centers), covered=int((counts >= min_per_mode).sum()),
                     high_quality=float(hq.double().mean()) if len(x) else 0.0,
                     per_mode=tuple(int(c) for c in counts))
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def digits(device=None) -> torch.Tensor:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the
+    package, no download) as (1797, 1, 8, 8) floats in [-1, 1]; ImportError
+    without scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    images = torch.as_tensor(load_digits().images, dtype=torch.float32)  # (1797, 8, 8), values 0..16
+    return (images / 8 - 1).unsqueeze(1).to(device)
+
+
+def image_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator | None], torch.Tensor]:
+    """sample(n, generator): n images drawn with replacement, on the images' device."""
+
+    def sample(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images[torch.randint(len(images), (n,), generator=generator, device=images.device)]
+
+    return sample
+
+
+class GraphedSteps:
+    """The trainer's critic and generator steps captured as two CUDA graphs
+    (one memory pool), after `warmup` eager steps on a side stream, as
+    torch.cuda.graphs' whole-network capture wants: the optimizers must be
+    capturable, and the trainer's random generator is registered with the graphs
+    so that each replay draws new noise."""
+
+    def __init__(self, trainer: GanTrainer, warmup: int = 3):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                trainer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.critic, self.generator = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        for graph in (self.critic, self.generator):
+            graph.register_generator_state(trainer.rng)
+        with torch.cuda.graph(self.critic):
+            trainer.critic_step()
+        with torch.cuda.graph(self.generator, pool=self.critic.pool()):
+            trainer.generator_step()
+        self.n_critic = trainer.objective.n_critic
+
+    def critic_step(self) -> None:
+        self.critic.replay()
+
+    def generator_step(self) -> None:
+        self.generator.replay()

@@ -145,9 +145,11 @@ class VectorQuantizer(nn.Module):
     def ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
         """N_k <- g N_k + (1 - g) n_k; m_k <- g m_k + (1 - g) sum of z_i with idx_i = k;
         e_k = m_k / N_k, N_k Laplace-smoothed so that an unused code never divides by zero."""
-        onehot = F.one_hot(idx, self.K).type(z.dtype)  # (N, K)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0).float(), alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_((onehot.t() @ z).float(), alpha=1 - self.decay)
+        # Counts and sums per code by index: a one-hot (N, K) matrix would be 4 GB at VQGAN's N and K.
+        counts = torch.bincount(idx, minlength=self.K).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, z.float())
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
@@ -175,7 +177,7 @@ class VQAutoencoder(nn.Module):
 
 def train_autoencoder(images: torch.Tensor, steps: int, batch: int, seed: int, K: int = 64, D: int = 16,
                       ema: bool = True, lr: float = 2e-3) -> tuple[VQAutoencoder, list[float]]:
-    """A short seeded training run; the codebook starts from encoder outputs
+    """A short seeded training run (Adam; the EMA update after each step); the codebook starts from encoder outputs
     of the first batch (as most VQ codebases initialize it), so that a run
     measures usage, not an unlucky random codebook. Returns the model and its losses."""
     g = torch.Generator(device=images.device).manual_seed(seed)
