@@ -155,7 +155,10 @@ class _Run:
 
 
 def _compile_refused(exc: RuntimeError) -> bool:
-    return "double backward" in str(exc)
+    """Whether torch.compile refused a backward with create_graph=True: aot_autograd
+    says "does not currently support double backward", or, with donated buffers,
+    asks for "create_graph=False"."""
+    return "double backward" in str(exc) or "create_graph" in str(exc)
 
 
 def _gan_row(cfg: GanConfig, ctx: Context, images: _Images) -> Measurement:
@@ -174,7 +177,8 @@ def _gan_row(cfg: GanConfig, ctx: Context, images: _Images) -> Measurement:
             peak_mib = None
     except RuntimeError as exc:
         if cfg.mode == "compile" and _compile_refused(exc):
-            raise Unsupported(f"torch.compile cannot differentiate the {objective.penalty} penalty, a gradient: "
+            raise Unsupported(f"torch.compile cannot differentiate the {objective.penalty} penalty, a gradient "
+                              f"(create_graph=True): "
                               f"{str(exc).splitlines()[0]}") from None
         raise
     finally:
