@@ -33,13 +33,15 @@ def _inputs(N, K, D, dtype, seed=0):
     return x.to(DEVICE, dtype), e.to(DEVICE, dtype)
 
 
-# K not a multiple of the block (16 under the interpreter), D not a power of two, D below one block.
+# K not a multiple of the block (16 under the interpreter), D not a power of two, D below one block;
+# slice_d 16: D walked in slices (the path beyond MAX_RESIDENT_D), the last slice partial.
 @pytest.mark.parametrize("N, K, D", [(37, 50, 20), (64, 16, 8), (5, 3, 33)])
+@pytest.mark.parametrize("slice_d", [None, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_against_float64(N, K, D, dtype):
+def test_fused_against_float64(N, K, D, slice_d, dtype):
     x, e = _inputs(N, K, D, dtype)
     ref_idx, ref_best = vq.nearest_float64(x, e)  # on the same (bf16-rounded) inputs
-    idx, dist = vq_triton.nearest_fused(x, e)
+    idx, dist = vq_triton.nearest_fused(x, e, slice_d=slice_d)
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32 and idx.shape == dist.shape == (N,)
     a = vq.agreement(idx, x, e, vq.TIE_RTOL[torch.float32], reference=(ref_idx, ref_best))
     assert a.mismatches == 0 and a.same + a.near_ties == N
@@ -48,14 +50,15 @@ def test_fused_against_float64(N, K, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_exact_ties_go_to_the_lowest_index(dtype):
-    x, e = _inputs(40, 50, 12, dtype, seed=1)
+@pytest.mark.parametrize("slice_d", [None, 16])
+def test_exact_ties_go_to_the_lowest_index(dtype, slice_d):
+    x, e = _inputs(40, 50, 20, dtype, seed=1)
     e[7] = e[5]  # the same block as code 5
     e[33] = e[5]  # a later block
     e[49] = e[2]  # the last, partial block
     x[:10] = e[5]
     x[10:20] = e[2]
-    idx, _ = vq_triton.nearest_fused(x, e)
+    idx, _ = vq_triton.nearest_fused(x, e, slice_d=slice_d)
     assert idx[:10].tolist() == [5] * 10 and idx[10:20].tolist() == [2] * 10
     torch.testing.assert_close(idx.cpu(), vq.nearest_float64(x, e)[0].cpu(), rtol=0, atol=0)
     # torch.argmin breaks ties the same way
@@ -89,4 +92,8 @@ def test_bad_inputs():
     x, e = _inputs(4, 4, 8, torch.float32)
     with pytest.raises(AssertionError, match="codebook"):
         vq_triton.nearest_fused(x, e[:, :4])
+    with pytest.raises(AssertionError, match="power of two"):
+        vq_triton.nearest_fused(x, e, slice_d=24)
     assert "fp32 or bf16" in vq_triton.why_not(torch.device(DEVICE), torch.float16)
+    assert [vq_triton.block_d(d) for d in (8, 20, 256, 257)] == [16, 32, 256, 64]
+    assert [vq_triton.block_d(d, torch.float32) for d in (8, 20, 32, 33, 256)] == [16, 32, 32, 32, 32]
