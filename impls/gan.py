@@ -201,7 +201,13 @@ class GanTrainer:
         self.opt_g = objective.make_optimizer(self.G.parameters(), capturable)
         self.opt_d = objective.make_optimizer(self.D.parameters(), capturable)
         self.sample_real = sample_real
-        self.rng = torch.Generator(device=device).manual_seed(seed)
+        if capturable and torch.device(device).type == "cuda":
+            # A CUDA graph replays the default generator's draws with fresh offsets; a
+            # generator of our own would have to be registered with every graph.
+            torch.cuda.manual_seed(seed)
+            self.rng = None
+        else:
+            self.rng = torch.Generator(device=device).manual_seed(seed)
         self.penalty_on = penalty_on
         # Sum over critic steps of mean |grad norm - 1|, and their count: tensors, so that a
         # replayed CUDA graph adds to them too.
@@ -351,9 +357,9 @@ def image_sampler(images: torch.Tensor) -> Callable[[int, torch.Generator | None
 class GraphedSteps:
     """The trainer's critic and generator steps captured as two CUDA graphs
     (one memory pool), after `warmup` eager steps on a side stream, as
-    torch.cuda.graphs' whole-network capture wants: the optimizers must be
-    capturable, and the trainer's random generator is registered with the graphs
-    so that each replay draws new noise."""
+    torch.cuda.graphs' whole-network capture wants: the trainer must be built
+    with capturable=True (capturable optimizers; its noise from the default
+    CUDA generator, which each replay advances)."""
 
     def __init__(self, trainer: GanTrainer, warmup: int = 3):
         side = torch.cuda.Stream()
@@ -363,8 +369,6 @@ class GraphedSteps:
                 trainer.step()
         torch.cuda.current_stream().wait_stream(side)
         self.critic, self.generator = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        for graph in (self.critic, self.generator):
-            graph.register_generator_state(trainer.rng)
         with torch.cuda.graph(self.critic):
             trainer.critic_step()
         with torch.cuda.graph(self.generator, pool=self.critic.pool()):
