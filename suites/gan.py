@@ -34,7 +34,6 @@ codebooks.
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 

@@ -4,6 +4,7 @@ digits without scikit-learn, the penalties under torch.compile), the
 vector-quantizer rows with the mismatch gate, the command line and the charts."""
 
 import csv
+import dataclasses
 import math
 import re
 
@@ -155,8 +156,9 @@ def test_compile_rows():
 def _vq_row(impl, op="search", N=96, K=40, D=12, dtype="fp32", steps=None, shared=None):
     cfg = suite.VqConfig(impl, op, N, K, D, dtype, steps)
     sweep = suite.vq_sweep(suite.VqOptions(), CPU)
-    run = sweep.run if shared is None else (lambda c, ctx: suite._vq_row(c, ctx, shared))
-    return measure_one(sweep.__class__(**{**sweep.__dict__, "run": run}), cfg, _ctx())
+    if shared is not None:  # rows that share their inputs, as within one sweep
+        sweep = dataclasses.replace(sweep, run=lambda c, ctx: suite._vq_row(c, ctx, shared))
+    return measure_one(sweep, cfg, _ctx())
 
 
 @pytest.mark.parametrize("impl", ["cdist", "matmul"])
