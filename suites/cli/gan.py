@@ -30,7 +30,7 @@ CPU = dict(steps=300, modes=("eager",), n=(2048,), k=(256, 1024), dim=(64,), ae_
 @cli_errors
 def gan_command(
     objective: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(OBJECTIVES)}. Default: all.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(DATA)} (digits: scikit-learn's 8x8 images, pip install 'genbench[gan]'). Default: all.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(DATA)} (digits: scikit-learn's 8x8 images, installed with genbench's gan extra). Default: all.")] = None,
     mode: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable: {', '.join(MODES)}. Default: all on a GPU, eager on CPU.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per row (a step: n_critic critic steps and one generator step). Default: 2000 on a GPU, 300 on CPU.")] = None,
     batch: Annotated[int, typer.Option(help="Samples per critic and generator step.")] = 256,
