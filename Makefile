@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(BIN)/genbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q -e '.[test,triton,hf,gpu]'
+	$(BIN)/python -m pip install -q -e '.[test,triton,hf,gpu,gan]'
 	touch $@
 
 install: $(BIN)/genbench
