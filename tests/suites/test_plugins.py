@@ -341,7 +341,7 @@ def test_a_model_without_flops_per_token_has_no_mfu_and_says_why(models, tmp_pat
     ("genbench_test_models.zoo:with_config", "TypeError: genbench_test_models.zoo:with_config(256, 32) returned a "
                                              "tuple, not a torch.nn.Module"),
     ("genbench_test_models.zoo:logits_only", "TypeError: --model genbench_test_models.zoo:logits_only: "
-                                             "forward(idx, targets) returned Tensor(1, 8, 256); genbench expects "
+                                             "forward(idx, targets) returned Tensor(1, 16, 256); genbench expects "
                                              "(logits, loss) with a scalar loss"),
 ])
 def test_a_factory_that_fails_is_an_error_row(models, tmp_path, model, reason):
