@@ -68,10 +68,12 @@ def cost_chart(run: Run) -> Figure:
 
 
 def _copy_bandwidth(df) -> float | None:
-    """The calibrated copy bandwidth the rows' pct_of_peak was taken against: GBps / pct · 100."""
-    if "pct_of_peak" not in df.columns or "bound" not in df.columns:
+    """The calibrated copy bandwidth the rows' pct_of_peak was taken against
+    (every row but a compute-bound one's): GBps / pct · 100."""
+    if "pct_of_peak" not in df.columns:
         return None
-    memory = df[(df["bound"] == "memory") & (df["pct_of_peak"] > 0)]
+    compute = df["bound"] == "compute" if "bound" in df.columns else False
+    memory = df[~compute & (df["pct_of_peak"] > 0)]
     if memory.empty:
         return None
     return float(np.median(memory["GBps"] / memory["pct_of_peak"] * 100))
