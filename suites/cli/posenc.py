@@ -66,10 +66,10 @@ def posenc_command(
 ):
     """Positional encodings: what applying each costs (--cost), and how far past its training length a
     model using it still predicts (--reach)."""
-    from bench.env import resolve_device
-
     if not cost and not reach:
         raise BadInput("give --cost (time each encoding), --reach (train and score a model per encoding), or both")
+    from bench.env import resolve_device
+
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     run_opts = RunOptions(dev, out, seed, warmup_ms, rep_ms)

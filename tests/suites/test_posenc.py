@@ -289,3 +289,11 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path):
     result = runner.invoke(app, ["posenc", "--device", "cpu", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_help_imports_no_torch_and_shows_flags_without_a_value():
+    from tests.bench.test_cli import HEAVY, _loaded_after
+
+    loaded, output = _loaded_after([["posenc", "--help"], ["posenc"]], HEAVY)
+    assert loaded == {"posenc --help": [], "posenc": []}  # bad input answers before torch, as --help does
+    assert "--reach" in output and "<bool>" not in output
