@@ -187,8 +187,10 @@ def _eager_rope(q, k, cos, sin, layout):
     return posenc.apply_rope(q, cos, sin, layout), posenc.apply_rope(k, cos, sin, layout)
 
 
-@functools.cache
 def _compiled_rope():
+    # Compiled afresh for each row (run_cost resets dynamo around it): a row's
+    # shape, dtype, layout and grad mode never count against another's
+    # recompile limit, past which dynamo would silently run eager code.
     return torch.compile(_eager_rope, dynamic=False)
 
 
@@ -412,7 +414,13 @@ def _absolute_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, fl
 
 def run_cost(cfg: CostConfig, ctx: Context) -> Measurement:
     row = {"rope": _rope_row, "alibi": _alibi_row}.get(cfg.encoding, _absolute_row)
-    m, flops, nbytes = row(cfg, ctx)
+    if cfg.impl == "compile":
+        torch.compiler.reset()  # a fresh compilation per row, done in the gate and the warm-up
+    try:
+        m, flops, nbytes = row(cfg, ctx)
+    finally:
+        if cfg.impl == "compile":
+            torch.compiler.reset()
     if m.status != "ok":
         return m
     dtype = DTYPES[cfg.dtype]
