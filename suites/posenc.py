@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import calibrate, correctness, metrics
+from bench.calibrate import Share
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
@@ -429,10 +430,16 @@ def run_cost(cfg: CostConfig, ctx: Context) -> Measurement:
     matmul = calibrate.matmul_key(dtype)
     peaks = ctx.peaks
     bound = metrics.roofline_bound(flops, nbytes, peaks and peaks.get(matmul), peaks and peaks.get("copy_GBps"))
+    if bound is None and cfg.encoding != "alibi":
+        # Without a matmul peak to place the ridge: RoPE and the tables do under one FLOP per byte,
+        # below any GPU's or CPU's ridge point, so the copy bandwidth is their ceiling all the same.
+        bound = "memory"
     if bound == "compute":
         share = ctx.share_of_peak(matmul, functools.partial(metrics.pct_of_peak, rate))
-    else:  # memory-bound, or no calibrated matmul peak: RoPE and the tables move bytes, they hardly compute
+    elif bound == "memory":
         share = ctx.share_of_peak("copy_GBps", functools.partial(metrics.pct_of_peak, bandwidth))
+    else:
+        share = Share()
     m.values.update(tflops=rate, bytes_moved=nbytes, GBps=bandwidth, bound=bound, pct_of_peak=share.pct)
     m.reason = share.note
     return m
