@@ -37,8 +37,12 @@ Reach (suite `posenc-reach`). The shared GPT (impls/gpt.py, a preset's
 shape) is trained once per encoding by impls/train.py `train_lm`, with the
 same seed, steps, batches and corpus, at context L; then scored on held-out
 text at L, 2L, 4L and 8L (`--eval-factors`): validation loss and perplexity
-over every position of windows of that length, the same windows for every
-encoding. Every model is built with a context of 8L (the largest eval length)
+over every token of the same held-out stretch (the first `eval_tokens`
+tokens of the val split, a multiple of 8L) cut into non-overlapping windows
+of that length, as the ALiBi paper evaluates: every length and every
+encoding scores the same tokens, and only the context they are seen in
+differs. Trained models are cached (bench/checkpoints.py, keyed by
+everything their training depended on), so a second run only scores. Every model is built with a context of 8L (the largest eval length)
 so that it can be run there; for `learned` this means a table of 8L rows of
 which only the first L are ever trained: past L it reads untrained rows, as a
 learned table extended without training would. RoPE's inference-time
@@ -57,7 +61,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from bench import calibrate, correctness, metrics
+from bench import calibrate, checkpoints, correctness, metrics
 from bench.calibrate import Share
 from bench.env import DTYPES
 from bench.errors import BadInput, Unsupported
@@ -67,7 +71,8 @@ from impls.attention import flex, naive
 from impls.attention.naive import Masks
 from impls.data import DataConfig, TextData
 from impls.gpt import GPT, GPTConfig
-from impls.train import LMTraining, evaluate, train_lm, training_precision
+from impls.precision import Precision
+from impls.train import LMTraining, train_lm, training_precision
 
 MODES = ("fwd", "fwd+bwd")
 ROPE_IMPLS = ("eager", "compile", "triton", "triton-computed", "triton-inplace", "triton-inplace-computed")
@@ -489,7 +494,7 @@ class ReachPreset:
 
 REACH_PRESETS = {
     # A CPU finishes this in minutes: 2 layers of 128, the small BPE corpus.
-    "tiny": ReachPreset(gpt="tiny", train_len=64, steps=200, batch=8, lr=3e-3, data="stdlib-small", eval_tokens=8192),
+    "tiny": ReachPreset(gpt="tiny", train_len=64, steps=300, batch=8, lr=3e-3, data="stdlib-small", eval_tokens=8192),
     # 8 layers of 512 on the full corpus; a GPU finishes it in minutes.
     "small": ReachPreset(gpt="small", train_len=256, steps=2000, batch=32, lr=1e-3, data="stdlib", eval_tokens=65536),
 }
@@ -563,33 +568,50 @@ def data_config(opts: ReachOptions) -> DataConfig:
     return DataConfig.from_name(opts.preset.data)
 
 
+CODE_VERSION = 1  # part of every cached model's key: bump it when training here changes
+
+
 class Trained:
-    """The models of one sweep, trained on first use, one per encoding."""
+    """The models of one sweep, one per encoding: read from the cache, else
+    trained on first use and cached."""
 
     def __init__(self, opts: ReachOptions, data: TextData):
         self.opts, self.data = opts, data
         self.models: dict[str, tuple[GPT, dict] | BaseException] = {}
 
     def get(self, encoding: str, ctx: Context) -> tuple[GPT, dict, bool]:
-        """(model, training info, whether this call trained it)."""
+        """(model, training info, whether this call trained or loaded it)."""
         fresh = encoding not in self.models
         if fresh:
-            p = self.opts.preset
-            training = LMTraining(steps=p.steps, batch_size=p.batch, seq_len=p.train_len, lr=p.lr,
-                                  warmup=max(1, p.steps // 20))
-
-            def progress(phase, done, total, info):
-                ctx.step(done, total, "train")
-
             try:
-                self.models[encoding] = train_lm(self.opts.gpt_config(encoding, self.data.vocab_size), self.data,
-                                                 training, ctx.device, ctx.seed, progress=progress)
+                self.models[encoding] = self._load_or_train(encoding, ctx)
             except torch.OutOfMemoryError as exc:
                 self.models[encoding] = exc
         got = self.models[encoding]
         if isinstance(got, BaseException):
             raise got
         return got[0], got[1], fresh
+
+    def _load_or_train(self, encoding: str, ctx: Context) -> tuple[GPT, dict]:
+        p = self.opts.preset
+        config = self.opts.gpt_config(encoding, self.data.vocab_size)
+        training = LMTraining(steps=p.steps, batch_size=p.batch, seq_len=p.train_len, lr=p.lr,
+                              warmup=max(1, p.steps // 20))
+        precision = training_precision(ctx.device).name
+        key = checkpoints.key(CODE_VERSION, config, training, self.data.path.name, ctx.seed, precision)
+        path = checkpoints.path("posenc", encoding, key)
+        if path.exists():
+            payload = checkpoints.load(path, "posenc", required=("state_dict", "info"))
+            model = GPT(config)
+            model.load_state_dict(payload["state_dict"])
+            return model.to(ctx.device).eval(), {**payload["info"], "cached": True}
+
+        def progress(phase, done, total, info):
+            ctx.step(done, total, "train")
+
+        model, info = train_lm(config, self.data, training, ctx.device, ctx.seed, progress=progress)
+        checkpoints.save(path, dict(state_dict={k: v.cpu() for k, v in model.state_dict().items()}, info=info))
+        return model, {**info, "cached": False}
 
 
 def _scaled(model: GPT, scaling: posenc.RopeScaling | None) -> GPT:
@@ -601,24 +623,50 @@ def _scaled(model: GPT, scaling: posenc.RopeScaling | None) -> GPT:
     return scaled.eval()
 
 
+EVAL_BATCH_TOKENS = 16_384  # tokens scored per forward: windows of 8L are fewer per batch than windows of L
+
+
+def held_out(data: TextData, opts: ReachOptions) -> torch.Tensor:
+    """The tokens every row scores, plus one for the last target: the first
+    eval_tokens of the val split, rounded down to a multiple of the longest
+    window (so that every length cuts them into whole windows)."""
+    longest = opts.preset.train_len * max(opts.eval_factors)
+    n = max(1, min(opts.preset.eval_tokens, len(data.val) - 1) // longest) * longest
+    return data.val[: n + 1].long()
+
+
+@torch.no_grad()
+def score(model: GPT, tokens: torch.Tensor, window: int, precision: Precision, device: torch.device) -> float:
+    """Mean next-token loss over tokens[:-1] cut into non-overlapping windows
+    of `window`, each scored from its own start (position 0)."""
+    x = tokens[:-1].view(-1, window)  # (N, window)
+    y = tokens[1:].view(-1, window)
+    per_batch = max(1, EVAL_BATCH_TOKENS // window)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for xs, ys in zip(x.split(per_batch), y.split(per_batch)):
+        with precision.context(device):
+            _, loss = model(xs.to(device), ys.to(device))
+        total += loss.double() * ys.numel()
+    return float(total) / y.numel()  # the one synchronization
+
+
 def run_reach(cfg: ReachConfig, ctx: Context, trained: Trained) -> Measurement:
     base, _, extension = cfg.encoding.partition("+")
     model, info, fresh = trained.get(base, ctx)
     scaling = posenc.scaling_for(extension or None, cfg.eval_len, cfg.train_len)
-    p = trained.opts.preset
-    batch = max(1, p.eval_tokens // (4 * cfg.eval_len))
+    tokens = held_out(trained.data, trained.opts)
     precision = training_precision(ctx.device)
     try:
-        loss = evaluate(_scaled(model, scaling), trained.data, precision, ctx.device, batches=4, batch_size=batch,
-                        seq_len=cfg.eval_len, seed=10_000)
+        loss = score(_scaled(model, scaling), tokens, cfg.eval_len, precision, ctx.device)
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc):  # the CPU allocator's out of memory, an oom row like CUDA's
             raise torch.OutOfMemoryError(str(exc)) from exc
         raise
     values = dict(val_loss=loss, ppl=math.exp(loss), scaling=scaling.factor if scaling else None,
-                  eval_tokens=4 * batch * cfg.eval_len, n_params=info["params"], precision=info["precision"])
-    if fresh:  # the row that trained the model carries how
-        values.update(train_seconds=info["seconds"], train_loss=info["train_loss"], trained_steps=info["steps"])
+                  eval_tokens=len(tokens) - 1, n_params=info["params"], precision=info["precision"])
+    if fresh:  # the row that trained (or loaded) the model carries how
+        values.update(train_seconds=info["seconds"], train_loss=info["train_loss"], trained_steps=info["steps"],
+                      cached=info["cached"])
     notes = []
     if base == "learned" and cfg.eval_len > cfg.train_len:
         notes.append(f"positions {cfg.train_len}..{cfg.eval_len - 1} read untrained rows of the table")
@@ -646,7 +694,7 @@ def reach_sweep(opts: ReachOptions, data: TextData) -> Sweep:
         run=functools.partial(run_reach, trained=trained),
         params=("encoding", "eval_len", "model", "train_len", "steps"),
         metrics=("ppl", "val_loss", "scaling", "eval_tokens", "n_params", "precision", "train_seconds", "train_loss",
-                 "trained_steps", "note"),
+                 "trained_steps", "cached", "note"),
         display=REACH_DISPLAY,
         label="encoding",
         primary="ppl",

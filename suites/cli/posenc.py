@@ -55,7 +55,7 @@ def posenc_command(
     layout: Annotated[Optional[list[str]], typer.Option(help="--cost: RoPE layout, neox (rotate-half) or gptj (interleaved); repeatable. Default: both.")] = None,
     impl: Annotated[Optional[list[str]], typer.Option(help="--cost: only these implementations (eager, compile, triton, triton-computed, triton-inplace, triton-inplace-computed, sdpa, sdpa-bias, flex, cached); repeatable. Default: all.")] = None,
     model: Annotated[Optional[str], typer.Option(help=f"--reach preset: {', '.join(REACH_MODELS)}. tiny: 2 layers of 128 at L = 64, minutes on a CPU; small: 8 layers of 512 at L = 256, minutes on a GPU. Default: small on a GPU, tiny on CPU.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="--reach: training steps per encoding. Default: the preset's (tiny 200, small 2000).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="--reach: training steps per encoding. Default: the preset's (tiny 300, small 2000).")] = None,
     train_len: Annotated[Optional[int], typer.Option(help="--reach: training context L. Default: the preset's (tiny 64, small 256).")] = None,
     eval_factors: Annotated[str, typer.Option(help="--reach: evaluation lengths as multiples of L.")] = "1,2,4,8",
     device: DeviceOpt = "auto",

@@ -172,11 +172,13 @@ def test_absolute_rows(encoding, impl, mode):
 
 
 @pytest.fixture
-def reach(monkeypatch):
-    """reach(encodings): a reach sweep of a few steps on bytes (no tokenizer to train), tiny GPT, L = 8."""
+def reach(monkeypatch, tmp_path):
+    """reach(encodings): a reach sweep of a few steps on bytes (no tokenizer to
+    train), tiny GPT, L = 8, its models cached in a folder of this test's."""
     monkeypatch.setitem(suite.REACH_PRESETS, "tiny", suite.ReachPreset(
         gpt="tiny", train_len=8, steps=3, batch=2, lr=3e-3, data="bytes", eval_tokens=64))
     data = load_data(DataConfig.from_name("bytes"), cache_dir())
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
     trained = []
     train_lm = suite.train_lm
 
@@ -208,8 +210,10 @@ def test_reach_trains_once_per_encoding_and_scales_rope_at_evaluation(reach):
     assert all(m.status == "ok" for m in rows.values()), {k: m.reason for k, m in rows.items()}
     for m in rows.values():
         assert m.values["ppl"] == pytest.approx(math.exp(m.values["val_loss"]))
-    # the training shows on the row that trained, and every model has a context of 2L
-    assert rows["rope", 8].values["trained_steps"] == 3 and "trained_steps" not in rows["rope", 16].values
+        assert m.values["eval_tokens"] == 64  # every length scores the same 64 tokens: 8 windows of 8, 4 of 16
+    # the training shows on the row that trained
+    assert rows["rope", 8].values["trained_steps"] == 3 and rows["rope", 8].values["cached"] is False
+    assert "trained_steps" not in rows["rope", 16].values
     # at L the extensions are the RoPE model itself; past L they scale by eval_len / L and change the loss
     assert rows["rope+pi", 8].values["val_loss"] == rows["rope", 8].values["val_loss"]
     assert rows["rope+pi", 16].values["scaling"] == 2.0
@@ -217,18 +221,37 @@ def test_reach_trains_once_per_encoding_and_scales_rope_at_evaluation(reach):
     assert rows["rope+ntk", 16].values["val_loss"] != rows["rope+pi", 16].values["val_loss"]
     assert "untrained rows" in rows["learned", 16].values["note"]
     assert rows["learned", 8].values["note"] == ""
+    # a second run reads the models back: nothing trained, the same scores
+    again = _run(reach(("learned", "rope"))[0])
+    assert trained == ["learned", "rope"] and again["rope", 8].values["cached"] is True
+    assert again["rope+ntk", 16].values["val_loss"] == rows["rope+ntk", 16].values["val_loss"]
+
+
+def test_score_by_hand():
+    """score() is the mean next-token loss over non-overlapping windows: a
+    model that gives every token the same logits scores log(vocab) at any window."""
+    class Uniform(torch.nn.Module):
+        def forward(self, x, y):
+            logits = torch.zeros(*x.shape, 5)
+            return logits, torch.nn.functional.cross_entropy(logits.view(-1, 5), y.view(-1))
+
+    from impls.precision import PRECISIONS
+
+    tokens = torch.arange(17) % 5
+    for window in (4, 8, 16):
+        assert suite.score(Uniform(), tokens, window, PRECISIONS["fp32"], CPU) == pytest.approx(math.log(5))
 
 
 def test_an_eval_length_that_does_not_fit_is_an_oom_row(reach, monkeypatch):
     sweep, _ = reach(("rope",))
-    evaluate = suite.evaluate
+    score = suite.score
 
-    def short_memory(model, data, precision, device, batches, batch_size, seq_len, seed=0):
-        if seq_len > 8:
+    def short_memory(model, tokens, window, precision, device):
+        if window > 8:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return evaluate(model, data, precision, device, batches, batch_size, seq_len, seed)
+        return score(model, tokens, window, precision, device)
 
-    monkeypatch.setattr(suite, "evaluate", short_memory)
+    monkeypatch.setattr(suite, "score", short_memory)
     rows = _run(sweep)
     assert rows["rope", 8].status == "ok"
     assert rows["rope", 16].status == rows["rope+pi", 16].status == "oom"
