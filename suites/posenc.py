@@ -453,7 +453,7 @@ def run_cost(cfg: CostConfig, ctx: Context) -> Measurement:
 COST_DISPLAY = (
     Column("median_ms", "ms", "{:.4g}"),
     Column("iqr_ms", "IQR", "{:.2g}"),
-    Column("GBps", "GB/s", "{:,.0f}"),
+    Column("GBps", "GB/s", "{:.3g}"),
     Column("pct_of_peak", "%peak", "{:.1f}"),
     Column("rel_err", "err", "{:.0e}"),
 )
