@@ -19,6 +19,12 @@ vocabulary rounded up to a multiple of 64 as nanoGPT does: a (B·T, C) x (C, V) 
 whose V is a multiple of 64 tiles evenly on tensor cores, and GPT-2's odd 50257 does not.
 The padding rows are never read (token ids are below vocab_size) and never scored: the
 logits are sliced back to vocab_size, so the loss, argmax and top-k see the real vocabulary.
+
+Positions are GPT-2's learned table (`wpe`, block_size rows) by default; `pos_encoding`
+chooses another of impls/posenc.py: `sinusoidal` (a fixed table added in its place),
+`rope` / `rope-gptj` (q and k rotated inside attention, `rope_scaling` for PI or NTK
+past the training length), `alibi` (a bias on the scores, through SDPA's attn_mask) or
+`none`. Only `learned` has parameters: the others' state_dicts lack `wpe` and nothing else.
 """
 
 import inspect
@@ -28,6 +34,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from impls import posenc
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,17 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     vocab_multiple: int = 64  # wte/lm_head rows are padded to a multiple of this (1: no padding)
+    pos_encoding: str = "learned"  # one of impls/posenc.py ENCODINGS
+    rope_base: float = posenc.ROPE_BASE
+    rope_scaling: posenc.RopeScaling | None = None  # RoPE run past its training length (PI, NTK)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.pos_encoding not in posenc.ENCODINGS:
+            raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; known: {', '.join(posenc.ENCODINGS)}")
+        if self.pos_encoding in posenc.ROPE_LAYOUTS:
+            posenc.check_head_dim(self.n_embd // self.n_head)
         if self.vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
 
@@ -78,6 +93,10 @@ PRESETS = {
 }
 
 
+# The sinusoidal table's scale beside token embeddings initialized at std 0.02 (see GPT._positions).
+SINUSOIDAL_SCALE = 0.02
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for one layer; new entries are written at given slots."""
 
@@ -99,21 +118,25 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
+        self.rope_layout = posenc.ROPE_LAYOUTS.get(config.pos_encoding)
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache = None
 
-    def forward(self, x, cache_pos=None, mask=None):
+    def forward(self, x, cache_pos=None, mask=None, rope=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:  # (cos, sin), each (T, D/2): the new tokens' positions, before K enters any cache
+            q, k = (posenc.apply_rope(t, *rope, layout=self.rope_layout) for t in (q, k))
         dropout_p = self.dropout if self.training else 0.0
-        if cache_pos is None:  # plain causal attention over this sequence; any cache is left alone
-            if mask is not None:
-                raise ValueError("an explicit mask is only taken with input_pos (the KV-cache path)")
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # SDPA takes a float mask of the query's dtype only
+        if cache_pos is None:  # causal attention over this sequence; any cache is left alone
+            # mask: None, or causal's -inf plus a score bias (ALiBi), additive, (H, T, T).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
         else:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H, L, D)
             # mask: additive (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, T, L).
@@ -142,8 +165,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache_pos=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache_pos, mask)
+    def forward(self, x, cache_pos=None, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache_pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,7 +176,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_encoding == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -191,7 +214,7 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -248,6 +271,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if input_pos is None:
+            if mask is not None:
+                raise ValueError("an explicit mask is only taken with input_pos (the KV-cache path)")
             if T > self.config.block_size:
                 raise ValueError(f"a sequence of {T} tokens exceeds block_size {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device)
@@ -263,9 +288,10 @@ class GPT(nn.Module):
                 # SDPA turns a bool mask into an additive one on every call: done once
                 # here instead of once per layer (a kernel per layer per decoding step).
                 mask = torch.full(mask.shape, float("-inf"), dtype=cache.k.dtype, device=idx.device).masked_fill_(mask, 0.0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # (B, T, C)
+        x, rope, mask = self._positions(self.transformer.wte(idx), input_pos, cache_pos is not None, mask)
+        x = self.transformer.drop(x)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cache_pos, mask)
+            x = block(x, cache_pos, mask, rope)
         x = self.transformer.ln_f(x)
         # (B, T, V): the padding rows' scores dropped, so that no softmax, argmax or top-k
         # sees an id the tokenizer does not have. A strided view, not a copy.
@@ -275,6 +301,30 @@ class GPT(nn.Module):
             # Upcast so a bf16/fp16 model's loss is still reduced in fp32; -1 marks ignored targets.
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, x) if return_hidden else (logits, loss)
+
+    def _positions(self, x, input_pos, cached: bool, mask):
+        """The position encoding applied: x (B, T, C) with an absolute table
+        added, RoPE's (cos, sin) for the attention layers, and the mask with
+        ALiBi's bias added (None: plain causal). With a cache, ALiBi's key
+        positions are their slots, as in decoding (a Medusa tree's scattered
+        slots would need their own positions)."""
+        cfg, rope = self.config, None
+        if cfg.pos_encoding == "learned":
+            x = x + self.transformer.wpe(input_pos)
+        elif cfg.pos_encoding == "sinusoidal":
+            # Scaled to the token embeddings' initial std: the ratio Vaswani et al. (2017, 3.4)
+            # get by multiplying embeddings of std 1/sqrt(C) by sqrt(C) before adding the table.
+            x = x + SINUSOIDAL_SCALE * posenc.sinusoidal(input_pos, cfg.n_embd).to(x.dtype)
+        elif cfg.pos_encoding in posenc.ROPE_LAYOUTS:
+            rope = posenc.rope_angles(input_pos, cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.rope_scaling)
+        elif cfg.pos_encoding == "alibi":
+            keys = torch.arange(self.transformer.h[0].attn.kv_cache.k.shape[2], device=x.device) if cached \
+                else input_pos
+            bias = posenc.alibi_bias(cfg.n_head, input_pos, keys)  # (H, T, T or L)
+            if not cached:
+                bias = bias.masked_fill(keys[None, :] > input_pos[:, None], float("-inf"))  # causal
+            mask = bias if mask is None else mask + bias
+        return x, rope, mask
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
         """AdamW with weight decay on matrices only (not biases, norms' gains).

@@ -37,8 +37,8 @@ def test_a_checkout_declares_genbench_own_suites_not_a_stale_install(stale_insta
     eps = registry.entry_points(registry.SUITES)
     assert [(ep.name, ep.value) for ep in eps] == [
         ("attention", "suites.cli.attention:SUITE"), ("ddp", "suites.cli.ddp:SUITE"),
-        ("gan", "suites.cli.gan:SUITE"),
-        ("medusa", "suites.cli.medusa:SUITE"), ("precision", "suites.cli.precision:SUITE"),  # pyproject.toml's
+        ("gan", "suites.cli.gan:SUITE"), ("medusa", "suites.cli.medusa:SUITE"), ("posenc", "suites.cli.posenc:SUITE"),
+        ("precision", "suites.cli.precision:SUITE"),  # pyproject.toml's
         ("mine", "mysuites.cli:SUITE"),  # then the other packages'
     ]
     assert registry.source(eps[-1]) == "mysuites.cli:SUITE, from mysuites 9.9"
@@ -52,11 +52,13 @@ def test_installed_genbench_declares_its_own_outside_a_checkout(stale_install, t
 
 def test_genbench_suites_and_their_charts():
     found, problems = registry.suites()
-    assert [s.name for s in found][:5] == ["attention", "ddp", "gan", "medusa", "precision"] and problems == []
+    assert [s.name for s in found][:6] == ["attention", "ddp", "gan", "medusa", "posenc", "precision"] and problems == []
     assert registry.charts() == {**{name: f"suites.charts.{name}:chart" for name in ("attention", "precision", "ddp",
                                                                                     "medusa")},
                                  "ddp-collectives": "suites.charts.collectives:chart",
-                                 "gan": "suites.charts.gan:chart", "gan-vq": "suites.charts.gan:vq_chart"}
+                                 "gan": "suites.charts.gan:chart", "gan-vq": "suites.charts.gan:vq_chart",
+                                 "posenc-cost": "suites.charts.posenc:cost_chart",
+                                 "posenc-reach": "suites.charts.posenc:reach_chart"}
 
 
 def test_load_by_entry_point_name_or_path(tmp_path, monkeypatch):
