@@ -60,7 +60,7 @@ def test_row_for_each_mode(mode):
 def test_triton_tiled_runs_through_the_interpreter_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("on a GPU the kernel runs natively (tests/impls/test_flash_triton.py)")
-    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(70,))), _cfg(impl="tiled", head_dim=32), CTX)
+    m = measure_one(suite.sweep(suite.AttentionOptions(seqs=(40,))), _cfg(impl="tiled", seq=40, batch=1), CTX)
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
 
@@ -68,12 +68,12 @@ def test_triton_tiled_runs_through_the_interpreter_on_cpu():
 def test_tiled_triton_runs_only_where_tiled_would_run_gluon(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the choice is real (tests/impls/test_flash_gluon.py)")
-    sweep = suite.sweep(suite.AttentionOptions(seqs=(70,)))
-    m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)  # no Gluon here: the same as tiled
+    sweep = suite.sweep(suite.AttentionOptions(seqs=(40,)))
+    m = measure_one(sweep, _cfg(impl="tiled-triton", seq=40, batch=1), CTX)  # no Gluon here: the same as tiled
     assert m.status == "unsupported" and "Triton kernels here already" in m.reason
     # Where tiled would take Gluon's kernels, tiled-triton runs and keeps Triton's.
     monkeypatch.setattr(suite.flash, "uses_gluon", lambda q, k, v, gluon=None, masks=None: gluon is not False)
-    m = measure_one(sweep, _cfg(impl="tiled-triton", head_dim=32), CTX)
+    m = measure_one(sweep, _cfg(impl="tiled-triton", seq=40, batch=1, mode="fwd"), CTX)
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
 
@@ -199,10 +199,10 @@ def test_rows_that_take_equal_lengths_only_are_unsupported_with_reason():
 
 def test_tiled_runs_unequal_lengths_and_decodes_in_fwd_mode():
     sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
-    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32), CTX)  # fwd+bwd: the prefill kernels
+    m = measure_one(sweep, _unequal(impl="tiled", batch=1), CTX)  # fwd+bwd: the prefill kernels
     assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
     assert m.values["kernel"].startswith("triton fwd") and "dkdv" in m.values["kernel"]
-    m = measure_one(sweep, _unequal(impl="tiled", head_dim=32, mode="fwd"), CTX)  # no gradient: split-KV decode
+    m = measure_one(sweep, _unequal(impl="tiled", batch=1, mode="fwd"), CTX)  # no gradient: split-KV decode
     assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
     assert m.values["kernel"].startswith("triton decode")
 
@@ -351,7 +351,7 @@ def test_tiled_takes_masks_and_tiled_torch_does_not():
     sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), alibi=True))
     m = measure_one(sweep, _cfg(impl="tiled-torch", seq=64, head_dim=32, alibi=True), CTX)
     assert m.status == "unsupported" and m.reason.startswith("tiled-torch") and "takes no masks" in m.reason
-    m = measure_one(sweep, _cfg(impl="tiled", seq=64, head_dim=32, alibi=True, mode="fwd+bwd"), CTX)
+    m = measure_one(sweep, _cfg(impl="tiled", seq=64, batch=1, alibi=True, mode="fwd+bwd"), CTX)
     assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
 
 
