@@ -145,6 +145,8 @@ def _run(fn, q, k, v, dout, causal, backward, **kw):
 @pytest.mark.parametrize("impl", CPU_ROWS)
 @pytest.mark.parametrize("name", CASES)
 def test_rows_within_twice_pytorchs_low_precision_error(name, impl, dtype):
+    if impl == "tiled" and dtype == torch.float16:
+        pytest.skip("tiled runs through Triton's interpreter here, slowly: bf16, its coarser dtype, covers it")
     q, k, v, dout, causal, masks, varlen, page_size = _case(name, dtype)
     row = suite.find_impl(impl)
     wants = {"masks": masks} if masks else {}

@@ -6,7 +6,7 @@ import csv
 
 def test_small_run_writes_checked_rows(run_tool, tmp_path):
     out = tmp_path / "decode.csv"
-    done = run_tool("bench_decode", "--device", "cpu", "--batch", "2", "--heads", "4", "--kv-heads", "2",
+    done = run_tool("bench_decode", "--device", "cpu", "--batch", "1", "--heads", "4", "--kv-heads", "2",
                     "--head-dim", "16", "--q-len", "1,3", "--kv-len", "70", "--dtype", "fp32", "--causal",
                     "--impl", "tiled", "--impl", "sdpa-math", "--splits", "1,3", "--page-size", "0,16", "--rows", "16",
                     "--copy-gbps", "100", "--out", str(out), TRITON_INTERPRET="1")
