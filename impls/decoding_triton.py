@@ -21,20 +21,11 @@ test_decoding_triton.py checks these against them through Triton's interpreter
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from impls.triton_import import INTERPRET, TRITON_ERROR, tl, triton
 
-    TRITON_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure only means the PyTorch path is used
-    triton = tl = None
-    TRITON_ERROR = f"triton not importable: {type(exc).__name__}: {exc}"
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TOPK_BLOCK = 16384  # a row of topk_rows lives in registers: vocabularies up to this size
 
 

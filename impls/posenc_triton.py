@@ -29,22 +29,11 @@ it there against float64.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from impls import posenc
+from impls.triton_import import INTERPRET, TRITON_ERROR, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-
-    TRITON_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure only means the kernel rows are unsupported
-    triton = tl = None
-    TRITON_ERROR = f"triton not importable: {type(exc).__name__}: {exc}"
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ROW_ELEMENTS = 4096  # elements of one head block a program holds: BLOCK_H heads of D
 
 

@@ -24,20 +24,11 @@ Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from impls.triton_import import INTERPRET, TRITON_ERROR, tl, triton
 
-    TRITON_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure only means the fused row is unsupported
-    triton = tl = None
-    TRITON_ERROR = f"triton not importable: {type(exc).__name__}: {exc}"
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
