@@ -7,7 +7,10 @@ stored (memory N indices and N distances, whatever K is).
 
 Each program takes BLOCK_N latents and walks the codebook BLOCK_K codes at a
 time: x.e^T by tl.dot, accumulated in fp32 (bf16 inputs on the tensor cores,
-fp32 inputs as IEEE fp32 products, not TF32, so that fp32 means fp32); then
+fp32 inputs as IEEE fp32 products, not TF32, so that fp32 means fp32; or, with
+precision="tf32x3", on the tensor cores as three TF32 products of the
+operands' high and low parts: the low x low term it drops is about 2^-22 of
+each product, where fp32 rounds at 2^-24); then
 d = ||e||^2 - 2 x.e, the row's minimum over the block, and the running
 minimum. Up to D = 256 the block of latents is loaded once and stays on chip
 while the codebook streams past (as FlashAttention keeps its Q block);
@@ -46,7 +49,11 @@ def why_not(device: torch.device, dtype: torch.dtype) -> str | None:
 # Up to this code dim the block of latents is loaded once and stays on chip: 64 KB of
 # bf16 at 128 x 256. fp32 inputs take IEEE products, on the CUDA cores, whose
 # operands live in registers: beyond 32 dims they spill, so fp32 walks D in slices.
+# 3xTF32 runs on the tensor cores from shared memory, where a 128 x 64 slice of fp32
+# takes what 128 x 128 of bf16 does.
 MAX_RESIDENT_D = {2: 256, 4: 32}  # by the inputs' element size in bytes
+MAX_RESIDENT_D_TF32X3 = 64
+PRECISIONS = ("ieee", "tf32x3")  # for fp32 inputs; bf16 inputs always take bf16 products
 
 
 if triton is not None:
@@ -66,10 +73,11 @@ if triton is not None:
             ]
         ]
 
-    @triton.autotune(configs=CONFIGS, key=["K", "D", "IEEE", "BLOCK_D", "RESIDENT"])
+    @triton.autotune(configs=CONFIGS, key=["K", "D", "IEEE", "TF32X3", "BLOCK_D", "RESIDENT"])
     @triton.jit
     def _nearest_kernel(x_ptr, e_ptr, e2_ptr, idx_ptr, dist_ptr, N, K, D, stride_x, stride_e,
-                        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+                        IEEE: tl.constexpr, TF32X3: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # RESIDENT (BLOCK_D >= D): the whole code dim in one slice, the latents loaded once before
         # the walk over the codebook; else D is walked in BLOCK_D slices for every block of codes.
@@ -103,6 +111,8 @@ if triton is not None:
                     eb = eb.to(tl.float32)
                 if IEEE:
                     acc = tl.dot(xr, eb, input_precision="ieee")
+                elif TF32X3:
+                    acc = tl.dot(xr, eb, input_precision="tf32x3")
                 else:
                     acc = tl.dot(xr, eb)  # (BLOCK_N, BLOCK_K) x.e^T, fp32
             else:
@@ -117,6 +127,8 @@ if triton is not None:
                         xs, es = xs.to(tl.float32), es.to(tl.float32)
                     if IEEE:
                         acc = tl.dot(xs, es, acc, input_precision="ieee")
+                    elif TF32X3:
+                        acc = tl.dot(xs, es, acc, input_precision="tf32x3")
                     else:
                         acc = tl.dot(xs, es, acc)
             e2 = tl.load(e2_ptr + codes, mask=code_ok, other=0.0)
@@ -129,25 +141,29 @@ if triton is not None:
         tl.store(dist_ptr + rows, best + x2, mask=row_ok)
 
 
-def block_d(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+def block_d(D: int, dtype: torch.dtype = torch.bfloat16, precision: str = "ieee") -> int:
     """The code-dim slice: all of D (rounded up to a power of two, at least 16
-    for tl.dot) up to MAX_RESIDENT_D, else 64 for bf16 and 32 for fp32."""
-    limit = MAX_RESIDENT_D[dtype.itemsize]
+    for tl.dot) up to MAX_RESIDENT_D, else 64 for bf16 and 3xTF32 and 32 for IEEE fp32."""
+    tf32x3 = dtype == torch.float32 and precision == "tf32x3"
+    limit = MAX_RESIDENT_D_TF32X3 if tf32x3 else MAX_RESIDENT_D[dtype.itemsize]
     return max(16, triton.next_power_of_2(D)) if D <= limit else min(64, limit)
 
 
-def nearest_fused(x: torch.Tensor, codebook: torch.Tensor, slice_d: int | None = None
+def nearest_fused(x: torch.Tensor, codebook: torch.Tensor, slice_d: int | None = None, precision: str = "ieee"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest code of each row of x (N, D) in codebook (K, D),
     and its squared distance in fp32. Both in the same dtype, fp32 or bf16.
     `slice_d` overrides the code-dim slice (`block_d`; a power of two >= 16):
-    below D, D is walked in slices for every block of codes."""
+    below D, D is walked in slices for every block of codes. `precision`
+    (PRECISIONS) is how fp32 inputs are multiplied; bf16 inputs ignore it."""
     reason = why_not(x.device, x.dtype)
     if reason:
         raise RuntimeError(reason)
     assert x.dim() == 2 and codebook.dim() == 2 and x.shape[1] == codebook.shape[1], \
         f"x (N, D) and codebook (K, D) expected, got {tuple(x.shape)} and {tuple(codebook.shape)}"
     assert x.dtype == codebook.dtype, f"x is {x.dtype}, codebook {codebook.dtype}"
+    assert precision in PRECISIONS, f"precision is one of {PRECISIONS}, got {precision!r}"
+    fp32 = x.dtype == torch.float32
     x, codebook = x.contiguous(), codebook.contiguous()
     N, D = x.shape
     K = codebook.shape[0]
@@ -158,8 +174,9 @@ def nearest_fused(x: torch.Tensor, codebook: torch.Tensor, slice_d: int | None =
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]),)
 
-    bd = slice_d or block_d(D, x.dtype)
+    bd = slice_d or block_d(D, x.dtype, precision)
     assert bd >= 16 and bd & (bd - 1) == 0, f"the code-dim slice must be a power of two >= 16, got {bd}"
     _nearest_kernel[grid](x, codebook, e2, idx, dist, N, K, D, x.stride(0), codebook.stride(0),
-                          IEEE=x.dtype == torch.float32, UPCAST=INTERPRET, BLOCK_D=bd, RESIDENT=bd >= D)
+                          IEEE=fp32 and precision == "ieee", TF32X3=fp32 and precision == "tf32x3",
+                          UPCAST=INTERPRET, BLOCK_D=bd, RESIDENT=bd >= D)
     return idx, dist

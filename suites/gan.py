@@ -22,7 +22,9 @@ of high-quality samples on 2,500 samples (VEEGAN's metrics), WGAN-GP's mean
 The `samples` column keeps 512 generated points ("x,y;x,y;...") for the chart.
 
 Vector quantizers (impls/vq.py, impls/vq_triton.py), one table per
-(N, K, D, dtype): the searches cdist, matmul and fused, each first checked
+(N, K, D, dtype): the searches cdist, matmul, fused and, for fp32 inputs,
+fused-tf32x3 (the fused kernel's products as 3xTF32 on the tensor cores
+instead of IEEE fp32 on the CUDA cores), each first checked
 against the float64 search on the same inputs (a different index beyond a
 near-tie makes the row `mismatch`: never timed as a win), then timed, with
 the memory the call needs beyond its inputs; the quantizer's forward and
@@ -48,7 +50,7 @@ from impls import gan, vq, vq_triton
 OBJECTIVES = tuple(gan.OBJECTIVES)
 DATA = (*gan.MIXTURES, "digits")
 MODES = ("eager", "compile", "cudagraph")
-SEARCHES = ("cdist", "matmul", "fused")
+SEARCHES = ("cdist", "matmul", "fused", "fused-tf32x3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COVERAGE_SAMPLES = 2500  # VEEGAN and PacGAN count modes on 2,500 samples
 CHART_SAMPLES = 512  # generated points kept in the CSV for the chart
@@ -264,7 +266,7 @@ AE_K, AE_D, AE_BATCH = 64, 16, 64  # the small VQ autoencoder: 64 codes of 16 di
 
 @dataclass(frozen=True)
 class VqConfig:
-    impl: str  # the search (cdist, matmul, fused); index_add for the EMA update; ema or grad for the autoencoder
+    impl: str  # the search (SEARCHES); index_add for the EMA update; ema or grad for the autoencoder
     op: str  # search | quantizer | ema-update | autoencoder
     N: int
     K: int
@@ -340,18 +342,21 @@ class _VqShared:
 
 
 def _search(name: str):
-    return {"cdist": vq.nearest_cdist, "matmul": vq.nearest_matmul, "fused": vq_triton.nearest_fused}[name]
+    return {"cdist": vq.nearest_cdist, "matmul": vq.nearest_matmul, "fused": vq_triton.nearest_fused,
+            "fused-tf32x3": functools.partial(vq_triton.nearest_fused, precision="tf32x3")}[name]
 
 
 def distance_dtype(impl: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype a search's distances are rounded to: the fused kernel's are
     fp32 whatever its inputs; cdist's and the matmul form's product are in the inputs' dtype."""
-    return torch.float32 if impl == "fused" else dtype
+    return torch.float32 if impl.startswith("fused") else dtype
 
 
 def _check_fused(cfg: VqConfig, ctx: Context) -> None:
-    if cfg.impl != "fused":
+    if not cfg.impl.startswith("fused"):
         return
+    if cfg.impl == "fused-tf32x3" and cfg.dtype != "fp32":
+        raise Unsupported("3xTF32 splits fp32 inputs; bf16 inputs take bf16 products (the fused row)")
     reason = vq_triton.why_not(ctx.device, DTYPES[cfg.dtype])
     if reason:
         raise Unsupported(reason)

@@ -16,7 +16,7 @@ from bench.registry import Suite
 OBJECTIVES = ("nsgan", "wgan", "wgan-gp", "r1", "hinge")  # suites.gan.OBJECTIVES
 DATA = ("8gaussians", "25gaussians", "digits")  # suites.gan.DATA
 MODES = ("eager", "compile", "cudagraph")  # suites.gan.MODES
-SEARCHES = ("cdist", "matmul", "fused")  # suites.gan.SEARCHES
+SEARCHES = ("cdist", "matmul", "fused", "fused-tf32x3")  # suites.gan.SEARCHES
 VQ_OPS = ("search", "quantizer", "ema-update")  # suites.gan.VQ_OPS
 DTYPES = ("fp32", "bf16")  # suites.gan.DTYPES
 

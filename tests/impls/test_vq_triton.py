@@ -49,6 +49,28 @@ def test_fused_against_float64(N, K, D, slice_d, dtype):
     torch.testing.assert_close(dist.double().cpu(), ref_best.cpu(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("slice_d", [None, 16])
+def test_3xtf32_against_float64(slice_d):
+    # On the GPU three TF32 products per pair; the interpreter multiplies in fp32. Either way the
+    # indices are float64's up to near-ties, and D = 80 > 64 walks the code dim in slices.
+    x, e = _inputs(37, 50, 80 if slice_d is None else 20, torch.float32, seed=3)
+    ref = vq.nearest_float64(x, e)
+    assert vq_triton.block_d(80, torch.float32, "tf32x3") == 64 and vq_triton.block_d(80, torch.float32) == 32
+    idx, dist = vq_triton.nearest_fused(x, e, slice_d=slice_d, precision="tf32x3")
+    a = vq.agreement(idx, x, e, vq.TIE_RTOL[torch.float32], reference=ref)
+    assert a.mismatches == 0 and a.same + a.near_ties == len(idx)
+    torch.testing.assert_close(dist.double().cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_inputs_ignore_3xtf32():
+    x, e = _inputs(20, 30, 16, torch.bfloat16, seed=4)
+    a, _ = vq_triton.nearest_fused(x, e, precision="tf32x3")
+    b, _ = vq_triton.nearest_fused(x, e)
+    assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="precision"):
+        vq_triton.nearest_fused(x, e, precision="tf32")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slice_d", [None, 16])
 def test_exact_ties_go_to_the_lowest_index(dtype, slice_d):

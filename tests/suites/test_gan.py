@@ -89,10 +89,10 @@ def test_rows_and_warmup():
     assert opts.warmup == 5 and suite.GanOptions(steps=20).warmup == 2
     assert suite.GanOptions(modes=("cudagraph",), steps=20).warmup == 3  # at least the graphs' eager steps
     configs = suite.VqOptions(n=(64,), k=(16, 32), dim=(8,), dtypes=("fp32",), autoencoder_steps=5).configs()
-    assert [(c.op, c.impl, c.K) for c in configs[:8]] == [
-        ("search", "cdist", 16), ("search", "matmul", 16), ("search", "fused", 16),
+    assert [(c.op, c.impl, c.K) for c in configs[:10]] == [
+        ("search", "cdist", 16), ("search", "matmul", 16), ("search", "fused", 16), ("search", "fused-tf32x3", 16),
         ("quantizer", "cdist", 16), ("quantizer", "matmul", 16), ("quantizer", "fused", 16),
-        ("ema-update", "index_add", 16), ("search", "cdist", 32)]
+        ("quantizer", "fused-tf32x3", 16), ("ema-update", "index_add", 16), ("search", "cdist", 32)]
     assert [(c.op, c.impl, c.steps) for c in configs[-2:]] == [("autoencoder", "ema", 5), ("autoencoder", "grad", 5)]
 
 
@@ -251,7 +251,9 @@ def test_cli_vq_run_and_its_chart(tmp_path):
     path, rows = _read(tmp_path)
     assert [(r["impl"], r["K"], r["status"]) for r in rows] == [
         ("cdist", "16", "ok"), ("matmul", "16", "ok"), ("fused", "16", "unsupported"),
-        ("cdist", "48", "ok"), ("matmul", "48", "ok"), ("fused", "48", "unsupported")]
+        ("fused-tf32x3", "16", "unsupported"),
+        ("cdist", "48", "ok"), ("matmul", "48", "ok"), ("fused", "48", "unsupported"),
+        ("fused-tf32x3", "48", "unsupported")]
     fig = plot.figure(load_run(path))
     lines = {t.get_text() for ax in fig.axes for t in ax.texts}
     assert {"cdist fp32", "matmul fp32"} <= lines
@@ -270,7 +272,7 @@ def test_gpu_rows():
         assert m.status == "ok", m.reason
         assert m.values["peak_mem_MiB"] > 0 and math.isfinite(m.values["grad_norm_gap"])
     sweep = suite.vq_sweep(suite.VqOptions(), cuda)
-    for dtype in ("fp32", "bf16"):
+    for impl, dtype in (("fused", "fp32"), ("fused", "bf16"), ("fused-tf32x3", "fp32")):
         for op in ("search", "quantizer"):
-            m = measure_one(sweep, suite.VqConfig("fused", op, 4096, 1000, 72, dtype), _ctx(cuda))
+            m = measure_one(sweep, suite.VqConfig(impl, op, 4096, 1000, 72, dtype), _ctx(cuda))
             assert m.status == "ok", m.reason
