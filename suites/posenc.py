@@ -3,6 +3,7 @@ past its training length a model using it still predicts.
 
     genbench posenc --cost                       # GPU: 16 x 4096 tokens, 32 heads of 128, bf16 and fp32, fwd and fwd+bwd
     genbench posenc --cost --offset 0,30000 --dtype bf16
+    genbench posenc --cost --encoding rope+attention --dtype bf16   # RoPE fused into tiled vs compiled RoPE + cuDNN
     genbench posenc --reach --model tiny         # CPU, minutes: one GPT per encoding at L = 64, scored at 64 .. 512
     genbench posenc --reach --model small        # GPU: L = 256, scored at 256 .. 2048
 
@@ -18,11 +19,23 @@ k (B, S, H, D), x (B, S, H·D), after a correctness gate against float64
   decode step far into a sequence). fwd+bwd adds the backward, the rotation
   of dq, dk by −θ: through autograd, except in place, where the kernel
   rotates the gradients in place (what a training step that owns them does).
+- RoPE with attention (`encoding` rope+attention): q and k (B, H, S, D)
+  rotated, then causal attention with v: `compile+sdpa-cudnn` (the compiled
+  RoPE, then SDPA's cuDNN backend; on a CPU unsupported), `compile+tiled`
+  (the compiled RoPE, then tiled, impls/attention/flash.py) and
+  `tiled-fused` (tiled's Triton kernels rotate each q and k tile as they
+  load it, and rotate dq and dk back before storing them: no rotated copy
+  of q and k is ever written). The table's speedup column is against
+  compile+sdpa-cudnn.
 - ALiBi (`encoding` alibi): causal attention with the bias, `sdpa-bias`
   (SDPA with an explicit (H, S, S) float bias, built once outside the timing;
-  `bias_MiB` is its size) and `flex` (FlexAttention's score_mod, no bias
-  tensor); `sdpa` is the same attention without ALiBi (is_causal), the cost
-  the bias adds to.
+  `bias_MiB` is its size), `flex` (FlexAttention's score_mod, no bias
+  tensor) and `tiled` (the slopes applied inside tiled's kernels); `sdpa` is
+  the same attention without ALiBi (is_causal), the cost the bias adds to,
+  and the speedup column's baseline.
+The tiled rows need a GPU; without one they run through Triton's
+interpreter only at the tests' small shapes (INTERPRET_MAX_PAIRS) and are
+`unsupported` otherwise, saying why.
 - Absolute tables (`encoding` sinusoidal or learned): `eager` builds the
   table for the positions and adds it to x, as impls/gpt.py does; sinusoidal
   `cached` adds a table built beforehand.
@@ -31,7 +44,8 @@ or written once (q, k in and out, the cos/sin table when one is read;
 `rope_bytes`, `absolute_bytes`), GBps is bytes_moved over the median time, and
 pct_of_peak is taken against the calibrated copy bandwidth when the row's
 arithmetic intensity is below the ridge point (bench/metrics.py
-roofline_bound; ALiBi rows, attention, against the matmul peak).
+roofline_bound; the attention rows, rope+attention and ALiBi, against the
+matmul peak, their FLOPs attention's, plus RoPE's few per element).
 
 Reach (suite `posenc-reach`). The shared GPT (impls/gpt.py, a preset's
 shape) is trained once per encoding by impls/train.py `train_lm`, with the
