@@ -98,7 +98,8 @@ def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool =
         base = baseline_row(sweep, group)
         best = best_row(sweep, group)
         names = baselines(sweep)
-        caption = f"speedup: {sweep.primary} against {', else '.join(names)}" if names else None
+        shown = base[sweep.label] if base is not None else " / ".join(names)
+        caption = f"speedup: {sweep.primary} against {shown}" if names else None
         table = Table(title=f"{sweep.suite}  {title}", title_justify="left", caption=caption, caption_justify="left")
         # Numbers never wrap; on a narrow terminal the note column folds instead.
         table.add_column(sweep.label, no_wrap=True)

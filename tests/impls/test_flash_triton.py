@@ -313,3 +313,13 @@ def test_gpu_other_dtypes(dtype):
 def test_gpu_descriptor_path(causal):
     _, desc = check(2, 8, 2, 1531, 128, causal, torch.bfloat16, use_tma=True)
     assert "tma" in desc
+
+
+@gpu
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", slow_after_first(list(posenc.LAYOUTS)))
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
+def test_gpu_rope_in_the_kernels(layout, causal):
+    # The compiled kernels (not the interpreter): large blocks, GQA, an odd length, a far offset.
+    check_rope(2, 8, 2, 1531, 128, causal, torch.bfloat16, posenc.Rope(layout, offset=30_000))
