@@ -43,6 +43,15 @@ causal diagonal and the tail. Varlen: sequences packed along the sequence
 axis of batch-1 tensors, cu_seqlens giving each one's rows; programs past a
 sequence's length return at once.
 
+RoPE (`Features.rope_cos`, ROPE constexpr): q and k arrive unrotated, and
+each tile is rotated as it is loaded, its pairs' two members read by
+pointer as two (rows, D/2) halves, cos and sin from a (positions, D/2)
+table (built once in float64, so exact at any offset; computing them would
+put two MUFU ops per element beside the softmax's exp2, on the same unit).
+The halves go to tl.dot as they are (q·k = q1·k1 + q2·k2), so nothing is
+interleaved back; dQ and dK, taken w.r.t. the rotated q and k, are rotated
+by −θ before they are stored. With ROPE off the kernels compile as before.
+
 `decode` is Flash-Decoding (Dao, Haziza, Massa, Sizov 2023): for a few
 queries against a long cache the keys are split across programs, each
 writing a partial output and its log-sum-exp, which a second kernel merges.
