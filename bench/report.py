@@ -1,6 +1,7 @@
 """Terminal tables of a sweep: one rich table per group of rows that share
 every parameter but the label (impl, method ...), the best row in bold green,
-failures in red or yellow, and a speedup column against the baseline. The
+failures in red or yellow, and a speedup column against the baseline (or
+the first of several baselines that the group has). The
 runner hands each group on as soon as it is done (bench/runner.py), so tables
 appear during the sweep; a group cut short by Ctrl-C is titled "partial".
 Groups are ordered by their parameters, numbers by value (seq 256 before
@@ -53,6 +54,16 @@ def speedup(sweep: Sweep, row: dict, base: dict | None) -> float | None:
     return a / b if sweep.higher_is_better else b / a
 
 
+def baselines(sweep: Sweep) -> tuple[str, ...]:
+    """The label values the speedup column may be taken against, in order of preference."""
+    return (sweep.baseline,) if isinstance(sweep.baseline, str) else tuple(sweep.baseline or ())
+
+
+def baseline_row(sweep: Sweep, group: Sequence[dict]) -> dict | None:
+    """The group's row for the first of the sweep's baselines that it has."""
+    return next((r for name in baselines(sweep) for r in group if r[sweep.label] == name), None)
+
+
 def group_key(sweep: Sweep, row: dict) -> tuple:
     return tuple((k, row[k]) for k in sweep.params if k != sweep.label)
 
@@ -84,9 +95,11 @@ def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool =
     for key, group in groupby(ordered, key=lambda r: group_key(sweep, r)):
         group = list(group)
         title = "  ".join(f"{k}={v}" for k, v in key) + ("  (partial)" if partial else "")
-        base = next((r for r in group if r[sweep.label] == sweep.baseline), None)
+        base = baseline_row(sweep, group)
         best = best_row(sweep, group)
-        caption = f"speedup: {sweep.primary} against {sweep.baseline}" if sweep.baseline else None
+        names = baselines(sweep)
+        shown = base[sweep.label] if base is not None else " / ".join(names)
+        caption = f"speedup: {sweep.primary} against {shown}" if names else None
         table = Table(title=f"{sweep.suite}  {title}", title_justify="left", caption=caption, caption_justify="left")
         # Numbers never wrap; on a narrow terminal the note column folds instead.
         table.add_column(sweep.label, no_wrap=True)

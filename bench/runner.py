@@ -146,7 +146,8 @@ class Sweep:
     metrics: Sequence[str]  # the suite's own columns
     display: Sequence[Column] = ()
     label: str = "impl"  # the field naming what is measured (impl, method, ...)
-    baseline: str | None = None  # label value the speedup column is taken against
+    # Label value the speedup column is taken against; several: in each group, the first of them it has.
+    baseline: str | tuple[str, ...] | None = None
     primary: str = "median_ms"  # what ranks rows within a group
     higher_is_better: bool = False
     time_unit: str = "ms"

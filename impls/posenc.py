@@ -4,6 +4,7 @@ the posenc suite apply.
     pe = sinusoidal(torch.arange(T), C)                 # (T, C), added to the token embeddings
     cos, sin = rope_angles(torch.arange(T) + offset, D) # (T, D/2) each, float32
     q = apply_rope(q, cos, sin, layout="neox")          # q (..., T, D) rotated pairwise
+    flash.attention(q, k, v, True, rope=Rope("gptj"))   # the same rotation inside the attention kernels
     bias = alibi_bias(H, q_pos, k_pos)                  # (H, Tq, Tk), added to the attention scores
 
 The encodings (`ENCODINGS`, the names GPTConfig.pos_encoding takes):
@@ -59,6 +60,25 @@ class RopeScaling:
             raise ValueError(f"unknown RoPE scaling {self.kind!r}; known: {', '.join(SCALINGS)}")
         if not self.factor >= 1.0:
             raise ValueError(f"a RoPE scaling factor is at least 1, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """RoPE as an attention kernel applies it to the unrotated q and k it is
+    given (impls/attention/flash.py `rope=`): the layout of the pairs, the base
+    of θ_i, a scaling, and the position of the first key: key j sits at
+    offset + j, and query i of Sq against Sk keys at offset + i + Sk − Sq."""
+
+    layout: str = "neox"
+    base: float = ROPE_BASE
+    scaling: RopeScaling | None = None
+    offset: int = 0
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown RoPE layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        if self.offset < 0:
+            raise ValueError(f"a RoPE offset is a position, 0 or more, got {self.offset}")
 
 
 def check_head_dim(head_dim: int) -> None:

@@ -3,6 +3,7 @@ past its training length a model using it still predicts.
 
     genbench posenc --cost                       # GPU: 16 x 4096 tokens, 32 heads of 128, bf16 and fp32, fwd and fwd+bwd
     genbench posenc --cost --offset 0,30000 --dtype bf16
+    genbench posenc --cost --encoding rope+attention --dtype bf16   # RoPE fused into tiled vs compiled RoPE + cuDNN
     genbench posenc --reach --model tiny         # CPU, minutes: one GPT per encoding at L = 64, scored at 64 .. 512
     genbench posenc --reach --model small        # GPU: L = 256, scored at 256 .. 2048
 
@@ -18,11 +19,23 @@ k (B, S, H, D), x (B, S, H·D), after a correctness gate against float64
   decode step far into a sequence). fwd+bwd adds the backward, the rotation
   of dq, dk by −θ: through autograd, except in place, where the kernel
   rotates the gradients in place (what a training step that owns them does).
+- RoPE with attention (`encoding` rope+attention): q and k (B, H, S, D)
+  rotated, then causal attention with v: `compile+sdpa-cudnn` (the compiled
+  RoPE, then SDPA's cuDNN backend; on a CPU unsupported), `compile+tiled`
+  (the compiled RoPE, then tiled, impls/attention/flash.py) and
+  `tiled-fused` (tiled's Triton kernels rotate each q and k tile as they
+  load it, and rotate dq and dk back before storing them: no rotated copy
+  of q and k is ever written). The table's speedup column is against
+  compile+sdpa-cudnn.
 - ALiBi (`encoding` alibi): causal attention with the bias, `sdpa-bias`
   (SDPA with an explicit (H, S, S) float bias, built once outside the timing;
-  `bias_MiB` is its size) and `flex` (FlexAttention's score_mod, no bias
-  tensor); `sdpa` is the same attention without ALiBi (is_causal), the cost
-  the bias adds to.
+  `bias_MiB` is its size), `flex` (FlexAttention's score_mod, no bias
+  tensor) and `tiled` (the slopes applied inside tiled's kernels); `sdpa` is
+  the same attention without ALiBi (is_causal), the cost the bias adds to,
+  and the speedup column's baseline.
+The tiled rows need a GPU; without one they run through Triton's
+interpreter only at the tests' small shapes (INTERPRET_MAX_PAIRS) and are
+`unsupported` otherwise, saying why.
 - Absolute tables (`encoding` sinusoidal or learned): `eager` builds the
   table for the positions and adds it to x, as impls/gpt.py does; sinusoidal
   `cached` adds a table built beforehand.
@@ -31,7 +44,8 @@ or written once (q, k in and out, the cos/sin table when one is read;
 `rope_bytes`, `absolute_bytes`), GBps is bytes_moved over the median time, and
 pct_of_peak is taken against the calibrated copy bandwidth when the row's
 arithmetic intensity is below the ridge point (bench/metrics.py
-roofline_bound; ALiBi rows, attention, against the matmul peak).
+roofline_bound; the attention rows, rope+attention and ALiBi, against the
+matmul peak, their FLOPs attention's, plus RoPE's few per element).
 
 Reach (suite `posenc-reach`). The shared GPT (impls/gpt.py, a preset's
 shape) is trained once per encoding by impls/train.py `train_lm`, with the
@@ -68,7 +82,7 @@ from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from impls import posenc
 from impls.attention import flex, naive
-from impls.attention.naive import Masks
+from impls.attention.naive import NO_MASKS, Masks
 from impls.data import DataConfig, TextData
 from impls.gpt import GPT, GPTConfig
 from impls.precision import Precision
@@ -76,10 +90,19 @@ from impls.train import LMTraining, train_lm, training_precision
 
 MODES = ("fwd", "fwd+bwd")
 ROPE_IMPLS = ("eager", "compile", "triton", "triton-computed", "triton-inplace", "triton-inplace-computed")
-ALIBI_IMPLS = ("sdpa", "sdpa-bias", "flex")
+ROPE_ATTENTION_IMPLS = ("compile+sdpa-cudnn", "compile+tiled", "tiled-fused")
+ALIBI_IMPLS = ("sdpa", "sdpa-bias", "flex", "tiled")
 ABSOLUTE_IMPLS = {"sinusoidal": ("eager", "cached"), "learned": ("eager",)}
-COST_ENCODINGS = ("rope", "alibi", "sinusoidal", "learned")
-BASELINE = "eager"
+COST_ENCODINGS = ("rope", "rope+attention", "alibi", "sinusoidal", "learned")
+ATTENTION_ENCODINGS = ("rope+attention", "alibi")  # rows that time causal attention
+# Each table's speedup is against the first of these it has: eager RoPE, RoPE
+# then cuDNN attention (what tiled-fused is measured against), SDPA without ALiBi.
+BASELINE = ("eager", "compile+sdpa-cudnn", "sdpa")
+# Under Triton's interpreter (CPU) the tiled rows run only up to this many
+# scored (query, key) pairs, B·H·S²: the tests' shapes. The CLI's CPU
+# default (2 x 8 heads x 512²) would keep the interpreter busy for many
+# minutes a row, as it runs every program in Python.
+INTERPRET_MAX_PAIRS = 2**14
 
 
 # -- cost ------------------------------------------------------------------------------------------
@@ -88,8 +111,8 @@ BASELINE = "eager"
 @dataclass(frozen=True)
 class CostConfig:
     impl: str
-    encoding: str  # rope | alibi | sinusoidal | learned
-    layout: str  # neox | gptj for RoPE, "" otherwise
+    encoding: str  # rope | rope+attention | alibi | sinusoidal | learned
+    layout: str  # neox | gptj for RoPE (and rope+attention), "" otherwise
     batch: int
     seq: int
     heads: int
@@ -134,16 +157,18 @@ class CostOptions:
         for layout in self.layouts:
             if layout not in posenc.LAYOUTS:
                 raise BadInput(f"unknown --layout {layout!r}; known: {', '.join(posenc.LAYOUTS)}")
-        known = sorted(set(ROPE_IMPLS) | set(ALIBI_IMPLS) | {i for v in ABSOLUTE_IMPLS.values() for i in v})
+        known = sorted(set(ROPE_IMPLS) | set(ROPE_ATTENTION_IMPLS) | set(ALIBI_IMPLS)
+                       | {i for v in ABSOLUTE_IMPLS.values() for i in v})
         for impl in self.impls:
             if impl not in known:
                 raise BadInput(f"unknown --impl {impl!r}; known: {', '.join(known)}")
-        if "rope" in self.encodings and self.head_dim % 2:
+        if {"rope", "rope+attention"} & set(self.encodings) and self.head_dim % 2:
             raise BadInput(f"--head-dim {self.head_dim}: RoPE rotates pairs of dimensions, so the head dim must "
-                           "be even (or leave rope out with --encoding)")
+                           "be even (or leave rope and rope+attention out with --encoding)")
 
     def _impls(self, encoding: str) -> tuple[str, ...]:
-        own = {"rope": ROPE_IMPLS, "alibi": ALIBI_IMPLS}.get(encoding) or ABSOLUTE_IMPLS[encoding]
+        own = ({"rope": ROPE_IMPLS, "rope+attention": ROPE_ATTENTION_IMPLS, "alibi": ALIBI_IMPLS}.get(encoding)
+               or ABSOLUTE_IMPLS[encoding])
         return tuple(i for i in own if not self.impls or i in self.impls)
 
     def configs(self) -> list[CostConfig]:
@@ -152,8 +177,9 @@ class CostOptions:
             for mode in self.modes:
                 for seq in self.seqs:
                     for encoding in self.encodings:
-                        layouts = self.layouts if encoding == "rope" else ("",)
-                        offsets = self.offsets if encoding == "rope" else (0,)
+                        rope = encoding.startswith("rope")
+                        layouts = self.layouts if rope else ("",)
+                        offsets = self.offsets if rope else (0,)
                         for layout in layouts:
                             for offset in offsets:
                                 out += [CostConfig(impl, encoding, layout, self.batch, seq, self.heads, self.head_dim,
@@ -305,6 +331,98 @@ def _rope_kernel_name(cfg: CostConfig, computed: bool, inplace: bool) -> str:
             f"{'in place' if inplace else 'out of place'}")
 
 
+def _tiled_why_not(q, k, v, masks: Masks = NO_MASKS, rope: posenc.Rope | None = None) -> str | None:
+    """None if tiled (impls/attention/flash.py) runs causal attention of these inputs here, else why not."""
+    from impls.attention import flash  # imports Triton: only the tiled rows need it
+
+    reason = flash.supported(q, k, v, True, masks, rope=rope)
+    B, H, S, _ = q.shape
+    if reason is None and flash.ft.INTERPRET and B * H * S * S > INTERPRET_MAX_PAIRS:
+        reason = (f"no GPU: Triton's interpreter runs the tiled rows only up to {INTERPRET_MAX_PAIRS} scored "
+                  f"pairs B·H·S², this shape has {B * H * S * S}")
+    return reason
+
+
+def _mismatch(values: dict, cfg: CostConfig) -> tuple[Measurement, float, float]:
+    err, dtype = values["rel_err"], DTYPES[cfg.dtype]
+    return Measurement(values, status="mismatch", reason=f"rel_err {err:.2e} above the {cfg.dtype} tolerance "
+                       f"{correctness.TOLERANCE[dtype]:.0e}"), 0, 0
+
+
+def _rope_attention_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, float]:
+    """RoPE applied to q and k, then causal attention: rotated first by the
+    compiled RoPE (then cuDNN's or tiled's attention), or inside tiled's
+    kernels as they load q and k (tiled-fused)."""
+    from impls.attention import flash, sdpa  # flash imports Triton: only these rows need it
+
+    device, dtype = ctx.device, DTYPES[cfg.dtype]
+    B, S, H, D = cfg.batch, cfg.seq, cfg.heads, cfg.head_dim
+    backward = cfg.mode == "fwd+bwd"
+    q, k, v, dout = _inputs((B, H, S, D), dtype, device, ctx.seed, 4)
+    rope = posenc.Rope(cfg.layout, offset=cfg.offset)
+    pos = torch.arange(S, device=device) + cfg.offset
+    cos, sin = posenc.rope_angles(pos, D)  # (S, D/2) float32, the compiled rows' table
+    ran = flash.Kernels()
+    if cfg.impl == "compile+sdpa-cudnn":
+        reason = sdpa.why_not(q, k, v, True, "cudnn")
+    else:
+        reason = _tiled_why_not(q, k, v, rope=rope if cfg.impl == "tiled-fused" else None)
+    if reason is None and cfg.impl.startswith("compile"):
+        reason = _compile_why_not(device)
+    if reason:
+        raise Unsupported(reason)
+
+    if cfg.impl == "tiled-fused":
+        def attend(a, b, c):
+            return flash.attention(a, b, c, True, rope=rope, kernels=ran)
+    else:
+        rotate = _compiled_rope()
+
+        def attend(a, b, c):
+            a, b = rotate(a, b, cos, sin, cfg.layout)
+            if cfg.impl == "compile+sdpa-cudnn":
+                return sdpa.attention(a, b, c, True, backend="cudnn")
+            return flash.attention(a, b, c, True, kernels=ran)
+
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v)
+    # The reference: q and k rotated in float64, attention in float64; the
+    # gradients w.r.t. the rotated q and k rotated back by −θ (R(θ)^T = R(−θ)).
+    c64, s64 = posenc.rope_angles(pos, D, dtype=torch.float64)
+    qr, kr = (posenc.apply_rope(t.detach().double(), c64, s64, cfg.layout) for t in (q, k))
+    ref_out, ref_grads = naive.reference(qr, kr, v.detach(), True, dout if backward else None)
+    del qr, kr
+    got, want = [out], [ref_out]
+    if backward:
+        got += torch.autograd.grad(out, (q, k, v), dout)
+        dq, dk, dv = ref_grads
+        want += [posenc.apply_rope(dq, c64, -s64, cfg.layout), posenc.apply_rope(dk, c64, -s64, cfg.layout), dv]
+    values = {"rel_err": correctness.max_rel_err(got, want)}
+    del out, got, want, ref_out, ref_grads
+    if cfg.impl == "compile+sdpa-cudnn":
+        values["kernel"] = f"torch.compile RoPE {cfg.layout}, then sdpa cudnn"
+    elif cfg.impl == "compile+tiled":
+        values["kernel"] = f"torch.compile RoPE {cfg.layout}, then tiled: {ran}"
+    else:
+        values["kernel"] = f"RoPE {cfg.layout} in tiled's loads: {ran}"
+    if not correctness.passes(values["rel_err"], dtype):
+        return _mismatch(values, cfg)
+    if backward:
+        def step():
+            return torch.autograd.grad(attend(q, k, v), (q, k, v), dout)
+    else:
+        def step():
+            with torch.no_grad():
+                return attend(q, k, v)
+    stats = ctx.time(step)
+    flops = metrics.attention_flops(B, H, S, S, D, True, cfg.mode) + rope_flops(B, S, H, H, D, cfg.mode)
+    # The least the whole must move is attention's: q, k, v read and the output written (with
+    # the backward, dO read and the gradients written), RoPE's table aside.
+    nbytes = metrics.attention_bytes(B, H, H, S, S, D, dtype.itemsize, cfg.mode)
+    return Measurement(values, stats=stats), flops, nbytes
+
+
 def _alibi_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, float]:
     device, dtype = ctx.device, DTYPES[cfg.dtype]
     B, S, H, D = cfg.batch, cfg.seq, cfg.heads, cfg.head_dim
@@ -314,6 +432,7 @@ def _alibi_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, float
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     masks = Masks(alibi=cfg.impl != "sdpa")
     values = {}
+    ran = None
     if cfg.impl == "flex":
         reason = flex.why_not(q, k, v, True, masks)
         if reason:
@@ -322,6 +441,16 @@ def _alibi_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, float
 
         def attend():
             return flex.attention(q, k, v, True, masks=masks)
+    elif cfg.impl == "tiled":
+        from impls.attention import flash  # imports Triton: only the tiled rows need it
+
+        reason = _tiled_why_not(q, k, v, masks)
+        if reason:
+            raise Unsupported(reason)
+        ran = flash.Kernels()
+
+        def attend():
+            return flash.attention(q, k, v, True, masks=masks, kernels=ran)
     elif cfg.impl == "sdpa-bias":
         bias = naive.bias(S, S, True, masks, naive.alibi_slopes(H), dtype, device)  # (H, S, S), -inf above the diagonal
         values["bias_MiB"] = bias.numel() * bias.element_size() / 2**20
@@ -344,6 +473,8 @@ def _alibi_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, float
         want += ref_grads
     values["rel_err"] = correctness.max_rel_err(got, want)
     del out, got, want, ref_out, ref_grads
+    if ran is not None:
+        values["kernel"] = f"slopes in the kernel: {ran}"
     if not correctness.passes(values["rel_err"], dtype):
         return Measurement(values, status="mismatch", reason=f"rel_err {values['rel_err']:.2e} above the "
                            f"{cfg.dtype} tolerance {correctness.TOLERANCE[dtype]:.0e}"), 0, 0
@@ -419,13 +550,15 @@ def _absolute_row(cfg: CostConfig, ctx: Context) -> tuple[Measurement, float, fl
 
 
 def run_cost(cfg: CostConfig, ctx: Context) -> Measurement:
-    row = {"rope": _rope_row, "alibi": _alibi_row}.get(cfg.encoding, _absolute_row)
-    if cfg.impl == "compile":
+    row = {"rope": _rope_row, "rope+attention": _rope_attention_row, "alibi": _alibi_row}.get(cfg.encoding,
+                                                                                              _absolute_row)
+    compiled = cfg.impl.startswith("compile")
+    if compiled:
         torch.compiler.reset()  # a fresh compilation per row, done in the gate and the warm-up
     try:
         m, flops, nbytes = row(cfg, ctx)
     finally:
-        if cfg.impl == "compile":
+        if compiled:
             torch.compiler.reset()
     if m.status != "ok":
         return m
@@ -435,7 +568,7 @@ def run_cost(cfg: CostConfig, ctx: Context) -> Measurement:
     matmul = calibrate.matmul_key(dtype)
     peaks = ctx.peaks
     bound = metrics.roofline_bound(flops, nbytes, peaks and peaks.get(matmul), peaks and peaks.get("copy_GBps"))
-    if bound is None and cfg.encoding != "alibi":
+    if bound is None and cfg.encoding not in ATTENTION_ENCODINGS:
         # Without a matmul peak to place the ridge: RoPE and the tables do under one FLOP per byte,
         # below any GPU's or CPU's ridge point, so the copy bandwidth is their ceiling all the same.
         bound = "memory"

@@ -15,6 +15,9 @@ and the choice of the kernels behind it.
                           max_seqlen_q=longest, max_seqlen_k=longest)  # q, k, v (total, H, D)
     out = flash.attention(q, k_cache, v_cache, causal=True, block_table=table, cache_seqlens=lengths)
 
+    # RoPE inside the kernels: q and k given unrotated, each tile rotated as it is loaded.
+    out = flash.attention(q, k, v, causal=True, rope=posenc.Rope("neox", offset=30_000))
+
 The kernels live in flash_triton.py (Triton language: forward, delta, dK/dV
 and dQ, on any CUDA GPU and, without one, in Triton's interpreter) and
 flash_gluon.py (Gluon, warp-specialized for Hopper: forward, dK/dV and dQ).
@@ -33,11 +36,12 @@ This module decides, per call, which of them run (`plan`):
 - descriptor (TMA) loads in the Triton kernels only when asked for
   (`use_tma=True`) and where they can run;
 - Triton's kernels whenever the input needs what the Gluon kernels lack:
-  q_len != kv_len, a mask (window, soft-capping, ALiBi), varlen;
+  q_len != kv_len, a mask (window, soft-capping, ALiBi), varlen, RoPE;
 - flash_triton's split-KV decode kernel (Flash-Decoding) for a few queries
   (q_len <= ft.DECODE_MAX_Q) against a longer cache when no gradient is
   needed, and always for a paged cache. It has no backward: an input that
-  needs one runs the prefill kernels (a paged cache cannot, and is refused).
+  needs one runs the prefill kernels (a paged cache cannot, and is refused);
+  so does RoPE (`rope=`), which only the prefill kernels apply.
 
 Varlen inputs are packed as flash-attn's are: q (total_q, H, D), k and v
 (total_k, Hkv, D), sequence b's rows cu_seqlens[b] .. cu_seqlens[b + 1]
@@ -63,6 +67,7 @@ from dataclasses import dataclass
 
 import torch
 
+from impls import posenc
 from impls.attention import flash_triton as ft
 from impls.attention import gluon_check, naive
 from impls.attention.naive import NO_MASKS, Masks
@@ -136,7 +141,8 @@ def loaded_gluon():
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, masks: Masks = NO_MASKS, *,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-              block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> str | None:
+              block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+              rope: posenc.Rope | None = None) -> str | None:
     """None if `attention` can run on these inputs here, else a short reason.
 
     The keyword arguments are attention()'s: a varlen batch (cu_seqlens_q/k,
@@ -166,7 +172,18 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         reason = _dense_reason(q, k, v, causal, cache_seqlens)
     if reason is None and any(t.stride(-1) != 1 for t in (q, k, v)):
         reason = "the head dim must be contiguous (stride 1)"
+    if reason is None and rope is not None:
+        reason = _rope_reason(q, cu_seqlens_q is not None, block_table is not None or cache_seqlens is not None)
     return reason
+
+
+def _rope_reason(q, varlen: bool, cache: bool) -> str | None:
+    if varlen or cache:
+        return "RoPE inside the kernels takes dense (B, H, S, D) inputs: no varlen batch, no KV cache"
+    if q.shape[-1] < 32:
+        # Each half of the rotated pairs is a tl.dot operand, which needs 16 columns at the least.
+        return f"RoPE inside the kernels needs a head dim of 32 or more, got {q.shape[-1]}"
+    return None
 
 
 def _masks_reason(masks: Masks, causal: bool) -> str | None:
@@ -320,7 +337,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
     features are the kernels' masks and varlen arguments (`_features`);
     decode: whether the split-KV decode kernel runs (`uses_decode`).
     """
-    plain = not masks and not features.varlen and not decode
+    plain = not masks and not features.varlen and not features.rope and not decode
     # Imports flash_gluon where it may run, before its tuners are seeded.
     use_gluon, note = _gluon_choice(q, k, v, gluon) if plain else (False, "")
     return Plan(
@@ -355,9 +372,33 @@ def uses_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool 
 _SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(rope: posenc.Rope, positions: int, head_dim: int, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of p·θ_i, (P, D/2) each for P >= `positions`, in the inputs' dtype: made once (the
+    angles in float64, impls/posenc.py rope_angles) and grown to the next power of two when a call needs more.
+
+    In the inputs' dtype rather than float32: the forward reads the table
+    once per key tile, so 16-bit entries halve what that costs, and
+    posenc.apply_rope rounds cos and sin to x's dtype as well."""
+    key = (head_dim, rope.base, rope.scaling, dtype, device)
+    table = _ROPE_TABLES.get(key)
+    if table is None or table[0].shape[0] < positions:
+        P = 1 << max(0, positions - 1).bit_length()
+        cos, sin = posenc.rope_angles(torch.arange(P, device=device), head_dim, rope.base, rope.scaling, dtype)
+        table = _ROPE_TABLES[key] = (cos.contiguous(), sin.contiguous())
+    return table
+
+
 def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-              max_seqlen_k=None) -> ft.Features:
-    """The kernels' optional arguments for these masks and varlen offsets (ALiBi's slopes made once per head count)."""
+              max_seqlen_k=None, rope: posenc.Rope | None = None, kv_len: int = 0) -> ft.Features:
+    """The kernels' optional arguments for these masks, varlen offsets and RoPE (ALiBi's slopes made once
+    per head count, RoPE's table once per head dim and dtype)."""
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope_table(rope, rope.offset + kv_len, q.shape[-1], q.dtype, q.device)
     slopes = None
     if masks.alibi:
         H = q.shape[-2] if cu_seqlens_q is not None else q.shape[1]
@@ -367,7 +408,9 @@ def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=Non
         slopes = _SLOPES[key]
     return ft.Features(window=masks.window, softcap=masks.softcap, slopes=slopes,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                       max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0))
+                       max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0),
+                       rope_cos=cos, rope_sin=sin, rope_offset=rope.offset if rope else 0,
+                       rope_gptj=rope is not None and rope.layout == "gptj")
 
 
 def _tma(use_tma: bool) -> str:
@@ -457,7 +500,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
               decode: bool | None = None, num_splits: int | None = None,
               use_tma: bool = PREFER_TMA, gluon: bool | None = None,
-              gluon_dq: bool = True, concurrent_dq: bool = True, kernels: Kernels | None = None) -> torch.Tensor:
+              gluon_dq: bool = True, concurrent_dq: bool = True, kernels: Kernels | None = None,
+              rope: posenc.Rope | None = None) -> torch.Tensor:
     """softmax(q k^T * scale (+ masks)) v for q (B, H, Sq, D), k and v (B, Hkv, Sk, D).
 
     Returns (B, H, Sq, D) in q's dtype and layout; differentiable in q, k, v
@@ -472,13 +516,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     they can run and are the faster ones, True wherever they can run, False
     never; gluon_dq and concurrent_dq: see the module docstring. kernels, if
     given, is filled with what ran (the backward's entries once it has run).
+    rope: q and k are given unrotated and RoPE (posenc.Rope) is applied to
+    them inside the Triton prefill kernels, as each tile is loaded; the
+    gradients are w.r.t. the unrotated q and k.
     """
     reason = supported(q, k, v, causal, masks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
-                       cache_seqlens=cache_seqlens)
+                       cache_seqlens=cache_seqlens, rope=rope)
     varlen = cu_seqlens_q is not None
-    run_decode = reason is None and uses_decode(q, k, v, decode, paged=block_table is not None, varlen=varlen,
-                             cache_seqlens=cache_seqlens)
+    run_decode = reason is None and uses_decode(q, k, v, False if rope else decode, paged=block_table is not None,
+                                                varlen=varlen, cache_seqlens=cache_seqlens)
     if reason is None and run_decode and varlen:
         reason = "the decode kernel takes no varlen batch (give each sequence's cache length as cache_seqlens)"
     if reason is None and run_decode and _needs_grad(q, k, v):
@@ -486,7 +533,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   "torch.no_grad(), or pass decode=False for the kernels with a backward")
     if reason is not None:
         raise ValueError(f"flash attention cannot run this input: {reason}")
-    features = _features(q, masks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    features = _features(q, masks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope,
+                         k.shape[-2] if rope else 0)
     if varlen:
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (total, H, D) -> (1, H, total, D) views
     p = plan(q, k, v, causal, scale, use_tma=use_tma, gluon=gluon, gluon_dq=gluon_dq, concurrent_dq=concurrent_dq,

@@ -43,6 +43,15 @@ causal diagonal and the tail. Varlen: sequences packed along the sequence
 axis of batch-1 tensors, cu_seqlens giving each one's rows; programs past a
 sequence's length return at once.
 
+RoPE (`Features.rope_cos`, ROPE constexpr): q and k arrive unrotated, and
+each tile is rotated as it is loaded, its pairs' two members read by
+pointer as two (rows, D/2) halves, cos and sin from a (positions, D/2)
+table (built once in float64, so exact at any offset; computing them would
+put two MUFU ops per element beside the softmax's exp2, on the same unit).
+The halves go to tl.dot as they are (q·k = q1·k1 + q2·k2), so nothing is
+interleaved back; dQ and dK, taken w.r.t. the rotated q and k, are rotated
+by −θ before they are stored. With ROPE off the kernels compile as before.
+
 `decode` is Flash-Decoding (Dao, Haziza, Massa, Sizov 2023): for a few
 queries against a long cache the keys are split across programs, each
 writing a partial output and its log-sum-exp, which a second kernel merges.
@@ -214,7 +223,7 @@ _prune_dq = _prune(lambda kw: 2 * kw["BLOCK_M"], lambda kw: 2 * kw["BLOCK_N"], l
 _AUTOTUNE_KEY = ["S_BUCKET", "HEAD_DIM", "CAUSAL", "USE_TMA", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN"]
 # (the autotuner adds the tensors' dtypes)
 _AUTOTUNE_DISK = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_SCALARS = ["H", "GROUP", "SQ", "SK", "S_BUCKET", "window"]  # one compiled kernel serves every value
+_SCALARS = ["H", "GROUP", "SQ", "SK", "S_BUCKET", "window", "rope_offset"]  # one compiled kernel serves every value
 
 # Kernels
 # --------------------------------------------------------------------------
@@ -272,6 +281,70 @@ def _store_rows(base, tile, row0, S, stride_s, ROWS: tl.constexpr, HEAD_DIM: tl.
     cols = tl.arange(0, D_PAD)
     ptrs = base + rows[:, None] * stride_s + cols[None, :]
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < S) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _pair_cols(HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GPTJ: tl.constexpr):
+    """(i, c1, c2): pair i of RoPE's rotation joins columns c1[i] and c2[i], i < HEAD_DIM / 2
+    (i padded to D_PAD / 2): gptj pairs (2i, 2i + 1), neox (i, i + HEAD_DIM / 2)."""
+    i = tl.arange(0, D_PAD // 2)
+    if GPTJ:
+        c1 = 2 * i
+        c2 = 2 * i + 1
+    else:
+        c1 = i
+        c2 = i + HEAD_DIM // 2
+    return i, c1, c2
+
+
+@triton.jit
+def _rope_rows(base, row0, S, stride_s, pos0, COS, SIN, sign, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D_PAD: tl.constexpr, BOUNDS: tl.constexpr, GPTJ: tl.constexpr):
+    """Rows row0 .. row0 + ROWS of one head's (S, HEAD_DIM) matrix rotated by RoPE, as the pairs'
+    two members: (y1, y2), each (ROWS, D_PAD / 2) in the matrix's dtype, row r at position pos0 + r.
+
+    y1 = x1 cos − x2 sin, y2 = x2 cos + x1 sin, in fp32, with sin times `sign`
+    (−1: the inverse rotation). cos and sin come from the (positions, HEAD_DIM / 2)
+    tables COS and SIN. Rows past S and padded pairs read as 0. A dot product
+    over the head dim is the sum of the two halves' (q·k = q1·k1 + q2·k2 for any
+    split of the dimensions), so the halves go to tl.dot as they are and are
+    never interleaved back.
+    """
+    i, c1, c2 = _pair_cols(HEAD_DIM, D_PAD, GPTJ)
+    rows = row0 + tl.arange(0, ROWS)
+    ptrs = base + rows[:, None] * stride_s
+    tab = (pos0 + rows).to(tl.int64)[:, None] * (HEAD_DIM // 2) + i[None, :]
+    if BOUNDS or HEAD_DIM != D_PAD:
+        inside = (rows[:, None] < S) & (i[None, :] < HEAD_DIM // 2)
+        x1 = tl.load(ptrs + c1[None, :], mask=inside, other=0.0)
+        x2 = tl.load(ptrs + c2[None, :], mask=inside, other=0.0)
+        cos = tl.load(COS + tab, mask=inside, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + tab, mask=inside, other=0.0).to(tl.float32) * sign
+    else:
+        x1 = tl.load(ptrs + c1[None, :])
+        x2 = tl.load(ptrs + c2[None, :])
+        cos = tl.load(COS + tab).to(tl.float32)
+        sin = tl.load(SIN + tab).to(tl.float32) * sign
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+
+
+@triton.jit
+def _store_rope_rows(base, y1, y2, row0, S, stride_s, pos0, COS, SIN, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     D_PAD: tl.constexpr, GPTJ: tl.constexpr):
+    """Store the pairs (y1, y2) of rows row0 .. (fp32, (ROWS, D_PAD / 2) each) rotated back
+    by −θ (row r at position pos0 + r): a gradient w.r.t. rotated rows becomes one w.r.t.
+    the rows before rotation, as R(θ)^T = R(−θ)."""
+    i, c1, c2 = _pair_cols(HEAD_DIM, D_PAD, GPTJ)
+    rows = row0 + tl.arange(0, ROWS)
+    inside = (rows[:, None] < S) & (i[None, :] < HEAD_DIM // 2)
+    tab = (pos0 + rows).to(tl.int64)[:, None] * (HEAD_DIM // 2) + i[None, :]
+    cos = tl.load(COS + tab, mask=inside, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + tab, mask=inside, other=0.0).to(tl.float32)
+    ptrs = base + rows[:, None] * stride_s
+    tl.store(ptrs + c1[None, :], (y1 * cos + y2 * sin).to(base.dtype.element_ty), mask=inside)
+    tl.store(ptrs + c2[None, :], (y2 * cos - y1 * sin).to(base.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -379,7 +452,8 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
                  CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
                  WARP_SPEC: tl.constexpr = False, qoff=0, window=0, cap_in=1.0, cap_out=1.0, slope2=0.0,
                  WINDOW_MASK: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
-                 GUARD: tl.constexpr = False):
+                 GUARD: tl.constexpr = False, q2=0.0, kpos0=0, COS=0, SIN=0, ROPE: tl.constexpr = False,
+                 GPTJ: tl.constexpr = False):
     """Online softmax over key blocks lo .. hi for one resident Q block.
 
     acc (BLOCK_M, D_PAD) is the unnormalised output, m_i the running row max of
@@ -391,11 +465,18 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
     p is 0), for bands where such rows exist (the window's edge, varlen).
     WARP_SPEC asks Triton to split the loop into producer and consumer warps
     (its automatic warp specialization; on Hopper only with TMA loads).
+    ROPE: q and q2 are the resident block's rotated pair halves (_rope_rows),
+    and each key block is rotated as it is loaded, key j at position kpos0 + j.
     """
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
-        qk = _dot(q, tl.trans(k), None)  # (BLOCK_M, BLOCK_N), fp32
+        if ROPE:
+            k, k2 = _rope_rows(k_src, start_n, S, stride_ks, kpos0, COS, SIN, 1.0, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS,
+                               GPTJ)  # (BLOCK_N, D_PAD / 2) each
+            qk = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None))
+        else:
+            k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
+            qk = _dot(q, tl.trans(k), None)  # (BLOCK_M, BLOCK_N), fp32
         if CAUSAL_MASK or BOUNDS or WINDOW_MASK or SOFTCAP or ALIBI:
             cols = start_n + tl.arange(0, BLOCK_N)
             qpos = rows[:, None] + qoff
@@ -425,21 +506,25 @@ def _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, S, rows, 
 @triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, SLOPES, CU_Q, CU_K,
+def _fwd_kernel(Q, K, V, O, LSE, SLOPES, CU_Q, CU_K, COS, SIN,
                 stride_qb, stride_qh, stride_qs,
                 stride_kb, stride_kh, stride_ks,
                 stride_vb, stride_vh, stride_vs,
                 stride_ob, stride_oh, stride_os,
                 stride_lb, stride_lh,
-                H, GROUP, SQ, SK, S_BUCKET, qk_scale, window, cap_in, cap_out,
+                H, GROUP, SQ, SK, S_BUCKET, qk_scale, window, cap_in, cap_out, rope_offset,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                ROPE: tl.constexpr, GPTJ: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     # grid: (cdiv(SQ, BLOCK_M), B * H); one program owns query rows start_m .. start_m + BLOCK_M of one head.
     # Query row r sits at key position r + SK - SQ (bottom-right aligned). With
     # VARLEN, B counts the sequences, SQ and SK are the longest ones, and each
-    # sequence's rows start at cu_seqlens[b] in tensors of batch 1.
+    # sequence's rows start at cu_seqlens[b] in tensors of batch 1. With ROPE,
+    # q and k arrive unrotated and each tile is rotated as it is loaded, key j
+    # at position rope_offset + j (query r at rope_offset + r + SK - SQ).
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal starts on a K block boundary
+    tl.static_assert(not (ROPE and USE_TMA))  # the rotation reads pairs by pointer
     bh = tl.program_id(1)
     b = bh // H
     h = (bh % H).to(tl.int64)
@@ -467,7 +552,12 @@ def _fwd_kernel(Q, K, V, O, LSE, SLOPES, CU_Q, CU_K,
     q_src = _make_desc(q_base, SQ, stride_qs, BLOCK_M, D_PAD, USE_TMA)
 
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_src, start_m, SQ, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, True, USE_TMA)  # (BLOCK_M, D_PAD)
+    if ROPE:
+        q, q2 = _rope_rows(q_base, start_m, SQ, stride_qs, rope_offset + OFF, COS, SIN, 1.0, BLOCK_M, HEAD_DIM, D_PAD,
+                           True, GPTJ)  # (BLOCK_M, D_PAD / 2) each
+    else:
+        q = _load_rows(q_src, start_m, SQ, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, True, USE_TMA)  # (BLOCK_M, D_PAD)
+        q2 = 0.0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -479,19 +569,22 @@ def _fwd_kernel(Q, K, V, O, LSE, SLOPES, CU_Q, CU_K,
         acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, SK, rows,
                                      lo, full_lo, qk_scale,
                                      BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA, False,
-                                     OFF, window, cap_in, cap_out, slope2, True, SOFTCAP, ALIBI, True)
+                                     OFF, window, cap_in, cap_out, slope2, True, SOFTCAP, ALIBI, True,
+                                     q2, rope_offset, COS, SIN, ROPE, GPTJ)
     # Key blocks every row sees whole.
     acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, SK, rows,
                                  full_lo, full_hi, qk_scale,
                                  BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA, WARP_SPEC,
-                                 OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI, False)
+                                 OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI, False,
+                                 q2, rope_offset, COS, SIN, ROPE, GPTJ)
     # The causal diagonal band and the sequence tail. Without a window or
     # varlen, every row sees a key left of the band or the band's first key,
     # so no row's max stays -inf.
     acc, m_i, l_i = _fwd_kv_loop(acc, m_i, l_i, q, k_src, v_src, stride_ks, stride_vs, SK, rows,
                                  full_hi, hi, qk_scale,
                                  BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA, False,
-                                 OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI, WINDOW or VARLEN)
+                                 OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI, WINDOW or VARLEN,
+                                 q2, rope_offset, COS, SIN, ROPE, GPTJ)
 
     if WINDOW or VARLEN:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key (varlen causal, kv shorter) is 0
@@ -525,7 +618,8 @@ def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, str
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
                  qoff=0, SK=0, window=0, cap_in=1.0, cap_out=1.0, slope2=0.0,
-                 WINDOW_MASK: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                 WINDOW_MASK: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                 k2=0.0, dk2=0.0, qpos0=0, COS=0, SIN=0, ROPE: tl.constexpr = False, GPTJ: tl.constexpr = False):
     """Accumulate dK, dV of one resident K/V block (rows `cols`) over query blocks lo .. hi.
 
     Works on transposed tiles (keys down, queries across) so that both
@@ -534,16 +628,26 @@ def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, str
     past S read as q = dO = 0 with lse = delta = 0, which makes their dS and
     dO rows zero: they add nothing (with ALiBi their P is zeroed too, as
     exp2 of the bias alone could overflow).
+    ROPE: k, k2 and dk, dk2 are the resident block's rotated pair halves and
+    their gradients; each query block is rotated as it is loaded, query row r
+    at position qpos0 + r.
     """
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_src, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_M, D_PAD)
+        if ROPE:
+            q, q2 = _rope_rows(q_src, start_m, S, stride_qs, qpos0, COS, SIN, 1.0, BLOCK_M, HEAD_DIM, D_PAD, BOUNDS,
+                               GPTJ)  # (BLOCK_M, D_PAD / 2) each
+        else:
+            q = _load_rows(q_src, start_m, S, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_M, D_PAD)
         if BOUNDS:
             lse = tl.load(lse_ptr + rows, mask=rows < S, other=0.0)
         else:
             lse = tl.load(lse_ptr + rows)
-        qkT = _dot(k, tl.trans(q), None)  # (BLOCK_N, BLOCK_M)
+        if ROPE:
+            qkT = _dot(k2, tl.trans(q2), _dot(k, tl.trans(q), None))
+        else:
+            qkT = _dot(k, tl.trans(q), None)  # (BLOCK_N, BLOCK_M)
         if SOFTCAP or ALIBI:
             qpos = rows[None, :] + qoff
             sT, tT = _logits(qkT, qpos, cols[:, None], qk_scale, cap_in, cap_out, slope2, SOFTCAP, ALIBI)
@@ -565,13 +669,15 @@ def _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, str
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)  # d(X tanh(x / X)) / dx
         dk = _dot(dsT.to(q.dtype), q, dk)  # dK += dS^T Q (the softmax scale is applied once at the end)
-    return dk, dv
+        if ROPE:
+            dk2 = _dot(dsT.to(q2.dtype), q2, dk2)
+    return dk, dv, dk2
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K, COS, SIN,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
@@ -579,13 +685,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K,
                      stride_dkb, stride_dkh, stride_dks,
                      stride_dvb, stride_dvh, stride_dvs,
                      stride_lb, stride_lh,
-                     H, GROUP, SQ, SK, S_BUCKET, qk_scale, sm_scale, window, cap_in, cap_out,
+                     H, GROUP, SQ, SK, S_BUCKET, qk_scale, sm_scale, window, cap_in, cap_out, rope_offset,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                     ROPE: tl.constexpr, GPTJ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid: (cdiv(SK, BLOCK_N), B * Hkv); one program owns key rows start_n .. start_n + BLOCK_N of one kv
-    # head and sums over the GROUP query heads that share it (no atomics needed).
+    # head and sums over the GROUP query heads that share it (no atomics needed). With ROPE the
+    # gradients are taken w.r.t. the rotated k, and dK is rotated back before it is stored.
     tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the causal diagonal ends on a Q block boundary
+    tl.static_assert(not (ROPE and USE_TMA))
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     Hkv = H // GROUP
@@ -598,12 +707,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K,
     b = b.to(tl.int64)
     OFF = SK - SQ
 
-    k = _load_rows(K + b * stride_kb + hk * stride_kh + k0 * stride_ks, start_n, SK, stride_ks,
-                   BLOCK_N, HEAD_DIM, D_PAD, True, False)
+    k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_ks
+    if ROPE:
+        k, k2 = _rope_rows(k_base, start_n, SK, stride_ks, rope_offset, COS, SIN, 1.0, BLOCK_N, HEAD_DIM, D_PAD,
+                           True, GPTJ)  # (BLOCK_N, D_PAD / 2) each
+        dk = tl.zeros([BLOCK_N, D_PAD // 2], tl.float32)
+        dk2 = tl.zeros([BLOCK_N, D_PAD // 2], tl.float32)
+    else:
+        k = _load_rows(k_base, start_n, SK, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, True, False)
+        k2 = 0.0
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dk2 = 0.0
     v = _load_rows(V + b * stride_vb + hk * stride_vh + k0 * stride_vs, start_n, SK, stride_vs,
                    BLOCK_N, HEAD_DIM, D_PAD, True, False)
     cols = start_n + tl.arange(0, BLOCK_N)
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     lo, full_lo, full_hi, hi = _query_range(start_n, start_n + BLOCK_N - 1, OFF, SQ, window, CAUSAL, WINDOW, BLOCK_M)
 
@@ -620,23 +737,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K,
         delta_ptr = DELTA + b * stride_lb + h * stride_lh + q0
         # Query blocks crossing the causal diagonal (and the window's far edge): masked.
         # Rows above them see none of these keys and are skipped.
-        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ, cols,
-                              lo, full_lo, qk_scale,
-                              BLOCK_M, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
-                              OFF, SK, window, cap_in, cap_out, slope2, WINDOW, SOFTCAP, ALIBI)
+        dk, dv, dk2 = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ,
+                                   cols, lo, full_lo, qk_scale,
+                                   BLOCK_M, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
+                                   OFF, SK, window, cap_in, cap_out, slope2, WINDOW, SOFTCAP, ALIBI,
+                                   k2, dk2, rope_offset + OFF, COS, SIN, ROPE, GPTJ)
         # Whole query blocks that see every key of the block: no mask.
-        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ, cols,
-                              full_lo, full_hi, qk_scale,
-                              BLOCK_M, HEAD_DIM, D_PAD, False, False, USE_TMA,
-                              OFF, SK, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI)
+        dk, dv, dk2 = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ,
+                                   cols, full_lo, full_hi, qk_scale,
+                                   BLOCK_M, HEAD_DIM, D_PAD, False, False, USE_TMA,
+                                   OFF, SK, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI,
+                                   k2, dk2, rope_offset + OFF, COS, SIN, ROPE, GPTJ)
         # The window's leading edge, and the last, partial query block.
-        dk, dv = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ, cols,
-                              full_hi, hi, qk_scale,
-                              BLOCK_M, HEAD_DIM, D_PAD, False, True, USE_TMA,
-                              OFF, SK, window, cap_in, cap_out, slope2, WINDOW, SOFTCAP, ALIBI)
+        dk, dv, dk2 = _dkdv_q_loop(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qs, stride_ds, SQ,
+                                   cols, full_hi, hi, qk_scale,
+                                   BLOCK_M, HEAD_DIM, D_PAD, False, True, USE_TMA,
+                                   OFF, SK, window, cap_in, cap_out, slope2, WINDOW, SOFTCAP, ALIBI,
+                                   k2, dk2, rope_offset + OFF, COS, SIN, ROPE, GPTJ)
 
-    _store_rows(DK + b * stride_dkb + hk * stride_dkh + k0 * stride_dks, dk * sm_scale, start_n, SK, stride_dks,
-                BLOCK_N, HEAD_DIM, D_PAD)
+    dk_base = DK + b * stride_dkb + hk * stride_dkh + k0 * stride_dks
+    if ROPE:
+        _store_rope_rows(dk_base, dk * sm_scale, dk2 * sm_scale, start_n, SK, stride_dks, rope_offset, COS, SIN,
+                         BLOCK_N, HEAD_DIM, D_PAD, GPTJ)
+    else:
+        _store_rows(dk_base, dk * sm_scale, start_n, SK, stride_dks, BLOCK_N, HEAD_DIM, D_PAD)
     _store_rows(DV + b * stride_dvb + hk * stride_dvh + k0 * stride_dvs, dv, start_n, SK, stride_dvs,
                 BLOCK_N, HEAD_DIM, D_PAD)
 
@@ -646,13 +770,23 @@ def _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, S, ro
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
                 qoff=0, window=0, cap_in=1.0, cap_out=1.0, slope2=0.0,
-                WINDOW_MASK: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
-    """Accumulate dQ of one resident Q block over key blocks lo .. hi (S the key length)."""
+                WINDOW_MASK: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                q2=0.0, dq2=0.0, kpos0=0, COS=0, SIN=0, ROPE: tl.constexpr = False, GPTJ: tl.constexpr = False):
+    """Accumulate dQ of one resident Q block over key blocks lo .. hi (S the key length).
+    ROPE: q, q2 and dq, dq2 are the block's rotated pair halves and their
+    gradients; each key block is rotated as it is loaded, key j at position kpos0 + j."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
+        if ROPE:
+            k, k2 = _rope_rows(k_src, start_n, S, stride_ks, kpos0, COS, SIN, 1.0, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS,
+                               GPTJ)  # (BLOCK_N, D_PAD / 2) each
+        else:
+            k = _load_rows(k_src, start_n, S, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
         v = _load_rows(v_src, start_n, S, stride_vs, BLOCK_N, HEAD_DIM, D_PAD, BOUNDS, USE_TMA)  # (BLOCK_N, D_PAD)
-        qk = _dot(q, tl.trans(k), None)  # (BLOCK_M, BLOCK_N)
+        if ROPE:
+            qk = _dot(q2, tl.trans(k2), _dot(q, tl.trans(k), None))
+        else:
+            qk = _dot(q, tl.trans(k), None)  # (BLOCK_M, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
         if SOFTCAP or ALIBI:
             s, t = _logits(qk, rows[:, None] + qoff, cols[None, :], qk_scale, cap_in, cap_out, slope2,
@@ -668,25 +802,30 @@ def _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, S, ro
         if SOFTCAP:
             ds = ds * (1.0 - t * t)  # d(X tanh(x / X)) / dx
         dq = _dot(ds.to(k.dtype), k, dq)  # dQ += dS K
-    return dq
+        if ROPE:
+            dq2 = _dot(ds.to(k2.dtype), k2, dq2)
+    return dq, dq2
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=_SCALARS)
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K, COS, SIN,
                    stride_qb, stride_qh, stride_qs,
                    stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs,
                    stride_db, stride_dh, stride_ds,
                    stride_dqb, stride_dqh, stride_dqs,
                    stride_lb, stride_lh,
-                   H, GROUP, SQ, SK, S_BUCKET, qk_scale, sm_scale, window, cap_in, cap_out,
+                   H, GROUP, SQ, SK, S_BUCKET, qk_scale, sm_scale, window, cap_in, cap_out, rope_offset,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                   ROPE: tl.constexpr, GPTJ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid: (cdiv(SQ, BLOCK_M), B * H); one program owns query rows start_m .. start_m + BLOCK_M of one head.
+    # With ROPE, dQ is taken w.r.t. the rotated q and rotated back before it is stored.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    tl.static_assert(not (ROPE and USE_TMA))
     bh = tl.program_id(1)
     b = bh // H
     h = (bh % H).to(tl.int64)
@@ -708,8 +847,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K,
         slope2 = 0.0
 
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + q0 * stride_qs, start_m, SQ, stride_qs,
-                   BLOCK_M, HEAD_DIM, D_PAD, True, False)
+    q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qs
+    if ROPE:
+        q, q2 = _rope_rows(q_base, start_m, SQ, stride_qs, rope_offset + OFF, COS, SIN, 1.0, BLOCK_M, HEAD_DIM, D_PAD,
+                           True, GPTJ)  # (BLOCK_M, D_PAD / 2) each
+        dq = tl.zeros([BLOCK_M, D_PAD // 2], tl.float32)
+        dq2 = tl.zeros([BLOCK_M, D_PAD // 2], tl.float32)
+    else:
+        q = _load_rows(q_base, start_m, SQ, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, True, False)
+        q2 = 0.0
+        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        dq2 = 0.0
     do = _load_rows(DO + b * stride_db + h * stride_dh + q0 * stride_ds, start_m, SQ, stride_ds,
                     BLOCK_M, HEAD_DIM, D_PAD, True, False)
     lse_ptr = LSE + b * stride_lb + h * stride_lh + q0 + rows
@@ -718,26 +866,32 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K,
     delta = tl.load(delta_ptr, mask=rows < SQ, other=0.0)
     k_src = _make_desc(K + b * stride_kb + hk * stride_kh + k0 * stride_ks, SK, stride_ks, BLOCK_N, D_PAD, USE_TMA)
     v_src = _make_desc(V + b * stride_vb + hk * stride_vh + k0 * stride_vs, SK, stride_vs, BLOCK_N, D_PAD, USE_TMA)
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(start_m + OFF, start_m + BLOCK_M - 1 + OFF, 0, SK, window,
                                           CAUSAL, WINDOW, BLOCK_N)
     if WINDOW:
-        dq = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
-                         lo, full_lo, qk_scale,
-                         BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
-                         OFF, window, cap_in, cap_out, slope2, True, SOFTCAP, ALIBI)
-    dq = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
-                     full_lo, full_hi, qk_scale,
-                     BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA,
-                     OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI)
-    dq = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
-                     full_hi, hi, qk_scale,
-                     BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
-                     OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI)
+        dq, dq2 = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
+                              lo, full_lo, qk_scale,
+                              BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
+                              OFF, window, cap_in, cap_out, slope2, True, SOFTCAP, ALIBI,
+                              q2, dq2, rope_offset, COS, SIN, ROPE, GPTJ)
+    dq, dq2 = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
+                          full_lo, full_hi, qk_scale,
+                          BLOCK_N, HEAD_DIM, D_PAD, False, False, USE_TMA,
+                          OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI,
+                          q2, dq2, rope_offset, COS, SIN, ROPE, GPTJ)
+    dq, dq2 = _dq_kv_loop(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, SK, rows,
+                          full_hi, hi, qk_scale,
+                          BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, True, USE_TMA,
+                          OFF, window, cap_in, cap_out, slope2, False, SOFTCAP, ALIBI,
+                          q2, dq2, rope_offset, COS, SIN, ROPE, GPTJ)
 
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqs, dq * sm_scale, start_m, SQ, stride_dqs,
-                BLOCK_M, HEAD_DIM, D_PAD)
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqs
+    if ROPE:
+        _store_rope_rows(dq_base, dq * sm_scale, dq2 * sm_scale, start_m, SQ, stride_dqs, rope_offset + OFF, COS, SIN,
+                         BLOCK_M, HEAD_DIM, D_PAD, GPTJ)
+    else:
+        _store_rows(dq_base, dq * sm_scale, start_m, SQ, stride_dqs, BLOCK_M, HEAD_DIM, D_PAD)
 
 
 # --------------------------------------------------------------------------
@@ -970,6 +1124,11 @@ class Features:
     slope·(j − i)); cu_seqlens_q/k: (n + 1,) int32 offsets of n sequences
     packed along the sequence axis of batch-1 tensors (1, H, total, D), each
     attending only to its own keys, max_seqlen_q/k their longest lengths.
+    RoPE applied to q and k as the kernels load them (not with varlen or
+    descriptor loads): rope_cos and rope_sin the (positions, D/2) tables of
+    cos and sin of p·θ_i, contiguous, on the tensors' device; key j at
+    position rope_offset + j, query row r at rope_offset + r + Sk − Sq;
+    rope_gptj the pairs' layout (2i, 2i + 1), else neox's (i, i + D/2).
     """
 
     window: int | None = None
@@ -979,10 +1138,18 @@ class Features:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
+    rope_offset: int = 0
+    rope_gptj: bool = False
 
     @property
     def varlen(self) -> bool:
         return self.cu_seqlens_q is not None
+
+    @property
+    def rope(self) -> bool:
+        return self.rope_cos is not None
 
 
 PLAIN = Features()
@@ -1020,13 +1187,14 @@ def _launch_args(q, k, causal: bool, scale: float, use_tma: bool, f: Features, b
     if use_tma:
         triton.set_allocator(_scratch)  # this may be autograd's worker thread
     cap = f.softcap or 1.0
+    assert not (f.rope and (use_tma or f.varlen)), "RoPE in the kernels takes dense inputs and pointer loads"
     scalars = (H, H // k.shape[1], SQ, SK, _seq_bucket(max(SQ, SK)), scale * LOG2E, *((scale,) if backward else ()),
-               f.window or 0, 2 * LOG2E * scale / cap, cap * LOG2E,
+               f.window or 0, 2 * LOG2E * scale / cap, cap * LOG2E, f.rope_offset,
                D, _pad_dim(D), bool(causal), bool(use_tma),
-               f.window is not None, f.softcap is not None, f.slopes is not None, f.varlen)
+               f.window is not None, f.softcap is not None, f.slopes is not None, f.varlen, f.rope, f.rope_gptj)
     # The lse and delta are (B, H, SQ), or (1, H, total) with varlen: (batch, head) strides.
     lse_strides = (0 if f.varlen else H * SQ, q.shape[2])
-    return (f.slopes, f.cu_seqlens_q, f.cu_seqlens_k), n, SQ, SK, lse_strides, scalars
+    return (f.slopes, f.cu_seqlens_q, f.cu_seqlens_k, f.rope_cos, f.rope_sin), n, SQ, SK, lse_strides, scalars
 
 
 def forward(q, k, v, causal: bool, scale: float, use_tma: bool = False, features: Features = PLAIN):

@@ -1,7 +1,8 @@
 """`genbench posenc`: the positional-encoding suite's command (suites/posenc.py).
 
 `--cost` times applying each encoding at LLM shapes (RoPE eager, compiled and
-our Triton kernel; ALiBi through SDPA's bias and FlexAttention; the absolute
+our Triton kernel; RoPE with causal attention, rotated first or inside tiled's
+kernels; ALiBi through SDPA's bias, FlexAttention and tiled; the absolute
 tables); `--reach` trains the shared GPT once per encoding at context L and
 scores it at L, 2L, 4L, 8L. Both may be given: the cost run comes first.
 """
@@ -23,7 +24,7 @@ from bench.registry import Suite
 # Names of suites/posenc.py, written out so that --help need not import torch;
 # tests/suites/test_posenc.py keeps them equal to the originals.
 MODES = ("fwd", "fwd+bwd")
-COST_ENCODINGS = ("rope", "alibi", "sinusoidal", "learned")
+COST_ENCODINGS = ("rope", "rope+attention", "alibi", "sinusoidal", "learned")
 REACH_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 LAYOUTS = ("neox", "gptj")
 REACH_MODELS = ("tiny", "small")
@@ -42,7 +43,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 @cli_errors
 def posenc_command(
-    cost: Annotated[bool, typer.Option("--cost", help="Time applying each encoding: RoPE (eager, compiled, our Triton kernel), ALiBi (SDPA bias, FlexAttention), the absolute tables.")] = False,
+    cost: Annotated[bool, typer.Option("--cost", help="Time applying each encoding: RoPE (eager, compiled, our Triton kernel), RoPE with causal attention (rotated first, or inside tiled's kernels), ALiBi (SDPA bias, FlexAttention, tiled), the absolute tables.")] = False,
     reach: Annotated[bool, typer.Option("--reach", help="Train the GPT once per encoding at context L and score it at L, 2L, 4L, 8L (perplexity).")] = False,
     encoding: Annotated[Optional[list[str]], typer.Option(help=f"Repeatable. --cost: {', '.join(COST_ENCODINGS)}; --reach: {', '.join(REACH_ENCODINGS)} (rope brings rope+pi and rope+ntk). Default: all.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="--cost: sequences per call. Default: 16 on a GPU, 2 on CPU.")] = None,
@@ -53,7 +54,7 @@ def posenc_command(
     mode: Annotated[Optional[list[str]], typer.Option(help="--cost: fwd or fwd+bwd; repeatable. Default: both.")] = None,
     offset: Annotated[str, typer.Option(help="--cost: position of the first token, e.g. 0,30000 (a decode step far into a sequence); RoPE rows.")] = "0",
     layout: Annotated[Optional[list[str]], typer.Option(help="--cost: RoPE layout, neox (rotate-half) or gptj (interleaved); repeatable. Default: both.")] = None,
-    impl: Annotated[Optional[list[str]], typer.Option(help="--cost: only these implementations (eager, compile, triton, triton-computed, triton-inplace, triton-inplace-computed, sdpa, sdpa-bias, flex, cached); repeatable. Default: all.")] = None,
+    impl: Annotated[Optional[list[str]], typer.Option(help="--cost: only these implementations (eager, compile, triton, triton-computed, triton-inplace, triton-inplace-computed; rope+attention: compile+sdpa-cudnn, compile+tiled, tiled-fused; sdpa, sdpa-bias, flex, tiled; cached); repeatable. Default: all.")] = None,
     model: Annotated[Optional[str], typer.Option(help=f"--reach preset: {', '.join(REACH_MODELS)}. tiny: 2 layers of 128 at L = 64, minutes on a CPU; small: 8 layers of 512 at L = 256, minutes on a GPU. Default: small on a GPU, tiny on CPU.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="--reach: training steps per encoding. Default: the preset's (tiny 300, small 2000).")] = None,
     train_len: Annotated[Optional[int], typer.Option(help="--reach: training context L. Default: the preset's (tiny 64, small 256).")] = None,
@@ -74,9 +75,9 @@ def posenc_command(
     gpu = dev.type == "cuda"
     run_opts = RunOptions(dev, out, seed, warmup_ms, rep_ms)
     if cost:
-        if not gpu and any(i.startswith("triton") for i in impl or ()):
-            # Asked for by name on a CPU: the Triton kernel runs through Triton's interpreter (slow, but the
-            # real kernel). The flag is read when triton is first imported, which the suite does later.
+        if not gpu and any(i.startswith("triton") or "tiled" in i for i in impl or ()):
+            # Asked for by name on a CPU: the Triton kernels run through Triton's interpreter (slow, but the
+            # real kernels). The flag is read when triton is first imported, which the suite does later.
             os.environ.setdefault("TRITON_INTERPRET", "1")
         from suites import attention, posenc as suite
 

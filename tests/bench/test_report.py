@@ -41,3 +41,19 @@ def test_a_partial_group_says_so():
     report.render(SWEEP, [_row("naive", 256, True)], console, partial=True)
     words = " ".join(console.export_text().split())  # a title wider than its table wraps
     assert words.startswith("attention seq=256 causal=True (partial) ┏")
+
+
+def test_several_baselines_each_group_takes_the_first_it_has():
+    sweep = Sweep(suite="attention", configs=[], run=lambda cfg, ctx: None, params=("impl", "seq", "causal"),
+                  metrics=(), baseline=("naive", "sdpa"))
+    rows = [dict(_row("naive", 64), median_ms=4.0), dict(_row("sdpa", 64), median_ms=2.0),
+            dict(_row("tiled", 64), median_ms=1.0),
+            dict(_row("sdpa", 128), median_ms=3.0), dict(_row("tiled", 128), median_ms=2.0)]
+    assert report.baseline_row(sweep, rows[:3])["impl"] == "naive"
+    assert report.baseline_row(sweep, rows[3:])["impl"] == "sdpa"
+    assert report.baseline_row(sweep, [rows[2]]) is None
+    console = Console(file=io.StringIO(), record=True, width=200)
+    report.render(sweep, rows, console)
+    text = " ".join(console.export_text().split())
+    assert "4.00x" in text and "1.50x" in text  # tiled against naive at 64, against sdpa at 128
+    assert "speedup: median_ms against naive" in text and "speedup: median_ms against sdpa" in text

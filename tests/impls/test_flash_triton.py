@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 from impls.attention import flash  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 from impls.attention import naive  # noqa: E402
+from impls import posenc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -208,6 +209,82 @@ def test_supported_gives_reasons():
         flash.attention(x80, x80, x80, False)
 
 
+# ---------------------------------------------------------------- RoPE inside the kernels
+
+
+def check_rope(B, H, Hkv, Sq, Sk, D, causal, dtype, rope, seed=0):
+    """attention(q, k, v, rope=rope) against naive attention of q and k rotated in float64
+    (posenc.apply_rope), forward and the q, k, v gradients. Returns the errors."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = make((B, H, Sq, D), dtype, gen=gen)
+    k = make((B, Hkv, Sk, D), dtype, gen=gen)
+    v = make((B, Hkv, Sk, D), dtype, gen=gen)
+    assert flash.supported(q, k, v, causal, rope=rope) is None
+    out = flash.attention(q, k, v, causal, rope=rope)
+    dout = torch.randn(out.shape, dtype=dtype, device=DEVICE, generator=gen)
+    out.backward(dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    cos, sin = posenc.rope_angles(torch.arange(Sk, device=DEVICE) + rope.offset, D, rope.base, rope.scaling,
+                                  dtype=torch.float64)  # key j at offset + j; query i at offset + i + Sk - Sq
+    ref = reference(posenc.apply_rope(q64, cos[Sk - Sq:], sin[Sk - Sq:], rope.layout),
+                    posenc.apply_rope(k64, cos, sin, rope.layout), v64, causal, 1 / math.sqrt(D))
+    ref.backward(dout.double())
+    errors = dict(out=rel_err(out, ref), dq=rel_err(q.grad, q64.grad), dk=rel_err(k.grad, k64.grad),
+                  dv=rel_err(v.grad, v64.grad))
+    assert all(e < TOL[dtype] for e in errors.values()), f"relative errors {errors} over {TOL[dtype]}"
+    return errors
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", posenc.LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_rope_in_the_kernels_matches_rotating_first(layout, causal):
+    # 37 rows: two Q blocks and a tail of 5 in the interpreter's 32-row blocks; GQA in groups of 2;
+    # position 1000 onward, where a rotation by the wrong position is far from the right one.
+    check_rope(1, 4, 2, 37, 37, 32, causal, torch.float32, posenc.Rope(layout, offset=1000))
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", posenc.LAYOUTS)
+def test_rope_fewer_queries_padded_head_dim_bf16(layout):
+    # Queries are the last 20 of 45 positions (bottom-right); head dim 96 runs padded to 128, so each
+    # half of the pairs is 48 columns padded to 64; bf16 inputs read a bf16 table.
+    check_rope(1, 2, 1, 20, 45, 96, True, torch.bfloat16, posenc.Rope(layout, offset=7))
+
+
+@needs_kernel
+def test_rope_scaling_and_base_reach_the_table():
+    check_rope(1, 2, 2, 33, 33, 64, True, torch.float32,
+               posenc.Rope("neox", base=500_000.0, scaling=posenc.RopeScaling("pi", 4.0), offset=3))
+
+
+@needs_kernel
+def test_rope_is_not_a_no_op():
+    # The same inputs with and without rope differ by far more than the tolerance: the tests above
+    # would catch kernels that ignored the flag.
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE, generator=gen) for _ in range(3))
+    plain = flash.attention(q, k, v, True)
+    rotated = flash.attention(q, k, v, True, rope=posenc.Rope(offset=100))
+    assert rel_err(rotated, plain.double()) > 0.1
+
+
+def test_rope_reasons():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    if ft.TRITON_ERROR is not None:
+        return
+    assert "head dim of 32 or more" in flash.supported(q, q, q, True, rope=posenc.Rope())
+    x = torch.randn(8, 2, 32, device=DEVICE)
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    assert "dense" in flash.supported(x, x, x, True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8,
+                                      max_seqlen_k=8, rope=posenc.Rope())
+    with pytest.raises(ValueError, match="unknown RoPE layout"):
+        posenc.Rope("llama")
+    with pytest.raises(ValueError, match="0 or more"):
+        posenc.Rope(offset=-1)
+
+
 # ---------------------------------------------------------------- GPU only
 
 
@@ -236,3 +313,13 @@ def test_gpu_other_dtypes(dtype):
 def test_gpu_descriptor_path(causal):
     _, desc = check(2, 8, 2, 1531, 128, causal, torch.bfloat16, use_tma=True)
     assert "tma" in desc
+
+
+@gpu
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", slow_after_first(list(posenc.LAYOUTS)))
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
+def test_gpu_rope_in_the_kernels(layout, causal):
+    # The compiled kernels (not the interpreter): large blocks, GQA, an odd length, a far offset.
+    check_rope(2, 8, 2, 1531, 128, causal, torch.bfloat16, posenc.Rope(layout, offset=30_000))

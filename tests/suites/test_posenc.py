@@ -78,15 +78,19 @@ def test_bad_reach_options(kwargs, message):
 
 def test_cost_rows():
     configs = suite.CostOptions().configs()
-    # per dtype x mode: RoPE 2 layouts x 6 impls, ALiBi 3, sinusoidal 2, learned 1
-    assert len(configs) == 2 * 2 * (12 + 3 + 2 + 1)
-    first = [(c.impl, c.encoding, c.layout) for c in configs[:18]]
+    # per dtype x mode: RoPE 2 layouts x 6 impls, rope+attention 2 layouts x 3, ALiBi 4, sinusoidal 2, learned 1
+    assert len(configs) == 2 * 2 * (12 + 6 + 4 + 2 + 1)
+    first = [(c.impl, c.encoding, c.layout) for c in configs[:25]]
     assert first[:6] == [(i, "rope", "neox") for i in suite.ROPE_IMPLS]
-    assert first[12:] == [("sdpa", "alibi", ""), ("sdpa-bias", "alibi", ""), ("flex", "alibi", ""),
-                          ("eager", "sinusoidal", ""), ("cached", "sinusoidal", ""), ("eager", "learned", "")]
-    # offsets multiply the RoPE rows only
+    assert first[12:18] == [("compile+sdpa-cudnn", "rope+attention", "neox"), ("compile+tiled", "rope+attention", "neox"),
+                            ("tiled-fused", "rope+attention", "neox"), ("compile+sdpa-cudnn", "rope+attention", "gptj"),
+                            ("compile+tiled", "rope+attention", "gptj"), ("tiled-fused", "rope+attention", "gptj")]
+    assert first[18:] == [("sdpa", "alibi", ""), ("sdpa-bias", "alibi", ""), ("flex", "alibi", ""),
+                          ("tiled", "alibi", ""), ("eager", "sinusoidal", ""), ("cached", "sinusoidal", ""),
+                          ("eager", "learned", "")]
+    # offsets multiply the RoPE rows (with attention or not) only
     two = suite.CostOptions(offsets=(0, 30_000), dtypes=("bf16",), modes=("fwd",)).configs()
-    assert len(two) == 2 * 2 * 6 + 3 + 3
+    assert len(two) == 2 * 2 * (6 + 3) + 4 + 3
     only = suite.CostOptions(impls=("triton",), encodings=("rope",), layouts=("gptj",), dtypes=("bf16",),
                              modes=("fwd",)).configs()
     assert [(c.impl, c.layout) for c in only] == [("triton", "gptj")]
@@ -150,13 +154,82 @@ def test_unavailable_rows_say_why(monkeypatch):
     assert m.status == "unsupported" and "no backward on CPU" in m.reason
 
 
-@pytest.mark.parametrize("impl", suite.ALIBI_IMPLS)
+@pytest.mark.parametrize("impl", [i for i in suite.ALIBI_IMPLS if i != "tiled"])  # tiled: its own test below
 def test_alibi_rows(impl):
     _, m = _row(impl, encoding="alibi", layout="", seq=17, heads=3)
     assert m.status == "ok", m.reason
     assert m.values["rel_err"] < 1e-5
     if impl == "sdpa-bias":
         assert m.values["bias_MiB"] == 3 * 17 * 17 * 4 / 2**20  # (H, S, S) float32
+
+
+def test_tiled_alibi_row_through_the_interpreter():
+    from impls.attention import flash_triton as ft
+
+    if ft.TRITON_ERROR is not None or not ft.INTERPRET:
+        pytest.skip(ft.TRITON_ERROR or "runs the kernels through Triton's interpreter (CPU)")
+    _, m = _row("tiled", encoding="alibi", layout="", mode="fwd+bwd", seq=17, heads=3, head_dim=32)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-3  # fp32 with IEEE products in the kernels
+    assert m.values["kernel"].startswith("slopes in the kernel: triton fwd") and "triton bwd dq" in m.values["kernel"]
+
+
+# rope+attention: shape small enough for the interpreter (B·H·S² = 2 x 33² under INTERPRET_MAX_PAIRS)
+ROPE_ATTENTION = dict(encoding="rope+attention", seq=33, heads=2, head_dim=32, offset=1000)
+
+
+@pytest.mark.parametrize("layout, mode", [("neox", "fwd"), ("gptj", "fwd+bwd")])  # both layouts: test_flash_triton
+def test_tiled_fused_rows_through_the_interpreter(layout, mode):
+    from impls.attention import flash_triton as ft
+
+    if ft.TRITON_ERROR is not None or not ft.INTERPRET:
+        pytest.skip(ft.TRITON_ERROR or "runs the kernels through Triton's interpreter (CPU)")
+    _, m = _row("tiled-fused", layout=layout, mode=mode, **ROPE_ATTENTION)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-3
+    assert m.values["kernel"].startswith(f"RoPE {layout} in tiled's loads: triton fwd")
+    # attention's FLOPs: 4·B·H·D per causal pair (S²/2 of them, bench/metrics.py), plus RoPE's few per element
+    pairs = 33 * 33 / 2
+    factor = 1.0 if mode == "fwd" else 3.5
+    flops = 4 * 2 * pairs * 32 * factor + suite.rope_flops(1, 33, 2, 2, 32, mode)
+    assert m.values["tflops"] == pytest.approx(flops / (m.stats.median * 1e-3) / 1e12)
+
+
+def test_compile_then_tiled_row(monkeypatch):
+    # torch.compile's first compilation takes longer than this test should: the eager RoPE stands in for it,
+    # and what is checked is the row around it (rotate, then the kernels without RoPE, the gate, the note).
+    from impls.attention import flash_triton as ft
+
+    if ft.TRITON_ERROR is not None or not ft.INTERPRET:
+        pytest.skip(ft.TRITON_ERROR or "runs the kernels through Triton's interpreter (CPU)")
+    monkeypatch.setattr(suite, "_compiled_rope", lambda: suite._eager_rope)
+    monkeypatch.setattr(suite, "_compile_why_not", lambda device: None)
+    _, m = _row("compile+tiled", layout="gptj", mode="fwd+bwd", **ROPE_ATTENTION)
+    assert m.status == "ok", m.reason
+    assert m.values["rel_err"] < 1e-3
+    assert m.values["kernel"].startswith("torch.compile RoPE gptj, then tiled: triton fwd")
+
+
+def test_rope_attention_rows_that_cannot_run_here_say_why(monkeypatch):
+    m = _row("compile+sdpa-cudnn", **ROPE_ATTENTION)[1]
+    assert (m.status, m.reason) == ("unsupported", "the cudnn backend needs a CUDA device")
+    m = _row("tiled-fused", **{**ROPE_ATTENTION, "seq": 200})[1]
+    assert m.status == "unsupported" and "up to 16384 scored pairs" in m.reason and "80000" in m.reason
+    m = _row("tiled-fused", **{**ROPE_ATTENTION, "head_dim": 16})[1]
+    assert m.status == "unsupported" and "head dim of 32 or more" in m.reason
+
+
+def test_a_wrong_fused_rotation_is_a_mismatch(monkeypatch):
+    # tiled-fused rotating in the other layout: the gate against float64 catches it before any timing.
+    from impls.attention import flash_triton as ft
+
+    if ft.TRITON_ERROR is not None or not ft.INTERPRET:
+        pytest.skip(ft.TRITON_ERROR or "runs the kernels through Triton's interpreter (CPU)")
+    real = posenc.Rope
+    monkeypatch.setattr(posenc, "Rope", lambda layout, offset: real("gptj" if layout == "neox" else "neox", offset=offset))
+    _, m = _row("tiled-fused", layout="neox", **ROPE_ATTENTION)
+    assert m.status == "mismatch" and "above the fp32 tolerance" in m.reason
+    assert m.stats is None
 
 
 @pytest.mark.parametrize("encoding, impl", [("sinusoidal", "eager"), ("sinusoidal", "cached"), ("learned", "eager")])
