@@ -14,6 +14,7 @@ and the choice of the kernels behind it.
     out = flash.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
                           max_seqlen_q=longest, max_seqlen_k=longest)  # q, k, v (total, H, D)
     out = flash.attention(q, k_cache, v_cache, causal=True, block_table=table, cache_seqlens=lengths)
+    out = flash.attention(q, k, v, causal=True, tree_bits=bits)  # a speculative tree over the last q_len slots
 
 The kernels live in flash_triton.py (Triton language: forward, delta, dK/dV
 and dQ, on any CUDA GPU and, without one, in Triton's interpreter) and
@@ -38,6 +39,7 @@ This module decides, per call, which of them run (`plan`):
   (q_len <= ft.DECODE_MAX_Q) against a longer cache when no gradient is
   needed, and always for a paged cache. It has no backward: an input that
   needs one runs the prefill kernels (a paged cache cannot, and is refused).
+  A tree mask (tree_bits, flash_triton.Features) runs there too, and only there.
 
 Varlen inputs are packed as flash-attn's are: q (total_q, H, D), k and v
 (total_k, Hkv, D), sequence b's rows cu_seqlens[b] .. cu_seqlens[b + 1]
@@ -136,13 +138,15 @@ def loaded_gluon():
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, masks: Masks = NO_MASKS, *,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-              block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> str | None:
+              block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+              tree_bits: torch.Tensor | None = None) -> str | None:
     """None if `attention` can run on these inputs here, else a short reason.
 
     The keyword arguments are attention()'s: a varlen batch (cu_seqlens_q/k,
     max_seqlen_q/k, q, k, v packed (total, H, D)), a paged cache (block_table,
     k and v (pages, page_size, Hkv, D)), per-sequence cache lengths
-    (cache_seqlens). Lengths inside cu_seqlens and cache_seqlens are not read
+    (cache_seqlens), a tree mask over the queries' own slots (tree_bits, the
+    decode kernel's: see flash_triton.Features). Lengths inside cu_seqlens and cache_seqlens are not read
     here (that would wait for the GPU); see the module docstring for what
     they may hold.
     """
@@ -166,6 +170,11 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         reason = _dense_reason(q, k, v, causal, cache_seqlens)
     if reason is None and any(t.stride(-1) != 1 for t in (q, k, v)):
         reason = "the head dim must be contiguous (stride 1)"
+    if reason is None and tree_bits is not None:
+        if cu_seqlens_q is not None:
+            reason = "a tree mask runs in the decode kernel, which takes no varlen batch"
+        else:
+            reason = ft.tree_bits_reason(tree_bits, q.shape[0], q.shape[2], q.device)
     return reason
 
 
@@ -338,12 +347,13 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
 
 
 def uses_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool | None = None, *,
-                paged: bool = False, varlen: bool = False, cache_seqlens: torch.Tensor | None = None) -> bool:
+                paged: bool = False, varlen: bool = False, cache_seqlens: torch.Tensor | None = None,
+                tree: bool = False) -> bool:
     """Whether attention() runs the split-KV decode kernel: always for a paged
-    cache or per-sequence cache lengths; else, with decode=None, for at most
+    cache, per-sequence cache lengths or a tree mask; else, with decode=None, for at most
     ft.DECODE_MAX_Q queries against more keys when no gradient is needed;
     decode=True wherever it can run (not varlen), False never."""
-    if paged or cache_seqlens is not None:
+    if paged or cache_seqlens is not None or tree:
         return True
     if decode is False or varlen:
         return False
@@ -356,7 +366,7 @@ _SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-              max_seqlen_k=None) -> ft.Features:
+              max_seqlen_k=None, tree_bits=None) -> ft.Features:
     """The kernels' optional arguments for these masks and varlen offsets (ALiBi's slopes made once per head count)."""
     slopes = None
     if masks.alibi:
@@ -367,7 +377,7 @@ def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=Non
         slopes = _SLOPES[key]
     return ft.Features(window=masks.window, softcap=masks.softcap, slopes=slopes,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                       max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0))
+                       max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0), tree_bits=tree_bits)
 
 
 def _tma(use_tma: bool) -> str:
@@ -455,7 +465,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-              decode: bool | None = None, num_splits: int | None = None,
+              tree_bits: torch.Tensor | None = None, decode: bool | None = None, num_splits: int | None = None,
               use_tma: bool = PREFER_TMA, gluon: bool | None = None,
               gluon_dq: bool = True, concurrent_dq: bool = True, kernels: Kernels | None = None) -> torch.Tensor:
     """softmax(q k^T * scale (+ masks)) v for q (B, H, Sq, D), k and v (B, Hkv, Sk, D).
@@ -464,8 +474,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     (except through the decode kernel). scale defaults to 1/sqrt(D). Causal
     with Sq < Sk is aligned bottom-right. masks: naive.Masks (sliding window,
     soft-capping, ALiBi with naive.alibi_slopes). Varlen (cu_seqlens_q/k,
-    max_seqlen_q/k) and the paged cache (block_table, cache_seqlens): see the
-    module docstring. decode: None runs the split-KV decode kernel where
+    max_seqlen_q/k), the paged cache (block_table, cache_seqlens) and a tree
+    mask (tree_bits): see the module docstring. decode: None runs the split-KV decode kernel where
     uses_decode() says, True wherever it can run, False never; num_splits
     overrides its choice of splits. use_tma: descriptor loads in the Triton
     kernels where they can run. gluon: None runs flash_gluon's kernels where
@@ -475,18 +485,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     """
     reason = supported(q, k, v, causal, masks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
-                       cache_seqlens=cache_seqlens)
+                       cache_seqlens=cache_seqlens, tree_bits=tree_bits)
     varlen = cu_seqlens_q is not None
     run_decode = reason is None and uses_decode(q, k, v, decode, paged=block_table is not None, varlen=varlen,
-                             cache_seqlens=cache_seqlens)
+                             cache_seqlens=cache_seqlens, tree=tree_bits is not None)
     if reason is None and run_decode and varlen:
         reason = "the decode kernel takes no varlen batch (give each sequence's cache length as cache_seqlens)"
+    if reason is None and tree_bits is not None and decode is False:
+        reason = "a tree mask runs only in the decode kernel (decode=False asks for the others)"
     if reason is None and run_decode and _needs_grad(q, k, v):
         reason = ("the split-KV decode kernel is forward only (decoding needs no gradient): call it under "
                   "torch.no_grad(), or pass decode=False for the kernels with a backward")
     if reason is not None:
         raise ValueError(f"flash attention cannot run this input: {reason}")
-    features = _features(q, masks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    features = _features(q, masks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tree_bits)
     if varlen:
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (total, H, D) -> (1, H, total, D) views
     p = plan(q, k, v, causal, scale, use_tma=use_tma, gluon=gluon, gluon_dq=gluon_dq, concurrent_dq=concurrent_dq,
