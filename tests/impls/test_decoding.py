@@ -289,3 +289,17 @@ def test_cuda_modes_match_eager(trained, mode):
             fast[name].decode(120)
             assert torch.equal(fast[name].tokens(120), want), (mode, name)
             assert fast[name].accept_histogram() == eager[name].accept_histogram(), (mode, name)
+
+
+@requires_cuda
+def test_cuda_graph_tiled_tree_attention_matches_eager_sdpa(trained):
+    # The decode kernel inside a captured step (the launch and its split buffers recorded once, cur read on
+    # the device) keeps Medusa's tokens and acceptance, across cache lengths.
+    model, heads = (m.cuda() for m in trained)
+    tree = medusa.default_tree(3, 32)
+    eager = decoding.MedusaDecoder(model, heads, tree, max_len=MAX_LEN)
+    graph = decoding.MedusaDecoder(model, heads, tree, max_len=MAX_LEN, mode="graph", tree_attention="tiled")
+    for prompt in _prompts():
+        want = eager.generate(prompt.cuda(), 120)  # crosses cache lengths 128 -> 192
+        assert torch.equal(graph.generate(prompt.cuda(), 120), want)
+        assert graph.accept_histogram() == eager.accept_histogram()
