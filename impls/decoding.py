@@ -25,6 +25,13 @@ can write. Attention kernels walk every slot they are given, so without
 buckets a verification forward would pay for the cache's full length from the
 first token.
 
+The attention of a verification step is SDPA with the tree's (N, length)
+mask, or with `tree_attention="tiled"` the split-KV decode kernel of
+impls/attention/flash_triton.py with the tree as one int64 of bits per node
+(gpt.TreeMask), reading only the slots up to the tree's last
+(`tree_attention_why_not` says where it cannot run; `tree_attention_inputs`
+gives one layer's inputs both ways, for choosing between them).
+
 Greedy decoding is lossless for every speculative method here: a guessed token
 is kept only if it is the base model's own argmax after the tokens before it,
 so the output is the vanilla greedy output (up to rounding differences between
@@ -39,9 +46,10 @@ import math
 import torch
 
 from impls import decoding_triton, medusa
-from impls.gpt import GPT
+from impls.gpt import GPT, TreeMask
 
 MODES = ("eager", "graph", "compile")
+TREE_ATTENTION = ("sdpa", "tiled")  # how a step's attention reads the tree: a dense mask, or the decode kernel's bits
 WARMUP_STEPS = 3  # calls before a CUDA graph capture: allocator, cuBLAS handles, compilation
 BUCKET = 128  # cache lengths a step is captured for: multiples of this, and max_len
 
@@ -80,6 +88,39 @@ class StaticKV:
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V at slots src to slots dst in every layer (gathered first, so overlaps are safe)."""
         self.store[:, :, :, :, dst] = self.store[:, :, :, :, src]
+
+
+def tree_attention_why_not(model: GPT, tree: medusa.Tree, mode: str = "eager") -> str | None:
+    """None if a step of `tree` on `model` can attend through the decode kernel (tree_attention="tiled"), else why not."""
+    from impls.attention import flash, flash_triton
+
+    cfg, w = model.config, model.lm_head.weight
+    if tree.size > flash_triton.TREE_MAX_Q:
+        return f"a tree of {tree.size} nodes: the decode kernel's tree mask holds at most {flash_triton.TREE_MAX_Q}"
+    if cfg.pos_encoding == "alibi":
+        return "ALiBi's bias needs the dense mask"
+    if mode == "compile":
+        return "torch.compile does not trace the decode kernel's launch"
+    q = torch.empty(1, cfg.n_head, tree.size, cfg.n_embd // cfg.n_head, dtype=w.dtype, device=w.device)
+    bits = torch.zeros(tree.size, dtype=torch.int64, device=w.device)
+    return flash.supported(q, q, q, tree_bits=bits)
+
+
+def tree_attention_inputs(model: GPT, tree: medusa.Tree, cur: int, length: int,
+                          generator: torch.Generator | None = None) -> tuple:
+    """(q, k, v, masks): one layer's attention in a verification step of `tree` at
+    cur against a cache of `length` slots, on random inputs of the model's shape
+    and dtype; masks maps each of TREE_ATTENTION to the mask gpt.cache_attention
+    takes for it, as the decoders build them."""
+    cfg, w = model.config, model.lm_head.weight
+    H, D, N = cfg.n_head, cfg.n_embd // cfg.n_head, tree.size
+    assert cur + N <= length, f"the tree's {N} slots from {cur} do not fit {length}"
+    b = tree.buffers(w.device)
+    q, k, v = (torch.randn(1, H, n, D, generator=generator).to(w) for n in (N, length, length))
+    cur_t = torch.tensor([cur], device=w.device)
+    dense = torch.full((N, length), float("-inf"), dtype=w.dtype, device=w.device)
+    dense.masked_fill_(medusa.tree_mask(b, cur_t, length), 0.0)
+    return q, k, v, {"sdpa": dense[None, None], "tiled": TreeMask(medusa.tree_bits(b), (cur_t + N).to(torch.int32))}
 
 
 def _capture(fn, device: torch.device):
@@ -174,7 +215,7 @@ class Decoder(DecodeLoop):
 
     def __init__(self, model: GPT, *, max_len: int, tree: medusa.Tree = medusa.Tree(()), mode: str = "eager",
                  temperature: float = 0.0, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
-                 fused: bool | None = None):
+                 fused: bool | None = None, tree_attention: str = "sdpa"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if mode != "eager" and not model.lm_head.weight.is_cuda:
@@ -196,6 +237,14 @@ class Decoder(DecodeLoop):
             raise ValueError("fused steps need triton on a GPU (or its interpreter), greedy decoding "
                              "(temperature 0), and a mode other than compile")
         self.fused = can_fuse and self.device.type == "cuda" if fused is None else fused
+        if tree_attention not in TREE_ATTENTION:
+            raise ValueError(f"tree_attention must be one of {', '.join(TREE_ATTENTION)}, not {tree_attention!r}")
+        reason = tree_attention_why_not(model, tree, mode) if tree_attention == "tiled" else None
+        if reason:
+            raise ValueError(f"tree_attention tiled cannot run here: {reason}")
+        self.tree_attention = tree_attention
+        if tree_attention == "tiled":
+            self._bits = medusa.tree_bits(self.b)  # (N,) int64
         self.max_len = max_len
         self.kv = StaticKV(model, max_len)
         self.kvs = [self.kv]  # every cache a step reads (a draft model has its own)
@@ -247,9 +296,12 @@ class Decoder(DecodeLoop):
         self.hist.index_add_(0, n, self._one)
         self.cur.add_(n + 1)
 
-    def _mask(self) -> torch.Tensor | None:
-        """The attention mask of this step's tree at cur, (1, 1, N, length); None
-        lets the model build its causal one (vanilla and chains on the PyTorch path)."""
+    def _mask(self) -> torch.Tensor | TreeMask | None:
+        """The attention mask of this step's tree at cur, (1, 1, N, length), or its
+        bits for the decode kernel; None lets the model build its causal one
+        (vanilla and chains on the PyTorch path)."""
+        if self.tree_attention == "tiled":
+            return TreeMask(self._bits, (self.cur + self.width).to(torch.int32))
         if self.fused:
             return decoding_triton.tree_mask(self._ancestors, self.cur, self.kv.length, self.kv.store.dtype)[None, None]
         if self.b.retrieve.shape[0] == 1:  # the root alone, or one chain: causal, the model's own mask

@@ -9,6 +9,7 @@ One file holds the whole model and nothing of training or timing:
     model.setup_cache(batch=1, max_len=512)             # decoding with a static KV cache
     logits, _ = model(prompt, input_pos=torch.arange(T0))
     logits, _ = model(next_tok, input_pos=torch.tensor([T0]))
+    logits, _ = model(tree_tokens, input_pos=..., cache_pos=..., mask=TreeMask(bits, lengths))  # a speculative tree
 
 Blocks are pre-norm (x + attn(ln(x)), x + mlp(ln(x))). The norm is LayerNorm rather
 than RMSNorm because that is what GPT-2 uses: the `gpt2-small` preset then has exactly
@@ -25,6 +26,12 @@ chooses another of impls/posenc.py: `sinusoidal` (a fixed table added in its pla
 `rope` / `rope-gptj` (q and k rotated inside attention, `rope_scaling` for PI or NTK
 past the training length), `alibi` (a bias on the scores, through SDPA's attn_mask) or
 `none`. Only `learned` has parameters: the others' state_dicts lack `wpe` and nothing else.
+
+With a KV cache, attention is SDPA with the mask the caller gives, or, for a
+`TreeMask` (a speculative tree written at the cache's last slots, as Medusa
+verifies one), the split-KV decode kernel of impls/attention/flash_triton.py,
+which reads the tree's visibility as one int64 of bits per token instead of a
+(T, L) mask.
 """
 
 import inspect
@@ -93,6 +100,35 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class TreeMask:
+    """Attention of T new tokens through the split-KV decode kernel instead of SDPA with a mask.
+
+    The tokens' K/V are written at the slots lengths - T .. lengths - 1 of the
+    cache; token i sees every slot before them and, among theirs, slot
+    lengths - T + j when bit j of bits[i] is set (impls.medusa.tree_bits).
+    Slots from lengths on are not read. No ALiBi: its bias lives in a dense mask.
+    """
+
+    bits: torch.Tensor  # (T,) int64, T <= 64
+    lengths: torch.Tensor  # (B,) int32 on the device: slots each sequence has, the tree's included
+
+
+def cache_attention(q, k, v, mask, dropout_p: float = 0.0):
+    """Attention of new tokens q (B, H, T, D) over the cache k, v (B, H, L, D).
+
+    mask: additive (0 where a query may attend, -inf elsewhere), broadcastable
+    to (B, H, T, L), through SDPA; or a TreeMask, through the decode kernel
+    (inference only: no dropout, no gradient).
+    """
+    if isinstance(mask, TreeMask):
+        from impls.attention import flash  # triton only where a tree mask is asked for
+
+        assert dropout_p == 0.0, "the decode kernel has no dropout"
+        return flash.attention(q, k, v, False, cache_seqlens=mask.lengths, tree_bits=mask.bits)  # the bits alone mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 # The sinusoidal table's scale beside token embeddings initialized at std 0.02 (see GPT._positions).
 SINUSOIDAL_SCALE = 0.02
 
@@ -132,15 +168,14 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # (cos, sin), each (T, D/2): the new tokens' positions, before K enters any cache
             q, k = (posenc.apply_rope(t, *rope, layout=self.rope_layout) for t in (q, k))
         dropout_p = self.dropout if self.training else 0.0
-        if mask is not None and mask.is_floating_point():
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA takes a float mask of the query's dtype only
         if cache_pos is None:  # causal attention over this sequence; any cache is left alone
             # mask: None, or causal's -inf plus a score bias (ALiBi), additive, (H, T, T).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
         else:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H, L, D)
-            # mask: additive (0 where a query may attend, -inf elsewhere), broadcastable to (B, H, T, L).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = cache_attention(q, k, v, mask, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -265,7 +300,7 @@ class GPT(nn.Module):
         cache_pos (T,) the slots their K/V are written to (default: input_pos), and mask, a
         bool tensor broadcastable to (B, 1, T, max_len), says which slots each new token
         may attend to (default: causal, slot <= position); an additive float mask of the
-        cache's dtype is used as it is. A Medusa tree passes its own
+        cache's dtype is used as it is; a TreeMask runs the decode kernel instead. A Medusa tree passes its own
         mask, positions prefix_len + depth, and distinct slots prefix_len + node index.
         return_hidden also returns the final hidden states (B, T, C), after ln_f.
         """
@@ -284,7 +319,10 @@ class GPT(nn.Module):
             if mask is None:
                 slots = torch.arange(cache.k.shape[2], device=idx.device)
                 mask = slots[None, :] <= input_pos[:, None]  # (T, L): causal over slots
-            if mask.dtype == torch.bool:
+            if isinstance(mask, TreeMask):
+                if self.config.pos_encoding == "alibi":
+                    raise ValueError("ALiBi's bias needs a dense mask: a TreeMask cannot carry it")
+            elif mask.dtype == torch.bool:
                 # SDPA turns a bool mask into an additive one on every call: done once
                 # here instead of once per layer (a kernel per layer per decoding step).
                 mask = torch.full(mask.shape, float("-inf"), dtype=cache.k.dtype, device=idx.device).masked_fill_(mask, 0.0)

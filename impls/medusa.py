@@ -9,6 +9,7 @@ LLM Inference Acceleration Framework with Multiple Decoding Heads").
     b = tree.buffers(device)
     tokens = tree_candidates(torch.cat([root, head_topk.flatten()]), b)   # (N,) the tree's tokens
     mask = tree_mask(b, cur_len, max_len)                 # (N, max_len) who sees whom
+    bits = tree_bits(b)                                   # (N,) int64: the same, for the decode kernel
     logits, _, hidden = model(tokens[None], input_pos=cur_len + b.depth,
                               cache_pos=cur_len + b.node, mask=mask[None, None], return_hidden=True)
     acc = greedy_accept(tokens, logits[0], b)             # or typical_accept(...) when sampling
@@ -330,6 +331,19 @@ def tree_mask(b: TreeBuffers, cur_len: torch.Tensor, max_len: int) -> torch.Tens
     # One gather from a padded table instead of comparisons and masks: fewer
     # small kernels per decoding step.
     return b.visible[:, rel.clamp(-1, N) + 1]
+
+
+def tree_bits(b: TreeBuffers) -> torch.Tensor:
+    """The tree mask as the split-KV decode kernel takes it (flash_triton.Features.tree_bits):
+    (N,) int64, bit j of entry i set when node i attends to node j. N <= 64;
+    node 63's bit is the int64's sign bit, so the bits are summed as Python
+    integers and wrapped to two's complement, not shifted in int64."""
+    N = b.ancestors.shape[0]
+    if N > 64:
+        raise ValueError(f"a tree of {N} nodes does not fit one int64 of bits per node (at most 64)")
+    rows = [sum(1 << j for j, seen in enumerate(row) if seen) for row in b.ancestors.tolist()]
+    return torch.tensor([r - (1 << 64) if r >= 1 << 63 else r for r in rows], dtype=torch.int64,
+                        device=b.ancestors.device)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,17 @@ greedy output is compared token for token with vanilla's, and vanilla's with
 a cache-free forward; a divergence is explained by a near-tie when the two
 tokens' logits at the first difference are within NEAR_TIE_ULPS units in the
 last place of the decoding dtype, and otherwise makes the row a mismatch.
+
+Medusa's tree verification attends through SDPA with the tree's dense mask or
+through the split-KV decode kernel with the tree as bits
+(impls/decoding.py, `--tree-attention`). With `auto` the choice is made once,
+before the medusa decoder is built: one layer's verification attention, on
+random inputs of the run's shape (the tree's nodes against the cache length a
+step reads halfway through a prompt), runs both ways; if the kernel's output
+agrees with SDPA's within bench/correctness.py's tolerance, the faster of a
+few timed calls each (bench/timing.py) verifies the trees. The medusa row
+records which one did and both times (`tree_attention`,
+`tree_attention_sdpa_ms`, `tree_attention_tiled_ms`).
 """
 
 from __future__ import annotations
@@ -36,13 +47,13 @@ from typing import Any
 
 import torch
 
-from bench import checkpoints, metrics
+from bench import checkpoints, correctness, metrics, timing
 from bench.env import DTYPES, cache_dir
 from bench.errors import BadInput, Unsupported
 from bench.runner import Column, Context, Measurement, Sweep
 from bench.stats import Stats
 from bench.timing import StepTimer
-from impls import decoding, decoding_triton, hf, medusa, medusa_models
+from impls import decoding, decoding_triton, gpt, hf, medusa, medusa_models
 from impls.data import DataConfig, TextData, load_data
 from impls.gpt import GPT
 from impls.medusa_models import PRESETS, MedusaPreset, Part
@@ -59,6 +70,10 @@ STEP_KERNELS = {"auto": None, "triton": True, "torch": False}
 # dtype: a 1-token and an N-token forward round differently, by a few ulps.
 NEAR_TIE_ULPS = 4.0
 LOOKUP_NGRAM = 3
+# How Medusa's verification attends (impls.decoding.TREE_ATTENTION), or auto: the faster of the two, timed.
+TREE_ATTENTION = ("auto", *decoding.TREE_ATTENTION)
+# The choice's timing: a few calls of one layer's attention each, not a row's budget.
+CHOICE_WARMUP_MS, CHOICE_REP_MS = 5.0, 20.0
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +99,7 @@ class MedusaOptions:
     dtype: str = "fp32"
     compile: str = "auto"
     step_kernels: str = "auto"  # auto, triton or torch: see STEP_KERNELS
+    tree_attention: str = "auto"  # auto, sdpa or tiled: see TREE_ATTENTION
     draft_tokens: int = 4
     lookup_tokens: int = 8
     data: str | None = None
@@ -116,6 +132,8 @@ class MedusaOptions:
             raise BadInput(f"--compile must be one of {', '.join(COMPILE)}, not {self.compile!r}")
         if self.step_kernels not in STEP_KERNELS:
             raise BadInput(f"--step-kernels must be one of {', '.join(STEP_KERNELS)}, not {self.step_kernels!r}")
+        if self.tree_attention not in TREE_ATTENTION:
+            raise BadInput(f"--tree-attention must be one of {', '.join(TREE_ATTENTION)}, not {self.tree_attention!r}")
         if self.temperature < 0:
             raise BadInput(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
@@ -192,6 +210,7 @@ class Prepared:
     decoders: dict = field(default_factory=dict)  # method -> decoder, or the exception that stopped it
     memory: dict = field(default_factory=dict)  # method -> MiB
     mode_note: str = ""
+    tree_attention: TreeAttention | None = None  # chosen before the medusa decoder is built
     reference: list[torch.Tensor] | None = None
     vanilla_ms: float | None = None
 
@@ -244,6 +263,10 @@ def prepare(opts: MedusaOptions, device: torch.device, progress: Progress = quie
     depth = _depth(opts, tree)
     max_len = _check_lengths(prompts, max_new, depth, tree.size if tree else 1, model.config.block_size,
                              train_only)
+    if opts.tree_attention == "tiled" and tree is not None and "medusa" in opts.methods:
+        reason = decoding.tree_attention_why_not(model, tree, mode)
+        if reason:
+            raise BadInput(f"--tree-attention tiled cannot verify this tree: {reason}")
     return Prepared(opts, device, dtype, mode, model, prompts, max_new, max_len, heads=heads, draft=draft, tree=tree,
                     scores=scores, parts=parts)
 
@@ -415,10 +438,64 @@ def _make_decoder(prep: Prepared, method: str, mode: str):
     if method == "vanilla":
         return decoding.VanillaDecoder(prep.model, **common)
     if method == "medusa":
-        return decoding.MedusaDecoder(prep.model, prep.heads, prep.tree, **common, **spec)
+        return decoding.MedusaDecoder(prep.model, prep.heads, prep.tree, **common, **spec,
+                                      tree_attention=prep.tree_attention.used)
     if method == "draft":
         return decoding.DraftDecoder(prep.model, prep.draft, o.draft_tokens, **common, **spec)
     return decoding.LookupDecoder(prep.model, o.lookup_tokens, LOOKUP_NGRAM, **common, **spec)
+
+
+@dataclass(frozen=True)
+class TreeAttention:
+    """How Medusa's verification attends, and why: `used` is sdpa or tiled;
+    sdpa_ms and tiled_ms the median of one layer's verification attention,
+    where both were timed, at `length` cache slots."""
+
+    asked: str  # auto, sdpa or tiled
+    used: str
+    sdpa_ms: float | None = None
+    tiled_ms: float | None = None
+    length: int = 0
+    why: str = ""  # why auto took sdpa without timing, or the kernel's disagreement
+
+    def line(self) -> str:
+        """One line for the terminal."""
+        timed = (f": one layer's attention {self.tiled_ms:.4g} ms tiled, {self.sdpa_ms:.4g} ms sdpa at "
+                 f"{self.length} cache slots" if self.sdpa_ms is not None and self.tiled_ms is not None else "")
+        chose = " (the faster)" if self.asked == "auto" and timed and not self.why else f" (--tree-attention {self.asked})"
+        return f"medusa verified its trees with {self.used}{chose}{timed}" + (f"; {self.why}" if self.why else "")
+
+
+def choose_tree_attention(prep: Prepared, device: torch.device, mode: str) -> TreeAttention:
+    """The attention Medusa's verification uses: the one asked for, or with auto
+    the faster on a GPU where the decode kernel can run and agrees with SDPA.
+    Wherever the kernel runs its output is checked against SDPA's, and on a GPU
+    both are timed, whichever was asked for (see the module docstring)."""
+    asked = prep.options.tree_attention
+    if asked == "auto" and device.type != "cuda":
+        return TreeAttention(asked, "sdpa", why="auto times the two on a GPU only")
+    reason = decoding.tree_attention_why_not(prep.model, prep.tree, mode)
+    if reason:
+        if asked == "tiled":
+            raise RuntimeError(f"--tree-attention tiled cannot run: {reason}")
+        return TreeAttention(asked, "sdpa", why=f"tiled cannot run here: {reason}")
+    # Halfway through a median prompt, in the cache length such a step reads (impls.decoding.BUCKET).
+    N = prep.tree.size
+    cur = int(statistics.median(p.numel() for p in prep.prompts)) + prep.max_new // 2
+    length = min(prep.max_len, decoding.BUCKET * math.ceil((cur + N) / decoding.BUCKET))
+    q, k, v, masks = decoding.tree_attention_inputs(prep.model, prep.tree, min(cur, length - N), length,
+                                                    torch.Generator().manual_seed(prep.options.seed))
+    calls = {name: (lambda m=m: gpt.cache_attention(q, k, v, m)) for name, m in masks.items()}
+    with torch.no_grad():
+        err = correctness.rel_err(calls["tiled"](), calls["sdpa"]())
+        ms = {name: timing.measure(fn, device=device, warmup_ms=CHOICE_WARMUP_MS, rep_ms=CHOICE_REP_MS).median
+              for name, fn in calls.items()} if device.type == "cuda" else {}
+    why = "" if correctness.passes(err, prep.dtype) else \
+        f"tiled's output differs from sdpa's by {err:.3g} (relative), over the {prep.options.dtype} tolerance"
+    if asked == "tiled" and why:
+        raise RuntimeError(f"--tree-attention tiled: {why}")
+    used = asked if asked != "auto" else ("tiled" if not why and ms["tiled"] < ms["sdpa"] else "sdpa")
+    return TreeAttention(asked, used, ms.get("sdpa"), ms.get("tiled"), length, why)
 
 
 def _unsupported(prep: Prepared, method: str) -> str | None:
@@ -440,6 +517,8 @@ def _build_all(prep: Prepared, ctx: Context) -> None:
 
     def build(method: str, mode: str):
         holder = []
+        if method == "medusa" and prep.tree_attention is None:  # outside the memory measured: its inputs, the timer's
+            prep.tree_attention = choose_tree_attention(prep, ctx.device, mode)
 
         def make_and_warm():
             dec = _make_decoder(prep, method, mode)
@@ -525,7 +604,8 @@ def _check(prep: Prepared, method: str, outputs: list[torch.Tensor]) -> tuple[di
 def _spec(prep: Prepared, method: str) -> str:
     o = prep.options
     if method == "medusa":
-        return f"tree {o.tree if o.tree in TREES else 'custom'}: {prep.tree.size} nodes, depth {prep.tree.depth}"
+        return (f"tree {o.tree if o.tree in TREES else 'custom'}: {prep.tree.size} nodes, depth {prep.tree.depth}, "
+                f"attention {prep.tree_attention.used if prep.tree_attention else 'sdpa'}")
     if method == "draft":
         c = prep.draft.config
         return f"draft {c.n_layer}L/{c.n_embd} ({prep.draft.num_params(False) / 1e6:.1f}M), {o.draft_tokens} guesses"
@@ -586,6 +666,9 @@ def run(prep: Prepared, cfg: MedusaRow, ctx: Context) -> Measurement:
         spec=_spec(prep, cfg.method),
         **_energy(window.telemetry, sum(steps), prep.max_new * len(prep.prompts)),
     )
+    if cfg.method == "medusa" and prep.tree_attention is not None:
+        t = prep.tree_attention
+        values.update(tree_attention=t.used, tree_attention_sdpa_ms=t.sdpa_ms, tree_attention_tiled_ms=t.tiled_ms)
     if cfg.method == "medusa" and prep.scores is not None:
         values.update(head_top1=";".join(f"{v:.3f}" for v in prep.scores.top1),
                       head_top5=";".join(f"{v:.3f}" for v in prep.scores.top5))
@@ -632,7 +715,8 @@ DISPLAY = (
 
 METRICS = ("tokens_per_s", "speedup", "mean_accept_length", "accept_hist", "ms_per_step", "steps_per_prompt",
            "joules_per_step", "tokens_per_J", "prefill_ms", "peak_mem_MiB", "identical_to_greedy",
-           "near_tie_divergences", "unexplained_divergences", "divergence_gap_ulps", "head_top1", "head_top5", "base_params_M", "extra_params_M", "speed", "spec")
+           "near_tie_divergences", "unexplained_divergences", "divergence_gap_ulps", "head_top1", "head_top5", "base_params_M", "extra_params_M", "speed", "spec",
+           "tree_attention", "tree_attention_sdpa_ms", "tree_attention_tiled_ms")
 
 
 def configs(prep: Prepared) -> list[MedusaRow]:

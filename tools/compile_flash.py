@@ -61,13 +61,17 @@ def jobs():
         yield (f"dq {label}", ft._bwd_dq_kernel.fn,
                {**dict.fromkeys(["Q", "K", "V", "DO", "DQ"], bf16), **lse, **given, **FLOATS},
                {**flags, **absent, "BLOCK_M": 128, "BLOCK_N": 64}, 8)
-    for paged, split, rows, masks in [(False, True, 16, False), (True, False, 128, True)]:
+    # The tree variant is Medusa's verification: 64 queries, per-sequence lengths, no causal (the bits mask).
+    for paged, split, rows, masks, tree in [(False, True, 16, False, False), (True, False, 128, True, False),
+                                            (False, True, 64, False, True)]:
         given, absent = _optional({"O_PART": ("*fp32", split), "LSE_PART": ("*fp32", split),
-                                   "SEQLENS": ("*i32", paged), "BLOCK_TABLE": ("*i32", paged),
-                                   "SLOPES": ("*fp32", masks)})
-        flags = dict(HEAD_DIM=128, D_PAD=128, CAUSAL=True, WINDOW=masks, SOFTCAP=masks, ALIBI=masks, PAGED=paged,
-                     PAGE_SIZE=16 if paged else 1, SEQLENS_GIVEN=paged, SPLIT=split, BLOCK_R=rows, BLOCK_N=64)
-        label = f"decode rows={rows}{' split' if split else ''}{' paged' if paged else ''}{' masks' if masks else ''}"
+                                   "SEQLENS": ("*i32", paged or tree), "BLOCK_TABLE": ("*i32", paged),
+                                   "SLOPES": ("*fp32", masks), "TREE_BITS": ("*i64", tree)})
+        flags = dict(HEAD_DIM=128, D_PAD=128, CAUSAL=not tree, WINDOW=masks, SOFTCAP=masks, ALIBI=masks, TREE=tree,
+                     PAGED=paged, PAGE_SIZE=16 if paged else 1, SEQLENS_GIVEN=paged or tree, SPLIT=split,
+                     BLOCK_R=rows, BLOCK_N=64)
+        label = (f"decode rows={rows}{' split' if split else ''}{' paged' if paged else ''}{' masks' if masks else ''}"
+                 f"{' tree' if tree else ''}")
         yield (label, ft._decode_kernel.fn, {**dict.fromkeys("QKVO", bf16), **given, **FLOATS},
                {**flags, **absent}, 4 if rows <= 64 else 8)
     yield ("decode combine", ft._decode_combine_kernel, {"O_PART": "*fp32", "LSE_PART": "*fp32", "O": bf16},

@@ -14,6 +14,7 @@ and the choice of the kernels behind it.
     out = flash.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
                           max_seqlen_q=longest, max_seqlen_k=longest)  # q, k, v (total, H, D)
     out = flash.attention(q, k_cache, v_cache, causal=True, block_table=table, cache_seqlens=lengths)
+    out = flash.attention(q, k, v, causal=True, tree_bits=bits)  # a speculative tree over the last q_len slots
 
     # RoPE inside the kernels: q and k given unrotated, each tile rotated as it is loaded.
     out = flash.attention(q, k, v, causal=True, rope=posenc.Rope("neox", offset=30_000))
@@ -42,6 +43,7 @@ This module decides, per call, which of them run (`plan`):
   needed, and always for a paged cache. It has no backward: an input that
   needs one runs the prefill kernels (a paged cache cannot, and is refused);
   so does RoPE (`rope=`), which only the prefill kernels apply.
+  A tree mask (tree_bits, flash_triton.Features) runs in the decode kernel, and only there.
 
 Varlen inputs are packed as flash-attn's are: q (total_q, H, D), k and v
 (total_k, Hkv, D), sequence b's rows cu_seqlens[b] .. cu_seqlens[b + 1]
@@ -142,13 +144,14 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-              rope: posenc.Rope | None = None) -> str | None:
+              rope: posenc.Rope | None = None, tree_bits: torch.Tensor | None = None) -> str | None:
     """None if `attention` can run on these inputs here, else a short reason.
 
     The keyword arguments are attention()'s: a varlen batch (cu_seqlens_q/k,
     max_seqlen_q/k, q, k, v packed (total, H, D)), a paged cache (block_table,
     k and v (pages, page_size, Hkv, D)), per-sequence cache lengths
-    (cache_seqlens). Lengths inside cu_seqlens and cache_seqlens are not read
+    (cache_seqlens), a tree mask over the queries' own slots (tree_bits, the
+    decode kernel's: see flash_triton.Features). Lengths inside cu_seqlens and cache_seqlens are not read
     here (that would wait for the GPU); see the module docstring for what
     they may hold.
     """
@@ -174,6 +177,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         reason = "the head dim must be contiguous (stride 1)"
     if reason is None and rope is not None:
         reason = _rope_reason(q, cu_seqlens_q is not None, block_table is not None or cache_seqlens is not None)
+    if reason is None and tree_bits is not None:
+        if rope is not None:
+            reason = "RoPE runs in the prefill kernels, a tree mask only in the decode kernel"
+        elif cu_seqlens_q is not None:
+            reason = "a tree mask runs in the decode kernel, which takes no varlen batch"
+        else:
+            reason = ft.tree_bits_reason(tree_bits, q.shape[0], q.shape[2], q.device)
     return reason
 
 
@@ -355,12 +365,13 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
 
 
 def uses_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool | None = None, *,
-                paged: bool = False, varlen: bool = False, cache_seqlens: torch.Tensor | None = None) -> bool:
+                paged: bool = False, varlen: bool = False, cache_seqlens: torch.Tensor | None = None,
+                tree: bool = False) -> bool:
     """Whether attention() runs the split-KV decode kernel: always for a paged
-    cache or per-sequence cache lengths; else, with decode=None, for at most
+    cache, per-sequence cache lengths or a tree mask; else, with decode=None, for at most
     ft.DECODE_MAX_Q queries against more keys when no gradient is needed;
     decode=True wherever it can run (not varlen), False never."""
-    if paged or cache_seqlens is not None:
+    if paged or cache_seqlens is not None or tree:
         return True
     if decode is False or varlen:
         return False
@@ -393,8 +404,9 @@ def rope_table(rope: posenc.Rope, positions: int, head_dim: int, dtype: torch.dt
 
 
 def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-              max_seqlen_k=None, rope: posenc.Rope | None = None, kv_len: int = 0) -> ft.Features:
-    """The kernels' optional arguments for these masks, varlen offsets and RoPE (ALiBi's slopes made once
+              max_seqlen_k=None, rope: posenc.Rope | None = None, kv_len: int = 0,
+              tree_bits=None) -> ft.Features:
+    """The kernels' optional arguments for these masks, varlen offsets RoPE and a tree mask (ALiBi's slopes made once
     per head count, RoPE's table once per head dim and dtype)."""
     cos = sin = None
     if rope is not None:
@@ -410,7 +422,8 @@ def _features(q: torch.Tensor, masks: Masks, cu_seqlens_q=None, cu_seqlens_k=Non
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=int(max_seqlen_q or 0), max_seqlen_k=int(max_seqlen_k or 0),
                        rope_cos=cos, rope_sin=sin, rope_offset=rope.offset if rope else 0,
-                       rope_gptj=rope is not None and rope.layout == "gptj")
+                       rope_gptj=rope is not None and rope.layout == "gptj",
+                       tree_bits=tree_bits)
 
 
 def _tma(use_tma: bool) -> str:
@@ -498,7 +511,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-              decode: bool | None = None, num_splits: int | None = None,
+              tree_bits: torch.Tensor | None = None, decode: bool | None = None, num_splits: int | None = None,
               use_tma: bool = PREFER_TMA, gluon: bool | None = None,
               gluon_dq: bool = True, concurrent_dq: bool = True, kernels: Kernels | None = None,
               rope: posenc.Rope | None = None) -> torch.Tensor:
@@ -508,8 +521,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     (except through the decode kernel). scale defaults to 1/sqrt(D). Causal
     with Sq < Sk is aligned bottom-right. masks: naive.Masks (sliding window,
     soft-capping, ALiBi with naive.alibi_slopes). Varlen (cu_seqlens_q/k,
-    max_seqlen_q/k) and the paged cache (block_table, cache_seqlens): see the
-    module docstring. decode: None runs the split-KV decode kernel where
+    max_seqlen_q/k), the paged cache (block_table, cache_seqlens) and a tree
+    mask (tree_bits): see the module docstring. decode: None runs the split-KV decode kernel where
     uses_decode() says, True wherever it can run, False never; num_splits
     overrides its choice of splits. use_tma: descriptor loads in the Triton
     kernels where they can run. gluon: None runs flash_gluon's kernels where
@@ -522,19 +535,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     """
     reason = supported(q, k, v, causal, masks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
-                       cache_seqlens=cache_seqlens, rope=rope)
+                       cache_seqlens=cache_seqlens, rope=rope, tree_bits=tree_bits)
     varlen = cu_seqlens_q is not None
     run_decode = reason is None and uses_decode(q, k, v, False if rope else decode, paged=block_table is not None,
-                                                varlen=varlen, cache_seqlens=cache_seqlens)
+                                                varlen=varlen, cache_seqlens=cache_seqlens,
+                                                tree=tree_bits is not None)
     if reason is None and run_decode and varlen:
         reason = "the decode kernel takes no varlen batch (give each sequence's cache length as cache_seqlens)"
+    if reason is None and tree_bits is not None and decode is False:
+        reason = "a tree mask runs only in the decode kernel (decode=False asks for the others)"
     if reason is None and run_decode and _needs_grad(q, k, v):
         reason = ("the split-KV decode kernel is forward only (decoding needs no gradient): call it under "
                   "torch.no_grad(), or pass decode=False for the kernels with a backward")
     if reason is not None:
         raise ValueError(f"flash attention cannot run this input: {reason}")
     features = _features(q, masks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope,
-                         k.shape[-2] if rope else 0)
+                         k.shape[-2] if rope else 0, tree_bits)
     if varlen:
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (total, H, D) -> (1, H, total, D) views
     p = plan(q, k, v, causal, scale, use_tma=use_tma, gluon=gluon, gluon_dq=gluon_dq, concurrent_dq=concurrent_dq,

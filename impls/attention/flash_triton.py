@@ -7,6 +7,7 @@
     dq, config = ft.backward_dq(q, k, v, do, lse, delta, causal, scale)
     ft.describe(config)                                        # "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"
     o, text = ft.decode(q, k_cache, v_cache, causal, scale)    # split-KV decode, forward only
+    o, text = ft.decode(q, k, v, causal, scale, ft.Features(tree_bits=bits))  # a Medusa tree's mask
 
 These are the kernels and their launches; impls/attention/flash.py's
 attention() checks the inputs, chooses between these kernels and
@@ -56,7 +57,10 @@ by −θ before they are stored. With ROPE off the kernels compile as before.
 queries against a long cache the keys are split across programs, each
 writing a partial output and its log-sum-exp, which a second kernel merges.
 One program holds the queries of all the heads that share a kv head, so each
-K/V byte is read once; the cache may be paged (a block table of pages).
+K/V byte is read once; the cache may be paged (a block table of pages). A
+tree mask (Features.tree_bits: one int64 of bits per query, over the
+queries' own slots) lets it verify a speculative tree such as Medusa's, whose
+nodes see the whole prefix and, among themselves, their ancestors only.
 
 Where there is no GPU, the kernels run through Triton's interpreter
 (TRITON_INTERPRET=1, set before triton is imported) on CPU tensors, with one
@@ -919,7 +923,8 @@ else:
 # A split covers a whole number of the largest key tiles.
 SPLIT_ALIGN = max(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)
 DECODE_MAX_Q = 64  # query rows up to which attention() takes the decode kernel
-_DECODE_KEY = ["BLOCK_R", "SPLIT_BUCKET", "HEAD_DIM", "CAUSAL", "PAGED", "WINDOW", "SOFTCAP", "ALIBI"]
+_DECODE_KEY = ["BLOCK_R", "SPLIT_BUCKET", "HEAD_DIM", "CAUSAL", "PAGED", "WINDOW", "SOFTCAP", "ALIBI", "TREE"]
+TREE_MAX_Q = 64  # a tree mask holds one bit per query slot in an int64
 
 
 def _prune_decode(configs, named_args, **kwargs):
@@ -962,21 +967,27 @@ def _load_kv(base, bt_row, rows, SK, stride_page, stride_s, PAGE_SIZE: tl.conste
 
 @triton.jit
 def _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kp, stride_ks, stride_vp, stride_vs, SK, qpos,
-                    lo, hi, qk_scale, window, cap_in, cap_out, slope2,
+                    lo, hi, qk_scale, window, cap_in, cap_out, slope2, bits, tree0,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
-                    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TREE_MASK: tl.constexpr):
     """Online softmax of the packed query rows (positions qpos) over key blocks lo .. hi, as _fwd_kv_loop.
-    Rows that have seen no key yet (padding rows, an empty split) keep max -inf without NaNs."""
+    Rows that have seen no key yet (padding rows, an empty split) keep max -inf without NaNs.
+    TREE_MASK: a row sees key tree0 + j only if bit j of its bits (BLOCK_R,) int64 is set; keys before tree0 all."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(k_base, bt_row, cols, SK, stride_kp, stride_ks, PAGE_SIZE, PAGED, HEAD_DIM, D_PAD, BOUNDS)
         qk = _dot(q, tl.trans(k), None)  # (BLOCK_R, BLOCK_N)
-        if CAUSAL_MASK or BOUNDS or WINDOW_MASK or SOFTCAP or ALIBI:
+        if CAUSAL_MASK or BOUNDS or WINDOW_MASK or SOFTCAP or ALIBI or TREE_MASK:
             s, _ = _logits(qk, qpos[:, None], cols[None, :], qk_scale, cap_in, cap_out, slope2, SOFTCAP, ALIBI)
-            if CAUSAL_MASK or BOUNDS or WINDOW_MASK:
+            if CAUSAL_MASK or BOUNDS or WINDOW_MASK or TREE_MASK:
                 keep = _keep(qpos[:, None], cols[None, :], SK, window, CAUSAL_MASK, WINDOW_MASK)
+                if TREE_MASK:
+                    # The shift stays in 0..63; keys past the tree's last slot are past SK, masked above.
+                    j = (cols - tree0)[None, :]  # (1, BLOCK_N)
+                    bit = (bits[:, None] >> tl.minimum(tl.maximum(j, 0), 63).to(tl.int64)) & 1
+                    keep = keep & ((j < 0) | (bit != 0))
                 s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -998,16 +1009,16 @@ def _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kp, stride_
 @triton.autotune(configs=DECODE_CONFIGS, key=_DECODE_KEY, prune_configs_by={"early_config_prune": _prune_decode},
                  **_AUTOTUNE_DISK)
 @triton.jit(do_not_specialize=["H", "GROUP", "SQ", "SK", "split_len", "SPLIT_BUCKET", "window"])
-def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, SLOPES,
+def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, SLOPES, TREE_BITS,
                    stride_qb, stride_qh, stride_qs,
                    stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs,
                    stride_ob, stride_oh, stride_os,
-                   stride_bt,
+                   stride_bt, stride_tb,
                    H, GROUP, SQ, SK, split_len, SPLIT_BUCKET, qk_scale, window, cap_in, cap_out,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   SEQLENS_GIVEN: tl.constexpr, SPLIT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TREE: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, SEQLENS_GIVEN: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid: (splits, B * Hkv, cdiv(GROUP * SQ, BLOCK_R)). One program takes the
     # keys split * split_len .. + split_len of one kv head for BLOCK_R query
@@ -1016,7 +1027,9 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, SLOPES,
     # them. Dense K/V are (B, Hkv, SK, D) (strides b, h, s); paged ones
     # (pages, PAGE_SIZE, Hkv, D), given as strides (page, h, row in page).
     # With SPLIT it writes its normalised partial output and base-2 lse for
-    # _decode_combine_kernel, else the output itself.
+    # _decode_combine_kernel, else the output itself. With TREE, query s sees
+    # key OFF + j (its own block of SQ slots) only if bit j of TREE_BITS[b, s]
+    # is set, and every key before OFF (stride_tb 0: one mask for the batch).
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = H // GROUP
@@ -1039,6 +1052,10 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, SLOPES,
         slope2 = tl.load(SLOPES + h, mask=valid, other=0.0)[:, None]
     else:
         slope2 = 0.0
+    if TREE:
+        bits = tl.load(TREE_BITS + b * stride_tb + s, mask=valid, other=0)  # (BLOCK_R,) int64
+    else:
+        bits = 0
 
     if PAGED:
         k_base = K + hk * stride_kh
@@ -1056,19 +1073,26 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, SEQLENS, BLOCK_TABLE, SLOPES,
     p0 = OFF + r0 // GROUP
     p1 = OFF + tl.minimum((r0 + BLOCK_R - 1) // GROUP, SQ - 1)
     lo, full_lo, full_hi, hi = _key_range(p0, p1, n0, n1, window, CAUSAL, WINDOW, BLOCK_N)
+    if TREE:
+        # Every block from the one holding slot OFF (the tree's first) on joins
+        # the last band, the one that applies the tree mask (and then the
+        # window's, which may now reach into it); the other two end before it.
+        tree_lo = tl.maximum(lo, (OFF // BLOCK_N) * BLOCK_N)
+        full_lo = tl.minimum(full_lo, tree_lo)
+        full_hi = tl.maximum(tl.minimum(full_hi, tree_lo), full_lo)
     if WINDOW:
         acc, m_i, l_i = _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
                                         stride_vb, stride_vs, SK, qpos, lo, full_lo, qk_scale, window,
-                                        cap_in, cap_out, slope2, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE, PAGED,
-                                        CAUSAL, True, True, SOFTCAP, ALIBI)
+                                        cap_in, cap_out, slope2, bits, OFF, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE,
+                                        PAGED, CAUSAL, True, True, SOFTCAP, ALIBI, False)
     acc, m_i, l_i = _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
                                     stride_vb, stride_vs, SK, qpos, full_lo, full_hi, qk_scale, window,
-                                    cap_in, cap_out, slope2, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE, PAGED,
-                                    False, False, False, SOFTCAP, ALIBI)
+                                    cap_in, cap_out, slope2, bits, OFF, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE, PAGED,
+                                    False, False, False, SOFTCAP, ALIBI, False)
     acc, m_i, l_i = _decode_kv_loop(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
                                     stride_vb, stride_vs, SK, qpos, full_hi, hi, qk_scale, window,
-                                    cap_in, cap_out, slope2, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE, PAGED,
-                                    CAUSAL, True, False, SOFTCAP, ALIBI)
+                                    cap_in, cap_out, slope2, bits, OFF, BLOCK_N, HEAD_DIM, D_PAD, PAGE_SIZE, PAGED,
+                                    CAUSAL, True, WINDOW and TREE, SOFTCAP, ALIBI, TREE)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # nothing seen (an empty split): output 0, lse -inf
     acc = acc / l_i[:, None]
@@ -1129,6 +1153,10 @@ class Features:
     cos and sin of p·θ_i, contiguous, on the tensors' device; key j at
     position rope_offset + j, query row r at rope_offset + r + Sk − Sq;
     rope_gptj the pairs' layout (2i, 2i + 1), else neox's (i, i + D/2).
+    tree_bits (decode only): a tree mask over the queries' own slots, (SQ,) or
+    (B, SQ) int64, SQ <= TREE_MAX_Q: query i sees key SK - SQ + j iff bit j
+    of its entry is set, and every key before SK - SQ (the prefix); bit 63 is
+    the int64's sign bit. With causal as well, a key must pass both.
     """
 
     window: int | None = None
@@ -1142,6 +1170,7 @@ class Features:
     rope_sin: torch.Tensor | None = None
     rope_offset: int = 0
     rope_gptj: bool = False
+    tree_bits: torch.Tensor | None = None
 
     @property
     def varlen(self) -> bool:
@@ -1276,6 +1305,17 @@ def decode_splits(programs: int, kv_len: int, slots: int) -> int:
     return next(s for s in range(1, most + 1) if fill(s) >= 0.85 * best)
 
 
+def tree_bits_reason(bits: torch.Tensor, B: int, SQ: int, device) -> str | None:
+    """None if `bits` can be decode()'s tree mask for B sequences of SQ queries, else why not."""
+    if SQ > TREE_MAX_Q:
+        return (f"a tree mask holds one bit per query in an int64, so at most {TREE_MAX_Q} queries; got q_len {SQ}")
+    if bits.dtype != torch.int64 or bits.device != device:
+        return f"tree_bits must be int64 on {device}, got {str(bits.dtype).removeprefix('torch.')} on {bits.device}"
+    if bits.shape not in ((SQ,), (B, SQ)) or bits.stride(-1) != 1:
+        return f"tree_bits must be ({SQ},) or ({B}, {SQ}), contiguous along the queries, got {tuple(bits.shape)}"
+    return None
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small count exercises the splits
@@ -1290,13 +1330,20 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
     (B, pages per sequence, int32) a paged cache (pages, page_size, Hkv, D).
     cache_seqlens: None (every sequence has all SK keys; paged: pages per
     sequence × page_size), or (B,) int32 lengths. Causal is aligned bottom-right
-    on each sequence's length. Forward only. num_splits: None chooses from
+    on each sequence's length. features.tree_bits: a tree mask over each
+    sequence's last SQ keys (see Features); more than TREE_MAX_Q queries, or
+    bits of another shape or dtype, raise ValueError. Forward only. num_splits: None chooses from
     the SM count and the key length (decode_splits). block_rows: the packed
     query rows (query heads of a group × queries) one program holds, a power
     of two >= 16; None takes them all, up to 128.
     """
     B, H, SQ, D = q.shape
     f = features
+    tree = f.tree_bits
+    if tree is not None:
+        reason = tree_bits_reason(tree, B, SQ, q.device)
+        if reason:
+            raise ValueError(reason)
     paged = block_table is not None
     if paged:
         page_size, Hkv = k.shape[1], k.shape[2]
@@ -1324,12 +1371,13 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
         lse_part = torch.empty((B, H, SQ, num_splits), device=q.device, dtype=torch.float32)
     cap = f.softcap or 1.0
     _decode_kernel[(num_splits, B * Hkv, row_blocks)](
-        q, k, v, o, o_part, lse_part, cache_seqlens, block_table, f.slopes,
+        q, k, v, o, o_part, lse_part, cache_seqlens, block_table, f.slopes, tree,
         *_strides(q), *k_strides, *v_strides, *_strides(o), bt_stride,
+        tree.stride(0) if tree is not None and tree.dim() == 2 else 0,
         H, group, SQ, SK, split_len, _seq_bucket(split_len), scale * LOG2E, f.window or 0,
         2 * LOG2E * scale / cap, cap * LOG2E,
         D, _pad_dim(D), bool(causal), f.window is not None, f.softcap is not None, f.slopes is not None,
-        paged, page_size, cache_seqlens is not None, num_splits > 1, block_r,
+        tree is not None, paged, page_size, cache_seqlens is not None, num_splits > 1, block_r,
     )
     config = _decode_kernel.best_config
     if num_splits > 1:

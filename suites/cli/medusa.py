@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 PRESETS = ("tiny", "small", "medium")  # impls.medusa_models.PRESETS
 METHODS = ("vanilla", "medusa", "draft", "lookup")  # suites.medusa.METHODS
 DEFAULT_TREE_SIZE = 64  # impls.medusa.DEFAULT_TREE_SIZE
+TREE_ATTENTION = ("auto", "sdpa", "tiled")  # suites.medusa.TREE_ATTENTION
 
 medusa_app = typer.Typer(
     help="Medusa heads vs vanilla greedy decoding, with draft-model and prompt-lookup speculative decoding beside them.",
@@ -92,6 +93,9 @@ def medusa(
                                               "once, replayed), inductor (torch.compile, then captured); the same for every method.")] = "auto",
     step_kernels: Annotated[str, typer.Option(help="The small pieces of a greedy step around the forward (mask, acceptance, "
                                                    "top-k): triton kernels, torch ops, or auto (triton on a GPU); the same for every method.")] = "auto",
+    tree_attention: Annotated[str, typer.Option(help="How medusa's tree verification attends: sdpa (a dense tree mask), tiled (the "
+                                                     "split-KV decode kernel with the tree as bits; CUDA and triton), or auto "
+                                                     "(both timed once on the run's shape, the faster kept).")] = "auto",
     data: DataOpt = None,
     checkpoint: CheckpointOpt = None,
     base_steps: BaseStepsOpt = None,
@@ -117,13 +121,15 @@ def medusa(
         max_new_tokens=max_new_tokens, prompts=prompts, prompt_len=prompt_len,
         prompt_file=str(prompt_file) if prompt_file else None, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, dtype=dtype, compile=compile,
-        step_kernels=step_kernels, draft_tokens=draft_tokens, lookup_tokens=lookup_tokens, data=data,
+        step_kernels=step_kernels, tree_attention=tree_attention, draft_tokens=draft_tokens, lookup_tokens=lookup_tokens, data=data,
         checkpoint=str(checkpoint) if checkpoint else None, base_steps=base_steps, heads_steps=heads_steps,
         draft_steps=draft_steps, seed=seed,
     )
     run_opts = RunOptions(dev, out, seed, profile=profile)
     prep = _prepare(opts, dev, train_only=False)
     run_suite(suite.sweep(prep), run_opts)
+    if prep.tree_attention is not None:
+        console.print(prep.tree_attention.line(), highlight=False, soft_wrap=True)
 
 
 @medusa_app.command(cls=Command)

@@ -200,6 +200,7 @@ def test_help_names_what_the_suites_define():
     assert medusa_command.PRESETS == tuple(medusa_suite.PRESETS)
     assert medusa_command.METHODS == medusa_suite.METHODS
     assert medusa_command.DEFAULT_TREE_SIZE == medusa_impl.DEFAULT_TREE_SIZE
+    assert medusa_command.TREE_ATTENTION == medusa_suite.TREE_ATTENTION
 
 
 def test_version():

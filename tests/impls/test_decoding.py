@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from impls import decoding, medusa
+from impls import decoding, gpt, medusa
 from impls.gpt import GPT, GPTConfig
 from tests.conftest import requires_cuda
 
@@ -127,6 +127,54 @@ def test_triton_step_kernels_decode_exactly_as_the_pytorch_ops(trained):
         want = got
 
 
+needs_tree_kernel = pytest.mark.skipif(
+    decoding.tree_attention_why_not(GPT(CFG), medusa.default_tree(3, 32)) is not None,
+    reason=str(decoding.tree_attention_why_not(GPT(CFG), medusa.default_tree(3, 32))))
+
+
+@needs_tree_kernel
+def test_tree_attention_through_the_decode_kernel_is_sdpa_with_the_tree_mask():
+    # One layer's verification attention, both ways, at a cur that puts the tree across key blocks.
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    q, k, v, masks = decoding.tree_attention_inputs(model, medusa.default_tree(3, 32), cur=37, length=128)
+    want = gpt.cache_attention(q, k, v, masks["sdpa"])
+    got = gpt.cache_attention(q, k, v, masks["tiled"])
+    assert (got - want).norm() / want.norm() < 1e-5  # fp32 both ways; a wrong bit moves a row by O(1)
+
+
+@needs_tree_kernel
+def test_tiled_tree_attention_decodes_exactly_as_sdpa(trained):
+    # Medusa's verification through the decode kernel (the interpreter on a CPU): same tokens, same
+    # acceptance, on the trained model (which accepts guesses, so the tree's branches count) and on a
+    # random one (whose every token leans on the whole context, so a wrong slot shows).
+    torch.manual_seed(1)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tree = medusa.default_tree(3, 32)
+    random = (GPT(CFG).eval(), medusa.MedusaHeads(CFG.n_embd, V, 3).eval())
+    for (model, heads), prompts, n, accepts in ((trained, _prompts(n=2), 24, True), (random, _prompts(n=1), 8, False)):
+        model, heads = copy.deepcopy(model).to(dev), copy.deepcopy(heads).to(dev)
+        sdpa, tiled = (decoding.MedusaDecoder(model, heads, tree, max_len=MAX_LEN, tree_attention=a)
+                       for a in ("sdpa", "tiled"))
+        for prompt in prompts:
+            want = sdpa.generate(prompt, n)
+            assert torch.equal(tiled.generate(prompt, n), want)
+            assert tiled.accept_histogram() == sdpa.accept_histogram()
+        if accepts:
+            assert sum(sdpa.accept_histogram()[1:]) > 0  # some step kept a guess: the tree's branches were read
+
+
+def test_tree_attention_refuses_what_the_kernel_cannot_take():
+    model = GPT(CFG)
+    assert "at most 64" in decoding.tree_attention_why_not(model, medusa.Tree.chain(64))
+    assert "ALiBi" in decoding.tree_attention_why_not(GPT(GPTConfig(**{**CFG.__dict__, "pos_encoding": "alibi"})),
+                                                      medusa.Tree.chain(3))
+    with pytest.raises(ValueError, match="tree_attention must be one of"):
+        decoding.VanillaDecoder(model, max_len=MAX_LEN, tree_attention="flash")
+    with pytest.raises(ValueError, match="tree_attention tiled cannot run here: a tree of 65 nodes"):
+        decoding.LookupDecoder(model, 64, max_len=MAX_LEN, tree_attention="tiled")
+
+
 def test_decoders_can_share_a_model(trained):
     model, heads = trained
     vanilla = decoding.VanillaDecoder(model, max_len=MAX_LEN)
@@ -241,3 +289,17 @@ def test_cuda_modes_match_eager(trained, mode):
             fast[name].decode(120)
             assert torch.equal(fast[name].tokens(120), want), (mode, name)
             assert fast[name].accept_histogram() == eager[name].accept_histogram(), (mode, name)
+
+
+@requires_cuda
+def test_cuda_graph_tiled_tree_attention_matches_eager_sdpa(trained):
+    # The decode kernel inside a captured step (the launch and its split buffers recorded once, cur read on
+    # the device) keeps Medusa's tokens and acceptance, across cache lengths.
+    model, heads = (m.cuda() for m in trained)
+    tree = medusa.default_tree(3, 32)
+    eager = decoding.MedusaDecoder(model, heads, tree, max_len=MAX_LEN)
+    graph = decoding.MedusaDecoder(model, heads, tree, max_len=MAX_LEN, mode="graph", tree_attention="tiled")
+    for prompt in _prompts():
+        want = eager.generate(prompt.cuda(), 120)  # crosses cache lengths 128 -> 192
+        assert torch.equal(graph.generate(prompt.cuda(), 120), want)
+        assert graph.accept_histogram() == eager.accept_histogram()

@@ -1,7 +1,7 @@
 """Tests for the serving shapes of impls/attention/flash.py's attention() on
 the Triton kernels: q_len != kv_len (causal aligned bottom-right), masks
 (sliding window, soft-capping, ALiBi), varlen batches, and the split-KV
-decode kernel with a dense or paged cache. Forward and dq, dk, dv against the
+decode kernel with a dense or paged cache, and its tree mask. Forward and dq, dk, dv against the
 float64 reference (impls/attention/naive.py).
 
 Without a GPU the kernels run through Triton's interpreter on CPU tensors, at
@@ -226,6 +226,77 @@ def test_decode_refuses_backward():
     table = torch.zeros(1, 3, dtype=torch.int32, device=DEVICE)
     assert "forward only" in flash.supported(q, k.detach().reshape(10, 8, 1, 16), v.detach().reshape(10, 8, 1, 16),
                                              True, block_table=table)
+
+
+def _tree_reference(q, k, v, bits, lengths, causal, window=None):
+    """Float64 attention of q (B, H, SQ, D) on each sequence's first lengths[b] keys of k, v (B, Hkv, Sk, D),
+    query i seeing every key before lengths[b] - SQ and key lengths[b] - SQ + j iff bit j of bits[b, i]."""
+    B, H, SQ, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        j = torch.arange(n) - (n - SQ)  # (n,) key slots relative to the first query's
+        seen = (bits[b].cpu()[:, None] >> j.clamp(0, 63)[None, :]) & 1 == 1  # (SQ, n), torch's own shifts
+        visible = (j[None, :] < 0) | seen
+        if causal:
+            visible &= j[None, :] <= torch.arange(SQ)[:, None]
+        if window is not None:
+            visible &= torch.arange(SQ)[:, None] - j[None, :] < window
+        kb, vb = (naive.expand_kv(t[b : b + 1, :, :n].double().cpu(), H) for t in (k, v))
+        scores = (q[b : b + 1].double().cpu() @ kb.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        out[b : b + 1] = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vb
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("Hkv, SQ, per_sequence, paged, causal, window, splits", [
+    (2, 7, False, False, False, None, 3),  # one mask for the batch, GQA groups of 2
+    (1, 64, True, False, False, None, 2),  # 64 queries: bit 63 is the sign bit; rows over two programs
+    (2, 13, True, True, False, None, 3),  # a paged cache, each sequence its own length and tree
+    (4, 9, False, False, True, 4, 2),  # with causal and a window shorter than the tree
+])
+def test_tree_mask_decode_matches_float64(Hkv, SQ, per_sequence, paged, causal, window, splits):
+    gen = torch.Generator(device=DEVICE).manual_seed(21)
+    B, H, Sk = 2, 4, 100
+    q, k, v = randn(B, H, SQ, 16, gen=gen), randn(B, Hkv, Sk, 16, gen=gen), randn(B, Hkv, Sk, 16, gen=gen)
+    lengths = torch.tensor([100, 61], dtype=torch.int32, device=DEVICE)
+    # Random 64-bit patterns, the bits past each row's last query slot included: the kernel must ignore those.
+    bits = torch.randint(-2**63, 2**63 - 1, (B if per_sequence else 1, SQ), dtype=torch.int64,
+                         generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bits[0, 0] = 0  # a row that sees only the prefix
+    extra = dict(cache_seqlens=lengths, tree_bits=bits if per_sequence else bits[0])
+    if paged:
+        k_cache, v_cache, extra["block_table"] = _paged(k, v, 8, gen)
+    ran = flash.Kernels()
+    out = flash.attention(q, *((k_cache, v_cache) if paged else (k, v)), causal,
+                          masks=Masks(window=window), num_splits=splits, kernels=ran, **extra)
+    assert ran.fwd.startswith("triton decode")
+    ref = _tree_reference(q, k, v, bits.expand(B, SQ), lengths, causal, window)
+    assert rel_err(out.cpu(), ref) < TOL[torch.float32]
+
+
+@needs_kernel
+def test_tree_mask_bf16_all_bits_is_causal_over_the_tree():
+    # Bits 0..i set for query i (-1 for the last of 64 queries): the tree is a chain, so plain causal decoding.
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+    q, k, v = (randn(1, h, s, 32, dtype=torch.bfloat16, gen=gen) for h, s in ((4, 64), (2, 90), (2, 90)))
+    bits = torch.tensor([(1 << (i + 1)) - 1 - (1 << 64 if i == 63 else 0) for i in range(64)], device=DEVICE)
+    out = flash.attention(q, k, v, False, tree_bits=bits, num_splits=2)
+    assert rel_err(out, naive.reference(q, k, v, True)[0]) < TOL[torch.bfloat16]
+
+
+@needs_kernel
+def test_tree_mask_refuses_what_it_cannot_hold():
+    q, kv = torch.zeros(1, 2, 65, 16, device=DEVICE), torch.zeros(1, 2, 80, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 64 queries; got q_len 65"):
+        flash.attention(q, kv, kv, False, tree_bits=torch.zeros(65, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 64 queries"):
+        ft.decode(q, kv, kv, False, 0.25, ft.Features(tree_bits=torch.zeros(65, dtype=torch.int64, device=DEVICE)))
+    q = q[:, :, :4]
+    assert "int64" in flash.supported(q, kv, kv, tree_bits=torch.zeros(4, dtype=torch.int32, device=DEVICE))
+    assert "(4,) or (1, 4)" in flash.supported(q, kv, kv, tree_bits=torch.zeros(5, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="only in the decode kernel"):
+        flash.attention(q, kv, kv, False, tree_bits=torch.zeros(4, dtype=torch.int64, device=DEVICE), decode=False)
 
 
 def test_decode_splits_fill_the_waves():

@@ -46,6 +46,16 @@ def test_hand_tree_mask_and_positions():
     assert (cur + b.node).tolist() == list(range(3, 10))  # cache slots: one per node
 
 
+def test_tree_bits_by_hand():
+    # Bit j of node i: node i attends to node j (HAND's ancestor sets in test_hand_tree_buffers).
+    assert medusa.tree_bits(HAND.buffers()).tolist() == [0b1, 0b11, 0b101, 0b1011, 0b10011, 0b100101, 0b1001011]
+    # A chain of 64 nodes: node i sees 0..i; node 63's 64 bits are all ones, -1 in two's complement.
+    bits = medusa.tree_bits(medusa.Tree.chain(63).buffers())
+    assert bits.dtype == torch.int64 and bits[62] == 2**63 - 1 and bits[63] == -1 and bits[5] == 0b111111
+    with pytest.raises(ValueError, match="65 nodes"):
+        medusa.tree_bits(medusa.Tree.chain(64).buffers())
+
+
 def test_tree_candidates_follow_the_ranks():
     b = HAND.buffers()
     topk = torch.arange(3 * medusa.TOPK).reshape(3, medusa.TOPK) + 100  # head k rank r -> 100 + 10k + r

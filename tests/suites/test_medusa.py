@@ -16,6 +16,7 @@ from bench.cli import app
 from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Context, measure_one
+from bench.stats import Stats
 from bench.telemetry import Telemetry
 from impls import medusa
 from impls.data import DataConfig, load_data
@@ -45,6 +46,7 @@ def prepared():
     (dict(dtype="fp8"), "--dtype"),
     (dict(compile="fast"), "--compile"),
     (dict(step_kernels="cuda"), "--step-kernels must be one of"),
+    (dict(tree_attention="flash"), "--tree-attention must be one of"),
     (dict(heads=0), "--heads must be at least 1"),
     (dict(temperature=-1.0), "--temperature"),
     (dict(model="no/such/folder"), "neither a preset"),
@@ -146,6 +148,49 @@ def test_triton_step_kernels_rows(prepared):
         suite.prepare(dataclasses.replace(opts, temperature=0.7), CPU)
 
 
+@pytest.mark.skipif(suite.decoding.tree_attention_why_not(suite.GPT(suite.PRESETS["tiny"].base), medusa.Tree.chain(3))
+                    is not None, reason="needs triton (its interpreter on the CPU)")
+def test_tiled_tree_attention_rows_stay_lossless(prepared):
+    # Medusa's trees verified by the decode kernel, through the interpreter: still greedy, and the row says so.
+    # One prompt, 8 tokens: the interpreter runs every step of the warm-up and the timed generation.
+    opts = dataclasses.replace(prepared[0].options, tree_attention="tiled", methods=("vanilla", "medusa"),
+                               prompts=1, max_new_tokens=8)
+    prep = suite.prepare(opts, CPU)
+    sweep = suite.sweep(prep)
+    m = measure_one(sweep, next(c for c in sweep.configs if c.method == "medusa"), Context(CPU))
+    assert m.status == "ok" and m.values["identical_to_greedy"] == "1/1", m.reason
+    assert m.values["tree_attention"] == "tiled" and m.values["tree_attention_sdpa_ms"] is None  # not timed on a CPU
+    assert m.values["spec"].endswith("attention tiled")
+    assert prep.tree_attention.line() == "medusa verified its trees with tiled (--tree-attention tiled)"
+
+
+def test_auto_keeps_the_faster_tree_attention_only_if_it_agrees(prepared, monkeypatch):
+    # Timings faked (sdpa is timed first, then tiled); the outputs are the real ones, on the CPU.
+    prep, _ = prepared
+    if suite.decoding.tree_attention_why_not(prep.model, prep.tree) is not None:
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    gpu = torch.device("cuda")  # only read by the timer, faked here
+
+    def choose(asked, sdpa_ms, tiled_ms):
+        times = iter([sdpa_ms, tiled_ms])
+        monkeypatch.setattr(suite.timing, "measure", lambda fn, **kw: Stats.of([next(times)]))
+        return suite.choose_tree_attention(dataclasses.replace(prep, options=dataclasses.replace(
+            prep.options, tree_attention=asked)), gpu, "eager")
+
+    t = choose("auto", 2.0, 1.0)
+    assert (t.used, t.sdpa_ms, t.tiled_ms, t.why) == ("tiled", 2.0, 1.0, "")
+    # 2 prompts of the preset's length, 16 new tokens: halfway is 8 past the prompt, plus 64 tree slots, in 128-slot steps
+    assert t.length == min(prep.max_len, 128 * -(-(prep.prompts[0].numel() + 8 + 64) // 128))
+    assert t.line() == (f"medusa verified its trees with tiled (the faster): one layer's attention 1 ms tiled, "
+                        f"2 ms sdpa at {t.length} cache slots")
+    assert choose("auto", 1.0, 2.0).used == "sdpa"
+    monkeypatch.setattr(suite.correctness, "passes", lambda err, dtype: False)  # as if the kernel were wrong
+    t = choose("auto", 2.0, 1.0)
+    assert t.used == "sdpa" and "tiled's output differs from sdpa's" in t.why and t.line().endswith(t.why)
+    with pytest.raises(RuntimeError, match="--tree-attention tiled: tiled's output differs"):
+        choose("tiled", 2.0, 1.0)
+
+
 def test_a_lossy_method_is_a_mismatch(prepared, monkeypatch):
     # Break greedy acceptance so that it keeps a token greedy decoding would not
     # choose: the identity check must catch it, and the gap is no near-tie.
@@ -201,6 +246,9 @@ def test_cli_end_to_end_with_train_and_sampling(tmp_path):
     meta = json.loads(next(out.glob("medusa-*.json")).read_text())
     assert meta["complete"] and meta["label"] == "method" and meta["baseline"] == "vanilla"
     assert "speedup" in result.output
+    assert rows["medusa"]["tree_attention"] == "sdpa" and rows["vanilla"]["tree_attention"] == ""
+    assert "medusa verified its trees with sdpa (--tree-attention auto); auto times the two on a GPU only" \
+        in result.output
 
     # `medusa train`: the same models, from the cache, a row per part and per head
     result = runner.invoke(app, ["medusa", "train", "--device", "cpu", "--model", "tiny", *FAST_ARGS,
