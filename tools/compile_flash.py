@@ -46,12 +46,14 @@ def _optional(pointers: dict[str, tuple[str, bool]]) -> tuple[dict, dict]:
 def jobs():
     """(label, fn, types, constexprs, num_warps) for each variant compiled."""
     bf16 = "*bf16"
-    for label, (window, softcap, alibi, varlen, causal) in {
-            "causal": (False, False, False, False, True), "plain": (False, False, False, False, False),
-            "window softcap alibi varlen causal": (True, True, True, True, True)}.items():
+    for label, (window, softcap, alibi, varlen, causal, rope) in {
+            "causal": (False, False, False, False, True, False), "plain": (False, False, False, False, False, False),
+            "window softcap alibi varlen causal": (True, True, True, True, True, False),
+            "rope causal": (False, False, False, False, True, True)}.items():
         flags = dict(WINDOW=window, SOFTCAP=softcap, ALIBI=alibi, VARLEN=varlen, CAUSAL=causal, USE_TMA=False,
-                     HEAD_DIM=128, D_PAD=128)
-        given, absent = _optional({"SLOPES": ("*fp32", alibi), "CU_Q": ("*i32", varlen), "CU_K": ("*i32", varlen)})
+                     ROPE=rope, GPTJ=False, HEAD_DIM=128, D_PAD=128)
+        given, absent = _optional({"SLOPES": ("*fp32", alibi), "CU_Q": ("*i32", varlen), "CU_K": ("*i32", varlen),
+                                   "COS": (bf16, rope), "SIN": (bf16, rope)})
         lse = {"LSE": "*fp32", "DELTA": "*fp32"}
         yield (f"fwd {label}", ft._fwd_kernel.fn, {**dict.fromkeys("QKVO", bf16), **lse, **given, **FLOATS},
                {**flags, **absent, "BLOCK_M": 128, "BLOCK_N": 64, "WARP_SPEC": False}, 8)

@@ -21,3 +21,6 @@ def test_masked_varlen_forward_and_paged_decode_compile(run_tool):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^fwd window softcap alibi varlen causal\s+smem=\d+ regs=\d+ stack=\d+ wgmma_serialized=False",
                      done.stdout, re.M), done.stdout
+    done = run_tool("compile_flash", "--only", "rope", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^dq rope causal\s+smem=\d+", done.stdout, re.M), done.stdout
