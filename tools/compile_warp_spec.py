@@ -32,7 +32,7 @@ def compile_fwd(arch: int, use_tma: bool, warp_spec: bool, num_warps: int, num_s
     fn = ft._fwd_kernel.fn
     flags = dict(WINDOW=False, SOFTCAP=False, ALIBI=False, VARLEN=False, CAUSAL=False, USE_TMA=use_tma,
                  HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=128, BLOCK_N=64, WARP_SPEC=warp_spec,
-                 SLOPES=None, CU_Q=None, CU_K=None)
+                 ROPE=False, GPTJ=False, SLOPES=None, CU_Q=None, CU_K=None, COS=None, SIN=None)
     types = {**dict.fromkeys("QKVO", "*bf16"), "LSE": "*fp32", **FLOATS}
     sig = {name: "constexpr" if name in flags else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in flags.items() if k in fn.arg_names})
