@@ -186,17 +186,23 @@ class Interrupted(Exception):
         self.csv_path, self.rows = csv_path, rows
 
 
-def _release_memory(device: torch.device) -> None:
-    # What one configuration left must not crowd the next. On a GPU reference
-    # cycles (autograd graphs, closures) can hold device memory until a full
-    # collection, and the caching allocator keeps freed blocks. On a CPU freed
-    # tensors return at once; a full collection there (about 0.1 s with torch
-    # loaded) costs more than many a small row, so only the young generations go.
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _release_memory(device: torch.device, allocated_before: int) -> None:
+    # What one configuration left must not crowd the next. The young
+    # generations go at once. On a GPU, reference cycles (autograd graphs,
+    # closures) can hold device memory until a full collection, and the caching
+    # allocator keeps freed blocks; but a full collection walks every object
+    # torch and its compilers have made (a quarter of a second after an
+    # inductor compile), so it runs only when the row left more allocated than
+    # it found. On a CPU freed tensors return at once.
+    gc.collect(1)
     if device.type == "cuda":
-        gc.collect()
+        if _allocated(device) > allocated_before:
+            gc.collect()
         torch.cuda.empty_cache()
-    else:
-        gc.collect(1)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -208,6 +214,7 @@ def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
     """Run one configuration, turning its failure into a status. A timed row
     carries the telemetry of the last window its run closed."""
     ctx.last_telemetry = None
+    allocated = _allocated(ctx.device)
     try:
         m = sweep.run(config, ctx)
         if m.telemetry is None and m.stats is not None:
@@ -222,7 +229,7 @@ def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
     except Exception as exc:  # one broken configuration must not end the sweep
         return Measurement(status="error", reason=_one_line(exc))
     finally:
-        _release_memory(ctx.device)
+        _release_memory(ctx.device, allocated)
 
 
 def to_row(sweep: Sweep, config: Any, m: Measurement) -> dict:

@@ -282,3 +282,18 @@ def test_ctrl_c_before_any_row_hands_on_nothing(tmp_path):
         run_sweep(_sweep(["ctrl-c", "fast"]), Context(torch.device("cpu")), tmp_path, {},
                   Console(file=open("/dev/null", "w")), on_group=lambda rows, partial: handed.append(rows))
     assert handed == []
+
+
+@pytest.mark.parametrize("left_behind, full", [(0, False), (4096, True)])
+def test_a_full_collection_only_when_a_row_left_device_memory(monkeypatch, left_behind, full):
+    # A full gc walks every object torch's compilers made: on a GPU it runs only when the row
+    # left more allocated than it found (a cycle may hold it), the young generations always.
+    allocated = iter([1000, 1000 + left_behind])
+    collected, emptied = [], []
+    monkeypatch.setattr(runner, "_allocated", lambda device: next(allocated))
+    monkeypatch.setattr(runner.gc, "collect", lambda *gen: collected.append(gen))
+    monkeypatch.setattr(runner.torch.cuda, "empty_cache", lambda: emptied.append(True))
+    sweep = Sweep(suite="toy", configs=[], run=_run, params=("impl", "size"), metrics=("rel_err",))
+    ctx = Context(device=torch.device("cuda"))
+    assert runner.measure_one(sweep, Toy("nope", 1), ctx).status == "unsupported"
+    assert collected == ([(1,), ()] if full else [(1,)]) and emptied == [True]
