@@ -133,6 +133,23 @@ def why_not(q, k, v, causal: bool, masks: Masks = NO_MASKS, varlen: Varlen | Non
     return None
 
 
+# Queries shorter than a block (< 128) lower to inductor's flex-decoding kernel,
+# which stacks the query rows of the heads that share a kv head (q_len x group)
+# into one block, by default that product rounded up to a power of two. Past
+# the BlockMask's 128-row blocks no config is left to choose from
+# (NoValidChoicesError: tree verification at q_len 64 over 4 query heads per kv
+# head on the H100). Capping the block at the mask's 128 rows is the remedy
+# AgileRL shipped for the same error (AgileRL/AgileRL PR 643).
+MASK_BLOCK = 128
+
+
+def kernel_options(q_len: int, group: int) -> dict | None:
+    """The kernel_options a compiled call passes: BLOCK_M capped where flex-decoding would exceed the mask's block."""
+    if q_len < MASK_BLOCK and q_len * group > MASK_BLOCK:
+        return {"BLOCK_M": MASK_BLOCK}
+    return None
+
+
 def describe(q) -> str:
     return "flex compiled" if compiled(q.device) else "flex eager (unfused: materializes the scores)"
 
@@ -156,7 +173,9 @@ def attention(q, k, v, causal: bool, scale: float | None = None, masks: Masks = 
     mod = score_mod(q_len, kv_len, masks.softcap, q.shape[1] if masks.alibi else None, q.device)
     gqa = q.shape[1] != k.shape[1]
     if compiled(q.device):
-        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale, enable_gqa=gqa)
+        options = kernel_options(q_len, q.shape[1] // k.shape[1])
+        extra = {"kernel_options": options} if options else {}
+        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale, enable_gqa=gqa, **extra)
     with warnings.catch_warnings():
         # The eager fallback warns that it is unfused on every call; describe() says so once, in the row.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
