@@ -335,6 +335,20 @@ def _rope_rows(base, row0, S, stride_s, pos0, COS, SIN, sign, ROWS: tl.constexpr
 
 
 @triton.jit
+def _resident_rows(base, row0, S, stride_s, pos0, COS, SIN, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_PAD: tl.constexpr, ROPE: tl.constexpr, GPTJ: tl.constexpr):
+    """A backward program's resident block (its K rows for dK/dV, its Q rows for dQ) and the zeroed
+    fp32 gradient that accumulates against it: with ROPE, rotated and as the pairs' two halves
+    (x, x2, g, g2), each (ROWS, D_PAD / 2); without, (x, 0, g, 0) over the whole head dim."""
+    if ROPE:
+        x, x2 = _rope_rows(base, row0, S, stride_s, pos0, COS, SIN, 1.0, ROWS, HEAD_DIM, D_PAD, True, GPTJ)
+        return x, x2, tl.zeros([ROWS, D_PAD // 2], tl.float32), tl.zeros([ROWS, D_PAD // 2], tl.float32)
+    else:
+        x = _load_rows(base, row0, S, stride_s, ROWS, HEAD_DIM, D_PAD, True, False)
+        return x, 0.0, tl.zeros([ROWS, D_PAD], tl.float32), 0.0
+
+
+@triton.jit
 def _store_rope_rows(base, y1, y2, row0, S, stride_s, pos0, COS, SIN, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      D_PAD: tl.constexpr, GPTJ: tl.constexpr):
     """Store the pairs (y1, y2) of rows row0 .. (fp32, (ROWS, D_PAD / 2) each) rotated back
@@ -712,16 +726,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_Q, CU_K, COS, S
     OFF = SK - SQ
 
     k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_ks
-    if ROPE:
-        k, k2 = _rope_rows(k_base, start_n, SK, stride_ks, rope_offset, COS, SIN, 1.0, BLOCK_N, HEAD_DIM, D_PAD,
-                           True, GPTJ)  # (BLOCK_N, D_PAD / 2) each
-        dk = tl.zeros([BLOCK_N, D_PAD // 2], tl.float32)
-        dk2 = tl.zeros([BLOCK_N, D_PAD // 2], tl.float32)
-    else:
-        k = _load_rows(k_base, start_n, SK, stride_ks, BLOCK_N, HEAD_DIM, D_PAD, True, False)
-        k2 = 0.0
-        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        dk2 = 0.0
+    k, k2, dk, dk2 = _resident_rows(k_base, start_n, SK, stride_ks, rope_offset, COS, SIN, BLOCK_N, HEAD_DIM, D_PAD,
+                                    ROPE, GPTJ)
     v = _load_rows(V + b * stride_vb + hk * stride_vh + k0 * stride_vs, start_n, SK, stride_vs,
                    BLOCK_N, HEAD_DIM, D_PAD, True, False)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -852,16 +858,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_Q, CU_K, COS, SIN,
 
     rows = start_m + tl.arange(0, BLOCK_M)
     q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qs
-    if ROPE:
-        q, q2 = _rope_rows(q_base, start_m, SQ, stride_qs, rope_offset + OFF, COS, SIN, 1.0, BLOCK_M, HEAD_DIM, D_PAD,
-                           True, GPTJ)  # (BLOCK_M, D_PAD / 2) each
-        dq = tl.zeros([BLOCK_M, D_PAD // 2], tl.float32)
-        dq2 = tl.zeros([BLOCK_M, D_PAD // 2], tl.float32)
-    else:
-        q = _load_rows(q_base, start_m, SQ, stride_qs, BLOCK_M, HEAD_DIM, D_PAD, True, False)
-        q2 = 0.0
-        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        dq2 = 0.0
+    q, q2, dq, dq2 = _resident_rows(q_base, start_m, SQ, stride_qs, rope_offset + OFF, COS, SIN, BLOCK_M, HEAD_DIM,
+                                    D_PAD, ROPE, GPTJ)
     do = _load_rows(DO + b * stride_db + h * stride_dh + q0 * stride_ds, start_m, SQ, stride_ds,
                     BLOCK_M, HEAD_DIM, D_PAD, True, False)
     lse_ptr = LSE + b * stride_lb + h * stride_lh + q0 + rows
