@@ -2,6 +2,7 @@
 
     python3 -m tools.compile_warp_spec              # sm_90a (Hopper), from the repository root
     python3 -m tools.compile_warp_spec --arch 100   # sm_100a (Blackwell)
+    python3 -m tools.compile_warp_spec --only tma   # the variants whose label has "tma"
 
 flash_triton's forward can ask Triton to warp-specialize its unmasked key
 loop (`tl.range(..., warp_specialize=WARP_SPEC)`, Triton 3.4 on). This
@@ -43,6 +44,7 @@ def compile_fwd(arch: int, use_tma: bool, warp_spec: bool, num_warps: int, num_s
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 (Hopper), 100, ...")
+    p.add_argument("--only", default="", help="only the variants whose label contains this, e.g. 'w8 s2'")
     args = p.parse_args()
     if ft.TRITON_ERROR is not None:
         raise SystemExit(f"compile_warp_spec: {ft.TRITON_ERROR}")
@@ -51,6 +53,8 @@ def main():
     print(f"triton {triton.__version__}, target sm_{args.arch}a, _fwd_kernel D=128 128x64 non-causal")
     for use_tma, warps, stages in VARIANTS:
         label = f"{'tma' if use_tma else 'pointer'} w{warps} s{stages}"
+        if args.only not in label:
+            continue
         ptx = {}
         for warp_spec in (False, True):
             try:
