@@ -155,6 +155,10 @@ class Sweep:
     # Relative work of a configuration, for the progress bar and its ETA (any
     # unit: only ratios count); None: every row counts the same.
     cost: Callable[[Any], float] | None = None
+    # Work done once before the first configuration, e.g. compiling the sweep's
+    # kernels side by side: (what the progress line says meanwhile, a function
+    # of the context returning a line for the terminal, or None to say nothing).
+    prepare: tuple[str, Callable[[Context], str | None]] | None = None
 
     def columns(self) -> list[str]:
         return ["suite", *self.params, "status", "reason", *stat_columns(unit=self.time_unit), *TELEMETRY_COLUMNS,
@@ -339,6 +343,12 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
     try:
         with progress:
             task = progress.add_task("", total=sum(costs) or 1.0, suite=sweep.suite, rows=f"0/{n}", step=None)
+            if sweep.prepare is not None:
+                what, prepare = sweep.prepare
+                progress.update(task, description=what)
+                said = prepare(ctx)
+                if said:
+                    console.print(said, style="dim")
             done = 0.0
             for i, (config, cost) in enumerate(zip(sweep.configs, costs)):
                 progress.update(task, description=sweep.describe(config), completed=done, step=None)

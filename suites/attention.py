@@ -60,6 +60,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,7 +71,7 @@ from bench.env import DTYPES
 from bench.env import cache_dir
 from bench.errors import BadInput
 from bench.runner import Column, Context, Measurement, Sweep
-from impls.attention import flash, flex, gluon_check, naive, sdpa, third_party, tiled, tuning
+from impls.attention import ahead, flash, flex, gluon_check, naive, sdpa, third_party, tiled, tuning
 from impls.attention.naive import NO_MASKS, Masks, Varlen
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -501,7 +502,21 @@ def _lacks(impl: Impl, cfg: AttentionConfig) -> str | None:
     return next((reason for asked, reason in wants if asked and reason), None)
 
 
-def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
+@dataclass
+class _Call:
+    """One configuration's inputs, as its implementation takes them."""
+
+    impl: Impl
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    kw: dict  # masks, a packed batch, a block table: for the implementations that take them
+    values: dict  # the row's columns known before the call
+
+
+def _call(cfg: AttentionConfig, ctx: Context) -> _Call | Measurement:
+    """The inputs of `cfg`'s row, or its unsupported Measurement."""
     impl = find_impl(cfg.impl)
     backward = cfg.mode != "fwd"
     q, k, v, dout = _inputs(cfg, ctx.device, ctx.seed)
@@ -518,16 +533,51 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
     kw = {"masks": cfg.masks} if cfg.masks else {}
     if cfg.varlen is not None:
         kw["varlen"] = cfg.varlen
-    k_in, v_in = k, v  # the reference's contiguous K and V; with pages, the rows read these instead:
-    if cfg.page_size is not None:
-        g = torch.Generator().manual_seed(ctx.seed)
-        k_in, block_table = naive.pages(k, cfg.page_size, g)
-        v_in, _ = naive.pages(v, cfg.page_size, torch.Generator().manual_seed(ctx.seed))
+    if cfg.page_size is not None:  # the reference's contiguous K and V; the rows read these pages instead
+        k, block_table = naive.pages(k, cfg.page_size, torch.Generator().manual_seed(ctx.seed))
+        v, _ = naive.pages(v, cfg.page_size, torch.Generator().manual_seed(ctx.seed))
         kw["block_table"] = block_table
-    reason = impl.why_not(q, k_in, v_in, cfg.causal, **kw)
+    reason = impl.why_not(q, k, v, cfg.causal, **kw)
     if reason:
         return Measurement(values, status="unsupported", reason=reason)
-    k, v = k_in, v_in
+    return _Call(impl, q, k, v, dout, kw, values)
+
+
+# The rows whose kernels compile_ahead() compiles before the sweep's first row.
+AHEAD = ("tiled", "tiled-triton")
+
+
+def compile_ahead(configs: list[AttentionConfig], ctx: Context) -> str | None:
+    """Compile the flash kernels every tiled row will launch, side by side
+    (impls/attention/ahead.py), so that the rows do not compile them one after
+    another; a line saying so, or None where nothing was compiled."""
+    todo = [cfg for cfg in configs if cfg.impl in AHEAD]
+    if not todo or ctx.device.type != "cuda" or ahead.available() is not None:
+        return None
+    began = time.perf_counter()
+    with ahead.compiling() as pool:
+        for cfg in todo:
+            try:
+                call = _call(cfg, ctx)
+                if isinstance(call, Measurement):
+                    continue
+                out = call.impl.fn(call.q, call.k, call.v, cfg.causal, **call.kw)
+                if cfg.mode != "fwd":
+                    torch.autograd.grad(out, (call.q, call.k, call.v), call.dout)
+            except Exception:  # noqa: BLE001 - the row itself, launching its kernels, reports what went wrong
+                continue
+    if not pool.kernels:
+        return None
+    return (f"compiled {pool.kernels} kernels of {' and '.join(sorted({c.impl for c in todo}))} ahead, "
+            f"{pool.workers} at a time, in {time.perf_counter() - began:.1f} s")
+
+
+def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
+    call = _call(cfg, ctx)
+    if isinstance(call, Measurement):
+        return call
+    impl, q, k, v, dout, kw, values = call.impl, call.q, call.k, call.v, call.dout, call.kw, call.values
+    backward = cfg.mode != "fwd"
 
     # Correctness gate: output (and gradients) against float64, before any timing.
     shape = dataclasses.replace(cfg, impl="", mode="")
@@ -647,4 +697,5 @@ def sweep(opts: AttentionOptions) -> Sweep:
         baseline=BASELINE,
         note="kernel",
         cost=functools.partial(cost, mean_work=mean_work),
+        prepare=("compiling tiled's kernels", functools.partial(compile_ahead, configs)),
     )

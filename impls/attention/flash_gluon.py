@@ -51,6 +51,8 @@ import functools
 
 import torch
 
+from impls.attention import ahead
+
 try:
     import triton
     from triton.experimental import gluon
@@ -119,6 +121,8 @@ class Tuner:
             except (OSError, ValueError):
                 pass
         if name not in self.chosen:
+            if ahead.active():
+                raise ahead.Untuned(f"the {self.kernel} kernel's config for {key} is not chosen yet")
             times = {c: time_ms(c) for c in configs}
             self.chosen[name] = list(min(times, key=times.get))
             try:
@@ -835,11 +839,11 @@ def _launch(q, k, v, o, lse, causal, scale, config):
             raise ValueError("the persistent forward is non-causal only")
         n_tiles = triton.cdiv(S, block_m) * B * H
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-        return _fwd_persistent_kernel[(min(n_tiles, n_sm), )](
+        return ahead.launch(_fwd_persistent_kernel, (min(n_tiles, n_sm), ),
             _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, n_tiles, scale * LOG2E, D, block_n, stages, CONSUMER_REGS, num_warps=4)
-    return _fwd_kernel[grid](*args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
+    return ahead.launch(_fwd_kernel, grid, *args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
 
 
 def _time_ms(fn) -> float:
@@ -886,7 +890,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_m, stages = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
-    return _dkdv_kernel[grid](
+    return ahead.launch(_dkdv_kernel, grid,
         _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
         dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
@@ -919,7 +923,7 @@ def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_n, stages = config
     grid = (triton.cdiv(S, 128), B * H)
-    return _dq_kernel[grid](
+    return ahead.launch(_dq_kernel, grid,
         _descriptor(q, 128), _descriptor(do, 128), _descriptor(k, block_n), _descriptor(v, block_n),
         dq, lse, delta,
         *q.stride()[:3], *do.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3],

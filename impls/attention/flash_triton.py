@@ -83,6 +83,8 @@ from types import SimpleNamespace
 
 import torch
 
+from impls.attention import ahead
+
 try:
     import triton
     import triton.language as tl
@@ -1235,7 +1237,7 @@ def forward(q, k, v, causal: bool, scale: float, use_tma: bool = False, features
     o = torch.empty_like(q)  # keeps q's layout, e.g. a (B, S, H, D) view
     lse = torch.empty((B, H, q.shape[2]), device=q.device, dtype=torch.float32)
     ptrs, n, SQ, SK, lse_strides, scalars = _launch_args(q, k, causal, scale, use_tma, f, backward=False)
-    _fwd_kernel[lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), n * H)](
+    ahead.launch(_fwd_kernel, lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), n * H),
         q, k, v, o, lse, *ptrs,
         *_batch_strides(q, f), *_batch_strides(k, f), *_batch_strides(v, f), *_batch_strides(o, f), *lse_strides,
         *scalars,
@@ -1247,7 +1249,7 @@ def delta(o, do):
     """delta = rowsum(dO * O), (B, H, S) fp32: the row term every backward kernel subtracts."""
     B, H, S, D = o.shape
     out = torch.empty((B, H, S), device=o.device, dtype=torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
+    ahead.launch(_bwd_delta_kernel, (triton.cdiv(S, 64), B * H),
         o, do, out, *_strides(o), *_strides(do), H, S, D, _pad_dim(D), 64,
     )
     return out
@@ -1260,7 +1262,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, use_tma: 
     f = features
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     ptrs, n, SQ, SK, lse_strides, scalars = _launch_args(q, k, causal, scale, use_tma, f, backward=True)
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(SK, meta["BLOCK_N"]), n * Hkv)](
+    ahead.launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(SK, meta["BLOCK_N"]), n * Hkv),
         q, k, v, do, dk, dv, lse, delta, *ptrs,
         *_batch_strides(q, f), *_batch_strides(k, f), *_batch_strides(v, f), *_batch_strides(do, f),
         *_batch_strides(dk, f), *_batch_strides(dv, f), *lse_strides,
@@ -1276,7 +1278,7 @@ def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, use_tma: bo
     f = features
     dq = torch.empty_like(q)
     ptrs, n, SQ, SK, lse_strides, scalars = _launch_args(q, k, causal, scale, use_tma, f, backward=True)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), n * H)](
+    ahead.launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), n * H),
         q, k, v, do, dq, lse, delta, *ptrs,
         *_batch_strides(q, f), *_batch_strides(k, f), *_batch_strides(v, f), *_batch_strides(do, f),
         *_batch_strides(dq, f), *lse_strides,
@@ -1368,7 +1370,7 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
         o_part = torch.empty((B, H, SQ, num_splits, D), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B, H, SQ, num_splits), device=q.device, dtype=torch.float32)
     cap = f.softcap or 1.0
-    _decode_kernel[(num_splits, B * Hkv, row_blocks)](
+    ahead.launch(_decode_kernel, (num_splits, B * Hkv, row_blocks),
         q, k, v, o, o_part, lse_part, cache_seqlens, block_table, f.slopes, tree,
         *_strides(q), *k_strides, *v_strides, *_strides(o), bt_stride,
         tree.stride(0) if tree is not None and tree.dim() == 2 else 0,
@@ -1379,7 +1381,7 @@ def decode(q, k, v, causal: bool, scale: float, features: Features = PLAIN, bloc
     )
     config = _decode_kernel.best_config
     if num_splits > 1:
-        _decode_combine_kernel[(B * H * SQ,)](
+        ahead.launch(_decode_combine_kernel, (B * H * SQ,),
             o_part, lse_part, o, *_strides(o), H, SQ, num_splits, D, _pad_dim(D), triton.next_power_of_2(num_splits),
         )
     return o, (f"splits={num_splits} rows={block_r} BLOCK_N={config.kwargs['BLOCK_N']} warps={config.num_warps} "

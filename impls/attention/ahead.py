@@ -1,0 +1,111 @@
+"""Compiling the flash kernels a run will launch, side by side, before it launches any.
+
+A Triton or Gluon kernel compiles on its first launch, and the launches of a
+sweep come one after another: on a cold cache `tiled`'s forward, delta, dK/dV
+and dQ kernels (causal and not, Triton's and Gluon's) compile one at a time,
+each a few seconds with one host core busy. Triton compiles in a thread pool
+instead when the kernel's warmup() is called inside triton.AsyncCompileMode
+(its compiler passes and ptxas run without the GIL), so every kernel of a
+sweep can compile at once:
+
+    from impls.attention import ahead
+    with ahead.compiling() as pool:        # launches become compiles, in the pool
+        out = flash.attention(q, k, v, causal=True)
+        torch.autograd.grad(out, (q, k, v), do)
+    pool.kernels                           # how many compiles it started
+    # on leaving, every compile has finished: the real calls launch at once
+
+Inside compiling() the flash kernels' launches (launch()) only compile, so
+their outputs are never written: run there only to compile. A launch whose
+block configuration is not chosen yet (no shipped, cached or tuned choice for
+its shape key) compiles nothing, because choosing means timing the kernel on
+real launches: it is left to the first real call. So is the Gluon self-check
+(gluon_check), which must launch. A kernel that fails to compile is left to
+its first real call too, which then reports the error.
+
+Outside compiling(), launch(kernel, grid, ...) is kernel[grid](...).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+_active = False
+
+
+class Untuned(Exception):
+    """A kernel's configuration would have to be timed first, which compiling() cannot do."""
+
+
+def active() -> bool:
+    """Whether launches only compile (inside compiling())."""
+    return _active
+
+
+def available() -> str | None:
+    """None if compiling() compiles in parallel here, else why not."""
+    from impls.attention import flash_triton as ft
+    if ft.TRITON_ERROR is not None:
+        return f"Triton is not usable: {ft.TRITON_ERROR}"
+    if ft.INTERPRET:
+        return "the interpreter compiles nothing"
+    import triton
+    if not hasattr(triton, "AsyncCompileMode"):
+        return f"Triton {triton.__version__} has no AsyncCompileMode (3.5 and later have it)"
+    return None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs); inside compiling(), only its compilation,
+    in the pool (nothing, where the configuration must be tuned first)."""
+    if not _active:
+        return kernel[grid](*args, **kwargs)
+    try:
+        return kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    except Untuned:
+        return None
+
+
+def _refuse_timing(*args, **kwargs):
+    raise Untuned("choosing a configuration launches the kernel")
+
+
+@dataclass
+class Pool:
+    workers: int
+    kernels: int = 0  # compiles started, once compiling() has ended
+
+
+@contextmanager
+def compiling(workers: int | None = None):
+    """Within: the flash kernels' launches compile in a pool of `workers`
+    threads (default: this process's cores) and launch nothing; on leaving,
+    every compile has finished. Raises RuntimeError where available() says no."""
+    global _active
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(f"cannot compile ahead: {reason}")
+    if _active:
+        raise RuntimeError("compiling() is already active")
+    import triton
+
+    from impls.attention import flash_triton as ft
+    pool = Pool(workers or len(os.sched_getaffinity(0)))
+    tuners = list(ft.AUTOTUNED.values())
+    with ThreadPoolExecutor(pool.workers, thread_name_prefix="genbench-compile") as executor:
+        # ignore_errors: a kernel that does not compile is reported by its first real launch.
+        mode = triton.AsyncCompileMode(executor, ignore_errors=True)
+        with mode:
+            for tuner in tuners:  # an untuned key raises Untuned instead of timing configs
+                tuner._bench = _refuse_timing
+            _active = True
+            try:
+                yield pool
+            finally:
+                _active = False
+                for tuner in tuners:
+                    del tuner._bench  # back to the class's method
+                pool.kernels = len(mode.future_kernels)

@@ -1,0 +1,150 @@
+"""Tests for impls/attention/ahead.py, compiling the flash kernels side by side before a sweep launches them.
+
+Compiling needs a GPU, so here the kernels are stand-ins: these tests check
+that inside compiling() a launch becomes a warmup run under Triton's
+AsyncCompileMode, that nothing is timed or launched for a configuration not
+chosen yet (autotuner, Gluon tuner, Gluon self-check), that everything is put
+back on leaving, and the attention suite's compile_ahead() driver. On a
+Hopper GPU the real thing is the cold `genbench attention` run, whose first
+line says how many kernels compiled and how long it took.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from impls.attention import ahead, gluon_check  # noqa: E402
+from impls.attention import flash_triton as ft  # noqa: E402
+
+triton = pytest.importorskip("triton")
+needs_async = pytest.mark.skipif(not hasattr(triton, "AsyncCompileMode"), reason="Triton without AsyncCompileMode")
+
+
+class FakeKernel:
+    """Records how it was launched or compiled; `arg_names` and `fn` as triton.autotune wants them."""
+
+    arg_names = ["x", "n"]
+
+    def __init__(self):
+        self.calls = []
+        self.fn = lambda x, n: None  # autotune walks .fn down to a plain function
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        from triton.runtime import _async_compile
+        self.calls.append({"grid": grid, "warmup": warmup, "async": _async_compile.active_mode.get() is not None,
+                           **kwargs})
+        return "compiled" if warmup else "launched"
+
+
+@pytest.fixture
+def can_compile(monkeypatch):
+    """ahead.available() says yes, as on a GPU; one stand-in autotuned kernel with two configs."""
+    monkeypatch.setattr(ahead, "available", lambda: None)
+    inner = FakeKernel()
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["n"])(inner)
+    monkeypatch.setattr(ft, "AUTOTUNED", {"fake": tuned})
+    return inner, tuned
+
+
+def test_outside_compiling_a_launch_is_the_kernels_launch():
+    kernel = FakeKernel()
+    assert ahead.launch(kernel, (4, 2), 1, n=8) == "launched"
+    assert kernel.calls == [{"grid": (4, 2), "warmup": False, "async": False, "n": 8}]
+    assert not ahead.active()
+
+
+@needs_async
+def test_inside_compiling_a_launch_only_compiles_in_the_pool(can_compile):
+    kernel = FakeKernel()
+    with ahead.compiling(workers=2) as pool:
+        assert ahead.active()
+        assert ahead.launch(kernel, (4, 2), 1, n=8) == "compiled"
+    assert kernel.calls == [{"grid": (4, 2), "warmup": True, "async": True, "n": 8}]
+    assert pool.workers == 2 and not ahead.active()
+
+
+@needs_async
+def test_an_untuned_key_is_neither_timed_nor_compiled(can_compile):
+    inner, tuned = can_compile
+    with ahead.compiling(workers=2):
+        assert ahead.launch(tuned, (1,), "x", 100) is None
+    assert inner.calls == [] and tuned.cache == {}
+    assert "_bench" not in vars(tuned), "the autotuner's timing was not put back"
+
+
+@needs_async
+def test_a_tuned_key_compiles_its_chosen_config(can_compile):
+    inner, tuned = can_compile
+    tuned.cache[(100,)] = tuned.configs[1]  # as a shipped or cached choice is
+    with ahead.compiling(workers=2):
+        ahead.launch(tuned, (1,), "x", 100)
+    assert len(inner.calls) == 1
+    call = inner.calls[0]
+    assert call["warmup"] and call["async"] and call["BLOCK"] == 64
+
+
+@needs_async
+def test_an_exception_inside_still_puts_everything_back(can_compile):
+    _, tuned = can_compile
+    with pytest.raises(KeyError), ahead.compiling(workers=1):
+        raise KeyError("a configuration went wrong")
+    assert not ahead.active() and "_bench" not in vars(tuned)
+
+
+@needs_async
+def test_compiling_does_not_nest(can_compile):
+    with ahead.compiling(workers=1), pytest.raises(RuntimeError, match="already active"):
+        with ahead.compiling(workers=1):
+            pass
+
+
+def test_compiling_says_why_not_where_it_cannot(monkeypatch):
+    monkeypatch.setattr(ahead, "available", lambda: "the interpreter compiles nothing")
+    with pytest.raises(RuntimeError, match="interpreter"), ahead.compiling():
+        pass
+
+
+def test_the_interpreter_compiles_nothing_ahead():
+    if not ft.INTERPRET:
+        pytest.skip("runs under TRITON_INTERPRET=1 (the CPU suite)")
+    assert "interpreter" in ahead.available()
+
+
+def test_the_gluon_tuner_refuses_to_time_while_compiling(monkeypatch, tmp_path):
+    from impls.attention import flash_gluon as fg
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ahead, "_active", True)  # as inside compiling()
+    tuner = fg.Tuner("test")
+    timed = []
+    with pytest.raises(ahead.Untuned):
+        tuner.pick((1024,), [(1,), (2,)], lambda c: timed.append(c) or 1.0, "gpu")
+    tuner.prefer((1024,), (2,), "gpu")  # a shipped choice needs no timing
+    assert tuner.pick((1024,), [(1,), (2,)], lambda c: timed.append(c) or 1.0, "gpu") == (2,)
+    assert timed == []
+
+
+def test_the_gluon_self_check_waits_for_a_real_call(monkeypatch):
+    monkeypatch.setattr(gluon_check, "_memo", {})
+    monkeypatch.setattr(gluon_check, "_folder", None)
+    monkeypatch.delenv(gluon_check.ENV, raising=False)
+    monkeypatch.setattr(ahead, "_active", True)
+    with pytest.raises(ahead.Untuned):
+        gluon_check.verdict(torch.device("cpu"), version="3.9.0", device_name="NVIDIA H100 80GB HBM3")
+    assert gluon_check._memo == {}, "a verdict was kept without a check"
+
+
+def test_the_self_checks_reference_takes_first_configs_untimed_and_forgets_them(can_compile):
+    inner, tuned = can_compile
+    tuned.cache[(7,)] = tuned.configs[1]  # a choice made before the check stays
+    with gluon_check._first_configs():
+        tuned[(1,)]("x", 100)
+    assert inner.calls[0]["BLOCK"] == 32 and not inner.calls[0]["warmup"]
+    assert tuned.cache == {(7,): tuned.configs[1]}
+    assert "prune_configs" not in vars(tuned)
