@@ -12,7 +12,7 @@ sweep can compile at once:
     with ahead.compiling() as pool:        # launches become compiles, in the pool
         out = flash.attention(q, k, v, causal=True)
         torch.autograd.grad(out, (q, k, v), do)
-    pool.kernels                           # how many compiles it started
+    pool.kernels                           # how many compiles the launches started
     # on leaving, every compile has finished: the real calls launch at once
 
 Inside compiling() the flash kernels' launches (launch()) only compile, so
@@ -31,9 +31,9 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-_active = False
+_pool: Pool | None = None  # the pool of the compiling() in progress
 
 
 class Untuned(Exception):
@@ -42,7 +42,7 @@ class Untuned(Exception):
 
 def active() -> bool:
     """Whether launches only compile (inside compiling())."""
-    return _active
+    return _pool is not None
 
 
 def available() -> str | None:
@@ -61,12 +61,15 @@ def available() -> str | None:
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs); inside compiling(), only its compilation,
     in the pool (nothing, where the configuration must be tuned first)."""
-    if not _active:
+    if _pool is None:
         return kernel[grid](*args, **kwargs)
     try:
-        return kernel.run(*args, grid=grid, warmup=True, **kwargs)
+        compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
     except Untuned:
         return None
+    if type(compiled).__name__ == "FutureKernel":  # a compile it started, not one already done
+        _pool.started.add(id(compiled))
+    return compiled
 
 
 def _refuse_timing(*args, **kwargs):
@@ -76,7 +79,11 @@ def _refuse_timing(*args, **kwargs):
 @dataclass
 class Pool:
     workers: int
-    kernels: int = 0  # compiles started, once compiling() has ended
+    started: set = field(default_factory=set)  # the compiles launches started (ids of Triton's FutureKernels)
+
+    @property
+    def kernels(self) -> int:
+        return len(self.started)
 
 
 @contextmanager
@@ -84,11 +91,11 @@ def compiling(workers: int | None = None):
     """Within: the flash kernels' launches compile in a pool of `workers`
     threads (default: this process's cores) and launch nothing; on leaving,
     every compile has finished. Raises RuntimeError where available() says no."""
-    global _active
+    global _pool
     reason = available()
     if reason is not None:
         raise RuntimeError(f"cannot compile ahead: {reason}")
-    if _active:
+    if _pool is not None:
         raise RuntimeError("compiling() is already active")
     import triton
 
@@ -97,15 +104,13 @@ def compiling(workers: int | None = None):
     tuners = list(ft.AUTOTUNED.values())
     with ThreadPoolExecutor(pool.workers, thread_name_prefix="genbench-compile") as executor:
         # ignore_errors: a kernel that does not compile is reported by its first real launch.
-        mode = triton.AsyncCompileMode(executor, ignore_errors=True)
-        with mode:
+        with triton.AsyncCompileMode(executor, ignore_errors=True):
             for tuner in tuners:  # an untuned key raises Untuned instead of timing configs
                 tuner._bench = _refuse_timing
-            _active = True
+            _pool = pool
             try:
                 yield pool
             finally:
-                _active = False
+                _pool = None
                 for tuner in tuners:
                     del tuner._bench  # back to the class's method
-                pool.kernels = len(mode.future_kernels)

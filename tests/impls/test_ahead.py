@@ -24,6 +24,10 @@ triton = pytest.importorskip("triton")
 needs_async = pytest.mark.skipif(not hasattr(triton, "AsyncCompileMode"), reason="Triton without AsyncCompileMode")
 
 
+class FutureKernel:
+    """Named as Triton's placeholder for a compile in progress, which is what ahead counts."""
+
+
 class FakeKernel:
     """Records how it was launched or compiled; `arg_names` and `fn` as triton.autotune wants them."""
 
@@ -40,7 +44,10 @@ class FakeKernel:
         from triton.runtime import _async_compile
         self.calls.append({"grid": grid, "warmup": warmup, "async": _async_compile.active_mode.get() is not None,
                            **kwargs})
-        return "compiled" if warmup else "launched"
+        if warmup:
+            self.future = getattr(self, "future", FutureKernel())  # one compile per kernel, as Triton's cache keeps
+            return self.future
+        return "launched"
 
 
 @pytest.fixture
@@ -63,11 +70,14 @@ def test_outside_compiling_a_launch_is_the_kernels_launch():
 @needs_async
 def test_inside_compiling_a_launch_only_compiles_in_the_pool(can_compile):
     kernel = FakeKernel()
+    other = FakeKernel()
     with ahead.compiling(workers=2) as pool:
         assert ahead.active()
-        assert ahead.launch(kernel, (4, 2), 1, n=8) == "compiled"
-    assert kernel.calls == [{"grid": (4, 2), "warmup": True, "async": True, "n": 8}]
-    assert pool.workers == 2 and not ahead.active()
+        assert isinstance(ahead.launch(kernel, (4, 2), 1, n=8), FutureKernel)
+        ahead.launch(kernel, (4, 2), 1, n=8)  # the same kernel again: no second compile
+        ahead.launch(other, (1,), 1, n=8)
+    assert kernel.calls[0] == {"grid": (4, 2), "warmup": True, "async": True, "n": 8}
+    assert pool.workers == 2 and pool.kernels == 2 and not ahead.active()
 
 
 @needs_async
@@ -120,7 +130,7 @@ def test_the_interpreter_compiles_nothing_ahead():
 def test_the_gluon_tuner_refuses_to_time_while_compiling(monkeypatch, tmp_path):
     from impls.attention import flash_gluon as fg
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(ahead, "_active", True)  # as inside compiling()
+    monkeypatch.setattr(ahead, "_pool", ahead.Pool(1))  # as inside compiling()
     tuner = fg.Tuner("test")
     timed = []
     with pytest.raises(ahead.Untuned):
@@ -134,7 +144,7 @@ def test_the_gluon_self_check_waits_for_a_real_call(monkeypatch):
     monkeypatch.setattr(gluon_check, "_memo", {})
     monkeypatch.setattr(gluon_check, "_folder", None)
     monkeypatch.delenv(gluon_check.ENV, raising=False)
-    monkeypatch.setattr(ahead, "_active", True)
+    monkeypatch.setattr(ahead, "_pool", ahead.Pool(1))
     with pytest.raises(ahead.Untuned):
         gluon_check.verdict(torch.device("cpu"), version="3.9.0", device_name="NVIDIA H100 80GB HBM3")
     assert gluon_check._memo == {}, "a verdict was kept without a check"
