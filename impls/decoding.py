@@ -123,7 +123,7 @@ def tree_attention_inputs(model: GPT, tree: medusa.Tree, cur: int, length: int,
     return q, k, v, {"sdpa": dense[None, None], "tiled": TreeMask(medusa.tree_bits(b), (cur_t + N).to(torch.int32))}
 
 
-def _capture(fn, device: torch.device):
+def capture(fn, device: torch.device):
     """Record fn's kernels once in a CUDA graph; return its replay.
 
     Warm-up runs on a side stream, as torch.cuda.graphs asks, so that lazy
@@ -363,7 +363,7 @@ class Decoder(DecodeLoop):
             self.prefill(torch.zeros(1, dtype=torch.long, device=self.device))
             self._attend(n)
             with torch.no_grad():
-                self._runs[n] = _capture(fn, self.device)
+                self._runs[n] = capture(fn, self.device)
 
 
 class VanillaDecoder(Decoder):

@@ -41,7 +41,7 @@ def sync() -> None:
 
 
 def capture(fn):
-    return decoding._capture(fn, DEV) if DEV.type == "cuda" else fn
+    return decoding.capture(fn, DEV) if DEV.type == "cuda" else fn
 
 
 def per_call_ms(run, reps: int = REPS, reset=None) -> tuple[float, float]:

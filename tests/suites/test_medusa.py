@@ -191,6 +191,25 @@ def test_auto_keeps_the_faster_tree_attention_only_if_it_agrees(prepared, monkey
         choose("tiled", 2.0, 1.0)
 
 
+def test_auto_times_graph_replays_where_the_decoders_replay_graphs(prepared, monkeypatch):
+    # In graph mode the timed calls are the captures' replays (capture faked: no CUDA here); eager times the calls.
+    prep, _ = prepared
+    if suite.decoding.tree_attention_why_not(prep.model, prep.tree) is not None:
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    captured, timed = [], []
+
+    def capture(fn, device):
+        captured.append(fn)
+        return lambda: "replay"
+
+    monkeypatch.setattr(suite.decoding, "capture", capture)
+    monkeypatch.setattr(suite.timing, "measure", lambda fn, **kw: timed.append(fn()) or Stats.of([1.0]))
+    for mode in ("graph", "eager"):
+        suite.choose_tree_attention(prep, torch.device("cuda"), mode)
+    assert len(captured) == 2, "both attentions are captured in graph mode, none in eager"
+    assert timed[:2] == ["replay", "replay"] and all(isinstance(t, torch.Tensor) for t in timed[2:])
+
+
 def test_a_lossy_method_is_a_mismatch(prepared, monkeypatch):
     # Break greedy acceptance so that it keeps a token greedy decoding would not
     # choose: the identity check must catch it, and the gap is no near-tie.
