@@ -19,6 +19,23 @@ os.environ.setdefault("GENBENCH_CACHE", tempfile.mkdtemp(prefix="genbench-test-c
 _skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
 
 
+@pytest.fixture(autouse=True)
+def _untuned_in_quick_gpu_tests(request):
+    """In the quick GPU selection (-m "gpu and not slow") every autotuned flash
+    kernel takes its first fitting config untimed (impls/attention/tuning.py
+    first_configs): a test's new shape key would otherwise compile every config,
+    which kept the selection from ending in one GPU call. The slow tests, and
+    any test with GENBENCH_TEST_AUTOTUNE=1, tune as a user's run does."""
+    node = request.node
+    if (not torch.cuda.is_available() or node.get_closest_marker("gpu") is None
+            or node.get_closest_marker("slow") is not None or os.environ.get("GENBENCH_TEST_AUTOTUNE") == "1"):
+        yield
+        return
+    from impls.attention import tuning
+    with tuning.first_configs():
+        yield
+
+
 def slow_after_first(values):
     """Parametrize values for a GPU test: the first stays in the quick GPU selection
     (-m "gpu and not slow"), the others are marked slow. With stacked parametrize

@@ -51,7 +51,7 @@ import functools
 
 import torch
 
-from impls.attention import ahead
+from impls.attention import ahead, tuning
 
 try:
     import triton
@@ -109,6 +109,8 @@ class Tuner:
         memo = (key, device, tuple(configs))
         if memo in self._memo:
             return self._memo[memo]
+        if tuning.untimed():
+            return configs[0]
         if self._preferred.get((key, device)) in configs:
             self._memo[memo] = self._preferred[(key, device)]
             return self._memo[memo]

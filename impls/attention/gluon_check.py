@@ -38,13 +38,12 @@ import hashlib
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from impls.attention import ahead, gluon_compat
+from impls.attention import ahead, gluon_compat, tuning
 
 # A difference between two bf16 results of the same sums is rounding, a few
 # 1e-3 of the largest value (each kernel is within 2.2e-3 of float64 forward
@@ -129,7 +128,7 @@ def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
     compile every config. Where it can, every kernel the cases launch is
     compiled first, side by side (impls/attention/ahead.py).
     """
-    with _first_configs():
+    with tuning.first_configs():
         if ahead.available() is None:
             with ahead.compiling():
                 for case in todo:
@@ -150,29 +149,6 @@ def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
                                       f"differs from the Triton kernel by {err:.1e} (tolerance {TOLERANCE:.0e})")
             worst = max(worst, err)
     return Verdict(True, f"self-checked on Triton {version}: {len(todo)} kernels within {worst:.1e} of Triton's")
-
-
-@contextmanager
-def _first_configs():
-    """Within: each autotuned Triton kernel takes the first config its pruning
-    keeps, untimed. The choices made within are forgotten on leaving, so the
-    check's shape keys are tuned as usual by a later real call."""
-    from impls.attention import flash_triton as ft
-    kernels = list(ft.AUTOTUNED.values())
-    known = [set(kernel.cache) for kernel in kernels]
-    for kernel in kernels:
-        kernel.prune_configs = functools.partial(_first, kernel.prune_configs)
-    try:
-        yield
-    finally:
-        for kernel, keys in zip(kernels, known):
-            del kernel.prune_configs  # back to the class's method
-            for key in set(kernel.cache) - keys:
-                del kernel.cache[key]
-
-
-def _first(prune, kwargs):
-    return prune(kwargs)[:1]
 
 
 @functools.lru_cache(maxsize=1)

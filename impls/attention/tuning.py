@@ -24,7 +24,9 @@ The files are written by `tools/tune_attention.py` on the GPU they describe.
 from __future__ import annotations
 
 import ast
+import functools
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ import torch
 FOLDER = Path(__file__).with_name("tuned")
 _seeded: set[tuple[str, str]] = set()  # (device, "triton" | "gluon") already seeded in this process
 _retune = False
+_untimed = False  # inside first_configs()
 
 
 def arch(device: torch.device) -> str:
@@ -69,6 +72,39 @@ def retune() -> None:
     if fg is not None:
         for tuner in fg.TUNERS.values():
             tuner.forget()
+
+
+@contextmanager
+def first_configs():
+    """Within: every autotuned flash kernel takes, untimed, the first config its
+    pruning keeps (Gluon's tuners their first config), where no choice is known
+    yet. For checks of what the kernels compute, which any config computes
+    alike: tuning a new shape key compiles every config. Choices made within
+    are forgotten on leaving."""
+    from impls.attention import flash_triton
+    kernels = list(flash_triton.AUTOTUNED.values())
+    known = [set(kernel.cache) for kernel in kernels]
+    for kernel in kernels:
+        kernel.prune_configs = functools.partial(_first, kernel.prune_configs)
+    global _untimed
+    _untimed = True
+    try:
+        yield
+    finally:
+        for kernel, keys in zip(kernels, known):
+            del kernel.prune_configs  # back to the class's method
+            for key in set(kernel.cache) - keys:
+                del kernel.cache[key]
+        _untimed = False
+
+
+def _first(prune, kwargs):
+    return prune(kwargs)[:1]
+
+
+def untimed() -> bool:
+    """Whether the tuners take their first config untimed (inside first_configs())."""
+    return _untimed
 
 
 def _gluon():

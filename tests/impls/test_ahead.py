@@ -148,13 +148,3 @@ def test_the_gluon_self_check_waits_for_a_real_call(monkeypatch):
     with pytest.raises(ahead.Untuned):
         gluon_check.verdict(torch.device("cpu"), version="3.9.0", device_name="NVIDIA H100 80GB HBM3")
     assert gluon_check._memo == {}, "a verdict was kept without a check"
-
-
-def test_the_self_checks_reference_takes_first_configs_untimed_and_forgets_them(can_compile):
-    inner, tuned = can_compile
-    tuned.cache[(7,)] = tuned.configs[1]  # a choice made before the check stays
-    with gluon_check._first_configs():
-        tuned[(1,)]("x", 100)
-    assert inner.calls[0]["BLOCK"] == 32 and not inner.calls[0]["warmup"]
-    assert tuned.cache == {(7,): tuned.configs[1]}
-    assert "prune_configs" not in vars(tuned)

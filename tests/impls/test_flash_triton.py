@@ -32,23 +32,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every test here runs the kernels on the GPU when there is one: all belong to the GPU selection (-m gpu).
 pytestmark = pytest.mark.gpu
 needs_kernel = pytest.mark.skipif(ft.TRITON_ERROR is not None, reason=str(ft.TRITON_ERROR))
-
-
-@pytest.fixture(autouse=True)
-def _quick_autotuning(request):
-    """In the quick GPU selection each autotuned kernel chooses between its first
-    config (a Hopper one) and its last (the one that fits every dtype and head
-    dim), so a test compiles two configs a kernel, not every one; the slow tests
-    tune over them all."""
-    if ft.INTERPRET or request.node.get_closest_marker("slow") is not None:
-        yield
-        return
-    saved = {name: (k.configs, dict(k.cache)) for name, k in ft.AUTOTUNED.items()}
-    for k in ft.AUTOTUNED.values():
-        k.configs, k.cache = [k.configs[0], k.configs[-1]], {}
-    yield
-    for name, k in ft.AUTOTUNED.items():
-        k.configs, k.cache = saved[name][0], saved[name][1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Allowed relative error ||x - ref|| / ||ref|| of the output and of each gradient.

@@ -84,3 +84,42 @@ def test_shipped_keys_have_the_kernels_current_key_layout(path):
             assert key[len(named):] and all(v.startswith("torch.") for v in key[len(named):])
             if not flash_triton.INTERPRET:  # the interpreter's config lists are cut to one small config
                 assert tuning._matching(kernel.configs, record) is not None, f"{name}: {record} is not a config"
+
+
+class _Recorder:
+    """Records the configs a launch ran with; `arg_names` and `fn` as triton.autotune wants them."""
+
+    arg_names = ["x", "n"]
+
+    def __init__(self):
+        self.blocks = []
+        self.fn = lambda x, n: None
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.blocks.append(kwargs["BLOCK"])
+
+
+def test_first_configs_take_the_first_fitting_config_untimed_and_forget_it(monkeypatch):
+    triton = pytest.importorskip("triton")
+    inner = _Recorder()
+    configs = [triton.Config({"BLOCK": b}) for b in (256, 32, 64)]
+    fits = lambda configs, named_args, **kw: [c for c in configs if c.kwargs["BLOCK"] <= 64]  # noqa: E731
+    kernel = triton.autotune(configs=configs, key=["n"], prune_configs_by={"early_config_prune": fits})(inner)
+    monkeypatch.setattr(flash_triton, "AUTOTUNED", {"k": kernel})
+    kernel.cache[(7,)] = configs[2]  # a choice made before stays, and is used
+    monkeypatch.setattr(kernel, "_bench", lambda *a, **k: pytest.fail("a config was timed"))
+    with tuning.first_configs():
+        assert tuning.untimed()
+        kernel[(1,)]("x", 100)
+        kernel[(1,)]("x", 7)
+    assert inner.blocks == [32, 64]
+    assert kernel.cache == {(7,): configs[2]} and "prune_configs" not in vars(kernel) and not tuning.untimed()
+
+
+def test_first_configs_make_the_gluon_tuners_take_their_first_config(tmp_path, monkeypatch):
+    from impls.attention import flash_gluon
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuner = flash_gluon.Tuner("test")
+    with tuning.first_configs():
+        assert tuner.pick((1,), [(1,), (2,)], lambda c: pytest.fail("a config was timed"), "gpu") == (1,)
+    assert tuner.pick((1,), [(1,), (2,)], lambda c: 2.0 if c == (1,) else 1.0, "gpu") == (2,)  # timed again
