@@ -155,6 +155,10 @@ class Sweep:
     # Relative work of a configuration, for the progress bar and its ETA (any
     # unit: only ratios count); None: every row counts the same.
     cost: Callable[[Any], float] | None = None
+    # Work started in the background while the device is calibrated (only
+    # then: it is there to fill that wait), e.g. kernels compiled in other
+    # processes; called with the device and seed. `prepare` waits for it.
+    start: Callable[[torch.device, int], None] | None = None
     # Work done once before the first configuration, e.g. compiling the sweep's
     # kernels side by side: (what the progress line says meanwhile, a function
     # of the context returning a line for the terminal, or None to say nothing).

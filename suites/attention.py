@@ -56,12 +56,18 @@ package gives it under the entry-point group `genbench.attention`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import inspect
+import os
+import pickle
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -545,17 +551,21 @@ def _call(cfg: AttentionConfig, ctx: Context) -> _Call | Measurement:
 
 # The rows whose kernels compile_ahead() compiles before the sweep's first row.
 AHEAD = ("tiled", "tiled-triton")
+# Processes compiling them while the device is calibrated: one per group of
+# configurations that share kernels (implementation and masks, not mode), at most this many.
+AHEAD_PROCESSES = 8
 
 
-def compile_ahead(configs: list[AttentionConfig], ctx: Context) -> str | None:
+def compile_ahead(configs: list[AttentionConfig], ctx: Context, threads: int | None = None) -> str | None:
     """Compile the flash kernels every tiled row will launch, side by side
-    (impls/attention/ahead.py), so that the rows do not compile them one after
-    another; a line saying so, or None where nothing was compiled."""
+    (impls/attention/ahead.py, on `threads` threads, default one a core), so
+    that the rows do not compile them one after another; a line saying so, or
+    None where nothing was compiled."""
     todo = [cfg for cfg in configs if cfg.impl in AHEAD]
     if not todo or ctx.device.type != "cuda" or ahead.available() is not None:
         return None
     began = time.perf_counter()
-    with ahead.compiling() as pool:
+    with ahead.compiling(threads) as pool:
         for cfg in todo:
             try:
                 call = _call(cfg, ctx)
@@ -568,8 +578,95 @@ def compile_ahead(configs: list[AttentionConfig], ctx: Context) -> str | None:
                 continue
     if not pool.kernels:
         return None
-    return (f"compiled {pool.kernels} kernels of {' and '.join(sorted({c.impl for c in todo}))} ahead, "
-            f"{pool.workers} at a time, in {time.perf_counter() - began:.1f} s")
+    return (f"{pool.kernels} kernels of {' and '.join(sorted({c.impl for c in todo}))} compiled (or loaded from "
+            f"Triton's cache) ahead, {pool.workers} at a time, in {time.perf_counter() - began:.1f} s")
+
+
+class Ahead:
+    """compile_ahead() in other processes while the device is calibrated.
+
+    A first run calibrates the device before its first row (bench/calibrate.py,
+    seconds of GPU work). Started then, each process compiles one group's
+    kernels into Triton's on-disk cache on its share of the host's cores;
+    `finish` waits for them and runs compile_ahead() here, which loads what they
+    compiled and compiles what they did not. Processes, because a Triton compile
+    holds the GIL for much of its time, so one process's threads overlap only
+    part of it; and only beside the calibration, because elsewhere their start
+    (importing torch and Triton, a CUDA context each) would be a wait of its own.
+    """
+
+    def __init__(self, configs: list[AttentionConfig]):
+        self.configs = configs
+        self.procs: list[subprocess.Popen] = []
+        self.began = self.ended = 0.0  # when the processes started, and when the last ended or was stopped
+
+    def groups(self) -> list[list[AttentionConfig]]:
+        by_kernels: dict[AttentionConfig, list[AttentionConfig]] = {}
+        for cfg in self.configs:
+            if cfg.impl in AHEAD:
+                by_kernels.setdefault(dataclasses.replace(cfg, mode=""), []).append(cfg)
+        groups = list(by_kernels.values())
+        return [sum(groups[i::AHEAD_PROCESSES], []) for i in range(min(len(groups), AHEAD_PROCESSES))]
+
+    def start(self, device: torch.device, seed: int) -> None:
+        if device.type != "cuda" or ahead.available() is not None:
+            return
+        self.began = time.perf_counter()
+        root = str(Path(__file__).resolve().parents[1])  # where `suites` imports from, wherever the run started
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        groups = self.groups()
+        # Each process its share of the cores, one share left to the calibration.
+        threads = max(1, len(os.sched_getaffinity(0)) // (len(groups) + 1))
+        for group in groups:
+            proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            proc.stdin.write(pickle.dumps((str(device), seed, threads, group)))
+            proc.stdin.close()
+            self.procs.append(proc)
+        atexit.register(self.stop)  # a run that ends before finish() leaves none behind
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def finish(self, ctx: Context) -> str | None:
+        """Wait for the processes (at most AHEAD_WAIT_S), then compile_ahead() here."""
+        deadline = time.perf_counter() + AHEAD_WAIT_S
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.ended = time.perf_counter()
+        self.stop()
+        line = compile_ahead(self.configs, ctx)
+        if line and self.procs:
+            line += (f"; before that, {len(self.procs)} processes compiled for "
+                     f"{self.ended - self.began:.1f} s, beside the calibration")
+        return line
+
+
+WORKER = "from suites.attention import _compile_ahead_worker as w; w()"  # an Ahead process's program
+AHEAD_WAIT_S = 300.0  # past this, whatever the processes have not compiled is compiled here or by the rows
+# A process skips a configuration whose inputs and gradients take more device
+# memory than this, so that it never crowds the calibration running beside it.
+AHEAD_PROCESS_BYTES = 2 * 2**30
+
+
+def _tensor_bytes(cfg: AttentionConfig) -> int:
+    q = cfg.batch * cfg.heads * cfg.q_len * cfg.head_dim
+    kv = cfg.batch * cfg.kv_heads * cfg.kv_len * cfg.head_dim
+    return 2 * (2 * q + 2 * kv) * DTYPES[cfg.dtype].itemsize  # q, dout, k, v and their gradients
+
+
+def _compile_ahead_worker() -> None:
+    """Entry of one Ahead process: (device, seed, threads, configs) pickled on stdin."""
+    device, seed, threads, configs = pickle.load(sys.stdin.buffer)
+    gluon_check.use_cache(cache_dir())
+    small = [cfg for cfg in configs if _tensor_bytes(cfg) <= AHEAD_PROCESS_BYTES]
+    compile_ahead(small, Context(device=torch.device(device), seed=seed), threads)
 
 
 def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
@@ -676,6 +773,7 @@ def sweep(opts: AttentionOptions) -> Sweep:
         tuning.retune()
     gluon_check.use_cache(cache_dir())  # where the Gluon kernels' self-check keeps its verdicts
     configs = opts.configs()
+    early = Ahead(configs)
     mean_work = sum(map(work, configs)) / max(len(configs), 1)
     # Square runs keep seq as the parameter, so rows join with older runs' in compare, and
     # write q_len and kv_len beside it; unequal runs are keyed by q_len and kv_len.
@@ -697,5 +795,7 @@ def sweep(opts: AttentionOptions) -> Sweep:
         baseline=BASELINE,
         note="kernel",
         cost=functools.partial(cost, mean_work=mean_work),
-        prepare=("compiling tiled's kernels", functools.partial(compile_ahead, configs)),
+        start=early.start,
+        prepare=("compiling tiled's kernels", early.finish),
     )
+

@@ -251,6 +251,8 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
     if peaks is None:
         console.print(f"[dim]measuring this device's peaks once ({bench.env.device_name(opts.device)}); "
                       "see `genbench env --calibrate`[/]")
+        if sweep.start is not None:  # work that waits beside the calibration rather than after it
+            sweep.start(opts.device, opts.seed)
         peaks = measure_peaks(opts.device)
     ctx = Context(
         device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=calibrate.Peaks(opts.device, peaks),

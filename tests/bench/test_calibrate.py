@@ -205,3 +205,17 @@ def test_a_run_re_measures_once_and_never_writes_a_share_above_100(cache, fake_b
     assert calibrate.load(CPU)["bf16_tflops"] == 150.0
     out = capsys.readouterr().out
     assert "peaks: a rate above the cached bf16 matmul peak" in out and "unreliable" in out
+
+
+def test_a_sweep_starts_its_background_work_only_beside_a_calibration(cache, fake_best, tmp_path):
+    # Sweep.start fills the calibration's wait (the attention suite compiles kernels then); with the peaks
+    # cached there is no wait to fill, and it is not called. Its prepare runs before the first row either way.
+    events = []
+    sweep = Sweep(suite="fake", configs=[Rate("a", 50.0)], run=lambda cfg, ctx: events.append("row") or Measurement({}),
+                  params=("impl",), metrics=(), start=lambda device, seed: events.append(("start", device, seed)),
+                  prepare=("getting ready", lambda ctx: events.append("prepare") or "ready"))
+    run_suite(sweep, RunOptions(device=CPU, out=tmp_path / "out", seed=5))
+    assert events == [("start", CPU, 5), "prepare", "row"]
+    events.clear()
+    run_suite(sweep, RunOptions(device=CPU, out=tmp_path / "out2"))  # the peaks are cached now
+    assert events == ["prepare", "row"]
