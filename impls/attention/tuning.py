@@ -88,6 +88,7 @@ def first_configs():
         kernel.prune_configs = functools.partial(_first, kernel.prune_configs)
     global _untimed
     _untimed = True
+    seeded = set(_seeded)
     try:
         yield
     finally:
@@ -95,6 +96,7 @@ def first_configs():
             del kernel.prune_configs  # back to the class's method
             for key in set(kernel.cache) - keys:
                 del kernel.cache[key]
+        _seeded.intersection_update(seeded)  # choices shipped within went too: seed() hands them over again
         _untimed = False
 
 

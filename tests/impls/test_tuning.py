@@ -123,3 +123,15 @@ def test_first_configs_make_the_gluon_tuners_take_their_first_config(tmp_path, m
     with tuning.first_configs():
         assert tuner.pick((1,), [(1,), (2,)], lambda c: pytest.fail("a config was timed"), "gpu") == (1,)
     assert tuner.pick((1,), [(1,), (2,)], lambda c: 2.0 if c == (1,) else 1.0, "gpu") == (2,)  # timed again
+
+
+def test_shipped_choices_seeded_inside_first_configs_are_seeded_again_after(fake):
+    kernel, key, _ = fake
+    device = SimpleNamespace(type="cuda")
+    kernel.prune_configs = lambda kwargs: kernel.configs  # what first_configs wraps, as an autotuner has it
+    with tuning.first_configs():
+        tuning.seed(device)
+        assert kernel.cache[key] is kernel.configs[1]
+    assert key not in kernel.cache  # forgotten with the rest of what was chosen within
+    tuning.seed(device)
+    assert kernel.cache[key] is kernel.configs[1]
