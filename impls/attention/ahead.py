@@ -4,9 +4,11 @@ A Triton or Gluon kernel compiles on its first launch, and the launches of a
 sweep come one after another: on a cold cache `tiled`'s forward, delta, dK/dV
 and dQ kernels (causal and not, Triton's and Gluon's) compile one at a time,
 each a few seconds with one host core busy. Triton compiles in a thread pool
-instead when the kernel's warmup() is called inside triton.AsyncCompileMode
-(its compiler passes and ptxas run without the GIL), so every kernel of a
-sweep can compile at once:
+instead when the kernel's warmup() is called inside triton.AsyncCompileMode,
+so every kernel of a sweep can compile at once; its compiler passes and ptxas
+leave the GIL but its Python front end does not, so threads overlap only part
+of each compile (the attention suite also compiles in other processes:
+suites/attention.py, Ahead):
 
     from impls.attention import ahead
     with ahead.compiling() as pool:        # launches become compiles, in the pool
@@ -54,7 +56,7 @@ def available() -> str | None:
         return "the interpreter compiles nothing"
     import triton
     if not hasattr(triton, "AsyncCompileMode"):
-        return f"Triton {triton.__version__} has no AsyncCompileMode (3.5 and later have it)"
+        return f"Triton {triton.__version__} has no AsyncCompileMode"
     return None
 
 
