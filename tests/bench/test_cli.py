@@ -101,13 +101,6 @@ def test_ctrl_c_keeps_finished_rows_and_exits_130(tmp_path, monkeypatch):
     assert result.output.index("causal=False") < result.output.index("interrupted: 2 finished rows")
 
 
-def test_env_command(tmp_path):
-    result = runner.invoke(app, ["env", "--device", "cpu", "--calibrate"])
-    assert result.exit_code == 0, result.output
-    assert "fp32 matmul" in result.output and "TFLOP/s (measured)" in result.output
-    assert "sdpa backends" in result.output
-
-
 def test_python_dash_m_bench_runs_and_records_its_command_line(tmp_path):
     import subprocess
     import sys
