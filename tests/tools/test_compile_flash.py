@@ -1,5 +1,5 @@
 """tools/compile_flash.py: the Triton kernels with every feature flag on compile for Hopper without a GPU
-(all variants: `python3 -m tools.compile_flash`, about a minute on two cores).
+(all variants: `python3 -m tools.compile_flash`, under a minute on two cores).
 
 The interpreter the other CPU tests use accepts code the compiler refuses;
 this is the check that the compiled path still builds. Speed and results
