@@ -151,10 +151,11 @@ def test_tree_attention_through_the_decode_kernel_is_sdpa_with_the_tree_mask():
 def test_tiled_tree_attention_decodes_exactly_as_sdpa(trained):
     # Medusa's verification through the decode kernel (the interpreter on a CPU): same tokens, same
     # acceptance, on the trained model (which accepts guesses, so the tree's branches count) and on a
-    # random one (whose every token leans on the whole context, so a wrong slot shows).
+    # random one (whose every token leans on the whole context, so a wrong slot shows). A 12-node tree,
+    # branching and as deep as the 3 heads: the interpreter runs a split-KV combine program per node and head.
     torch.manual_seed(1)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tree = medusa.default_tree(3, 32)
+    tree = medusa.default_tree(3, 12)
     random = (GPT(CFG).eval(), medusa.MedusaHeads(CFG.n_embd, V, 3).eval())
     for (model, heads), prompts, n, accepts in ((trained, _prompts(n=1), 16, True), (random, _prompts(n=1), 6, False)):
         model, heads = copy.deepcopy(model).to(dev), copy.deepcopy(heads).to(dev)
