@@ -54,7 +54,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.stats import binomtest
 
 from bench import calibrate, launch, memory, metrics
 from bench.calibrate import Peaks, Share
@@ -391,6 +390,9 @@ def exposed_comm(step: Stats, no_sync: Stats) -> dict:
     diffs = Stats.of(np.subtract(step.samples, no_sync.samples))
     median = metrics.exposed_comm_ms(step.samples, no_sync.samples)
     nonzero = [d for d in diffs.samples if d != 0]
+    # Imported here, not at the top: scipy.stats takes most of a second to import, in every launched rank.
+    from scipy.stats import binomtest
+
     p = float(binomtest(sum(d > 0 for d in nonzero), len(nonzero)).pvalue) if nonzero else 1.0
     shown = f"{median:+.3g} ms, IQR {diffs.iqr:.2g} ms over {diffs.n} pairs, sign test p={p:.2g}"
     if p >= EXPOSED_ALPHA:
@@ -486,7 +488,8 @@ def follow(sweep_: Sweep) -> int:
     many launches this host joined."""
     joined = 0
     for cfg in sweep_.configs:
+        if joined and sweep_.run.opts.hosts.spec(cfg.world_size, repr(cfg)) is not None:
+            time.sleep(FOLLOWER_PAUSE_S)  # between two launches of this host, none after the last
         if sweep_.run.join(cfg):
             joined += 1
-            time.sleep(FOLLOWER_PAUSE_S)
     return joined

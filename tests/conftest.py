@@ -52,3 +52,14 @@ def requires_cuda(fn):
 @pytest.fixture
 def cpu() -> torch.device:
     return torch.device("cpu")
+
+
+@pytest.fixture
+def one_timed_rep(monkeypatch):
+    """For rows whose kernels run through Triton's interpreter: one timed
+    repetition where a call outlasts the budget, not bench.timing's floor of
+    five. Such a call takes seconds and its time means nothing; the row's
+    checks (status, error against float64, kernel) are made as before."""
+    from bench import timing
+
+    monkeypatch.setattr(timing, "MIN_REPS", 1)

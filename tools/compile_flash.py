@@ -3,12 +3,14 @@ Hopper (sm_90a) without a GPU, with each feature flag on and off.
 
     python3 -m tools.compile_flash                 # from the repository root: a table, one line a kernel variant
     python3 -m tools.compile_flash --only decode   # variants whose label contains "decode"
+    python3 -m tools.compile_flash --only masks --only rope   # those with either word
 
 Triton's interpreter, which the CPU tests run the kernels through, accepts
 code the compiler refuses (a Python int where a tensor is needed, a return in
 the wrong place), so every kernel change is compiled here too. Each line
 gives the shared memory, the registers a thread is launched with, its stack
-(spill) bytes, and whether ptxas serialized the wgmma instructions.
+(spill) bytes, and whether ptxas serialized the wgmma instructions. The
+variants compile side by side, one per core (--jobs), the lines in order.
 Runs without TRITON_INTERPRET (set here), whatever the caller's environment.
 """
 
@@ -26,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from impls.attention import flash_triton as ft  # noqa: E402
 from tools.compile_gluon import resources  # noqa: E402
+from tools.fork_map import default_workers, fork_map  # noqa: E402
 
 FLOATS = {"qk_scale": "fp32", "sm_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}
 
@@ -80,15 +83,23 @@ def jobs():
            dict(HEAD_DIM=128, D_PAD=128, SPLITS_PAD=8), 4)
 
 
+def _line(i: int) -> str:
+    """The table's line of the i-th variant; by index, as a forked worker rebuilds the jobs (kernels do not pickle)."""
+    label, fn, types, constexprs, warps = list(jobs())[i]
+    use = resources(compile_sm90(fn, types, constexprs, warps))
+    return (f"{label:45s} smem={use['smem']} regs={use['regs']} stack={use['stack']} "
+            f"wgmma_serialized={use['wgmma_serialized']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="compile only the variants whose label contains this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="compile only the variants whose label contains this (repeat: any of them)")
+    parser.add_argument("--jobs", type=int, default=default_workers(), help="variants compiled at once")
     args = parser.parse_args(argv)
-    for label, fn, types, constexprs, warps in jobs():
-        if args.only in label:
-            use = resources(compile_sm90(fn, types, constexprs, warps))
-            print(f"{label:45s} smem={use['smem']} regs={use['regs']} stack={use['stack']} "
-                  f"wgmma_serialized={use['wgmma_serialized']}", flush=True)
+    chosen = [i for i, job in enumerate(jobs()) if not args.only or any(word in job[0] for word in args.only)]
+    for line in fork_map(_line, chosen, args.jobs):
+        print(line, flush=True)
     return 0
 
 

@@ -2,12 +2,14 @@
 
     python3 -m tools.compile_gluon            # from the repository root: every kernel and config, a table
     python3 -m tools.compile_gluon --sass DIR # also writes each kernel's SASS
+    python3 -m tools.compile_gluon -k dq      # only the kernels whose label contains "dq"
 
 No interpreter runs Gluon, and GPU time is scarce, so every kernel change in
 flash_gluon.py was compiled here first: this prints, per kernel and config,
 the shared memory, the registers a thread is launched with, the stack (spill)
 bytes, and whether ptxas had to serialize the wgmma instructions for lack of
 registers (its C7512 warning), which costs most of the kernel's speed. The
+kernels compile side by side, one per core (--jobs), the rows in order. The
 register and spill figures in docs/attention-kernels.md come from it, as
 does the table there of the Triton releases that build every kernel. To
 compile with another release, install it beside the project's and put it
@@ -20,6 +22,7 @@ first on the path:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import tempfile
@@ -34,6 +37,7 @@ from triton.runtime.jit import mangle_type
 
 from impls.attention import flash_gluon as fg
 from impls.attention import gluon_compat
+from tools.fork_map import default_workers, fork_map
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -111,10 +115,37 @@ def jobs():
                             CONSUMER_REGS=fg.CONSUMER_REGS))
 
 
+def _compile_nth(i: int, sass: str | None = None) -> tuple[str, dict]:
+    """(label, resources) of the i-th job, or (label, {"error": ...}) when it does not compile; by index, as
+    a forked worker rebuilds the jobs (their kernels do not pickle). `sass`: a folder for its SASS."""
+    label, fn, example, constexprs = list(jobs())[i]
+    try:
+        kernel = compile_sm90(fn, example, constexprs)
+        if sass:
+            os.makedirs(sass, exist_ok=True)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                text = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
+                                      capture_output=True, text=True).stdout
+            with open(os.path.join(sass, label.replace(" ", "_").replace("=", "") + ".sass"), "w") as f:
+                f.write(text)
+        return label, resources(kernel)
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a row
+        return label, {"error": f"{type(exc).__name__}: {str(exc).strip()}"}
+
+
+def compile_labels(labels: list[str], workers: int | None = None) -> dict[str, dict]:
+    """label -> resources() or {"error": ...} for the named jobs, compiled side by side."""
+    index = {job[0]: i for i, job in enumerate(jobs())}
+    return dict(fork_map(_compile_nth, [index[label] for label in labels], workers or default_workers()))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sass", help="write each kernel's SASS (cuobjdump -sass) into this folder")
     p.add_argument("-k", default="", help="only the kernels whose label contains this")
+    p.add_argument("--jobs", type=int, default=default_workers(), help="kernels compiled at once")
     args = p.parse_args()
     if fg.GLUON_ERROR is not None:
         raise SystemExit(f"compile_gluon: {fg.GLUON_ERROR}")
@@ -123,26 +154,14 @@ def main():
     print(f"triton {triton.__version__}, target sm_90a; this release is {measured}")
     print(f"{'kernel':<44} {'smem KB':>8} {'regs*':>5} {'stack':>6}  wgmma")
     print("(* registers a thread at launch; setmaxnreg then gives each consumer warpgroup "
-          f"{fg.CONSUMER_REGS} and the loader warp 24. stack: bytes of spills.)")
-    for label, fn, example, constexprs in jobs():
-        if args.k not in label:
-            continue
-        try:
-            kernel = compile_sm90(fn, example, constexprs)
-            r = resources(kernel)
+          f"{fg.CONSUMER_REGS} and the loader warp 24. stack: bytes of spills.)", flush=True)
+    chosen = [i for i, job in enumerate(jobs()) if args.k in job[0]]
+    for label, r in fork_map(functools.partial(_compile_nth, sass=args.sass), chosen, args.jobs):
+        if "error" in r:
+            print(f"{label:<44} does not compile: {r['error'].splitlines()[0][:100]}", flush=True)
+        else:
             print(f"{label:<44} {r['smem'] / 1024:>8.0f} {r['regs']:>5} {r['stack']:>6}  "
                   f"{'SERIALIZED' if r['wgmma_serialized'] else 'async'}", flush=True)
-            if args.sass:
-                os.makedirs(args.sass, exist_ok=True)
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(kernel.asm["cubin"])
-                    f.flush()
-                    sass = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
-                                          capture_output=True, text=True).stdout
-                with open(os.path.join(args.sass, label.replace(" ", "_").replace("=", "") + ".sass"), "w") as f:
-                    f.write(sass)
-        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a row
-            print(f"{label:<44} does not compile: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", flush=True)
 
 
 if __name__ == "__main__":

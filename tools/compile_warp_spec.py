@@ -9,7 +9,8 @@ loop (`tl.range(..., warp_specialize=WARP_SPEC)`, Triton 3.4 on). This
 compiles `_fwd_kernel` at head dim 128, 128x64 blocks, with and without
 WARP_SPEC, for pointer and descriptor (TMA) loads and a few warp and stage
 counts, and prints per variant whether the specialized PTX differs from the
-plain one, or why it did not compile. Identical PTX means the option can only
+plain one, or why it did not compile (the compiles run side by side, one
+per core: --jobs). Identical PTX means the option can only
 add autotuning time, which is why it is not in FWD_CONFIGS
 (docs/attention-kernels.md); run this again with a new Triton before timing it.
 """
@@ -17,12 +18,14 @@ add autotuning time, which is why it is not in FWD_CONFIGS
 from __future__ import annotations
 
 import argparse
+import functools
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from impls.attention import flash_triton as ft
+from tools.fork_map import default_workers, fork_map
 
 FLOATS = {"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}  # the forward's float arguments
 VARIANTS = [(False, 8, 2), (False, 8, 3), (True, 8, 2), (True, 8, 3), (False, 4, 2)]  # (TMA, warps, stages)
@@ -41,27 +44,34 @@ def compile_fwd(arch: int, use_tma: bool, warp_spec: bool, num_warps: int, num_s
                                                                                  num_stages=num_stages))
 
 
+def _ptx(job: tuple[bool, int, int, bool], arch: int) -> str:
+    """The PTX of one (use_tma, warps, stages, warp_spec) compile, or why it did not compile."""
+    use_tma, warps, stages, warp_spec = job
+    try:
+        return compile_fwd(arch, use_tma, warp_spec, warps, stages).asm["ptx"]
+    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a row
+        text = str(exc).strip().splitlines()
+        return f"does not compile: {type(exc).__name__}: {text[-1][:80] if text else ''}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 (Hopper), 100, ...")
     p.add_argument("--only", default="", help="only the variants whose label contains this, e.g. 'w8 s2'")
+    p.add_argument("--jobs", type=int, default=default_workers(), help="compiles run at once")
     args = p.parse_args()
     if ft.TRITON_ERROR is not None:
         raise SystemExit(f"compile_warp_spec: {ft.TRITON_ERROR}")
     if ft.INTERPRET:
         raise SystemExit("compile_warp_spec: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-    print(f"triton {triton.__version__}, target sm_{args.arch}a, _fwd_kernel D=128 128x64 non-causal")
-    for use_tma, warps, stages in VARIANTS:
-        label = f"{'tma' if use_tma else 'pointer'} w{warps} s{stages}"
-        if args.only not in label:
-            continue
-        ptx = {}
-        for warp_spec in (False, True):
-            try:
-                ptx[warp_spec] = compile_fwd(args.arch, use_tma, warp_spec, warps, stages).asm["ptx"]
-            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a row
-                text = str(exc).strip().splitlines()
-                ptx[warp_spec] = f"does not compile: {type(exc).__name__}: {text[-1][:80] if text else ''}"
+    print(f"triton {triton.__version__}, target sm_{args.arch}a, _fwd_kernel D=128 128x64 non-causal", flush=True)
+    labels = {f"{'tma' if tma else 'pointer'} w{warps} s{stages}": (tma, warps, stages)
+              for tma, warps, stages in VARIANTS}
+    chosen = [label for label in labels if args.only in label]
+    compiles = [(*labels[label], warp_spec) for label in chosen for warp_spec in (False, True)]
+    results = fork_map(functools.partial(_ptx, arch=args.arch), compiles, args.jobs)
+    for label in chosen:
+        ptx = {False: next(results), True: next(results)}
         if not ptx[False].startswith("does not compile") and not ptx[True].startswith("does not compile"):
             ptx[True] = "same PTX as without" if ptx[True] == ptx[False] else "different PTX"
         plain = "compiles" if not ptx[False].startswith("does not compile") else ptx[False]

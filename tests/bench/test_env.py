@@ -54,6 +54,7 @@ def test_env_calibrate_then_cached(tmp_path, monkeypatch):
     assert "fp32 matmul" in first.output and "TFLOP/s (measured)" in first.output
     assert re.search(r"│ tf32 matmul +│ unsupported", first.output)
     assert "GB/s (measured, read+write)" in first.output
+    assert "sdpa backends" in first.output
     again = runner.invoke(app, ["env", "--device", "cpu"])  # read back from the cache
     assert "not measured yet" not in again.output and "TFLOP/s (measured)" in again.output
 

@@ -137,6 +137,9 @@ def test_a_hung_worker_is_named_once_its_peers_collective_times_out(launch_tmp, 
 def test_the_watchdog_stops_a_launch_where_every_rank_hangs(launch_tmp, monkeypatch):
     # No collective is pending, so no process-group timeout can fire: only the watchdog can end this.
     monkeypatch.setenv(launch.FAULT_ENV, "rank=all,step=1,kind=hang")
+    # Its margin past --timeout is for a collective's own timeout to fire first, and none is pending
+    # here: a short one leaves the same path, a few seconds sooner.
+    monkeypatch.setattr(launch, "WATCHDOG_MARGIN_S", 0.5)
     start = time.time()
     with pytest.raises(LaunchFailed) as info:
         launch.launch(sum_of_ranks, (4,), spec(timeout_s=2.0))

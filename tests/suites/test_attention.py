@@ -57,6 +57,7 @@ def test_row_for_each_mode(mode):
     assert m.values["kernel"].startswith("torch block=")
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_triton_tiled_runs_through_the_interpreter_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("on a GPU the kernel runs natively (tests/impls/test_flash_triton.py)")
@@ -65,6 +66,7 @@ def test_triton_tiled_runs_through_the_interpreter_on_cpu():
     assert m.values["rel_err"] < 1e-5 and m.values["kernel"].startswith("triton fwd")
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_tiled_triton_runs_only_where_tiled_would_run_gluon(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the choice is real (tests/impls/test_flash_gluon.py)")
@@ -197,6 +199,7 @@ def test_rows_that_take_equal_lengths_only_are_unsupported_with_reason():
 
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_tiled_runs_unequal_lengths_and_decodes_in_fwd_mode():
     sweep = suite.sweep(suite.AttentionOptions(q_lens=(3,), kv_lens=(70,)))
     m = measure_one(sweep, _unequal(impl="tiled", batch=1), CTX)  # fwd+bwd: the prefill kernels
@@ -347,6 +350,7 @@ def test_a_wrong_mask_is_a_mismatch(monkeypatch):
     assert measure_one(sweep, _masked(impl="ignores", window=4), CTX).status == "mismatch"
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_tiled_takes_masks_and_tiled_torch_does_not():
     sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), causal=(True,), alibi=True))
     m = measure_one(sweep, _cfg(impl="tiled-torch", seq=64, head_dim=32, alibi=True), CTX)

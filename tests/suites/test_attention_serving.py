@@ -203,6 +203,7 @@ def test_varlen_configs_are_one_packed_batch_keyed_by_lengths():
     assert suite._flops(configs[0]) == pytest.approx(4 * 4 * 16 * (0.5 + 37 * 37 / 2 + 20 * 20 / 2))
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_varlen_rows(tmp_path):
     sweep = suite.sweep(_varlen_opts(modes=("fwd+bwd",), impls=("naive", "sdpa")))
     by = {c.impl: measure_one(sweep, c, CTX) for c in sweep.configs}
@@ -222,6 +223,7 @@ def test_varlen_rows(tmp_path):
             assert m.status == "ok" and m.values["rel_err"] < 1e-5, m.reason
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_paged_rows():
     opts = suite.AttentionOptions(q_lens=(3,), kv_lens=(64,), page_size=16, heads=4, kv_heads=2, head_dim=16,
                                   causal=(True,), modes=("fwd",), batch=2, dtype="fp32",

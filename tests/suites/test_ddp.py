@@ -256,12 +256,14 @@ def _run(tmp_path: Path, *args: str):
 
 @pytest.mark.slow
 def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
+    # The baseline and the two-process row: each launch costs seconds of start-up, and the ladder's
+    # middle row (ddp-1, the same code on one rank) adds no check that these two lack.
     monkeypatch.delenv(launch.FAULT_ENV, raising=False)
-    df, meta = _run(tmp_path)
+    df, meta = _run(tmp_path, "--world-sizes", "2")
     assert meta["complete"] and meta["label"] == "setup" and meta["primary"] == "tokens_per_s"
-    assert list(df["setup"]) == ["no-ddp", "ddp-1", "ddp-2"]
-    assert list(df["status"]) == ["ok"] * 3, df["reason"].tolist()
-    assert list(df["world_size"]) == [1, 1, 2] and list(df["global_batch"]) == [2, 2, 4]
+    assert list(df["setup"]) == ["no-ddp", "ddp-2"]
+    assert list(df["status"]) == ["ok"] * 2, df["reason"].tolist()
+    assert list(df["world_size"]) == [1, 2] and list(df["global_batch"]) == [2, 4]
     base = df["tokens_per_s"][0]
     for _, row in df.iterrows():
         assert row["tokens_per_s"] == pytest.approx(row["global_batch"] * 32 / (row["median_ms"] / 1e3))

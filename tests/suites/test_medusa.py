@@ -152,9 +152,10 @@ def test_triton_step_kernels_rows(prepared):
                     is not None, reason="needs triton (its interpreter on the CPU)")
 def test_tiled_tree_attention_rows_stay_lossless(prepared):
     # Medusa's trees verified by the decode kernel, through the interpreter: still greedy, and the row says so.
-    # One prompt, 4 tokens: the interpreter runs every step of the warm-up and the timed generation.
+    # One prompt, 4 tokens, a 12-node tree as deep as the 4 heads: the interpreter runs every step of the
+    # warm-up and the timed generation, a program per tree node and head in each layer's split-KV combine.
     opts = dataclasses.replace(prepared[0].options, tree_attention="tiled", methods=("vanilla", "medusa"),
-                               prompts=1, max_new_tokens=4)
+                               prompts=1, max_new_tokens=4, tree_size=12)
     prep = suite.prepare(opts, CPU)
     sweep = suite.sweep(prep)
     m = measure_one(sweep, next(c for c in sweep.configs if c.method == "medusa"), Context(CPU))
@@ -165,8 +166,9 @@ def test_tiled_tree_attention_rows_stay_lossless(prepared):
 
 
 def test_auto_keeps_the_faster_tree_attention_only_if_it_agrees(prepared, monkeypatch):
-    # Timings faked (sdpa is timed first, then tiled); the outputs are the real ones, on the CPU.
-    prep, _ = prepared
+    # Timings faked (sdpa is timed first, then tiled); the outputs are the real ones, on the CPU, of a
+    # 12-node tree (each choice runs the decode kernel through the interpreter, a program per node and head).
+    prep = dataclasses.replace(prepared[0], tree=medusa.default_tree(4, 12))
     if suite.decoding.tree_attention_why_not(prep.model, prep.tree) is not None:
         pytest.skip("needs triton (its interpreter on the CPU)")
     gpu = torch.device("cuda")  # only read by the timer, faked here
@@ -179,8 +181,8 @@ def test_auto_keeps_the_faster_tree_attention_only_if_it_agrees(prepared, monkey
 
     t = choose("auto", 2.0, 1.0)
     assert (t.used, t.sdpa_ms, t.tiled_ms, t.why) == ("tiled", 2.0, 1.0, "")
-    # 2 prompts of the preset's length, 16 new tokens: halfway is 8 past the prompt, plus 64 tree slots, in 128-slot steps
-    assert t.length == min(prep.max_len, 128 * -(-(prep.prompts[0].numel() + 8 + 64) // 128))
+    # 2 prompts of the preset's length, 16 new tokens: halfway is 8 past the prompt, plus 12 tree slots, in 128-slot steps
+    assert t.length == min(prep.max_len, 128 * -(-(prep.prompts[0].numel() + 8 + 12) // 128))
     assert t.line() == (f"medusa verified its trees with tiled (the faster): one layer's attention 1 ms tiled, "
                         f"2 ms sdpa at {t.length} cache slots")
     assert choose("auto", 1.0, 2.0).used == "sdpa"

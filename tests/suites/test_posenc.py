@@ -122,6 +122,7 @@ def test_eager_rope_row(layout, mode):
 
 @pytest.mark.parametrize("impl", ["triton", "triton-inplace-computed"])
 @pytest.mark.parametrize("mode", suite.MODES)
+@pytest.mark.usefixtures("one_timed_rep")
 def test_triton_rows_through_the_interpreter(impl, mode):
     from impls import posenc_triton as pt
 
@@ -163,6 +164,7 @@ def test_alibi_rows(impl):
         assert m.values["bias_MiB"] == 3 * 17 * 17 * 4 / 2**20  # (H, S, S) float32
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_tiled_alibi_row_through_the_interpreter():
     from impls.attention import flash_triton as ft
 
@@ -179,6 +181,7 @@ ROPE_ATTENTION = dict(encoding="rope+attention", seq=33, heads=2, head_dim=32, o
 
 
 @pytest.mark.parametrize("layout, mode", [("neox", "fwd"), ("gptj", "fwd+bwd")])  # both layouts: test_flash_triton
+@pytest.mark.usefixtures("one_timed_rep")
 def test_tiled_fused_rows_through_the_interpreter(layout, mode):
     from impls.attention import flash_triton as ft
 
@@ -195,6 +198,7 @@ def test_tiled_fused_rows_through_the_interpreter(layout, mode):
     assert m.values["tflops"] == pytest.approx(flops / (m.stats.median * 1e-3) / 1e12)
 
 
+@pytest.mark.usefixtures("one_timed_rep")
 def test_compile_then_tiled_row(monkeypatch):
     # torch.compile's first compilation takes longer than this test should: the eager RoPE stands in for it,
     # and what is checked is the row around it (rotate, then the kernels without RoPE, the gate, the note).
