@@ -341,12 +341,26 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_hosts_on_one_machine(tmp_path):
     """Two `genbench ddp` processes play node 0 and node 1 of a two-host run:
-    the 2-rank row spans both through the static rendezvous, node 0 alone writes."""
+    the 2-rank row spans both through the static rendezvous, node 0 alone writes.
+    Each "host" has a core of its own where there are two: a host gives its rank
+    all of its cores' threads (suites/ddp.py cpu_threads), and two hosts sharing
+    every core would run twice as many threads as there are cores."""
     env = {k: v for k, v in os.environ.items() if k != launch.FAULT_ENV}
     common = [sys.executable, "-m", "bench", "ddp", *SMALL, "--procs", "1", "--nnodes", "2",
               "--rdzv-endpoint", f"localhost:{_free_port()}", "--world-sizes", "2"]
-    nodes = [subprocess.Popen([*common, "--node-rank", str(r), "--out", str(tmp_path / f"node{r}")], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def start(r: int) -> subprocess.Popen:
+        if len(cores) >= 2:  # the child inherits this thread's affinity, set for the moment it is started
+            os.sched_setaffinity(0, {cores[r]})
+        try:
+            return subprocess.Popen([*common, "--node-rank", str(r), "--out", str(tmp_path / f"node{r}")], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        finally:
+            if len(cores) >= 2:
+                os.sched_setaffinity(0, cores)
+
+    nodes = [start(r) for r in (1, 0)]
     outputs = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs
     assert "node 1: took part in 1 launch(es)" in outputs[0][0]
