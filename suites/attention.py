@@ -616,7 +616,7 @@ class Ahead:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
         groups = self.groups()
         # Each process its share of the cores, one share left to the calibration.
-        threads = max(1, len(os.sched_getaffinity(0)) // (len(groups) + 1))
+        threads = max(1, ahead.cores() // (len(groups) + 1))
         for group in groups:
             proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

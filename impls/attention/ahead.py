@@ -60,6 +60,11 @@ def available() -> str | None:
     return None
 
 
+def cores() -> int:
+    """The host cores this process may run on: the default number of compile threads."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs); inside compiling(), only its compilation,
     in the pool (nothing, where the configuration must be tuned first)."""
@@ -102,7 +107,7 @@ def compiling(workers: int | None = None):
     import triton
 
     from impls.attention import flash_triton as ft
-    pool = Pool(workers or len(os.sched_getaffinity(0)))
+    pool = Pool(workers or cores())
     tuners = list(ft.AUTOTUNED.values())
     with ThreadPoolExecutor(pool.workers, thread_name_prefix="genbench-compile") as executor:
         # ignore_errors: a kernel that does not compile is reported by its first real launch.
