@@ -138,15 +138,18 @@ def why_not(q, k, v, causal: bool, masks: Masks = NO_MASKS, varlen: Varlen | Non
 # into one block, by default that product rounded up to a power of two. Past
 # the BlockMask's 128-row blocks no config is left to choose from
 # (NoValidChoicesError: tree verification at q_len 64 over 4 query heads per kv
-# head on the H100). Capping the block at the mask's 128 rows is the remedy
-# AgileRL shipped for the same error (AgileRL/AgileRL PR 643).
+# head on the H100). Capping flex-decoding's block at 128 rows ran, but slowly:
+# 52.8 ms at q_len 64 over a 32k cache (batch 8, 32 query heads over 8, D 128,
+# bf16) on the H100, against 1.66 ms for flex's main kernel on the same inputs
+# (docs/measurements.md). So those shapes take the main kernel.
 MASK_BLOCK = 128
 
 
 def kernel_options(q_len: int, group: int) -> dict | None:
-    """The kernel_options a compiled call passes: BLOCK_M capped where flex-decoding would exceed the mask's block."""
+    """The kernel_options a compiled call passes: flex's main kernel where flex-decoding's
+    stacked rows (q_len x group) would exceed the mask's block."""
     if q_len < MASK_BLOCK and q_len * group > MASK_BLOCK:
-        return {"BLOCK_M": MASK_BLOCK}
+        return {"FORCE_USE_FLEX_ATTENTION": True}
     return None
 
 

@@ -193,9 +193,10 @@ def test_flex_says_why_not():
         q.requires_grad_()
         assert "no backward on CPU" in flex.why_not(q, k, v, causal=False)
 
-def test_flex_caps_the_decoding_block_where_it_would_pass_the_masks_block(monkeypatch):
+def test_flex_takes_its_main_kernel_where_decoding_would_pass_the_masks_block(monkeypatch):
     # q_len x group rows in one flex-decoding block: 64 x 4 = 256 > 128 is the case that had no config.
-    assert flex.kernel_options(64, 4) == {"BLOCK_M": 128} and flex.kernel_options(1, 4) is None
+    force = {"FORCE_USE_FLEX_ATTENTION": True}
+    assert flex.kernel_options(64, 4) == force and flex.kernel_options(1, 4) is None
     assert flex.kernel_options(32, 4) is None and flex.kernel_options(128, 8) is None  # 128 rows: the full kernel
     seen = []
     monkeypatch.setattr(flex, "compiled", lambda device: True)
@@ -203,7 +204,7 @@ def test_flex_caps_the_decoding_block_where_it_would_pass_the_masks_block(monkey
     for q_len in (64, 1):
         q, k, v, _ = _unequal(1, 8, 2, q_len, 300, 16)
         flex.attention(q, k, v, True)
-    assert seen == [{"BLOCK_M": 128}, None]
+    assert seen == [force, None]
 
 
 @requires_cuda
