@@ -22,8 +22,10 @@ install: $(BIN)/genbench
 run: install
 	$(BIN)/genbench attention
 
+# -n auto: one pytest worker per core (pytest-xdist); most tests are
+# single-threaded Python (Triton's interpreter, the CLI in subprocesses).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # How long `genbench --help` and `genbench compare` take to answer, against their targets.
 cli-timing: install

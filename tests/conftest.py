@@ -2,8 +2,9 @@
 
 - Without CUDA, Triton kernels run through Triton's interpreter: the flag must
   be set before triton is first imported, so it is set here.
-- Each test session gets its own genbench cache (calibrated peaks, tokenizers,
-  checkpoints), so tests neither read nor pollute the user's.
+- Each test session (each pytest-xdist worker) gets its own genbench cache
+  (calibrated peaks, tokenizers, checkpoints), so tests neither read nor
+  pollute the user's.
 """
 
 import os
@@ -15,6 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GENBENCH_CACHE", tempfile.mkdtemp(prefix="genbench-test-cache-"))
+# One console width wherever the tests run (a terminal, CI, pytest-xdist's
+# workers, which have none): tests read what rich wrapped at this width.
+os.environ.setdefault("COLUMNS", "200")
 
 _skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
 
