@@ -80,11 +80,12 @@ def spec(**kw) -> LaunchSpec:
 def test_every_rank_answers_rank_0_and_nothing_is_left_behind(launch_tmp, monkeypatch):
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # the GPU machine's setting must reach the workers unchanged
     monkeypatch.delenv(launch.FAULT_ENV, raising=False)
-    sigterm = signal.getsignal(signal.SIGTERM)
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     values = launch.launch(sum_of_ranks, (3,), spec())
     assert values == [{"rank": r, "world": 2, "sum": 1.0, "device": "cpu", "nvls": "0"} for r in (0, 1)]
-    # The agent's signal handlers and environment variable are gone again.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The agent's signal handlers and environment variable are gone again (pytest-xdist's workers
+    # start with SIGINT ignored, a terminal's pytest with Python's handler: whichever it was).
+    assert signal.getsignal(signal.SIGINT) == sigint
     assert signal.getsignal(signal.SIGTERM) == sigterm
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
     assert live_children() == []
@@ -140,6 +141,7 @@ def test_the_watchdog_stops_a_launch_where_every_rank_hangs(launch_tmp, monkeypa
     # Its margin past --timeout is for a collective's own timeout to fire first, and none is pending
     # here: a short one leaves the same path, a few seconds sooner.
     monkeypatch.setattr(launch, "WATCHDOG_MARGIN_S", 0.5)
+    sigint = signal.getsignal(signal.SIGINT)
     start = time.time()
     with pytest.raises(LaunchFailed) as info:
         launch.launch(sum_of_ranks, (4,), spec(timeout_s=2.0))
@@ -148,7 +150,7 @@ def test_the_watchdog_stops_a_launch_where_every_rank_hangs(launch_tmp, monkeypa
     assert ", rank 1 (last: step 1, " in message and "hung, past --timeout 2 s; the workers were stopped" in message
     assert time.time() - start < 60
     assert live_children() == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == sigint
 
 
 # -- options and diagnosis (no launch) -------------------------------------------------------------

@@ -30,11 +30,15 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def prepared():
-    phases = []
-    opts = suite.MedusaOptions(model="tiny", max_new_tokens=16, prompts=2, **FAST)
-    prep = suite.prepare(opts, CPU, progress=lambda phase, step, total, info="": phases.append(phase))
-    return prep, phases
+def prepared(tmp_path_factory):
+    # A cache of its own: another test in this process (pytest-xdist runs any of them) may have
+    # trained the same models into the session's cache, and these tests watch them being trained.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENBENCH_CACHE", str(tmp_path_factory.mktemp("medusa-cache")))
+        phases = []
+        opts = suite.MedusaOptions(model="tiny", max_new_tokens=16, prompts=2, **FAST)
+        prep = suite.prepare(opts, CPU, progress=lambda phase, step, total, info="": phases.append(phase))
+        yield prep, phases
 
 
 @pytest.mark.parametrize("kwargs, message", [
