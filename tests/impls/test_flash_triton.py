@@ -220,8 +220,8 @@ def check_rope(B, H, Hkv, Sq, Sk, D, causal, dtype, rope, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", posenc.LAYOUTS)
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", slow_after_first(list(posenc.LAYOUTS)))
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_rope_in_the_kernels_matches_rotating_first(layout, causal):
     # 37 rows: two Q blocks and a tail of 5 in the interpreter's 32-row blocks; GQA in groups of 2;
     # position 1000 onward, where a rotation by the wrong position is far from the right one.
@@ -229,7 +229,7 @@ def test_rope_in_the_kernels_matches_rotating_first(layout, causal):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", posenc.LAYOUTS)
+@pytest.mark.parametrize("layout", slow_after_first(sorted(posenc.LAYOUTS)))  # gptj quick: the other checks' first is neox
 def test_rope_fewer_queries_padded_head_dim_bf16(layout):
     # Queries are the last 20 of 45 positions (bottom-right); head dim 96 runs padded to 128, so each
     # half of the pairs is 48 columns padded to 64; bf16 inputs read a bf16 table.
@@ -237,6 +237,7 @@ def test_rope_fewer_queries_padded_head_dim_bf16(layout):
 
 
 @needs_kernel
+@pytest.mark.slow  # on a GPU: compiles the fp32 RoPE kernels for this one check (the quick selection has bf16's)
 def test_rope_scaling_and_base_reach_the_table():
     check_rope(1, 2, 2, 33, 33, 64, True, torch.float32,
                posenc.Rope("neox", base=500_000.0, scaling=posenc.RopeScaling("pi", 4.0), offset=3))
