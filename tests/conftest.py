@@ -2,9 +2,11 @@
 
 - Without CUDA, Triton kernels run through Triton's interpreter: the flag must
   be set before triton is first imported, so it is set here.
-- Each test session (each pytest-xdist worker) gets its own genbench cache
-  (calibrated peaks, tokenizers, checkpoints), so tests neither read nor
-  pollute the user's.
+- Each test session gets its own genbench cache (calibrated peaks, tokenizers,
+  checkpoints), so tests neither read nor pollute the user's. pytest-xdist's
+  workers inherit their session's: every cache write is renamed into place,
+  so workers racing on one entry are safe, and a test that must watch an
+  entry being made uses a cache of its own.
 """
 
 import os
