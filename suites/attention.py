@@ -554,6 +554,11 @@ AHEAD = ("tiled", "tiled-triton")
 # Processes compiling them while the device is calibrated: one per group of
 # configurations that share kernels (implementation and masks, not mode), at most this many.
 AHEAD_PROCESSES = 8
+WORKER = "from suites.attention import _compile_ahead_worker as w; w()"  # an Ahead process's program
+AHEAD_WAIT_S = 300.0  # past this, whatever the processes have not compiled is compiled here or by the rows
+# A process skips a configuration whose inputs and gradients take more device
+# memory than this, so that it never crowds the calibration running beside it.
+AHEAD_PROCESS_BYTES = 2 * 2**30
 
 
 def compile_ahead(configs: list[AttentionConfig], ctx: Context, threads: int | None = None) -> str | None:
@@ -646,13 +651,6 @@ class Ahead:
             line += (f"; before that, {len(self.procs)} processes compiled for "
                      f"{self.ended - self.began:.1f} s, beside the calibration")
         return line
-
-
-WORKER = "from suites.attention import _compile_ahead_worker as w; w()"  # an Ahead process's program
-AHEAD_WAIT_S = 300.0  # past this, whatever the processes have not compiled is compiled here or by the rows
-# A process skips a configuration whose inputs and gradients take more device
-# memory than this, so that it never crowds the calibration running beside it.
-AHEAD_PROCESS_BYTES = 2 * 2**30
 
 
 def _tensor_bytes(cfg: AttentionConfig) -> int:
@@ -798,4 +796,3 @@ def sweep(opts: AttentionOptions) -> Sweep:
         start=early.start,
         prepare=("compiling tiled's kernels", early.finish),
     )
-

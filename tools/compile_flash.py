@@ -28,7 +28,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from impls.attention import flash_triton as ft  # noqa: E402
 from tools.compile_gluon import resources  # noqa: E402
-from tools.fork_map import default_workers, fork_map  # noqa: E402
+from impls.attention.ahead import cores  # noqa: E402
+from tools.fork_map import fork_map  # noqa: E402
 
 FLOATS = {"qk_scale": "fp32", "sm_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[],
                         help="compile only the variants whose label contains this (repeat: any of them)")
-    parser.add_argument("--jobs", type=int, default=default_workers(), help="variants compiled at once")
+    parser.add_argument("--jobs", type=int, default=cores(), help="variants compiled at once")
     args = parser.parse_args(argv)
     chosen = [i for i, job in enumerate(jobs()) if not args.only or any(word in job[0] for word in args.only)]
     for line in fork_map(_line, chosen, args.jobs):

@@ -37,7 +37,8 @@ from triton.runtime.jit import mangle_type
 
 from impls.attention import flash_gluon as fg
 from impls.attention import gluon_compat
-from tools.fork_map import default_workers, fork_map
+from impls.attention.ahead import cores
+from tools.fork_map import fork_map
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -138,14 +139,14 @@ def _compile_nth(i: int, sass: str | None = None) -> tuple[str, dict]:
 def compile_labels(labels: list[str], workers: int | None = None) -> dict[str, dict]:
     """label -> resources() or {"error": ...} for the named jobs, compiled side by side."""
     index = {job[0]: i for i, job in enumerate(jobs())}
-    return dict(fork_map(_compile_nth, [index[label] for label in labels], workers or default_workers()))
+    return dict(fork_map(_compile_nth, [index[label] for label in labels], workers or cores()))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sass", help="write each kernel's SASS (cuobjdump -sass) into this folder")
     p.add_argument("-k", default="", help="only the kernels whose label contains this")
-    p.add_argument("--jobs", type=int, default=default_workers(), help="kernels compiled at once")
+    p.add_argument("--jobs", type=int, default=cores(), help="kernels compiled at once")
     args = p.parse_args()
     if fg.GLUON_ERROR is not None:
         raise SystemExit(f"compile_gluon: {fg.GLUON_ERROR}")

@@ -25,7 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from impls.attention import flash_triton as ft
-from tools.fork_map import default_workers, fork_map
+from impls.attention.ahead import cores
+from tools.fork_map import fork_map
 
 FLOATS = {"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}  # the forward's float arguments
 VARIANTS = [(False, 8, 2), (False, 8, 3), (True, 8, 2), (True, 8, 3), (False, 4, 2)]  # (TMA, warps, stages)
@@ -58,7 +59,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 (Hopper), 100, ...")
     p.add_argument("--only", default="", help="only the variants whose label contains this, e.g. 'w8 s2'")
-    p.add_argument("--jobs", type=int, default=default_workers(), help="compiles run at once")
+    p.add_argument("--jobs", type=int, default=cores(), help="compiles run at once")
     args = p.parse_args()
     if ft.TRITON_ERROR is not None:
         raise SystemExit(f"compile_warp_spec: {ft.TRITON_ERROR}")

@@ -14,14 +14,8 @@ shared by the workers as by separate runs.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator
-
-
-def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fork_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
