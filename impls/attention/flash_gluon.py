@@ -772,9 +772,9 @@ CONFIGS = {
           (128, 128, 2, "persistent")],
 }
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
-# Head dims where `tiled` runs this forward instead of flash_triton's: where it
-# is faster; at D=64 the two tie (docs/attention-kernels.md).
-PREFERRED_HEAD_DIMS = (128,)
+# Head dims where `tiled` runs these kernels instead of flash_triton's, where
+# they are the faster (docs/attention-kernels.md; D=64: docs/measurements.md).
+PREFERRED_HEAD_DIMS = (64, 128)
 
 FWD_TUNER = Tuner("fwd")
 
@@ -874,9 +874,10 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
     return o, lse, config
 
 
-# (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
-# 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
-BWD_CONFIGS = [(64, 2), (64, 3)]
+# (BLOCK_M, STAGES) of the dK/dV kernel by head dim: BLOCK_M-row Q and dO blocks
+# streamed past 128 resident key rows; a stage holds one Q and one dO block (16 KB
+# each at D=128 and BLOCK_M 64).
+BWD_CONFIGS = {64: [(64, 2), (64, 3), (128, 2), (128, 3)], 128: [(64, 2), (64, 3)]}
 DKDV_TUNER = Tuner("dkdv")
 
 
@@ -906,7 +907,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
-        config = DKDV_TUNER.pick(key, BWD_CONFIGS,
+        config = DKDV_TUNER.pick(key, BWD_CONFIGS[q.shape[-1]],
                                  lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
                                                                          scale, c)),
                                  torch.cuda.get_device_name(q.device))
