@@ -101,7 +101,7 @@ def jobs():
                             **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
                             CONSUMER_REGS=fg.CONSUMER_REGS))
-            for bm, st in fg.BWD_CONFIGS[D]:
+            for bm, st in fg.BWD_CONFIGS:
                 yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
                        dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
                             DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,

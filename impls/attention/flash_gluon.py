@@ -874,10 +874,10 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
     return o, lse, config
 
 
-# (BLOCK_M, STAGES) of the dK/dV kernel by head dim: BLOCK_M-row Q and dO blocks
-# streamed past 128 resident key rows; a stage holds one Q and one dO block (16 KB
-# each at D=128 and BLOCK_M 64).
-BWD_CONFIGS = {64: [(64, 2), (64, 3), (128, 2), (128, 3)], 128: [(64, 2), (64, 3)]}
+# (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
+# 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
+# 128-row blocks at D=64 spill (368-544 bytes a thread) and took 1.7x as long (docs/measurements.md).
+BWD_CONFIGS = [(64, 2), (64, 3)]
 DKDV_TUNER = Tuner("dkdv")
 
 
@@ -907,7 +907,7 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
-        config = DKDV_TUNER.pick(key, BWD_CONFIGS[q.shape[-1]],
+        config = DKDV_TUNER.pick(key, BWD_CONFIGS,
                                  lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
                                                                          scale, c)),
                                  torch.cuda.get_device_name(q.device))
