@@ -59,9 +59,16 @@ def baselines(sweep: Sweep) -> tuple[str, ...]:
     return (sweep.baseline,) if isinstance(sweep.baseline, str) else tuple(sweep.baseline or ())
 
 
-def baseline_row(sweep: Sweep, group: Sequence[dict]) -> dict | None:
-    """The group's row for the first of the sweep's baselines that it has."""
-    return next((r for name in baselines(sweep) for r in group if r[sweep.label] == name), None)
+def baseline_row(sweep: Sweep, group: Sequence[dict], pool: Sequence[dict] = ()) -> dict | None:
+    """The group's row for the first of the sweep's baselines that it has; without one, where the
+    sweep says which parameters the baseline ignores, the first such row in `pool` (every row of the
+    run) that matches the group in the rest."""
+    own = next((r for name in baselines(sweep) for r in group if r[sweep.label] == name), None)
+    if own is not None or not sweep.baseline_ignores or not group:
+        return own
+    same = [k for k in sweep.params if k != sweep.label and k not in sweep.baseline_ignores]
+    return next((r for name in baselines(sweep) for r in pool
+                 if r[sweep.label] == name and all(r[k] == group[0][k] for k in same)), None)
 
 
 def group_key(sweep: Sweep, row: dict) -> tuple:
@@ -89,16 +96,20 @@ def _order(key: tuple) -> tuple:
     return tuple(one(v) for _, v in key)
 
 
-def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool = False) -> None:
-    """One table per group of `rows`; `partial`: the sweep ended before the group did."""
+def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool = False,
+           pool: Sequence[dict] = ()) -> None:
+    """One table per group of `rows`; `partial`: the sweep ended before the group did; `pool`: every
+    row of the run, where a group may find its baseline (Sweep.baseline_ignores)."""
     ordered = sorted(rows, key=lambda r: _order(group_key(sweep, r)))  # stable: rows keep their order
     for key, group in groupby(ordered, key=lambda r: group_key(sweep, r)):
         group = list(group)
         title = "  ".join(f"{k}={v}" for k, v in key) + ("  (partial)" if partial else "")
-        base = baseline_row(sweep, group)
+        base = baseline_row(sweep, group, [*rows, *pool])
         best = best_row(sweep, group)
         names = baselines(sweep)
         shown = base[sweep.label] if base is not None else " / ".join(names)
+        if base is not None and not any(r is base for r in group):
+            shown += ", its row in another table"
         caption = f"speedup: {sweep.primary} against {shown}" if names else None
         table = Table(title=f"{sweep.suite}  {title}", title_justify="left", caption=caption, caption_justify="left")
         # Numbers never wrap; on a narrow terminal the note column folds instead.

@@ -148,6 +148,9 @@ class Sweep:
     label: str = "impl"  # the field naming what is measured (impl, method, ...)
     # Label value the speedup column is taken against; several: in each group, the first of them it has.
     baseline: str | tuple[str, ...] | None = None
+    # Parameters the baseline row does not depend on: a group without a baseline row of its own takes
+    # the one of a group that differs only in these (ddp: DDP's knobs, for the row without DDP).
+    baseline_ignores: Sequence[str] = ()
     primary: str = "median_ms"  # what ranks rows within a group
     higher_is_better: bool = False
     time_unit: str = "ms"
@@ -319,7 +322,7 @@ def _step_reporter(progress: Progress, task, start: float, cost: float) -> Calla
 
 _clock = time.perf_counter  # the rows' wall_s (a name of its own, for tests)
 
-GroupDone = Callable[[list, bool], None]  # (the rows of one table, partial), e.g. to print it
+GroupDone = Callable[[list, bool, list], None]  # (the rows of one table, partial, every row so far), e.g. to print it
 
 
 def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Console,
@@ -339,7 +342,7 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
     def hand_on(key: tuple, partial: bool) -> None:
         handed.add(key)
         if on_group is not None:
-            on_group([row for row, k in zip(writer.rows, keys) if k == key], partial)
+            on_group([row for row, k in zip(writer.rows, keys) if k == key], partial, writer.rows)
 
     progress = progress_bar(console)
     n = len(sweep.configs)

@@ -246,9 +246,11 @@ class ScalingOptions:
         return rows
 
 
+KNOBS = ("bucket_mb", "gradient_as_bucket_view", "static_graph", "compression", "find_unused_parameters")
+
+
 def _knob_fields(values: tuple) -> dict:
-    names = ("bucket_mb", "gradient_as_bucket_view", "static_graph", "compression", "find_unused_parameters")
-    return dict(zip(names, values))
+    return dict(zip(KNOBS, values))
 
 
 @dataclass(frozen=True)
@@ -464,8 +466,7 @@ def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
         suite="ddp",
         configs=opts.configs(),
         run=ScalingRun(opts, seed),
-        params=("setup", "model", "precision", "scaling", "batch", "seq", "bucket_mb", "gradient_as_bucket_view",
-                "static_graph", "compression", "find_unused_parameters"),
+        params=("setup", "model", "precision", "scaling", "batch", "seq", *KNOBS),
         metrics=("world_size", "nodes", "batch_per_rank", "global_batch", "tokens_per_step", "samples_per_s",
                  "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "exposed_comm_iqr_ms",
                  "exposed_comm_p", "slowest_rank", "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params", "note"),
@@ -473,6 +474,7 @@ def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
         display=tuple(c for c in TRAIN_DISPLAY if opts.hosts.device_type == "cuda" or c.name != "peak_mem_MiB"),
         label="setup",
         baseline=BASELINE,
+        baseline_ignores=KNOBS,  # the row without DDP is measured once, in the first knob set's table
         primary="tokens_per_s",
         higher_is_better=True,
         note="note",

@@ -264,7 +264,7 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
     info["peaks"] = ctx.peaks.values
     # Each table as soon as its group is done (above the live bar); Ctrl-C prints the groups begun, as partial.
     writer = run_sweep(sweep, ctx, opts.out, info, console,
-                       on_group=lambda rows, partial: report.render(sweep, rows, console, partial=partial))
+                       on_group=lambda rows, partial, pool: report.render(sweep, rows, console, partial, pool))
     for note in ctx.peaks.notes:
         console.print(f"[yellow]peaks:[/] {note}", highlight=False)
     for line in report.clock_warnings(sweep, writer.rows):  # rows that ran throttled or below the maximum clock

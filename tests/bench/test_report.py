@@ -57,3 +57,21 @@ def test_several_baselines_each_group_takes_the_first_it_has():
     text = " ".join(console.export_text().split())
     assert "4.00x" in text and "1.50x" in text  # tiled against naive at 64, against sdpa at 128
     assert "speedup: median_ms against naive" in text and "speedup: median_ms against sdpa" in text
+
+
+def test_a_group_without_its_baseline_takes_it_from_the_group_that_differs_in_ignored_params():
+    # ddp's shape: the row without DDP runs once, with the first knob set; the other knob sets' tables take it.
+    sweep = Sweep(suite="ddp", configs=[], run=lambda cfg, ctx: None, params=("setup", "batch", "bucket"),
+                  metrics=(), label="setup", baseline="no-ddp", baseline_ignores=("bucket",), primary="tokens_per_s",
+                  higher_is_better=True)
+    row = lambda setup, batch, bucket, tps: dict(suite="ddp", setup=setup, batch=batch, bucket=bucket,
+                                                 status="ok", reason="", tokens_per_s=tps)
+    rows = [row("no-ddp", 16, 25, 100.0), row("ddp-1", 16, 25, 97.0), row("ddp-1", 16, 100, 98.0),
+            row("ddp-1", 8, 100, 50.0)]
+    assert report.baseline_row(sweep, rows[2:3], rows) is rows[0]
+    assert report.baseline_row(sweep, rows[3:], rows) is None  # another batch: not its baseline
+    assert report.baseline_row(sweep, rows[2:3]) is None  # nothing to look in
+    console = Console(file=io.StringIO(), record=True, width=200)
+    report.render(sweep, rows[2:3], console, pool=rows)
+    text = " ".join(console.export_text().split())
+    assert "0.98x" in text and "against no-ddp, its row in another table" in text

@@ -218,9 +218,9 @@ class Tables:
         self.sweep, self.handed = sweep, []
         self.console = Console(file=io.StringIO(), record=True, width=200)
 
-    def __call__(self, rows, partial):
+    def __call__(self, rows, partial, pool):
         self.handed.append(([(r["impl"], r["size"]) for r in rows], partial))
-        report.render(self.sweep, rows, self.console, partial=partial)
+        report.render(self.sweep, rows, self.console, partial, pool)
 
     def titles(self) -> list[str]:
         return [line.strip() for line in self.console.export_text().splitlines() if line.startswith("toy")]
