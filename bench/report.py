@@ -1,7 +1,8 @@
 """Terminal tables of a sweep: one rich table per group of rows that share
 every parameter but the label (impl, method ...), the best row in bold green,
 failures in red or yellow, and a speedup column against the baseline (or
-the first of several baselines that the group has). The
+the first of several baselines that the group has; where the baseline does
+not depend on some parameters, Sweep.baseline_ignores, another table's). The
 runner hands each group on as soon as it is done (bench/runner.py), so tables
 appear during the sweep; a group cut short by Ctrl-C is titled "partial".
 Groups are ordered by their parameters, numbers by value (seq 256 before
@@ -104,7 +105,7 @@ def render(sweep: Sweep, rows: Sequence[dict], console: Console, partial: bool =
     for key, group in groupby(ordered, key=lambda r: group_key(sweep, r)):
         group = list(group)
         title = "  ".join(f"{k}={v}" for k, v in key) + ("  (partial)" if partial else "")
-        base = baseline_row(sweep, group, [*rows, *pool])
+        base = baseline_row(sweep, group, pool or rows)
         best = best_row(sweep, group)
         names = baselines(sweep)
         shown = base[sweep.label] if base is not None else " / ".join(names)
