@@ -4,6 +4,7 @@ DistributedDataParallel on N.
     genbench ddp --gpus 4                                   # weak scaling, 16 x 1024 tokens per GPU
     genbench ddp --gpus 4 --strong --batch 64               # strong scaling: 64 sequences split over the GPUs
     genbench ddp --gpus 4 --bucket-mb 10,25,100 --compression none,bf16
+    genbench ddp --gpus 4 --compile                         # every row under torch.compile
     genbench ddp --gpus 4 --collectives                     # all_reduce, all_gather, reduce_scatter, 1 KiB .. 1 GiB
     genbench ddp --procs 2 --device cpu                     # two gloo processes on a machine without a GPU
 
@@ -26,13 +27,19 @@ kinds alternate, pair by pair, so that both meet the same machine.
   tokens/s(N) / (N x tokens/s of the no-ddp baseline), measured in the same run.
 - Exposed communication: what the all-reduce costs after DDP overlapped it
   with backward: the median over pairs of (step - the paired no_sync step),
-  with the IQR of those differences. A Wilcoxon signed-rank test that cannot
+  with the IQR of those differences. A sign test that cannot
   tell the differences from zero reports 0 ("within noise"); a no_sync step
   reliably slower than its synced pair is kept, negative, and flagged.
 - Every rank waits at a barrier before each step, outside the timed window:
   under no_sync nothing else keeps the ranks together, and the per-step
   maximum over ranks must compare steps that ran at the same time.
 - MFU per device, against the matmul peak measured by `genbench env --calibrate`.
+- `--compile`: every row, the baseline too, trains under torch.compile,
+  which wraps DDP: dynamo compiles the model inside it and splits the graph
+  at DDP's buckets so that their all-reduces still start during the
+  backward. Compiling happens in the warm-up steps (at least 2: a synced and
+  a no_sync step); `compiled_graphs` counts the graphs rank 0 compiled (1
+  unless something recompiled).
 
 The collectives under DDP (`--collectives`) are their own sweep,
 suites/collectives.py, on the same processes (`Hosts`).
@@ -159,6 +166,7 @@ class TrainConfig:
     scaling: str  # weak or strong
     batch: int  # sequences per rank (weak) or in all (strong)
     seq: int
+    compile: bool = False  # the model (inside DDP) under torch.compile
     bucket_mb: float = 25.0
     gradient_as_bucket_view: bool = False
     static_graph: bool = False
@@ -197,6 +205,7 @@ class ScalingOptions:
     batch: int = 16
     seq: int = 1024
     strong: bool = False
+    compile: bool = False  # every row, the baseline included
     world_sizes: tuple[int, ...] | None = None  # default: hosts.ladder()
     bucket_mb: tuple[float, ...] = (25.0,)
     gradient_as_bucket_view: tuple[bool, ...] = (False,)
@@ -217,6 +226,9 @@ class ScalingOptions:
             raise BadInput(f"--seq {self.seq} is longer than {self.model}'s context of {MODELS[self.model].block_size}")
         if self.steps < 1 or self.warmup_steps < 0:
             raise BadInput(f"--steps must be >= 1 and --warmup-steps >= 0, got {self.steps} and {self.warmup_steps}")
+        if self.compile and self.warmup_steps < 2:
+            raise BadInput(f"--compile needs --warmup-steps 2 or more (the first synced and no_sync steps compile), "
+                           f"got {self.warmup_steps}")
         if any(b <= 0 for b in self.bucket_mb):
             raise BadInput(f"--bucket-mb must be positive, got {', '.join(map(str, self.bucket_mb))}")
         unknown = [c for c in self.compression if c not in ddp.COMPRESSION_HOOKS]
@@ -236,7 +248,7 @@ class ScalingOptions:
         knob_sets = list(itertools.product(self.bucket_mb, self.gradient_as_bucket_view, self.static_graph,
                                            self.compression, self.find_unused_parameters))
         shape = dict(model=self.model, precision=self.precision, scaling="strong" if self.strong else "weak",
-                     batch=self.batch, seq=self.seq)
+                     batch=self.batch, seq=self.seq, compile=self.compile)
         # The baseline first, so every later row has it for its efficiency. Its
         # knob columns are the first set's: knobs do not apply without DDP, and
         # this puts it in the same table as the DDP rows with those knobs.
@@ -311,6 +323,8 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         run["optimizer"] = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
         run["scaler"] = precision.scaler(device)
         run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
+        if cfg.compile:  # around DDP: dynamo splits the graph at DDP's buckets, so their all-reduces still overlap
+            run["model"] = torch.compile(run["model"])
         run["step_ms"], run["no_sync_ms"] = steps(job.warmup_steps, job.steps)
 
     # On a GPU, the allocator's peak over building and training (None on a CPU).
@@ -326,8 +340,14 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         else:
             for _ in range(WAIT + WARMUP + ACTIVE):
                 train(*batch())
+    # Graphs dynamo compiled: 1 for the model inside DDP; more would be recompiles (e.g. no_sync changing a guard).
+    graphs = None
+    if cfg.compile:
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
     return {"step_ms": run["step_ms"], "no_sync_ms": run["no_sync_ms"], "peak_mem_MiB": peak, "params": run["params"],
-            "profile": profile}
+            "compiled_graphs": graphs, "profile": profile}
 
 
 def relay_steps(ctx: Context, total: int, what: str = "step"):
@@ -376,6 +396,7 @@ def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_t
         mfu=share.pct,
         peak_mem_MiB=max(memories) if memories else None,
         params=per_rank[0]["params"],
+        compiled_graphs=per_rank[0].get("compiled_graphs"),
     )
     if per_rank[0]["no_sync_ms"] is not None:
         no_sync = Stats.of(np.max([r["no_sync_ms"] for r in per_rank], axis=0))
@@ -466,10 +487,11 @@ def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
         suite="ddp",
         configs=opts.configs(),
         run=ScalingRun(opts, seed),
-        params=("setup", "model", "precision", "scaling", "batch", "seq", *KNOBS),
+        params=("setup", "model", "precision", "scaling", "batch", "seq", "compile", *KNOBS),
         metrics=("world_size", "nodes", "batch_per_rank", "global_batch", "tokens_per_step", "samples_per_s",
                  "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "exposed_comm_iqr_ms",
-                 "exposed_comm_p", "slowest_rank", "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params", "note"),
+                 "exposed_comm_p", "slowest_rank", "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params",
+                 "compiled_graphs", "note"),
         # No allocator counter covers a CPU (bench/memory.py): no memory column there.
         display=tuple(c for c in TRAIN_DISPLAY if opts.hosts.device_type == "cuda" or c.name != "peak_mem_MiB"),
         label="setup",

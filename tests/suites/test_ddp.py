@@ -75,6 +75,7 @@ def test_who_takes_part_in_each_launch():
     (dict(compression=("zip",)), "unknown --compression"),
     (dict(bucket_mb=(0.0,)), "--bucket-mb"),
     (dict(steps=0), "--steps"),
+    (dict(compile=True, warmup_steps=1), "--compile needs --warmup-steps 2"),
 ])
 def test_bad_options(kw, message):
     with pytest.raises(BadInput, match=message):
@@ -92,6 +93,9 @@ def test_rows_baseline_first_then_every_knob_set_and_world():
     assert (weak.batch_per_rank, weak.global_batch) == (8, 32)
     strong = scaling(strong=True).configs()[-1]
     assert (strong.world_size, strong.batch_per_rank, strong.global_batch) == (4, 2, 8)
+    # --compile compiles every row, the baseline included: its efficiency compares compiled with compiled.
+    assert {c.compile for c in scaling(compile=True).configs()} == {True}
+    assert {c.compile for c in configs} == {False}
 
 
 # -- the rows' arithmetic ---------------------------------------------------------------------------
@@ -274,6 +278,17 @@ def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
     assert (ddp_rows["exposed_comm_ms"] == 0.0).all() and (ddp_rows["exposed_comm_iqr_ms"] >= 0).all()
     assert ddp_rows["note"].str.startswith("exposed comm within noise (").all()
     assert np.isnan(df["exposed_comm_ms"][0])  # no DDP, nothing to expose
+
+
+@pytest.mark.slow
+def test_compiled_rows_from_gloo_processes(tmp_path, monkeypatch):
+    # One process per row keeps it short: the model compiled inside DDP, with DDP's hooks eager.
+    monkeypatch.delenv(launch.FAULT_ENV, raising=False)
+    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--warmup-steps", "2", "--compile")
+    assert list(df["setup"]) == ["no-ddp", "ddp-1"] and df["compile"].all()
+    assert list(df["status"]) == ["ok"] * 2, df["reason"].tolist()
+    # One graph each: the synced and the no_sync steps share it (no recompile).
+    assert list(df["compiled_graphs"]) == [1, 1]
 
 
 def test_a_failed_launch_is_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch):
