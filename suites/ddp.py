@@ -37,8 +37,8 @@ kinds alternate, pair by pair, so that both meet the same machine.
 - `--compile`: every row, the baseline too, trains under torch.compile,
   which wraps DDP: dynamo compiles the model inside it and splits the graph
   at DDP's buckets so that their all-reduces still start during the
-  backward. Compiling happens in the warm-up steps (at least 2: a synced and
-  a no_sync step); `compiled_graphs` counts the graphs rank 0 compiled (1
+  backward. Compiling happens in the first warm-up step (a synced step and
+  its no_sync pair); `compiled_graphs` counts the graphs rank 0 compiled (1
   unless something recompiled).
 
 The collectives under DDP (`--collectives`) are their own sweep,
@@ -226,9 +226,8 @@ class ScalingOptions:
             raise BadInput(f"--seq {self.seq} is longer than {self.model}'s context of {MODELS[self.model].block_size}")
         if self.steps < 1 or self.warmup_steps < 0:
             raise BadInput(f"--steps must be >= 1 and --warmup-steps >= 0, got {self.steps} and {self.warmup_steps}")
-        if self.compile and self.warmup_steps < 2:
-            raise BadInput(f"--compile needs --warmup-steps 2 or more (the first synced and no_sync steps compile), "
-                           f"got {self.warmup_steps}")
+        if self.compile and self.warmup_steps < 1:
+            raise BadInput("--compile needs --warmup-steps 1 or more: the first step compiles")
         if any(b <= 0 for b in self.bucket_mb):
             raise BadInput(f"--bucket-mb must be positive, got {', '.join(map(str, self.bucket_mb))}")
         unknown = [c for c in self.compression if c not in ddp.COMPRESSION_HOOKS]

@@ -75,7 +75,7 @@ def test_who_takes_part_in_each_launch():
     (dict(compression=("zip",)), "unknown --compression"),
     (dict(bucket_mb=(0.0,)), "--bucket-mb"),
     (dict(steps=0), "--steps"),
-    (dict(compile=True, warmup_steps=1), "--compile needs --warmup-steps 2"),
+    (dict(compile=True, warmup_steps=0), "--compile needs --warmup-steps 1"),
 ])
 def test_bad_options(kw, message):
     with pytest.raises(BadInput, match=message):
@@ -284,7 +284,7 @@ def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
 def test_compiled_rows_from_gloo_processes(tmp_path, monkeypatch):
     # One process per row keeps it short: the model compiled inside DDP, with DDP's hooks eager.
     monkeypatch.delenv(launch.FAULT_ENV, raising=False)
-    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--warmup-steps", "2", "--compile")
+    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--compile")
     assert list(df["setup"]) == ["no-ddp", "ddp-1"] and df["compile"].all()
     assert list(df["status"]) == ["ok"] * 2, df["reason"].tolist()
     # One graph each: the synced and the no_sync steps share it (no recompile).
