@@ -27,8 +27,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from impls.attention import flash_triton as ft  # noqa: E402
-from tools.compile_gluon import resources  # noqa: E402
 from impls.attention.ahead import cores  # noqa: E402
+from tools.compile_gluon import resources  # noqa: E402
 from tools.fork_map import fork_map  # noqa: E402
 
 FLOATS = {"qk_scale": "fp32", "sm_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}
