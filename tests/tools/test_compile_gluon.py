@@ -30,8 +30,8 @@ from impls.attention import gluon_compat  # noqa: E402
 COMPILES_WITH = gluon_compat.COMPILES
 
 LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
-          "dkdv D=128 causal=False ws 64 s2", "dkdv D=64 causal=True pipe 64 s3", "dkdv D=64 causal=True pipe2 64 s3",
-          "dkdv D=64 causal=False rows 128 s2", "dq D=128 causal=True 64 s3", "dq D=64 causal=False 64 s3"]
+          "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3",
+          "dq D=64 causal=False 64 s3"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
