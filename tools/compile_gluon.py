@@ -101,12 +101,12 @@ def jobs():
                             **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
                             CONSUMER_REGS=fg.CONSUMER_REGS))
-            for bm, st, kind in fg.bwd_configs(D):
-                yield (f"dkdv D={D} causal={causal} {kind} {bm} s{st}", fg._dkdv_kernel,
+            for bm, st in fg.BWD_CONFIGS:
+                yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
                        dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
                             DK=x, DV=x, LSE=lse, DELTA=lse, sm_scale=0.1, **scalars,
                             **strides("q", "k", "v", "d", "dk", "dv")),
-                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st, KIND=fg.BWD_KINDS[kind],
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
                             CONSUMER_REGS=fg.CONSUMER_REGS))
             for bn, st in fg.DQ_CONFIGS:
                 yield (f"dq D={D} causal={causal} {bn} s{st}", fg._dq_kernel,

@@ -530,7 +530,7 @@ def gluon_bwd_experiment(rep_ms, out):
             o, lse, _ = ft.forward(q, k, v, causal, scale)
             delta = (o.float() * do.float()).sum(-1)
             kernels = [(f"gluon dkdv {c}", lambda c=c: gluon_dkdv(q, k, v, do, lse, delta, causal, scale, c), None)
-                       for c in fg.bwd_configs(D)]
+                       for c in fg.BWD_CONFIGS]
             kernels.append(("triton dkdv", lambda: ft.backward_dkdv(q, k, v, do, lse, delta, causal, scale),
                             ft._bwd_dkdv_kernel))
             kernels += [(f"gluon dq {c}", lambda c=c: gluon_dq(q, k, v, do, lse, delta, causal, scale, c), None)
@@ -555,8 +555,6 @@ def gluon_bwd_experiment(rep_ms, out):
                 (128, 333, False, "bhsd", (4, 2), torch.bfloat16), (128, 333, True, "bshd", (4, 2), torch.bfloat16),
                 (64, 257, True, "bhsd", (2, 2), torch.bfloat16), (128, 64, True, "bhsd", (2, 1), torch.float16),
                 (64, 700, False, "bshd", (6, 3), torch.float16), (128, 1, False, "bhsd", (2, 2), torch.bfloat16)]:
-            if kernel == "dkdv" and cfg not in fg.bwd_configs(D):
-                continue  # does not fit in shared memory at this head dim
             shape = lambda h: (1, S, h, D) if layout == "bshd" else (1, h, S, D)  # noqa: E731
             q, k, v = (torch.randn(shape(h), device=DEVICE, dtype=dtype, generator=gen) for h in (H, Hkv, Hkv))
             if layout == "bshd":

@@ -57,8 +57,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
-                                                                   warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from impls.attention import gluon_compat
@@ -141,7 +140,6 @@ class Tuner:
 
 if GLUON_ERROR is None:
     _tma_load = gluon_compat.tma_load  # renamed between Triton releases
-    _barrier = gluon_compat.barrier
 
     @gluon.jit
     def _origin(offset, stride_s):
@@ -586,289 +584,13 @@ if GLUON_ERROR is None:
                                                      empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
                                                      s_layout, True)
                 t += 1
-        _store_dkdv(dk, dv, start_n + row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                    stride_dvs, b, hk, S, sm_scale, False)
-
-    @gluon.jit
-    def _store_dkdv(dk, dv, first_key, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                    b, hk, S, sm_scale, TRANSPOSED: gl.constexpr):
-        # A warpgroup's dK (scaled) and dV, keys as rows, or as columns when TRANSPOSED (dK^T, dV^T).
-        layout: gl.constexpr = dk.type.layout
-        if TRANSPOSED:
-            keys = first_key + gl.arange(0, dk.shape[1], layout=gl.SliceLayout(0, layout))[None, :]
-            dims = gl.arange(0, dk.shape[0], layout=gl.SliceLayout(1, layout))[:, None]
-        else:
-            keys = first_key + gl.arange(0, dk.shape[0], layout=gl.SliceLayout(1, layout))[:, None]
-            dims = gl.arange(0, dk.shape[1], layout=gl.SliceLayout(0, layout))[None, :]
-        keep = keys < S
-        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + keys.to(gl.int64) * stride_dks + dims
+        rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        keep = rows[:, None] < S
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows[:, None].to(gl.int64) * stride_dks + cols[None, :]
         gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keep)
-        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + keys.to(gl.int64) * stride_dvs + dims
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows[:, None].to(gl.int64) * stride_dvs + cols[None, :]
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
-
-    # The same kernel frame runs three other schedules of the warpgroups'
-    # work, the kind in BWD_CONFIGS' third field:
-    # - "pipe": block t+1's S^T and dP^T are issued right behind block t's
-    #   dK product, so the tensor cores have the next block's products queued
-    #   while this warpgroup waits for dV and dK;
-    # - "pipe2": two deep, as the forward: S^T(t+1) is issued behind dV(t)
-    #   and dP^T(t+1) behind dK(t), so the exponentials of block t+1 run while
-    #   dK(t) and dP^T(t+1) are in the tensor cores (needs 3 stages: blocks
-    #   t-1, t and t+1 are read at once);
-    # - "rows": S = Q K^T rather than S^T, queries as rows, so 128-row query
-    #   blocks fit: lse and delta are 4 values a thread rather than 32. P and
-    #   dS are stored to shared memory and read there as the B operand of
-    #   dV^T += dO^T P and dK^T += Q^T dS (FlashAttention-3's arrangement,
-    #   without its dQ).
-
-    @gluon.jit
-    def _dkdv_issue(t, k, v, q_smem, do_smem, ready, s_layout: gl.constexpr):
-        # Wait for Q/dO block t and issue its S^T = K Q^T and dP^T = V dO^T.
-        STAGES: gl.constexpr = q_smem.shape[0]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        st = t % STAGES
-        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
-        ROWS: gl.constexpr = k.shape[0]
-        zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-        st_tok = warpgroup_mma(k, q_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-        dpt_tok = warpgroup_mma(v, do_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-        return st_tok, dpt_tok
-
-    @gluon.jit
-    def _dkdv_block_pipe(t, last, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem,
-                         ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr,
-                         MASK: gl.constexpr):
-        # "pipe": on entry dV(t-1), dK(t-1), S^T(t), dP^T(t) are in flight; on return dV(t), dK(t),
-        # S^T(t+1), dP^T(t+1) (the last block issues its own products again, never read).
-        STAGES: gl.constexpr = q_smem.shape[0]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        st = t % STAGES
-        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        lse_next, delta_next = _lse_delta(lse_ptr, delta_ptr, i + 1, S, BLOCK_M)
-        lse = gl.convert_layout(lse_1, qrows.type.layout)
-        dv, dk, s_t, p16, ds16 = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dk, st_tok, p16, ds16))
-        mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
-        q = q_smem.index(st)
-        do = do_smem.index(st)
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if MASK:
-            keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
-            p_t = gl.where(keep, p_t, 0.0)
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
-        p_t = p_t.to(q.dtype)
-        p16 = gl.convert_layout(p_t, op_layout)
-        dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
-        delta = gl.convert_layout(delta_1, qrows.type.layout)
-        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))
-        ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
-        dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
-        st_next, dpt_next = _dkdv_issue(gl.where(last, t, t + 1), k, v, q_smem, do_smem, ready, s_layout)
-        return dk_tok, dv_tok, p16, ds16, st_next, dpt_next, lse_next, delta_next
-
-    @gluon.jit
-    def _dkdv_block_pipe2(t, last, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem,
-                          ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr,
-                          MASK: gl.constexpr):
-        # "pipe2": on entry dV(t-1), S^T(t), dK(t-1), dP^T(t) are in flight, in that order; on return
-        # dV(t), S^T(t+1), dK(t), dP^T(t+1). Block t-1's stage is released once dK(t-1) is done.
-        STAGES: gl.constexpr = q_smem.shape[0]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        st = t % STAGES
-        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        lse_next, delta_next = _lse_delta(lse_ptr, delta_ptr, i + 1, S, BLOCK_M)
-        lse = gl.convert_layout(lse_1, qrows.type.layout)
-        dv, s_t, p16 = warpgroup_mma_wait(num_outstanding=2, deps=(dv, st_tok, p16))
-        q = q_smem.index(st)
-        do = do_smem.index(st)
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if MASK:
-            keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
-            p_t = gl.where(keep, p_t, 0.0)
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
-        p_t = p_t.to(q.dtype)
-        p16 = gl.convert_layout(p_t, op_layout)
-        dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
-        tn = gl.where(last, t, t + 1)
-        stn = tn % STAGES
-        mbarrier.wait(ready.index(stn), (tn // STAGES) & 1)
-        ROWS: gl.constexpr = k.shape[0]
-        zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-        st_next = warpgroup_mma(k, q_smem.index(stn).permute((1, 0)), zero, use_acc=False, is_async=True)
-        delta = gl.convert_layout(delta_1, qrows.type.layout)
-        dk, dp_t, ds16 = warpgroup_mma_wait(num_outstanding=2, deps=(dk, dpt_tok, ds16))
-        mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
-        ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
-        dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
-        dpt_next = warpgroup_mma(v, do_smem.index(stn).permute((1, 0)), zero, use_acc=False, is_async=True)
-        return dk_tok, dv_tok, p16, ds16, st_next, dpt_next, lse_next, delta_next
-
-    @gluon.jit
-    def _dkdv_step(t, last, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem, ready,
-                   empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr,
-                   TWO_DEEP: gl.constexpr, MASK: gl.constexpr):
-        if TWO_DEEP:
-            return _dkdv_block_pipe2(t, last, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem,
-                                     do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout,
-                                     MASK)
-        else:
-            return _dkdv_block_pipe(t, last, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem,
-                                    do_smem, ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout,
-                                    MASK)
-
-    @gluon.jit
-    def _dkdv_pipe_loops(k, v, row0, q_smem, do_smem, kv_bar, ready, empty,
-                         DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                         b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal,
-                         TWO_DEEP: gl.constexpr):
-        # _dkdv_consumer's loops for "pipe" and "pipe2", each block's successor's products carried
-        # from one block to the next.
-        ROWS: gl.constexpr = k.shape[0]
-        HEAD_DIM: gl.constexpr = k.shape[1]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        s_layout: gl.constexpr = _mma_layout(BLOCK_M)
-        acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        krows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-        p16 = gl.zeros([ROWS, BLOCK_M], k.dtype, op_layout)
-        ds16 = gl.zeros([ROWS, BLOCK_M], k.dtype, op_layout)
-        zero_acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
-        mbarrier.wait(kv_bar, 0)
-        if TWO_DEEP:
-            # Block 0's entry state; products of zeros stand in for dV(-1) and dK(-1).
-            mbarrier.wait(ready.index(0), 0)
-            zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-            dv = warpgroup_mma(p16, do_smem.index(0), zero_acc, use_acc=False, is_async=True)
-            st_tok = warpgroup_mma(k, q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-            dk = warpgroup_mma(ds16, q_smem.index(0), zero_acc, use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v, do_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-        else:
-            dk = warpgroup_mma_init(zero_acc)
-            dv = warpgroup_mma_init(zero_acc)
-            st_tok, dpt_tok = _dkdv_issue(0, k, v, q_smem, do_smem, ready, s_layout)
-        total = GROUP * (n_q - q_lo)
-        t = 0
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            lse_ptr = LSE + (b * H + h) * S
-            delta_ptr = DELTA + (b * H + h) * S
-            lse_1, delta_1 = _lse_delta(lse_ptr, delta_ptr, q_lo, S, BLOCK_M)
-            for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1 = _dkdv_step(
-                    t, t + 1 == total, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem,
-                    ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, TWO_DEEP, True)
-                t += 1
-            for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1 = _dkdv_step(
-                    t, t + 1 == total, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem,
-                    ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, TWO_DEEP, False)
-                t += 1
-            for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1 = _dkdv_step(
-                    t, t + 1 == total, i, dk, dv, p16, ds16, st_tok, dpt_tok, lse_1, delta_1, k, v, q_smem, do_smem,
-                    ready, empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, TWO_DEEP, True)
-                t += 1
-        dv, dk, st_tok, dpt_tok, p16, ds16 = warpgroup_mma_wait(num_outstanding=0,
-                                                               deps=(dv, dk, st_tok, dpt_tok, p16, ds16))
-        _store_dkdv(dk, dv, start_n + row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                    stride_dvs, b, hk, S, sm_scale, False)
-
-    @gluon.jit
-    def _dkdv_consumer_pipe(k, v, row0, q_smem, do_smem, kv_bar, ready, empty,
-                            DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                            stride_dvs, b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale,
-                            causal):
-        _dkdv_pipe_loops(k, v, row0, q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
-                         stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                         b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal, False)
-
-    @gluon.jit
-    def _dkdv_consumer_pipe2(k, v, row0, q_smem, do_smem, kv_bar, ready, empty,
-                             DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                             stride_dvs, b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale,
-                             causal):
-        _dkdv_pipe_loops(k, v, row0, q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
-                         stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                         b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal, True)
-
-    @gluon.jit
-    def _dkdv_block_rows(t, i, dkt, dvt, lse, delta, k, v, p_smem, ds_smem, q_smem, do_smem, ready, empty,
-                         lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # "rows": query block i against this warpgroup's keys, queries as rows; returns dK^T and dV^T
-        # (head dim as rows) and the next block's lse and delta.
-        STAGES: gl.constexpr = q_smem.shape[0]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        st = t % STAGES
-        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        lse_next = gl.load(lse_ptr + qrows + BLOCK_M, mask=qrows + BLOCK_M < S, other=0.0)
-        delta_next = gl.load(delta_ptr + qrows + BLOCK_M, mask=qrows + BLOCK_M < S, other=0.0)
-        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
-        q = q_smem.index(st)
-        do = do_smem.index(st)
-        ROWS: gl.constexpr = k.shape[0]
-        zero = gl.zeros([BLOCK_M, ROWS], gl.float32, s_layout)
-        s_tok = warpgroup_mma(q, k.permute((1, 0)), zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-        p = gl.exp2(s * qk_scale - lse[:, None])
-        if MASK:
-            keep = (qrows[:, None] < S) & ((qrows[:, None] >= krows[None, :]) | (causal == 0))
-            p = gl.where(keep, p, 0.0)
-        p = p.to(q.dtype)
-        p_smem.store(p)
-        fence_async_shared()
-        _barrier()  # this warpgroup's four warps (a named barrier inside the partition)
-        # dP is issued only now, so that S and dP are never in registers together (they spill).
-        dp_tok = warpgroup_mma(do, v.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dv_tok = warpgroup_mma(do.permute((1, 0)), p_smem, dvt, is_async=True)
-        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, ))
-        ds = p.to(gl.float32) * (dp - delta[:, None])
-        ds_smem.store(ds.to(q.dtype))
-        fence_async_shared()
-        _barrier()
-        dk_tok = warpgroup_mma(q.permute((1, 0)), ds_smem, dkt, is_async=True)
-        dvt, dkt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
-        mbarrier.arrive(empty.index(st), count=1)
-        return dkt, dvt, lse_next, delta_next
-
-    @gluon.jit
-    def _dkdv_consumer_rows(k, v, row0, p_smem, ds_smem, q_smem, do_smem, kv_bar, ready, empty,
-                            DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                            stride_dvs, b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale,
-                            causal):
-        ROWS: gl.constexpr = k.shape[0]
-        HEAD_DIM: gl.constexpr = k.shape[1]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        s_layout: gl.constexpr = _mma_layout(ROWS)
-        krows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
-        dkt = gl.zeros([HEAD_DIM, ROWS], gl.float32, s_layout)
-        dvt = gl.zeros([HEAD_DIM, ROWS], gl.float32, s_layout)
-        mbarrier.wait(kv_bar, 0)
-        t = 0
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            lse_ptr = LSE + (b * H + h) * S
-            delta_ptr = DELTA + (b * H + h) * S
-            qrows = q_lo * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-            lse = gl.load(lse_ptr + qrows, mask=qrows < S, other=0.0)
-            delta = gl.load(delta_ptr + qrows, mask=qrows < S, other=0.0)
-            for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                dkt, dvt, lse, delta = _dkdv_block_rows(t, i, dkt, dvt, lse, delta, k, v, p_smem, ds_smem, q_smem,
-                                                        do_smem, ready, empty, lse_ptr, delta_ptr, krows, S,
-                                                        qk_scale, causal, s_layout, True)
-                t += 1
-            for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                dkt, dvt, lse, delta = _dkdv_block_rows(t, i, dkt, dvt, lse, delta, k, v, p_smem, ds_smem, q_smem,
-                                                        do_smem, ready, empty, lse_ptr, delta_ptr, krows, S,
-                                                        qk_scale, causal, s_layout, False)
-                t += 1
-            for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                dkt, dvt, lse, delta = _dkdv_block_rows(t, i, dkt, dvt, lse, delta, k, v, p_smem, ds_smem, q_smem,
-                                                        do_smem, ready, empty, lse_ptr, delta_ptr, krows, S,
-                                                        qk_scale, causal, s_layout, True)
-                t += 1
-        _store_dkdv(dkt, dvt, start_n + row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                    stride_dvs, b, hk, S, sm_scale, True)
 
     @gluon.jit
     def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, DK, DV, LSE, DELTA,
@@ -880,7 +602,7 @@ if GLUON_ERROR is None:
                      stride_dvb, stride_dvh, stride_dvs,
                      H, GROUP, S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, KIND: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
@@ -916,27 +638,13 @@ if GLUON_ERROR is None:
         shared = (q_smem, do_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                   b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
-        loads = (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
-                 k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
-                 stride_db, stride_dh, stride_ds, q_lo, n_q)
-        k0, v0, k1, v1 = k_smem.slice(0, 64), v_smem.slice(0, 64), k_smem.slice(64, 64), v_smem.slice(64, 64)
-        if KIND == 3:  # "rows": P and dS of each warpgroup through shared memory
-            pds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-            pds = gl.allocate_shared_memory(q_desc.dtype, [4, BLOCK_M, 64], pds_layout)
-            gl.warp_specialize([
-                (_dkdv_consumer_rows, (k0, v0, 0, pds.index(0), pds.index(1)) + shared),
-                (_dkdv_consumer_rows, (k1, v1, 64, pds.index(2), pds.index(3)) + shared), (_dkdv_loader, loads),
-            ], [4, 1], [CONSUMER_REGS, 24])
-        elif KIND == 2:
-            gl.static_assert(STAGES >= 3)  # blocks t-1, t and t+1 are read at once
-            gl.warp_specialize([(_dkdv_consumer_pipe2, (k0, v0, 0) + shared),
-                                (_dkdv_consumer_pipe2, (k1, v1, 64) + shared), (_dkdv_loader, loads)], [4, 1], [CONSUMER_REGS, 24])
-        elif KIND == 1:
-            gl.warp_specialize([(_dkdv_consumer_pipe, (k0, v0, 0) + shared),
-                                (_dkdv_consumer_pipe, (k1, v1, 64) + shared), (_dkdv_loader, loads)], [4, 1], [CONSUMER_REGS, 24])
-        else:
-            gl.warp_specialize([(_dkdv_consumer, (k0, v0, 0) + shared),
-                                (_dkdv_consumer, (k1, v1, 64) + shared), (_dkdv_loader, loads)], [4, 1], [CONSUMER_REGS, 24])
+        gl.warp_specialize([
+            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0) + shared),
+            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
+            (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
+                            k_row, k_col, v_row, v_col, start_n, b, hk, GROUP, stride_qb, stride_qh, stride_qs,
+                            stride_db, stride_dh, stride_ds, q_lo, n_q)),
+        ], [4, 1], [CONSUMER_REGS, 24])
     # ----------------------------------------------------------------------
     # Backward, dQ: one program owns 128 query rows of one head (64 per
     # consumer warpgroup, Q and dO resident) and streams K and V blocks past
@@ -1166,32 +874,11 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
     return o, lse, config
 
 
-# (BLOCK_M, STAGES, kind) of the dK/dV kernel: BLOCK_M-row Q and dO blocks
-# streamed past 128 resident key rows; a stage holds one Q and one dO block (16 KB
-# each at D=128 and 64 rows). Kinds (the comments above _dkdv_issue): "ws" one
-# block at a time, "pipe" and "pipe2" with the next block's products issued
-# early, "rows" with queries as rows, P and dS through shared memory, which lets
-# 128-row blocks fit (in the S^T layout they spill 368-544 bytes a thread and
-# took 1.7x as long, docs/measurements.md). Configs whose shared memory does not
-# fit at a head dim are left out there (bwd_configs).
-BWD_CONFIGS = [(64, 2, "ws"), (64, 3, "ws"), (64, 2, "pipe"), (64, 3, "pipe"), (64, 3, "pipe2"), (128, 2, "rows")]
-BWD_KINDS = {"ws": 0, "pipe": 1, "pipe2": 2, "rows": 3}
-SMEM_BYTES = 227 * 1024  # a Hopper SM's shared memory for one block
+# (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
+# 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
+# 128-row blocks at D=64 spill (368-544 bytes a thread) and took 1.7x as long (docs/measurements.md).
+BWD_CONFIGS = [(64, 2), (64, 3)]
 DKDV_TUNER = Tuner("dkdv")
-
-
-def _dkdv_smem(config, head_dim: int) -> int:
-    """Bytes of shared memory a dK/dV config takes at head_dim (2-byte elements; barriers aside)."""
-    block_m, stages, kind = config
-    kv = 2 * 128 * head_dim * 2
-    ring = stages * 2 * block_m * head_dim * 2
-    pds = 4 * block_m * 64 * 2 if kind == "rows" else 0
-    return kv + ring + pds
-
-
-def bwd_configs(head_dim: int) -> list:
-    """BWD_CONFIGS that fit in shared memory at head_dim."""
-    return [c for c in BWD_CONFIGS if _dkdv_smem(c, head_dim) + 1024 <= SMEM_BYTES]
 
 
 def supported_bwd(q, k, v, do) -> str | None:
@@ -1204,23 +891,23 @@ def supported_bwd(q, k, v, do) -> str | None:
 
 def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
-    block_m, stages, kind = config
+    block_m, stages = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
     return ahead.launch(_dkdv_kernel, grid,
         _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
         dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, scale * LOG2E, scale,
-        D, bool(causal), 128, block_m, stages, BWD_KINDS[kind], CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
     )
 
 
-def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int, str] | None = None):
+def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
     """(dk, dv, config) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
-        config = DKDV_TUNER.pick(key, bwd_configs(q.shape[-1]),
+        config = DKDV_TUNER.pick(key, BWD_CONFIGS,
                                  lambda c: _time_ms(lambda: _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal,
                                                                          scale, c)),
                                  torch.cuda.get_device_name(q.device))
@@ -1267,7 +954,6 @@ def describe(kernel: str, config: tuple) -> str:
         block_m, block_n, stages, kind = config
         return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps}"
     if kernel == "dkdv":
-        block_m, stages, kind = config
-        return f"{kind} BLOCK_N=128 BLOCK_M={block_m} stages={stages} {warps}"
+        return f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} {warps}"
     assert kernel == "dq", f"no Gluon kernel {kernel!r}"
     return f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} {warps}"

@@ -81,7 +81,7 @@ def cases(fg) -> list[Case]:
     for D in sorted(fg.CONFIGS):
         for causal in (False, True):
             out += [Case("fwd", D, causal, c) for c in fg.CONFIGS[D] if not (causal and c[3] == "persistent")]
-            out += [Case("dkdv", D, causal, c) for c in fg.bwd_configs(D)]
+            out += [Case("dkdv", D, causal, c) for c in fg.BWD_CONFIGS]
             out += [Case("dq", D, causal, c) for c in fg.DQ_CONFIGS]
     return out
 

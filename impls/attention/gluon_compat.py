@@ -10,9 +10,7 @@ so they read the same on every release and never branch on a version:
 
 - the TMA copy from global to shared memory is `tma.async_copy_global_to_shared`
   up to Triton 3.7 and `tma.async_load` from 3.8, where 3.9 turned the old
-  name into a stub that raises;
-- the barrier among a partition's warps is `gl.thread_barrier` in 3.6 and
-  `gl.barrier` from 3.7.
+  name into a stub that raises.
 
 The other Gluon calls the kernels make (warp_specialize's list of
 (partition, args) with worker warps and registers, warpgroup_mma and its
@@ -45,17 +43,10 @@ def tma_load_of(tma):
     return getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
-def barrier_of(gl):
-    """The barrier of this Gluon's language module among the threads that run it: barrier from 3.7."""
-    return getattr(gl, "barrier", None) or gl.thread_barrier
-
-
 try:
-    from triton.experimental.gluon import language as _gl
     from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
 except Exception:  # noqa: BLE001 - flash_gluon reports the missing Gluon itself
-    _gl = _tma = None
+    _tma = None
 
 if _tma is not None:
     tma_load = tma_load_of(_tma)
-    barrier = barrier_of(_gl)

@@ -315,14 +315,10 @@ def test_gpu_dq_beside_or_after_dkdv(concurrent):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", fg.BWD_CONFIGS if fg is not None else [], ids=str)
 def test_gpu_each_dkdv_config(monkeypatch, config):
-    # Each config at each head dim whose shared memory it fits, against float64.
     monkeypatch.setattr(fg, "BWD_CONFIGS", [config])
-    block_m, stages, kind = config
-    for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64), (False, 700, 64)):
-        if config not in fg.bwd_configs(D):
-            continue
-        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True)
-        assert f"{kind} BLOCK_N=128 BLOCK_M={block_m} stages={stages}" in desc, desc
+    for causal, S in ((False, 333), (True, 200)):
+        desc = check_attention_grads(1, 4, 2, S, 128, causal, torch.bfloat16, seed=S, gluon=True)
+        assert f"BLOCK_M={config[0]} stages={config[1]}" in desc, desc
 
 
 @hopper

@@ -182,12 +182,12 @@ def test_err_is_the_largest_difference_over_the_largest_magnitude():
 
 def test_cases_cover_every_config_of_every_kernel():
     fg = SimpleNamespace(CONFIGS={64: [(128, 128, 2, "ws"), (128, 128, 2, "persistent")]},
-                         bwd_configs=lambda D: [(64, 2, "ws")], DQ_CONFIGS=[(64, 3), (128, 2)])
+                         BWD_CONFIGS=[(64, 2)], DQ_CONFIGS=[(64, 3), (128, 2)])
     assert [str(c) for c in REAL_CASES(fg)] == [
         "fwd D=64 non-causal (128, 128, 2, 'ws')", "fwd D=64 non-causal (128, 128, 2, 'persistent')",
-        "dkdv D=64 non-causal (64, 2, 'ws')", "dq D=64 non-causal (64, 3)", "dq D=64 non-causal (128, 2)",
+        "dkdv D=64 non-causal (64, 2)", "dq D=64 non-causal (64, 3)", "dq D=64 non-causal (128, 2)",
         "fwd D=64 causal (128, 128, 2, 'ws')",  # the persistent forward is non-causal only
-        "dkdv D=64 causal (64, 2, 'ws')", "dq D=64 causal (64, 3)", "dq D=64 causal (128, 2)",
+        "dkdv D=64 causal (64, 2)", "dq D=64 causal (64, 3)", "dq D=64 causal (128, 2)",
     ]
 
 

@@ -1,4 +1,4 @@
-"""Tests for impls/attention/gluon_compat.py: which releases count as measured, the TMA load's and the barrier's names."""
+"""Tests for impls/attention/gluon_compat.py: which releases count as measured, and the TMA load's name."""
 
 from types import SimpleNamespace
 
@@ -44,15 +44,3 @@ def test_tma_load_of_the_installed_gluon():
 
 def test_every_measured_release_compiles():
     assert all(v in gluon_compat.COMPILES for v in gluon_compat.MEASURED)
-
-
-def test_barrier_takes_the_new_name_where_it_exists():
-    # 3.7 on: gl.barrier (3.9 has no thread_barrier); 3.6: only gl.thread_barrier.
-    assert gluon_compat.barrier_of(SimpleNamespace(barrier=_new, thread_barrier=_old)) is _new
-    assert gluon_compat.barrier_of(SimpleNamespace(barrier=_new)) is _new
-    assert gluon_compat.barrier_of(SimpleNamespace(thread_barrier=_old)) is _old
-
-
-def test_barrier_of_the_installed_gluon():
-    gl = pytest.importorskip("triton.experimental.gluon.language")
-    assert gluon_compat.barrier is (gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier)
