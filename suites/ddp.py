@@ -39,7 +39,12 @@ kinds alternate, pair by pair, so that both meet the same machine.
   at DDP's buckets so that their all-reduces still start during the
   backward. Compiling happens in the first warm-up step (a synced step and
   its no_sync pair); `compiled_graphs` counts the graphs rank 0 compiled (1
-  unless something recompiled).
+  unless something recompiled), `compiled_pieces` the pieces AOTAutograd
+  compiled them into (one per bucket where dynamo split the graph).
+  `--optimize-ddp` sweeps how dynamo treats DDP (its `optimize_ddp`):
+  `ddp_optimizer` splits the graph at the buckets (the default: the
+  all-reduces overlap the backward), `no_optimization` compiles one graph
+  (fuses more; every all-reduce waits for the whole backward).
 
 The collectives under DDP (`--collectives`) are their own sweep,
 suites/collectives.py, on the same processes (`Hosts`).
@@ -172,6 +177,7 @@ class TrainConfig:
     static_graph: bool = False
     compression: str = "none"
     find_unused_parameters: bool = False
+    optimize_ddp: str = "ddp_optimizer"  # dynamo's treatment of DDP under compile (OPTIMIZE_DDP)
 
     @property
     def setup(self) -> str:
@@ -192,6 +198,9 @@ class TrainConfig:
 
 
 ON_OFF = {"off": (False,), "on": (True,), "both": (False, True)}
+# torch._dynamo.config.optimize_ddp's stable modes: split the graph at DDP's buckets, or compile it whole.
+# ("python_reducer", the third, needs compiled autograd around the backward, which train_step does not use.)
+OPTIMIZE_DDP = ("ddp_optimizer", "no_optimization")
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,7 @@ class ScalingOptions:
     static_graph: tuple[bool, ...] = (False,)
     compression: tuple[str, ...] = ("none",)
     find_unused_parameters: tuple[bool, ...] = (False,)
+    optimize_ddp: tuple[str, ...] = ("ddp_optimizer",)
     steps: int = 20
     warmup_steps: int = 5
 
@@ -228,6 +238,11 @@ class ScalingOptions:
             raise BadInput(f"--steps must be >= 1 and --warmup-steps >= 0, got {self.steps} and {self.warmup_steps}")
         if self.compile and self.warmup_steps < 1:
             raise BadInput("--compile needs --warmup-steps 1 or more: the first step compiles")
+        unknown = [m for m in self.optimize_ddp if m not in OPTIMIZE_DDP]
+        if unknown:
+            raise BadInput(f"unknown --optimize-ddp {', '.join(unknown)}; known: {', '.join(OPTIMIZE_DDP)}")
+        if not self.compile and self.optimize_ddp != ("ddp_optimizer",):
+            raise BadInput("--optimize-ddp applies to compiled rows: add --compile")
         if any(b <= 0 for b in self.bucket_mb):
             raise BadInput(f"--bucket-mb must be positive, got {', '.join(map(str, self.bucket_mb))}")
         unknown = [c for c in self.compression if c not in ddp.COMPRESSION_HOOKS]
@@ -245,7 +260,7 @@ class ScalingOptions:
 
     def configs(self) -> list[TrainConfig]:
         knob_sets = list(itertools.product(self.bucket_mb, self.gradient_as_bucket_view, self.static_graph,
-                                           self.compression, self.find_unused_parameters))
+                                           self.compression, self.find_unused_parameters, self.optimize_ddp))
         shape = dict(model=self.model, precision=self.precision, scaling="strong" if self.strong else "weak",
                      batch=self.batch, seq=self.seq, compile=self.compile)
         # The baseline first, so every later row has it for its efficiency. Its
@@ -257,7 +272,8 @@ class ScalingOptions:
         return rows
 
 
-KNOBS = ("bucket_mb", "gradient_as_bucket_view", "static_graph", "compression", "find_unused_parameters")
+KNOBS = ("bucket_mb", "gradient_as_bucket_view", "static_graph", "compression", "find_unused_parameters",
+         "optimize_ddp")
 
 
 def _knob_fields(values: tuple) -> dict:
@@ -321,6 +337,10 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         run["params"] = model.num_params()
         run["optimizer"] = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
         run["scaler"] = precision.scaler(device)
+        if cfg.compile:  # read when DDP is built and when dynamo compiles it; one row per process
+            from torch._dynamo import config as dynamo_config
+
+            dynamo_config.optimize_ddp = cfg.optimize_ddp
         run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
         if cfg.compile:  # around DDP: dynamo splits the graph at DDP's buckets, so their all-reduces still overlap
             run["model"] = torch.compile(run["model"])
@@ -340,13 +360,14 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
             for _ in range(WAIT + WARMUP + ACTIVE):
                 train(*batch())
     # Graphs dynamo compiled: 1 for the model inside DDP; more would be recompiles (e.g. no_sync changing a guard).
-    graphs = None
+    # Pieces: what AOTAutograd compiled them into, one per bucket where the DDP optimizer split the graph.
+    graphs = pieces = None
     if cfg.compile:
         from torch._dynamo.utils import counters
 
-        graphs = counters["stats"]["unique_graphs"]
+        graphs, pieces = counters["stats"]["unique_graphs"], counters["aot_autograd"]["total"]
     return {"step_ms": run["step_ms"], "no_sync_ms": run["no_sync_ms"], "peak_mem_MiB": peak, "params": run["params"],
-            "compiled_graphs": graphs, "profile": profile}
+            "compiled_graphs": graphs, "compiled_pieces": pieces, "profile": profile}
 
 
 def relay_steps(ctx: Context, total: int, what: str = "step"):
@@ -396,6 +417,7 @@ def train_measurement(cfg: TrainConfig, per_rank: list[dict], nodes: int, base_t
         peak_mem_MiB=max(memories) if memories else None,
         params=per_rank[0]["params"],
         compiled_graphs=per_rank[0].get("compiled_graphs"),
+        compiled_pieces=per_rank[0].get("compiled_pieces"),
     )
     if per_rank[0]["no_sync_ms"] is not None:
         no_sync = Stats.of(np.max([r["no_sync_ms"] for r in per_rank], axis=0))
@@ -490,7 +512,7 @@ def sweep(opts: ScalingOptions, seed: int = 0) -> Sweep:
         metrics=("world_size", "nodes", "batch_per_rank", "global_batch", "tokens_per_step", "samples_per_s",
                  "tokens_per_s", "efficiency", "no_sync_median_ms", "exposed_comm_ms", "exposed_comm_iqr_ms",
                  "exposed_comm_p", "slowest_rank", "slowest_rank_median_ms", "mfu", "peak_mem_MiB", "params",
-                 "compiled_graphs", "note"),
+                 "compiled_graphs", "compiled_pieces", "note"),
         # No allocator counter covers a CPU (bench/memory.py): no memory column there.
         display=tuple(c for c in TRAIN_DISPLAY if opts.hosts.device_type == "cuda" or c.name != "peak_mem_MiB"),
         label="setup",

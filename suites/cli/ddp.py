@@ -88,6 +88,7 @@ def ddp_command(
     static_graph: Annotated[str, typer.Option(help="DDP static_graph: off, on or both.")] = "off",
     compression: Annotated[str, typer.Option(help="Gradient compression comm hook: none, bf16, fp16; several to sweep: none,bf16.")] = "none",
     find_unused_parameters: Annotated[str, typer.Option(help="DDP find_unused_parameters: off, on or both.")] = "off",
+    optimize_ddp: Annotated[str, typer.Option(help="With --compile, dynamo's optimize_ddp: ddp_optimizer (split the graph at the buckets) or no_optimization (one graph); both to sweep: ddp_optimizer,no_optimization.")] = "ddp_optimizer",
     steps: Annotated[Optional[int], typer.Option(help="Timed steps per row (and as many under no_sync, in alternating pairs). Default: 20 on a GPU, 10 on CPU.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Untimed steps first (CUDA/NCCL set-up, allocator growth). Default: 5 on a GPU, 2 on CPU.")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help=f"A preset ({', '.join(DATA_PRESETS)}) or your own text files and folders (repeatable). Default: stdlib.")] = None,
@@ -150,6 +151,7 @@ def ddp_command(
             static_graph=_on_off(static_graph, "--static-graph"),
             compression=tuple(compression.split(",")),
             find_unused_parameters=_on_off(find_unused_parameters, "--find-unused-parameters"),
+            optimize_ddp=tuple(optimize_ddp.split(",")),
             steps=n_steps, warmup_steps=n_warmup)
         reason = PRECISION_RECIPES[opts.precision].why_not(dev)
         if reason:

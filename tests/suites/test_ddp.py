@@ -76,6 +76,8 @@ def test_who_takes_part_in_each_launch():
     (dict(bucket_mb=(0.0,)), "--bucket-mb"),
     (dict(steps=0), "--steps"),
     (dict(compile=True, warmup_steps=0), "--compile needs --warmup-steps 1"),
+    (dict(compile=True, optimize_ddp=("python_reducer",)), "unknown --optimize-ddp python_reducer"),
+    (dict(optimize_ddp=("no_optimization",)), "--optimize-ddp applies to compiled rows"),
 ])
 def test_bad_options(kw, message):
     with pytest.raises(BadInput, match=message):
@@ -96,6 +98,10 @@ def test_rows_baseline_first_then_every_knob_set_and_world():
     # --compile compiles every row, the baseline included: its efficiency compares compiled with compiled.
     assert {c.compile for c in scaling(compile=True).configs()} == {True}
     assert {c.compile for c in configs} == {False}
+    # --optimize-ddp is one more knob: a DDP row per mode and world, the baseline once.
+    modes = scaling(compile=True, world_sizes=(2,), optimize_ddp=("ddp_optimizer", "no_optimization")).configs()
+    assert [(c.setup, c.optimize_ddp) for c in modes] == [
+        ("no-ddp", "ddp_optimizer"), ("ddp-2", "ddp_optimizer"), ("ddp-2", "no_optimization")]
 
 
 # -- the rows' arithmetic ---------------------------------------------------------------------------
@@ -282,13 +288,18 @@ def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_rows_from_gloo_processes(tmp_path, monkeypatch):
-    # One process per row keeps it short: the model compiled inside DDP, with DDP's hooks eager.
+    # One process per row keeps it short: the model compiled inside DDP, with DDP's hooks eager; 1 MB
+    # buckets (the smallest dynamo's splitter takes) give the tiny model's 2 MB of fp32 weights several.
     monkeypatch.delenv(launch.FAULT_ENV, raising=False)
-    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--compile")
-    assert list(df["setup"]) == ["no-ddp", "ddp-1"] and df["compile"].all()
-    assert list(df["status"]) == ["ok"] * 2, df["reason"].tolist()
+    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--compile", "--bucket-mb", "1",
+                 "--optimize-ddp", "ddp_optimizer,no_optimization")
+    assert list(df["setup"]) == ["no-ddp", "ddp-1", "ddp-1"] and df["compile"].all()
+    assert list(df["optimize_ddp"]) == ["ddp_optimizer", "ddp_optimizer", "no_optimization"]
+    assert list(df["status"]) == ["ok"] * 3, df["reason"].tolist()
     # One graph each: the synced and the no_sync steps share it (no recompile).
-    assert list(df["compiled_graphs"]) == [1, 1]
+    assert list(df["compiled_graphs"]) == [1, 1, 1]
+    # Split at the buckets by default, compiled whole with no_optimization (and without DDP).
+    assert df["compiled_pieces"][1] > 1 and df["compiled_pieces"][0] == df["compiled_pieces"][2] == 1
 
 
 def test_a_failed_launch_is_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch):
