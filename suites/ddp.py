@@ -337,12 +337,11 @@ def train_rank(rank: launch.Rank, cfg: TrainConfig, job: TrainJob) -> dict:
         run["params"] = model.num_params()
         run["optimizer"] = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
         run["scaler"] = precision.scaler(device)
-        if cfg.compile:  # read when DDP is built and when dynamo compiles it; one row per process
+        run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
+        if cfg.compile:  # around DDP: by default dynamo splits the graph at DDP's buckets, so their all-reduces overlap
             from torch._dynamo import config as dynamo_config
 
-            dynamo_config.optimize_ddp = cfg.optimize_ddp
-        run["model"] = ddp.wrap(model, device, cfg.knobs) if cfg.ddp else model
-        if cfg.compile:  # around DDP: dynamo splits the graph at DDP's buckets, so their all-reduces still overlap
+            dynamo_config.optimize_ddp = cfg.optimize_ddp  # read when it compiles; one row per process
             run["model"] = torch.compile(run["model"])
         run["step_ms"], run["no_sync_ms"] = steps(job.warmup_steps, job.steps)
 
