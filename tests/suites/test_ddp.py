@@ -288,12 +288,12 @@ def test_scaling_rows_from_two_gloo_processes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_rows_from_gloo_processes(tmp_path, monkeypatch):
-    # One process per row keeps it short: the model compiled inside DDP, with DDP's hooks eager; 1 MB
+    # Two ranks, as the several-GPU runs: the model compiled inside DDP, with DDP's hooks eager; 1 MB
     # buckets (the smallest dynamo's splitter takes) give the tiny model's 2 MB of fp32 weights several.
     monkeypatch.delenv(launch.FAULT_ENV, raising=False)
-    df, _ = _run(tmp_path, "--procs", "1", "--world-sizes", "1", "--compile", "--bucket-mb", "1",
+    df, _ = _run(tmp_path, "--world-sizes", "2", "--compile", "--bucket-mb", "1",
                  "--optimize-ddp", "ddp_optimizer,no_optimization")
-    assert list(df["setup"]) == ["no-ddp", "ddp-1", "ddp-1"] and df["compile"].all()
+    assert list(df["setup"]) == ["no-ddp", "ddp-2", "ddp-2"] and df["compile"].all()
     assert list(df["optimize_ddp"]) == ["ddp_optimizer", "ddp_optimizer", "no_optimization"]
     assert list(df["status"]) == ["ok"] * 3, df["reason"].tolist()
     # One graph each: the synced and the no_sync steps share it (no recompile).
