@@ -471,7 +471,8 @@ if GLUON_ERROR is None:
     # Backward, dK and dV: one program owns 128 key rows of one kv head (64
     # per consumer warpgroup, K and V resident in shared memory) and streams
     # the 64-row Q and dO blocks of every query head of its group past them,
-    # the loader warp keeping a ring of STAGES blocks ahead. Per block each
+    # the loader warp keeping a ring of STAGES blocks ahead (at head dim 64 each
+    # warpgroup holds its K and V in registers). Per block each
     # warpgroup issues S^T = K Q^T and dP^T = V dO^T together, forms P^T from
     # S^T while dP^T runs, issues dV += P^T dO, forms dS^T = P^T (dP^T - delta)
     # while dV's product runs, and issues dK += dS^T Q.
@@ -563,6 +564,15 @@ if GLUON_ERROR is None:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
+        if HEAD_DIM == 64:
+            # K and V into registers as the A operand of S^T and dP^T (16 registers
+            # a thread each), so those products read only Q and dO from shared
+            # memory. A 64x64x16 step with both operands there reads 4 KB in the 32
+            # clocks it computes, the whole of shared memory's 128 bytes a clock.
+            # At head dim 128 the registers are not there (the kernel spills already).
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+            k = k.load(a_layout)
+            v = v.load(a_layout)
         t = 0
         for g in range(GROUP):
             h = hk * GROUP + g
