@@ -469,13 +469,13 @@ if GLUON_ERROR is None:
 
     # ----------------------------------------------------------------------
     # Backward, dK and dV: one program owns 128 key rows of one kv head (64
-    # per consumer warpgroup, K and V resident in shared memory) and streams
-    # the 64-row Q and dO blocks of every query head of its group past them,
-    # the loader warp keeping a ring of STAGES blocks ahead (at head dim 64 each
-    # warpgroup holds its K and V in registers). Per block each
-    # warpgroup issues S^T = K Q^T and dP^T = V dO^T together, forms P^T from
-    # S^T while dP^T runs, issues dV += P^T dO, forms dS^T = P^T (dP^T - delta)
-    # while dV's product runs, and issues dK += dS^T Q.
+    # per consumer warpgroup; K and V resident in shared memory, and at head
+    # dim 64 in registers too) and streams the 64-row Q and dO blocks of every
+    # query head of its group past them, the loader warp keeping a ring of
+    # STAGES blocks ahead. Per block each warpgroup issues S^T = K Q^T and
+    # dP^T = V dO^T together, forms P^T from S^T while dP^T runs, issues
+    # dV += P^T dO, forms dS^T = P^T (dP^T - delta) while dV's product runs,
+    # and issues dK += dS^T Q.
     # ----------------------------------------------------------------------
 
     @gluon.jit
