@@ -483,7 +483,7 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _dkdv_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                      lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
-                     GROUP, S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q):
+                     GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q):
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         WITH_LSE: gl.constexpr = q_smem.shape[2] == 64  # the rotated consumer reads lse and delta from the stage
@@ -497,7 +497,7 @@ if GLUON_ERROR is None:
             h = hk * GROUP + g
             q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
             d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
-            l_row = ((b * H + h) * S).to(gl.int32)  # lse and delta are flat (B*H*S) rows
+            l_row = ((b * H + h) * LSE_S).to(gl.int32)  # lse and delta are flat rows, LSE_S a head
             for i in range(q_lo, n_q):
                 st = t % STAGES
                 mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
@@ -689,7 +689,7 @@ if GLUON_ERROR is None:
                      stride_db, stride_dh, stride_ds,
                      stride_dkb, stride_dkh, stride_dks,
                      stride_dvb, stride_dvh, stride_dvs,
-                     H, GROUP, S, qk_scale, sm_scale,
+                     H, GROUP, S, LSE_S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -734,7 +734,7 @@ if GLUON_ERROR is None:
             (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                             lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
-                            GROUP, S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
+                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
         ], [4, 1], [CONSUMER_REGS, 24])
     # ----------------------------------------------------------------------
     # Backward, dQ: one program owns 128 query rows of one head (64 per
@@ -918,10 +918,15 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, [rows, ss], [ss, 1], [block_rows, D], layout)
 
 
-def _flat_row(t: torch.Tensor) -> torch.Tensor:
-    # TMA reads lse and delta as one flat row: contiguous, its base 16-byte aligned.
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+def _tma_rows(t: torch.Tensor) -> torch.Tensor:
+    # lse or delta (B, H, S) as the head-dim-64 dK/dV loader reads them, a flat row of heads whose each
+    # head starts 16-byte aligned: a TMA box starting off that alignment faults ("illegal instruction", S=333).
+    S = t.shape[-1]
+    if S % 4 == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    rows = t.new_zeros(*t.shape[:-1], -(-S // 4) * 4)
+    rows[..., :S] = t
+    return rows
 
 
 def _row_descriptor(t: torch.Tensor, block: int) -> "TensorDescriptor":
@@ -990,7 +995,7 @@ def supported_bwd(q, k, v, do) -> str | None:
     reason = supported(q, k, v)
     if reason is None and (do.dtype != q.dtype or _view_2d(do) is None):
         reason = "dO has no 2-d TMA view"
-    if reason is None and q.shape[0] * q.shape[1] * q.shape[2] >= 2**31:
+    if reason is None and q.shape[0] * q.shape[1] * (-(-q.shape[2] // 4) * 4) >= 2**31:
         reason = "B*H*S is past the int32 TMA coordinates of the flat lse row"
     return reason
 
@@ -999,18 +1004,18 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
     block_m, stages = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
+    lse_rows, delta_rows = _tma_rows(lse), _tma_rows(delta)
     return ahead.launch(_dkdv_kernel, grid,
         _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
-        _row_descriptor(lse, block_m), _row_descriptor(delta, block_m), dk, dv, lse, delta,
+        _row_descriptor(lse_rows, block_m), _row_descriptor(delta_rows, block_m), dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, H // k.shape[1], S, scale * LOG2E, scale,
+        H, H // k.shape[1], S, lse_rows.shape[-1], scale * LOG2E, scale,
         D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
     )
 
 
 def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
     """(dk, dv, config) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
-    lse, delta = _flat_row(lse), _flat_row(delta)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
         key = (triton.next_power_of_2(q.shape[2]), q.shape[-1], bool(causal), str(q.dtype), q.shape[1] // k.shape[1])
