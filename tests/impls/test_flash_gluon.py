@@ -161,6 +161,19 @@ def test_supported_leaves_the_release_to_the_self_check(monkeypatch, version):
     assert "Hopper" in fg.supported(q, q, q)
 
 
+@pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="needs triton.experimental.gluon")
+def test_lse_rows_start_16_byte_aligned_per_head():
+    # The head-dim-64 dK/dV loader reads lse and delta by TMA from one flat row, one head after another:
+    # each head must start 16-byte aligned (a misaligned box faulted on the GPU at S=333).
+    lse = torch.randn(2, 3, 8)
+    assert fg._tma_rows(lse) is lse  # S a multiple of 4, contiguous: read in place
+    for t in (torch.randn(2, 3, 333), torch.randn(2, 8, 3).transpose(1, 2)):
+        rows = fg._tma_rows(t)
+        assert rows.is_contiguous() and rows.shape[:2] == t.shape[:2] and rows.shape[2] % 4 == 0
+        assert rows.shape[2] - t.shape[2] < 4 and torch.equal(rows[..., :t.shape[2]], t)
+        assert not rows[..., t.shape[2]:].any()
+
+
 def test_supported_refuses_cpu_tensors():
     q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
     reason = fg.supported(q, q, q)
