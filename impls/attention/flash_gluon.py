@@ -512,14 +512,15 @@ if GLUON_ERROR is None:
                 _tma_load(do_desc, [d_row + i * BLOCK_M, d_col], bar, do_smem.index(st))
                 t += 1
 
+    _ONE_EACH = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))  # a vector spread one value a thread
+
     @gluon.jit
     def _lse_delta(lse_ptr, delta_ptr, i, S, BLOCK_M: gl.constexpr):
         # lse and delta of query block i, one value a thread. They are per query,
         # a column of S^T, of which each thread holds 16: loaded in that layout,
         # every thread would compute 32 64-bit addresses a block, and the
         # registers they took made ptxas spill in the key loop.
-        one_each: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=one_each)
+        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=_ONE_EACH)
         return (gl.load(lse_ptr + cols, mask=cols < S, other=0.0),
                 gl.load(delta_ptr + cols, mask=cols < S, other=0.0))
 
@@ -602,6 +603,20 @@ if GLUON_ERROR is None:
         return dk, dv, gl.convert_layout(p_t, op_layout), gl.convert_layout(ds_t.to(q.dtype), op_layout)
 
     @gluon.jit
+    def _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, lse_ptr,
+                   delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One query block of the dK/dV loop. What the blocks pass on (c1, c2)
+        # is the previous block's P^T and dS^T in the rotated loop (head dim 64),
+        # this block's lse and delta, one value a thread, in the other.
+        if k.shape[1] == 64:
+            dk, dv, c1, c2 = _dkdv_rotated(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                           empty, krows, S, qk_scale, causal, s_layout, MASK)
+        else:
+            dk, dv, c1, c2 = _dkdv_block(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, ready, empty, lse_ptr,
+                                         delta_ptr, krows, S, qk_scale, causal, s_layout, MASK)
+        return dk, dv, c1, c2
+
+    @gluon.jit
     def _dkdv_consumer(k, v, row0, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
                        DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                        b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
@@ -615,64 +630,49 @@ if GLUON_ERROR is None:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
-        if HEAD_DIM == 64:
+        ROTATED: gl.constexpr = HEAD_DIM == 64
+        if ROTATED:
             # K and V into registers as the A operand of S^T and dP^T (16 registers
             # a thread each), so those products read only Q and dO from shared
             # memory. A 64x64x16 step with both operands there reads 4 KB in the 32
             # clocks it computes, the whole of shared memory's 128 bytes a clock.
-            # At head dim 128 the registers are not there (the kernel spills already).
+            # At head dim 128 the registers are not there (the kernel spills already),
+            # nor for the rotated loop (_dkdv_rotated), whose extra live registers
+            # spill there and make ptxas serialize the wgmmas: 3.99 ms against 3.53.
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
             k = k.load(a_layout)
             v = v.load(a_layout)
-            # The rotated loop (_dkdv_rotated). At head dim 128 its extra live
-            # registers spill and ptxas serializes the wgmmas: 3.99 ms against 3.53.
             op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            p16 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)
-            ds16 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)
-            t = 0
-            for g in range(GROUP):
-                for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                    dk, dv, p16, ds16 = _dkdv_rotated(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem,
-                                                      delta_smem, ready, empty, krows, S, qk_scale, causal,
-                                                      s_layout, True)
-                    t += 1
-                for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                    dk, dv, p16, ds16 = _dkdv_rotated(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem,
-                                                      delta_smem, ready, empty, krows, S, qk_scale, causal,
-                                                      s_layout, False)
-                    t += 1
-                for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                    dk, dv, p16, ds16 = _dkdv_rotated(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem,
-                                                      delta_smem, ready, empty, krows, S, qk_scale, causal,
-                                                      s_layout, True)
-                    t += 1
+            c1 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)  # the previous block's P^T and dS^T
+            c2 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)
+        else:  # loaded for each head of the group below
+            c1 = gl.zeros([BLOCK_M], gl.float32, _ONE_EACH)
+            c2 = gl.zeros([BLOCK_M], gl.float32, _ONE_EACH)
+        t = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            lse_ptr = LSE + (b * H + h) * S
+            delta_ptr = DELTA + (b * H + h) * S
+            if not ROTATED:
+                c1, c2 = _lse_delta(lse_ptr, delta_ptr, q_lo, S, BLOCK_M)  # the first block's lse and delta
+            for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
+                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, True)
+                t += 1
+            for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
+                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, False)
+                t += 1
+            for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
+                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, True)
+                t += 1
+        if ROTATED:  # the last block's dV and dK products
             last = (t - 1) % STAGES
-            dv_tok = warpgroup_mma(p16, do_smem.index(last), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds16, q_smem.index(last), dk, is_async=True)
-            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+            dv_tok = warpgroup_mma(c1, do_smem.index(last), dv, is_async=True)
+            dk_tok = warpgroup_mma(c2, q_smem.index(last), dk, is_async=True)
+            dv, dk, c1, c2 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, c1, c2))
             mbarrier.arrive(empty.index(last), count=1)
-        else:
-            t = 0
-            for g in range(GROUP):
-                h = hk * GROUP + g
-                lse_ptr = LSE + (b * H + h) * S
-                delta_ptr = DELTA + (b * H + h) * S
-                lse_1, delta_1 = _lse_delta(lse_ptr, delta_ptr, q_lo, S, BLOCK_M)
-                for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                    dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
-                                                         empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
-                                                         s_layout, True)
-                    t += 1
-                for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                    dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
-                                                         empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
-                                                         s_layout, False)
-                    t += 1
-                for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                    dk, dv, lse_1, delta_1 = _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready,
-                                                         empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal,
-                                                         s_layout, True)
-                    t += 1
         rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         keep = rows[:, None] < S
