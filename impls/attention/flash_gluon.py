@@ -471,13 +471,13 @@ if GLUON_ERROR is None:
     # Backward, dK and dV: one program owns 128 key rows of one kv head (64
     # per consumer warpgroup; K and V resident in shared memory, and at head
     # dim 64 in registers too) and streams the 64-row Q and dO blocks of every
-    # query head of its group past them, the loader warp keeping a ring of
-    # STAGES blocks ahead. Per block each warpgroup issues S^T = K Q^T and
-    # dP^T = V dO^T together, forms P^T from S^T while dP^T runs, issues
-    # dV += P^T dO, forms dS^T = P^T (dP^T - delta) while dV's product runs,
-    # and issues dK += dS^T Q. At head dim 64 the dV and dK products of a
-    # block are instead issued with the next block's S^T and dP^T (_dkdv_rotated),
-    # and lse and delta arrive with Q and dO in the stage.
+    # query head of its group past them, with their lse and delta, the loader
+    # warp keeping a ring of STAGES blocks ahead. Per block each warpgroup
+    # issues S^T = K Q^T and dP^T = V dO^T, forms P^T from S^T while dP^T
+    # runs, then dS^T = P^T (dP^T - delta). The dK += dS^T Q product of a
+    # block is issued with the next block's S^T and dP^T, so it runs while
+    # that block's P^T is formed (_dkdv_block); at head dim 64 so is the
+    # dV += P^T dO product, and the two warpgroups take turns issuing.
     # ----------------------------------------------------------------------
 
     @gluon.jit
@@ -486,9 +486,8 @@ if GLUON_ERROR is None:
                      GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q):
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
-        WITH_LSE: gl.constexpr = q_smem.shape[2] == 64  # the rotated consumer reads lse and delta from the stage
-        stage_bytes: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
-        lse_bytes: gl.constexpr = lse_desc.block_type.nbytes + delta_desc.block_type.nbytes
+        stage_bytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                                     + lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         _tma_load(k_desc, [k_row + start_n, k_col], kv_bar, k_smem)
         _tma_load(v_desc, [v_row + start_n, v_col], kv_bar, v_smem)
@@ -502,80 +501,29 @@ if GLUON_ERROR is None:
                 st = t % STAGES
                 mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
                 bar = ready.index(st)
-                if WITH_LSE:
-                    mbarrier.expect(bar, stage_bytes + lse_bytes)
-                    _tma_load(lse_desc, [l_row + i * BLOCK_M], bar, lse_smem.index(st))
-                    _tma_load(delta_desc, [l_row + i * BLOCK_M], bar, delta_smem.index(st))
-                else:
-                    mbarrier.expect(bar, stage_bytes)
+                mbarrier.expect(bar, stage_bytes)
+                _tma_load(lse_desc, [l_row + i * BLOCK_M], bar, lse_smem.index(st))
+                _tma_load(delta_desc, [l_row + i * BLOCK_M], bar, delta_smem.index(st))
                 _tma_load(q_desc, [q_row + i * BLOCK_M, q_col], bar, q_smem.index(st))
                 _tma_load(do_desc, [d_row + i * BLOCK_M, d_col], bar, do_smem.index(st))
                 t += 1
 
-    _ONE_EACH = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))  # a vector spread one value a thread
-
     @gluon.jit
-    def _lse_delta(lse_ptr, delta_ptr, i, S, BLOCK_M: gl.constexpr):
-        # lse and delta of query block i, one value a thread. They are per query,
-        # a column of S^T, of which each thread holds 16: loaded in that layout,
-        # every thread would compute 32 64-bit addresses a block, and the
-        # registers they took made ptxas spill in the key loop.
-        cols = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=_ONE_EACH)
-        return (gl.load(lse_ptr + cols, mask=cols < S, other=0.0),
-                gl.load(delta_ptr + cols, mask=cols < S, other=0.0))
-
-    @gluon.jit
-    def _dkdv_block(t, i, dk, dv, lse_1, delta_1, k, v, q_smem, do_smem, ready, empty, lse_ptr, delta_ptr, krows, S,
-                    qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # One 64-row query block for one consumer warpgroup's 64 keys, given its
-        # lse and delta one value a thread (_lse_delta); loads the next block's,
-        # which have this block's time to arrive. Spread to the columns each
-        # thread holds by an exchange through shared memory once the products are issued.
+    def _dkdv_block(t, i, dk, dv, p16_prev, ds16_prev, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                    my_turn, other_turn, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one consumer warpgroup's 64 keys. The
+        # previous block's dK product (ds16_prev: its dS^T) is issued between
+        # this block's S^T and dP^T, and at head dim 64 its dV product too
+        # (p16_prev: its P^T), one wait covering all of them; at head dim 128
+        # those registers are not there (ptxas spills and serializes the
+        # wgmmas: 3.99 ms against 3.53), so dV's product is issued within its
+        # block once P^T is formed. A stage is released a block later, hence
+        # three stages. lse and delta are read from the stage in the layout of
+        # S^T's columns: no exchange between threads, no barrier.
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         ROWS: gl.constexpr = k.shape[0]
-        st = t % STAGES
-        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        lse_next, delta_next = _lse_delta(lse_ptr, delta_ptr, i + 1, S, BLOCK_M)
-        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
-        q = q_smem.index(st)
-        do = do_smem.index(st)
-        zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-        st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
-        lse = gl.convert_layout(lse_1, qrows.type.layout)
-        delta = gl.convert_layout(delta_1, qrows.type.layout)
-        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if MASK:
-            keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
-            p_t = gl.where(keep, p_t, 0.0)
-        acc_layout: gl.constexpr = dv.type.layout
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        p_t = p_t.to(q.dtype)  # kept in 16 bits until dS: 16 registers a thread fewer than fp32
-        p16 = gl.convert_layout(p_t, op_layout)
-        dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))
-        ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
-        dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
-        dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
-        mbarrier.arrive(empty.index(st), count=1)
-        return dk, dv, lse_next, delta_next
-
-    @gluon.jit
-    def _dkdv_rotated(t, i, dk, dv, p16_prev, ds16_prev, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                      krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # The head-dim-64 form of _dkdv_block. The previous block's dV and dK
-        # products (p16_prev, ds16_prev: its P^T and dS^T) are issued between
-        # this block's S^T and dP^T, so the tensor cores run them while P^T is
-        # formed, and one wait covers all three; this block's go with the next
-        # one's. Its stage is released a block later, hence three stages.
-        # lse and delta come with Q and dO, read from the stage in the layout
-        # of S^T's columns: no exchange between threads, no barrier.
-        STAGES: gl.constexpr = q_smem.shape[0]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        ROWS: gl.constexpr = k.shape[0]
+        DV_LATE: gl.constexpr = k.shape[1] == 64
         st = t % STAGES
         prev = gl.maximum(t - 1, 0) % STAGES  # at t == 0 p16_prev and ds16_prev are zeros
         qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
@@ -583,43 +531,49 @@ if GLUON_ERROR is None:
         q = q_smem.index(st)
         do = do_smem.index(st)
         zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-        st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dv_tok = warpgroup_mma(p16_prev, do_smem.index(prev), dv, is_async=True)
-        dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
-        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
-        lse = lse_smem.index(st).load(qrows.type.layout)
-        s_t = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
+        if DV_LATE:
+            mbarrier.wait(my_turn, t & 1)
+            st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p16_prev, do_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+            mbarrier.arrive(other_turn, count=1)
+            lse = lse_smem.index(st).load(qrows.type.layout)
+            s_t = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+        else:
+            st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+            lse = lse_smem.index(st).load(qrows.type.layout)
+            s_t = warpgroup_mma_wait(num_outstanding=2, deps=(st_tok, ))
         p_t = gl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
             keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
             p_t = gl.where(keep, p_t, 0.0)
         p_t = p_t.to(q.dtype)
-        dv, dk, dp_t, p16_prev, ds16_prev = warpgroup_mma_wait(
-            num_outstanding=0, deps=(dv_tok, dk_tok, dpt_tok, p16_prev, ds16_prev))
+        if DV_LATE:
+            dv, dk, dp_t, p16_prev, ds16_prev = warpgroup_mma_wait(
+                num_outstanding=0, deps=(dv_tok, dk_tok, dpt_tok, p16_prev, ds16_prev))
+        else:
+            p16 = gl.convert_layout(p_t, op_layout)
+            dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
+            dp_t, dk, ds16_prev = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, dk_tok, ds16_prev))
         mbarrier.arrive(empty.index(prev), count=1, pred=t > 0)
         delta = delta_smem.index(st).load(qrows.type.layout)
         ds_t = p_t.to(gl.float32) * (dp_t - delta[None, :])
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
-        return dk, dv, gl.convert_layout(p_t, op_layout), gl.convert_layout(ds_t.to(q.dtype), op_layout)
-
-    @gluon.jit
-    def _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty, lse_ptr,
-                   delta_ptr, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
-        # One query block of the dK/dV loop. What the blocks pass on (c1, c2)
-        # is the previous block's P^T and dS^T in the rotated loop (head dim 64),
-        # this block's lse and delta, one value a thread, in the other.
-        if k.shape[1] == 64:
-            dk, dv, c1, c2 = _dkdv_rotated(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                           empty, krows, S, qk_scale, causal, s_layout, MASK)
+        if DV_LATE:
+            p16 = gl.convert_layout(p_t, op_layout)
+            ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
         else:
-            dk, dv, c1, c2 = _dkdv_block(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, ready, empty, lse_ptr,
-                                         delta_ptr, krows, S, qk_scale, causal, s_layout, MASK)
-        return dk, dv, c1, c2
+            ds16 = gl.convert_layout(ds_t.to(q.dtype), op_layout)
+            dv, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, p16))
+        return dk, dv, p16, ds16
 
     @gluon.jit
-    def _dkdv_consumer(k, v, row0, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
-                       DK, DV, LSE, DELTA, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                       b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
+    def _dkdv_consumer(k, v, row0, my_turn, other_turn, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
+                       DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                       b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
         STAGES: gl.constexpr = q_smem.shape[0]
@@ -630,49 +584,43 @@ if GLUON_ERROR is None:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(kv_bar, 0)
-        ROTATED: gl.constexpr = HEAD_DIM == 64
-        if ROTATED:
+        if HEAD_DIM == 64:
             # K and V into registers as the A operand of S^T and dP^T (16 registers
             # a thread each), so those products read only Q and dO from shared
             # memory. A 64x64x16 step with both operands there reads 4 KB in the 32
             # clocks it computes, the whole of shared memory's 128 bytes a clock.
-            # At head dim 128 the registers are not there (the kernel spills already),
-            # nor for the rotated loop (_dkdv_rotated), whose extra live registers
-            # spill there and make ptxas serialize the wgmmas: 3.99 ms against 3.53.
+            # At head dim 128 the registers are not there.
             a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
             k = k.load(a_layout)
             v = v.load(a_layout)
-            op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-            c1 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)  # the previous block's P^T and dS^T
-            c2 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)
-        else:  # loaded for each head of the group below
-            c1 = gl.zeros([BLOCK_M], gl.float32, _ONE_EACH)
-            c2 = gl.zeros([BLOCK_M], gl.float32, _ONE_EACH)
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        p16 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)  # the previous block's P^T and dS^T
+        ds16 = gl.zeros([ROWS, BLOCK_M], q_smem.dtype, op_layout)
         t = 0
         for g in range(GROUP):
-            h = hk * GROUP + g
-            lse_ptr = LSE + (b * H + h) * S
-            delta_ptr = DELTA + (b * H + h) * S
-            if not ROTATED:
-                c1, c2 = _lse_delta(lse_ptr, delta_ptr, q_lo, S, BLOCK_M)  # the first block's lse and delta
             for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
-                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, True)
+                dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
+                                                ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
+                                                s_layout, True)
                 t += 1
             for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
-                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, False)
+                dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
+                                                ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
+                                                s_layout, False)
                 t += 1
             for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
-                dk, dv, c1, c2 = _dkdv_step(t, i, dk, dv, c1, c2, k, v, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                            empty, lse_ptr, delta_ptr, krows, S, qk_scale, causal, s_layout, True)
+                dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
+                                                ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
+                                                s_layout, True)
                 t += 1
-        if ROTATED:  # the last block's dV and dK products
-            last = (t - 1) % STAGES
-            dv_tok = warpgroup_mma(c1, do_smem.index(last), dv, is_async=True)
-            dk_tok = warpgroup_mma(c2, q_smem.index(last), dk, is_async=True)
-            dv, dk, c1, c2 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, c1, c2))
-            mbarrier.arrive(empty.index(last), count=1)
+        last = (t - 1) % STAGES  # the last block's products still owed
+        dk_tok = warpgroup_mma(ds16, q_smem.index(last), dk, is_async=True)
+        if HEAD_DIM == 64:
+            dv_tok = warpgroup_mma(p16, do_smem.index(last), dv, is_async=True)
+            dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p16, ds16))
+        else:
+            dk, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ds16))
+        mbarrier.arrive(empty.index(last), count=1)
         rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
         keep = rows[:, None] < S
@@ -682,7 +630,7 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, DK, DV, LSE, DELTA,
+    def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, DK, DV,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
@@ -716,22 +664,26 @@ if GLUON_ERROR is None:
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)  # head dim 64 only
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # head dim 64 only
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        mbarrier.arrive(turn.index(0), count=1)  # the first warpgroup issues first
 
-        shared = (q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV, LSE, DELTA,
+        shared = (q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV,
                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                  b, hk, H, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
+                  b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
         gl.warp_specialize([
-            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0) + shared),
-            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64) + shared),
+            (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
+            (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                             lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
                             GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
@@ -919,7 +871,7 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
 
 
 def _tma_rows(t: torch.Tensor) -> torch.Tensor:
-    # lse or delta (B, H, S) as the head-dim-64 dK/dV loader reads them, a flat row of heads whose each
+    # lse or delta (B, H, S) as the dK/dV loader reads them, a flat row of heads whose each
     # head starts 16-byte aligned: a TMA box starting off that alignment faults ("illegal instruction", S=333).
     S = t.shape[-1]
     if S % 4 == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0:
@@ -1007,7 +959,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     lse_rows, delta_rows = _tma_rows(lse), _tma_rows(delta)
     return ahead.launch(_dkdv_kernel, grid,
         _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, block_m), _descriptor(do, block_m),
-        _row_descriptor(lse_rows, block_m), _row_descriptor(delta_rows, block_m), dk, dv, lse, delta,
+        _row_descriptor(lse_rows, block_m), _row_descriptor(delta_rows, block_m), dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, lse_rows.shape[-1], scale * LOG2E, scale,
         D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
