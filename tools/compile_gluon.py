@@ -105,7 +105,7 @@ def jobs():
                 yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
                        dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
                             lse_desc=fg._row_descriptor(lse, bm), delta_desc=fg._row_descriptor(lse, bm),
-                            DK=x, DV=x, LSE=lse, DELTA=lse, LSE_S=8192, sm_scale=0.1, **scalars,
+                            DK=x, DV=x, LSE_S=8192, sm_scale=0.1, **scalars,
                             **strides("q", "k", "v", "d", "dk", "dv")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
                             CONSUMER_REGS=fg.CONSUMER_REGS))
