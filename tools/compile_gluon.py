@@ -97,10 +97,10 @@ def jobs():
                            dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=fg.CONSUMER_REGS))
                     continue
                 yield (f"fwd D={D} causal={causal} {kind} {bm}x{bn} s{st}", fg._fwd_kernel,
-                       dict(q_desc=_desc(x, bm), k_desc=_desc(x, bn), v_desc=_desc(x, bn), O=x, LSE=lse,
-                            **scalars, **strides("q", "k", "v", "o")),
+                       dict(q_desc=_desc(x, 64 if bm == 192 else bm), k_desc=_desc(x, bn), v_desc=_desc(x, bn),
+                            O=x, LSE=lse, **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
-                            CONSUMER_REGS=fg.CONSUMER_REGS))
+                            CONSUMER_REGS=fg.consumer_regs(bm)))
             for bm, st in fg.BWD_CONFIGS:
                 yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
                        dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
@@ -156,7 +156,8 @@ def main():
     print(f"triton {triton.__version__}, target sm_90a; this release is {measured}")
     print(f"{'kernel':<44} {'smem KB':>8} {'regs*':>5} {'stack':>6}  wgmma")
     print("(* registers a thread at launch; setmaxnreg then gives each consumer warpgroup "
-          f"{fg.CONSUMER_REGS} and the loader warp 24. stack: bytes of spills.)", flush=True)
+          f"{fg.CONSUMER_REGS} ({fg.consumer_regs(192)} with three, BLOCK_M 192) and the loader warp 24. "
+          "stack: bytes of spills.)", flush=True)
     chosen = [i for i, job in enumerate(jobs()) if args.k in job[0]]
     for label, r in fork_map(functools.partial(_compile_nth, sass=args.sass), chosen, args.jobs):
         if "error" in r:

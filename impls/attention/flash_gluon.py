@@ -167,8 +167,13 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                 q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks):
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
+        if len(q_smem.shape) == 3:  # 192 rows: three 64-row boxes (a TMA box is a power of 2)
+            mbarrier.expect(q_bar, 3 * q_desc.block_type.nbytes)
+            for i in gl.static_range(3):
+                _tma_load(q_desc, [q_row + start_m + i * 64, q_col], q_bar, q_smem.index(i))
+        else:
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row + start_m, q_col], q_bar, q_smem)
         _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       k_row, k_col, v_row, v_col, n_blocks, 0)
 
@@ -313,8 +318,9 @@ if GLUON_ERROR is None:
         return start_m, bh, b, h, h // GROUP, gl.cdiv(hi, BLOCK_N), mask_from
 
     @gluon.jit
-    def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        # The K/V stages and their barriers; "empty" waits for both consumer warpgroups.
+    def _kv_ring(k_desc, v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 CONSUMERS: gl.constexpr = 2):
+        # The K/V stages and their barriers; "empty" waits for every consumer warpgroup.
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -324,8 +330,8 @@ if GLUON_ERROR is None:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
@@ -338,17 +344,21 @@ if GLUON_ERROR is None:
                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        gl.static_assert(BLOCK_M == 128)  # two consumer warpgroups of 64 rows
-        gl.static_assert(num_warps == 4)  # the first consumer; the second and the loader are workers
-        gl.static_assert(BLOCK_M % BLOCK_N == 0)
+        # Two consumer warpgroups of 64 rows, or three (BLOCK_M 192, "ws" only).
+        gl.static_assert((BLOCK_M == 128) | ((BLOCK_M == 192) & (not PINGPONG)))
+        gl.static_assert(num_warps == 4)  # the first consumer; the others and the loader are workers
         start_m, bh, b, h, hk, n_blocks, mask_from = _row_block(S, H, GROUP, CAUSAL, BLOCK_M, BLOCK_N)
         q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
 
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        if BLOCK_M == 192:  # shapes are powers of 2: the fourth 64-row slice is unused
+            q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, 64, HEAD_DIM], q_desc.layout)
+        else:
+            q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM)
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _kv_ring(k_desc, v_desc, STAGES, BLOCK_N, HEAD_DIM,
+                                                                      BLOCK_M // 64)
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(turn.index(0), count=1)
@@ -358,12 +368,21 @@ if GLUON_ERROR is None:
         shared = (k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                   O, LSE, stride_ob, stride_oh, stride_os, b, h, bh, S, start_m, n_blocks, mask_from, qk_scale,
                   CAUSAL * 1, PINGPONG * 1)
-        gl.warp_specialize([
-            (_consumer, (q_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
-            (_consumer, (q_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                          q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                 q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)
+        if BLOCK_M == 192:
+            gl.warp_specialize([
+                (_consumer, (q_smem.index(0), 0, turn.index(0), turn.index(1)) + shared),
+                (_consumer, (q_smem.index(1), 64, turn.index(1), turn.index(0)) + shared),
+                (_consumer, (q_smem.index(2), 128, turn.index(1), turn.index(0)) + shared),
+                (_loader, loads),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
+                (_consumer, (q_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
+                (_loader, loads),
+            ], [4, 1], [CONSUMER_REGS, 24])
 
     # ----------------------------------------------------------------------
     # Persistent forward (non-causal): one program per SM walks the (head,
@@ -808,13 +827,20 @@ if GLUON_ERROR is None:
 # run freely. Shared memory: a 128-row Q tile plus STAGES K and V tiles; at
 # D=128 a 128x128 bf16 tile is 32 KB, so 128x128 fits three stages (224 KB of
 # the 227). Kind "persistent" is _fwd_persistent_kernel, non-causal only (the
-# tuner leaves it out of causal choices).
+# tuner leaves it out of causal choices). BLOCK_M 192 is three consumer
+# warpgroups of 64 rows, with 160 registers a thread each (consumer_regs).
 CONFIGS = {
-    64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent")],
+    64: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 128, 2, "persistent"),
+         (192, 128, 2, "ws"), (192, 64, 3, "ws")],
     128: [(128, 128, 2, "ws"), (128, 128, 2, "pingpong"), (128, 128, 3, "pingpong"), (128, 64, 4, "pingpong"),
           (128, 128, 2, "persistent")],
 }
 CONSUMER_REGS = 240  # per thread of each consumer warpgroup; the loader warp keeps 24
+
+
+def consumer_regs(block_m: int) -> int:
+    """Registers a thread of each consumer warpgroup of the forward kernel with BLOCK_M rows: 64K in all."""
+    return 160 if block_m == 192 else CONSUMER_REGS
 # Head dims where `tiled` runs these kernels instead of flash_triton's, where
 # they are the faster (docs/attention-kernels.md; D=64: docs/measurements.md).
 PREFERRED_HEAD_DIMS = (64, 128)
@@ -892,7 +918,8 @@ def _launch(q, k, v, o, lse, causal, scale, config):
     B, H, S, D = q.shape
     block_m, block_n, stages, kind = config
     grid = (triton.cdiv(S, block_m), B * H)
-    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
+    q_desc = _descriptor(q, 64 if block_m == 192 else block_m)  # 192 rows load as three 64-row boxes
+    args = (q_desc, _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, scale * LOG2E, D, bool(causal), block_m, block_n, stages)
     # 4 warps launch the kernel: they become the first consumer warpgroup, the
@@ -906,7 +933,7 @@ def _launch(q, k, v, o, lse, causal, scale, config):
             _descriptor(q, 64), _descriptor(k, block_n), _descriptor(v, block_n), o, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, H // k.shape[1], S, n_tiles, scale * LOG2E, D, block_n, stages, CONSUMER_REGS, num_warps=4)
-    return ahead.launch(_fwd_kernel, grid, *args, kind == "pingpong", CONSUMER_REGS, num_warps=4)
+    return ahead.launch(_fwd_kernel, grid, *args, kind == "pingpong", consumer_regs(block_m), num_warps=4)
 
 
 def _time_ms(fn) -> float:
@@ -1016,7 +1043,7 @@ def describe(kernel: str, config: tuple) -> str:
     warps = "1 loader warp + 2 consumer warpgroups"
     if kernel == "fwd":
         block_m, block_n, stages, kind = config
-        return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps}"
+        return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps.replace('2', str(block_m // 64))}"
     if kernel == "dkdv":
         return f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} {warps}"
     assert kernel == "dq", f"no Gluon kernel {kernel!r}"
