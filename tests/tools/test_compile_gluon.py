@@ -30,6 +30,7 @@ from impls.attention import gluon_compat  # noqa: E402
 COMPILES_WITH = gluon_compat.COMPILES
 
 LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
+          "fwd D=64 causal=True ws 192x128 s2",
           "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3",
           "dq D=64 causal=False 64 s3"]
 
