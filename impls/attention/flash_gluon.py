@@ -370,7 +370,7 @@ if GLUON_ERROR is None:
                   CAUSAL * 1, PINGPONG * 1)
         loads = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                  q_row, q_col, k_row, k_col, v_row, v_col, start_m, n_blocks)
-        if BLOCK_M == 192:
+        if BLOCK_M == 192:  # no ping-pong here: the turn barriers are passed but never waited on
             gl.warp_specialize([
                 (_consumer, (q_smem.index(0), 0, turn.index(0), turn.index(1)) + shared),
                 (_consumer, (q_smem.index(1), 64, turn.index(1), turn.index(0)) + shared),
@@ -553,19 +553,15 @@ if GLUON_ERROR is None:
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
         if DV_LATE:
             mbarrier.wait(my_turn, t & 1)
-            st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        if DV_LATE:
             dv_tok = warpgroup_mma(p16_prev, do_smem.index(prev), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
-            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        if DV_LATE:
             mbarrier.arrive(other_turn, count=1)
-            lse = lse_smem.index(st).load(qrows.type.layout)
-            s_t = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-        else:
-            st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dk_tok = warpgroup_mma(ds16_prev, q_smem.index(prev), dk, is_async=True)
-            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
-            lse = lse_smem.index(st).load(qrows.type.layout)
-            s_t = warpgroup_mma_wait(num_outstanding=2, deps=(st_tok, ))
+        lse = lse_smem.index(st).load(qrows.type.layout)
+        s_t = warpgroup_mma_wait(num_outstanding=2 + DV_LATE, deps=(st_tok, ))
         p_t = gl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
             keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
