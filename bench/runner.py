@@ -17,6 +17,12 @@ time so far times the cost left over the cost done. A long row reports its
 own steps through `ctx.step(done, total)`, shown as "step 37/300" with a small
 bar of its own, and moving the main bar by that share of the row's cost.
 
+In turns (`ctx.interleave` rounds, `--interleave`): a suite that gives its run
+split at the timing (`Sweep.timed`, returning a `Timed`: the step and what
+turns its samples into the row) has each table's configurations prepared,
+then timed together by `timing.measure_interleaved`, then finished, so that
+rows compared in one table saw the same stretch of clocks.
+
 Statuses: ok, mismatch (failed the correctness gate: listed, never timed as a
 win), oom, unsupported (with the reason), error (with the exception).
 """
@@ -64,6 +70,25 @@ class Measurement:
 
 
 @dataclass
+class Timed:
+    """A configuration ready to time: `step` is what is timed, `finish(stats)` turns its samples into the
+    row. A suite that splits its run this way (Sweep.timed) can have a table's rows timed in turns."""
+
+    step: Callable[[], object]
+    finish: Callable[[Stats], Measurement]
+
+
+def timed_run(prepare: Callable[[Any, "Context"], "Timed | Measurement"]) -> Callable[[Any, "Context"], Measurement]:
+    """The Sweep.run of a suite written as `prepare`: prepare, time the step alone, finish."""
+
+    def run(config: Any, ctx: Context) -> Measurement:
+        timed = prepare(config, ctx)
+        return timed if isinstance(timed, Measurement) else timed.finish(ctx.time(timed.step))
+
+    return run
+
+
+@dataclass
 class Context:
     """What a suite's run function may use: the device, the timer settings, and
     the GPU telemetry of the timed window (`time()` opens one; a suite timing
@@ -74,6 +99,7 @@ class Context:
     rep_ms: float = 100.0
     peaks: Peaks | None = None  # a dict of peak values is taken as Peaks of this device
     crosscheck: bool = False  # also time with triton.testing.do_bench
+    interleave: int = 0  # rounds in which a table's rows are timed in turns (Sweep.timed); 0: each alone
     seed: int = 0
     extras: dict = field(default_factory=dict)
     profiler: Profiler | None = None  # set by --profile
@@ -166,6 +192,9 @@ class Sweep:
     # kernels side by side: (what the progress line says meanwhile, a function
     # of the context returning a line for the terminal, or None to say nothing).
     prepare: tuple[str, Callable[[Context], str | None]] | None = None
+    # The run split at its timing (see Timed), for --interleave: each table's configurations are prepared,
+    # timed in turns (timing.measure_interleaved), then finished. None: the suite times each row alone.
+    timed: Callable[[Any, Context], Timed | Measurement] | None = None
 
     def columns(self) -> list[str]:
         return ["suite", *self.params, "status", "reason", *stat_columns(unit=self.time_unit), *TELEMETRY_COLUMNS,
@@ -221,16 +250,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
-    """Run one configuration, turning its failure into a status. A timed row
-    carries the telemetry of the last window its run closed."""
-    ctx.last_telemetry = None
-    allocated = _allocated(ctx.device)
+def _guarded(call: Callable[[], Measurement]) -> Measurement:
+    """call(), its failure turned into a status (a Fatal error still ends the run)."""
     try:
-        m = sweep.run(config, ctx)
-        if m.telemetry is None and m.stats is not None:
-            m.telemetry = ctx.last_telemetry
-        return m
+        return call()
     except Fatal:  # ends the run, not just this configuration
         raise
     except Unsupported as exc:
@@ -239,6 +262,56 @@ def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
         return Measurement(status="oom", reason=_one_line(exc))
     except Exception as exc:  # one broken configuration must not end the sweep
         return Measurement(status="error", reason=_one_line(exc))
+
+
+def measure_one(sweep: Sweep, config: Any, ctx: Context) -> Measurement:
+    """Run one configuration, turning its failure into a status. A timed row
+    carries the telemetry of the last window its run closed."""
+    ctx.last_telemetry = None
+    allocated = _allocated(ctx.device)
+    try:
+        m = _guarded(lambda: sweep.run(config, ctx))
+        if m.telemetry is None and m.stats is not None:
+            m.telemetry = ctx.last_telemetry
+        return m
+    finally:
+        _release_memory(ctx.device, allocated)
+
+
+def measure_group(sweep: Sweep, configs: list, ctx: Context, on_row: Callable[[int], None]) -> list[Measurement]:
+    """The configurations of one table, timed in turns: each prepared (its failure a status), the prepared
+    ones timed together in ctx.interleave rounds, then each finished. If timing them together fails (one
+    runs out of memory beside the others), each is timed alone instead. `on_row(i)` before each
+    configuration's preparing and finishing, for the progress line. Every row gets the rounds' telemetry."""
+    allocated = _allocated(ctx.device)
+    try:
+        prepared = []
+        for i, config in enumerate(configs):
+            on_row(i)
+            prepared.append(_guarded(lambda: sweep.timed(config, ctx)))
+        ready = [i for i, p in enumerate(prepared) if isinstance(p, Timed)]
+        ctx.last_telemetry = None
+        try:
+            stats = dict(zip(ready, timing.measure_interleaved(
+                [prepared[i].step for i in ready], device=ctx.device, rounds=ctx.interleave,
+                warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms, window=ctx.telemetry())))
+        except Fatal:
+            raise
+        except Exception:  # noqa: BLE001 - each is timed alone below, its own failure its own row
+            stats = {}
+        together = ctx.last_telemetry
+        results = []
+        for i, p in enumerate(prepared):
+            on_row(i)
+            if not isinstance(p, Timed):
+                results.append(p)
+                continue
+            ctx.last_telemetry = together if i in stats else None
+            m = _guarded(lambda: p.finish(stats[i] if i in stats else ctx.time(p.step)))
+            if m.telemetry is None and m.stats is not None:
+                m.telemetry = ctx.last_telemetry
+            results.append(m)
+        return results
     finally:
         _release_memory(ctx.device, allocated)
 
@@ -338,11 +411,12 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
     keys = [sweep.group(c) for c in sweep.configs]
     last = {key: i for i, key in enumerate(keys)}  # a group is done after its last configuration
     handed: set = set()
+    row_keys: list = []  # the group of each row written, in order
 
     def hand_on(key: tuple, partial: bool) -> None:
         handed.add(key)
         if on_group is not None:
-            on_group([row for row, k in zip(writer.rows, keys) if k == key], partial, writer.rows)
+            on_group([row for row, k in zip(writer.rows, row_keys) if k == key], partial, writer.rows)
 
     progress = progress_bar(console)
     n = len(sweep.configs)
@@ -357,29 +431,44 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
                 if said:
                     console.print(said, style="dim")
             done = 0.0
-            for i, (config, cost) in enumerate(zip(sweep.configs, costs)):
-                progress.update(task, description=sweep.describe(config), completed=done, step=None)
-                ctx.on_step = _step_reporter(progress, task, done, cost)
-                if ctx.profiler is not None:  # traces named after the CSV row they belong to
-                    ctx.profiler.row = (len(writer.rows), sweep.describe(config))
+            if ctx.interleave and sweep.timed is not None:
+                batches = [[i for i, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)]
+            else:
+                batches = [[i] for i in range(n)]
+            for batch in batches:
+                def describe(j: int, batch=batch) -> None:
+                    i = batch[j]
+                    progress.update(task, description=sweep.describe(sweep.configs[i]), step=None)
+                    if ctx.profiler is not None:  # traces named after the CSV row they belong to
+                        ctx.profiler.row = (len(writer.rows) + j, sweep.describe(sweep.configs[i]))
+
                 began = _clock()
-                m = measure_one(sweep, config, ctx)
-                ctx.on_step = None
+                if len(batch) > 1:
+                    measured = measure_group(sweep, [sweep.configs[i] for i in batch], ctx, describe)
+                else:
+                    describe(0)
+                    ctx.on_step = _step_reporter(progress, task, done, costs[batch[0]])
+                    measured = [measure_one(sweep, sweep.configs[batch[0]], ctx)]
+                    ctx.on_step = None
                 # The whole configuration's wait (compilation, autotuning, the correctness check, warm-up, timing):
-                # where a first run's time goes, which the timed samples alone do not say.
-                row = {**to_row(sweep, config, m), "wall_s": round(_clock() - began, 3)}
-                writer.write(row, m.stats.samples if m.stats else None)
-                done += cost
-                progress.update(task, completed=done, rows=f"{i + 1}/{n}", step=None)
-                if last[keys[i]] == i:
-                    hand_on(keys[i], partial=False)  # printed above the live bar
+                # where a first run's time goes, which the timed samples alone do not say. Timed in turns, a
+                # table's rows share its wait equally.
+                wall = round((_clock() - began) / len(batch), 3)
+                for i, m in zip(batch, measured):
+                    writer.write({**to_row(sweep, sweep.configs[i], m), "wall_s": wall},
+                                 m.stats.samples if m.stats else None)
+                    row_keys.append(keys[i])
+                    done += costs[i]
+                    progress.update(task, completed=done, rows=f"{len(writer.rows)}/{n}", step=None)
+                    if last[keys[i]] == i:
+                        hand_on(keys[i], partial=False)  # printed above the live bar
         complete = True
     except KeyboardInterrupt:
-        _hand_on_begun(keys[:len(writer.rows)], handed, hand_on)
+        _hand_on_begun(row_keys, handed, hand_on)
         raise Interrupted(writer.csv_path, len(writer.rows)) from None
     except Fatal as exc:
         exc.suite, exc.csv_path, exc.rows = sweep.suite, writer.csv_path, len(writer.rows)
-        _hand_on_begun(keys[:len(writer.rows)], handed, hand_on)
+        _hand_on_begun(row_keys, handed, hand_on)
         raise
     finally:
         ctx.on_step = None

@@ -16,6 +16,7 @@ Modelled on `triton.testing.do_bench`:
 Usage:
     stats = measure(lambda: attention(q, k, v), device=torch.device("cuda"))
     stats.median, stats.iqr, stats.samples
+    ours, theirs = measure_interleaved([f, g], device=..., rounds=10)   # in turns, for a steadier ratio
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,49 +51,61 @@ def _counts(estimate_ms: float, warmup_ms: float, rep_ms: float) -> tuple[int, i
     return n_warmup, n_rep
 
 
+def _timed_cuda(fn, n: int, cache: torch.Tensor | None) -> list[float]:
+    """n repetitions of fn, each between its own pair of CUDA events, L2 flushed before each (outside them)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for start, end in zip(starts, ends):
+        if cache is not None:
+            cache.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _timed_cpu(fn, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _warm_cuda(fn, device, warmup_ms, rep_ms, cache) -> int:
+    """First call (compilation, autotuning, handle creation), an estimate, then the warm-up; the repetitions due."""
+    fn()
+    torch.cuda.synchronize(device)
+    estimate = sorted(_timed_cuda(fn, 3, cache))[1]
+    n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
+    for _ in range(n_warmup):
+        fn()
+    return n_rep
+
+
+def _warm_cpu(fn, warmup_ms, rep_ms) -> int:
+    first = _timed_cpu(fn, 1)[0]  # includes one-off costs; discarded
+    estimate = first if first > rep_ms else min(_timed_cpu(fn, 2))
+    n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
+    if estimate <= warmup_ms:  # past it, the first calls already warmed up a slow configuration
+        _timed_cpu(fn, n_warmup)
+    return n_rep
+
+
 def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window) -> Stats:
     cache = _flush_buffer(device) if flush_l2 else None
-
-    def one(n: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for start, end in zip(starts, ends):
-            if cache is not None:
-                cache.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
     with torch.cuda.device(device):
-        fn()  # first call: compilation, autotuning, handle creation
-        torch.cuda.synchronize(device)
-        estimate = sorted(one(3))[1]
-        n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
-        for _ in range(n_warmup):
-            fn()
+        n_rep = _warm_cuda(fn, device, warmup_ms, rep_ms, cache)
         with window:
-            return Stats.of(one(n_rep))
+            return Stats.of(_timed_cuda(fn, n_rep, cache))
 
 
 def _measure_cpu(fn, warmup_ms, rep_ms, window) -> Stats:
-    def one(n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return samples
-
-    first = one(1)[0]  # includes one-off costs; discarded
-    estimate = first if first > rep_ms else min(one(2))
-    n_warmup, n_rep = _counts(estimate, warmup_ms, rep_ms)
-    if estimate > warmup_ms:
-        n_warmup = 0  # the first calls already warmed up a slow configuration
-    one(n_warmup)
+    n_rep = _warm_cpu(fn, warmup_ms, rep_ms)
     with window:
-        return Stats.of(one(n_rep))
+        return Stats.of(_timed_cpu(fn, n_rep))
 
 
 def measure(
@@ -112,6 +125,43 @@ def measure(
     if device.type == "cuda":
         return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window)
     return _measure_cpu(fn, warmup_ms, rep_ms, window)
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]],
+    *,
+    device: torch.device,
+    rounds: int,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    flush_l2: bool = True,
+    window: contextlib.AbstractContextManager | None = None,
+) -> list[Stats]:
+    """Time several callables in turns: each is warmed up as `measure` would,
+    then `rounds` rounds each run every callable for its share of the
+    repetitions `measure` would give it, and its samples are pooled. Callables
+    timed one after the other see different stretches of a GPU's clocks
+    (power capping moves them within seconds); in turns, each sees the same
+    mix, so their ratio holds steadier. `window` is entered around the rounds."""
+    assert rounds >= 1, "at least one round"
+    assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
+    window = window if window is not None else contextlib.nullcontext()
+    samples: list[list[float]] = [[] for _ in fns]
+    if device.type == "cuda":
+        cache = _flush_buffer(device) if flush_l2 else None
+        with torch.cuda.device(device):
+            reps = [_warm_cuda(fn, device, warmup_ms, rep_ms, cache) for fn in fns]
+            with window:
+                for _ in range(rounds):
+                    for fn, n, kept in zip(fns, reps, samples):
+                        kept += _timed_cuda(fn, math.ceil(n / rounds), cache)
+    else:
+        reps = [_warm_cpu(fn, warmup_ms, rep_ms) for fn in fns]
+        with window:
+            for _ in range(rounds):
+                for fn, n, kept in zip(fns, reps, samples):
+                    kept += _timed_cpu(fn, math.ceil(n / rounds))
+    return [Stats.of(kept) for kept in samples]
 
 
 class StepTimer:

@@ -76,7 +76,7 @@ from bench import calibrate, correctness, metrics, registry
 from bench.env import DTYPES
 from bench.env import cache_dir
 from bench.errors import BadInput
-from bench.runner import Column, Context, Measurement, Sweep
+from bench.runner import Column, Context, Measurement, Sweep, Timed, timed_run
 from impls.attention import ahead, flash, flex, gluon_check, naive, sdpa, third_party, tiled, tuning
 from impls.attention.naive import NO_MASKS, Masks, Varlen
 
@@ -667,7 +667,9 @@ def _compile_ahead_worker() -> None:
     compile_ahead(small, Context(device=torch.device(device), seed=seed), threads)
 
 
-def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
+def prepare(cfg: AttentionConfig, ctx: Context) -> Timed | Measurement:
+    """A row's inputs checked against float64 and its step ready to time, or the row's Measurement if it
+    is unsupported or a mismatch."""
     call = _call(cfg, ctx)
     if isinstance(call, Measurement):
         return call
@@ -704,30 +706,35 @@ def run(cfg: AttentionConfig, ctx: Context) -> Measurement:
         def step():
             return torch.autograd.grad(impl.fn(q, k, v, cfg.causal, **kw), (q, k, v), dout)
 
-    stats = ctx.time(step)
-    flops = _flops(cfg)
-    # A packed batch moves its T tokens of Q, K, V and O once, as one sequence of T would.
-    nbytes = metrics.attention_bytes(cfg.batch, cfg.heads, cfg.kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim,
-                                     dtype.itemsize, cfg.mode)
-    rate, bandwidth = metrics.tflops(flops, stats.median), metrics.GBps(nbytes, stats.median)
-    matmul = calibrate.matmul_key(dtype)
-    peaks = ctx.peaks
-    bound = metrics.roofline_bound(flops, nbytes, peaks and peaks.get(matmul), peaks and peaks.get("copy_GBps"))
-    if bound == "memory":
-        share = ctx.share_of_peak("copy_GBps", functools.partial(metrics.pct_of_peak, bandwidth))
-    else:
-        share = ctx.share_of_peak(matmul, functools.partial(metrics.pct_of_peak, rate))
-    values.update(
-        tflops=rate,
-        bytes_moved=nbytes,
-        GBps=bandwidth,
-        bound=bound,
-        pct_of_peak=share.pct,
-        peak_mem_MiB=ctx.peak_memory_mib(step),
-        do_bench_median_ms=ctx.do_bench_ms(step),
-    )
-    ctx.profile(step)  # --profile: a trace of the timed step
-    return Measurement(values, stats=stats, reason=share.note)
+    def finish(stats) -> Measurement:
+        flops = _flops(cfg)
+        # A packed batch moves its T tokens of Q, K, V and O once, as one sequence of T would.
+        nbytes = metrics.attention_bytes(cfg.batch, cfg.heads, cfg.kv_heads, cfg.q_len, cfg.kv_len, cfg.head_dim,
+                                         dtype.itemsize, cfg.mode)
+        rate, bandwidth = metrics.tflops(flops, stats.median), metrics.GBps(nbytes, stats.median)
+        matmul = calibrate.matmul_key(dtype)
+        peaks = ctx.peaks
+        bound = metrics.roofline_bound(flops, nbytes, peaks and peaks.get(matmul), peaks and peaks.get("copy_GBps"))
+        if bound == "memory":
+            share = ctx.share_of_peak("copy_GBps", functools.partial(metrics.pct_of_peak, bandwidth))
+        else:
+            share = ctx.share_of_peak(matmul, functools.partial(metrics.pct_of_peak, rate))
+        values.update(
+            tflops=rate,
+            bytes_moved=nbytes,
+            GBps=bandwidth,
+            bound=bound,
+            pct_of_peak=share.pct,
+            peak_mem_MiB=ctx.peak_memory_mib(step),
+            do_bench_median_ms=ctx.do_bench_ms(step),
+        )
+        ctx.profile(step)  # --profile: a trace of the timed step
+        return Measurement(values, stats=stats, reason=share.note)
+
+    return Timed(step, finish)
+
+
+run = timed_run(prepare)
 
 
 DISPLAY = (
@@ -784,6 +791,7 @@ def sweep(opts: AttentionOptions) -> Sweep:
         suite="attention",
         configs=configs,
         run=run,
+        timed=prepare,
         params=("impl", *shape, "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", *masks, *paged),
         metrics=("kernel", "rel_err", "tflops", "pct_of_peak", "peak_mem_MiB", "do_bench_median_ms",
                  "bytes_moved", "GBps", "bound", *(("q_len", "kv_len") if opts.square else ()),

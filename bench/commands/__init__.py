@@ -110,6 +110,12 @@ RepOpt = Annotated[float, typer.Option("--rep-ms", help="Timed budget per config
 CrosscheckOpt = Annotated[
     bool, typer.Option("--crosscheck", help="Also time with triton.testing.do_bench (CUDA) into do_bench_median_ms.")
 ]
+InterleaveOpt = Annotated[
+    int, typer.Option("--interleave", metavar="ROUNDS",
+                      help="Time each table's rows in turns, ROUNDS rounds of each row's share of --rep-ms, so all "
+                      "see the same GPU clocks and their ratios hold steadier; they are prepared together, so a "
+                      "table's inputs are in memory at once. 0: each row alone.")
+]
 ProfileOpt = Annotated[
     bool, typer.Option("--profile", help="After timing, run each configuration under torch.profiler: Chrome/Perfetto "
                        "traces in OUT/<run>-traces/ and a top-10 table of kernels by device time (CPU time on CPU).")
@@ -127,10 +133,13 @@ class RunOptions:
     rep_ms: float = 100.0
     crosscheck: bool = False
     profile: bool = False
+    interleave: int = 0
 
     def __post_init__(self):
         if self.warmup_ms < 0 or self.rep_ms <= 0:
             raise BadInput("--warmup-ms must be >= 0 and --rep-ms > 0")
+        if self.interleave < 0:
+            raise BadInput("--interleave takes a number of rounds, 0 (off) or more")
         # Created and written to now, before anything is measured or trained: a
         # folder that cannot take the results fails the command, not a long run's end.
         from bench.results import writable_folder
@@ -256,12 +265,14 @@ def run_suite(sweep: Sweep, opts: RunOptions, extras: dict | None = None) -> lis
         peaks = measure_peaks(opts.device)
     ctx = Context(
         device=opts.device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, peaks=calibrate.Peaks(opts.device, peaks),
-        crosscheck=opts.crosscheck, seed=opts.seed, extras=extras or {},
+        crosscheck=opts.crosscheck, interleave=opts.interleave, seed=opts.seed, extras=extras or {},
         profiler=profile.Profiler(opts.device) if opts.profile else None,
     )
     info = bench.env.collect(opts.device, opts.seed)
     # The peaks' own dict: one re-measured during the run is in the JSON the run's end writes (plot draws it).
     info["peaks"] = ctx.peaks.values
+    if opts.interleave and sweep.timed is not None:
+        info["interleave_rounds"] = opts.interleave  # the rows of each table were timed in turns
     # Each table as soon as its group is done (above the live bar); Ctrl-C prints the groups begun, as partial.
     writer = run_sweep(sweep, ctx, opts.out, info, console,
                        on_group=lambda rows, partial, pool: report.render(sweep, rows, console, partial, pool))

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from bench.commands import (
-    CrosscheckOpt, DeviceOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, cli_errors, list_option,
+    CrosscheckOpt, DeviceOpt, InterleaveOpt, OutOpt, ProfileOpt, RepOpt, RunOptions, SeedOpt, WarmupOpt, cli_errors, list_option,
     plugin_help,
     run_suite,
 )
@@ -64,6 +64,7 @@ def attention(
     rep_ms: RepOpt = 100.0,
     crosscheck: CrosscheckOpt = False,
     profile: ProfileOpt = False,
+    interleave: InterleaveOpt = 0,
 ):
     """Naive vs tiled (FlashAttention written here) vs SDPA and each of its backends.
 
@@ -122,7 +123,7 @@ def attention(
         softcap=softcap,
         alibi=alibi,
     )
-    run_suite(suite.sweep(opts), RunOptions(dev, out, seed, warmup_ms, rep_ms, crosscheck, profile))
+    run_suite(suite.sweep(opts), RunOptions(dev, out, seed, warmup_ms, rep_ms, crosscheck, profile, interleave))
 
 
 SUITE = Suite("attention", attention, charts={"attention": "suites.charts.attention:chart"})

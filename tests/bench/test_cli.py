@@ -55,6 +55,18 @@ def test_attention_writes_csv_and_env_json(tmp_path):
     assert titles == ["seq=64", "seq=64", "seq=100", "seq=100"]  # non-causal then causal, shorter first
 
 
+def test_interleave_times_each_table_in_turns_and_says_so(tmp_path):
+    result = runner.invoke(app, ["attention", *SMALL, "--impl", "naive", "--impl", "sdpa", "--interleave", "3",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path)
+    assert [(r["impl"], r["seq"], r["causal"]) for r in rows] == [
+        (impl, seq, causal) for seq in ("64", "100") for causal in ("False", "True") for impl in ("naive", "sdpa")]
+    assert all(r["status"] == "ok" and int(r["n"]) % 3 == 0 for r in rows)  # three rounds' worth each
+    (meta_path,) = tmp_path.glob("attention-*.json")
+    assert json.loads(meta_path.read_text())["env"]["interleave_rounds"] == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seq", "8q"], "cannot read '8q'"),
     (["--seq", "0"], "positive"),
@@ -63,6 +75,7 @@ def test_attention_writes_csv_and_env_json(tmp_path):
     (["--dtype", "fp8"], "--dtype"),
     (["--batch", "-1"], "--batch"),
     (["--device", "tpu"], "--device"),
+    (["--interleave", "-1"], "--interleave"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["attention", "--device", "cpu", "--out", str(tmp_path), *args])

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import io
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -297,3 +298,58 @@ def test_a_full_collection_only_when_a_row_left_device_memory(monkeypatch, left_
     ctx = Context(device=torch.device("cuda"))
     assert runner.measure_one(sweep, Toy("nope", 1), ctx).status == "unsupported"
     assert collected == ([(1,), ()] if full else [(1,)]) and emptied == [True]
+
+
+def _timed_sweep(impls, calls, sizes=(1,)):
+    """A sweep split at its timing (Sweep.timed): its steps sleep and log their calls; "flaky" fails on
+    its fourth call and every call after, as a kernel faulting on some inputs would."""
+
+    def prepare(cfg: Toy, ctx: Context):
+        if cfg.impl not in ("fast", "slow", "flaky"):
+            return _run(cfg, ctx)  # its failure, or its Measurement
+
+        def step():
+            calls.append(cfg.impl)
+            if cfg.impl == "flaky" and calls.count("flaky") >= 4:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            time.sleep(0.0005 if cfg.impl == "fast" else 0.001)
+
+        return runner.Timed(step, lambda stats: Measurement({"rel_err": 0.0}, stats=stats))
+
+    configs = [Toy(i, s) for s in sizes for i in impls]
+    return Sweep(suite="toy", configs=configs, run=runner.timed_run(prepare), timed=prepare,
+                 params=("impl", "size"), metrics=("rel_err",), baseline="slow")
+
+
+def test_interleave_times_a_tables_rows_in_turns_and_failures_stay_rows(tmp_path):
+    calls = []
+    sweep = _timed_sweep(["slow", "oom", "nope", "fast", "wrong"], calls, sizes=(1, 2))
+    ctx = Context(torch.device("cpu"), warmup_ms=1, rep_ms=8, interleave=3)
+    writer = run_sweep(sweep, ctx, tmp_path, {}, Console(file=io.StringIO()))
+    rows = _read(writer.csv_path)
+    assert [(r["impl"], r["size"], r["status"]) for r in rows] == [
+        (impl, size, status) for size in ("1", "2")
+        for impl, status in (("slow", "ok"), ("oom", "oom"), ("nope", "unsupported"), ("fast", "ok"),
+                             ("wrong", "mismatch"))]
+    turns = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert turns.count("slow") >= 2 * 3  # three rounds in each of the two tables, the two rows in turns
+    assert all(int(r["n"]) % 3 == 0 for r in rows if r["status"] == "ok")
+
+
+def test_a_row_failing_during_the_rounds_fails_alone(tmp_path):
+    calls = []
+    sweep = _timed_sweep(["slow", "flaky", "fast"], calls)
+    ctx = Context(torch.device("cpu"), warmup_ms=1, rep_ms=8, interleave=3)
+    rows = _read(run_sweep(sweep, ctx, tmp_path, {}, Console(file=io.StringIO())).csv_path)
+    assert [(r["impl"], r["status"]) for r in rows] == [("slow", "ok"), ("flaky", "error"), ("fast", "ok")]
+    assert "illegal memory access" in rows[1]["reason"]
+
+
+def test_without_interleave_a_timed_sweep_times_each_row_alone(tmp_path):
+    calls = []
+    sweep = _timed_sweep(["slow", "fast"], calls)
+    rows = _read(run_sweep(sweep, Context(torch.device("cpu"), warmup_ms=1, rep_ms=8), tmp_path, {},
+                           Console(file=io.StringIO())).csv_path)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name] == ["slow", "fast"]
+

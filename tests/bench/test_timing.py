@@ -60,6 +60,34 @@ def test_agrees_with_triton_do_bench_on_sdpa_8k():
     assert abs(ours / theirs - 1) < 0.03
 
 
+def test_interleaved_callables_take_turns_and_each_gets_its_repetitions():
+    calls, opened = [], []
+
+    class Window:
+        def __enter__(self):
+            opened.append(len(calls))
+
+        def __exit__(self, *exc):
+            pass
+
+    def short():
+        calls.append("short")
+        time.sleep(0.002)
+
+    def long():
+        calls.append("long")
+        time.sleep(0.004)
+
+    stats = timing.measure_interleaved([short, long], device=CPU, rounds=4, warmup_ms=1, rep_ms=40, window=Window())
+    timed = calls[opened[0]:]
+    turns = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
+    assert turns == ["short", "long"] * 4  # four rounds, each running both
+    assert [s.n for s in stats] == [timed.count("short"), timed.count("long")]
+    assert all(s.n >= timing.MIN_REPS and s.n % 4 == 0 for s in stats)
+    assert stats[1].n < stats[0].n  # each its own share of the budget
+    assert stats[0].median < stats[1].median
+
+
 def test_window_holds_the_timed_repetitions_only():
     calls, inside = [], []
 
