@@ -88,6 +88,21 @@ def test_interleaved_callables_take_turns_and_each_gets_its_repetitions():
     assert stats[0].median < stats[1].median
 
 
+@requires_cuda
+@pytest.mark.gpu
+def test_interleaved_medians_agree_with_triton_do_bench():
+    import torch.nn.functional as F
+
+    q = torch.randn(2, 16, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    long, short = (lambda: F.scaled_dot_product_attention(q, q, q)), (lambda: F.scaled_dot_product_attention(q, k, k))
+    ours = timing.measure_interleaved([long, short], device=torch.device("cuda"), rounds=5, warmup_ms=50, rep_ms=200)
+    theirs = [timing.do_bench_median(fn, 50, 200) for fn in (long, short)]
+    print(f"interleaved medians {[round(s.median, 4) for s in ours]} ms, do_bench {[round(t, 4) for t in theirs]} ms")
+    assert all(abs(s.median / t - 1) < 0.05 for s, t in zip(ours, theirs))
+    assert ours[0].median > ours[1].median
+
+
 def test_window_holds_the_timed_repetitions_only():
     calls, inside = [], []
 
