@@ -60,15 +60,21 @@ def test_agrees_with_triton_do_bench_on_sdpa_8k():
     assert abs(ours / theirs - 1) < 0.03
 
 
+class Window:
+    """A timing window that notes how many calls had been made when it opened and when it closed."""
+
+    def __init__(self, calls: list):
+        self.calls, self.marks = calls, []
+
+    def __enter__(self):
+        self.marks.append(len(self.calls))
+
+    def __exit__(self, *exc):
+        self.marks.append(len(self.calls))
+
+
 def test_interleaved_callables_take_turns_and_each_gets_its_repetitions():
-    calls, opened = [], []
-
-    class Window:
-        def __enter__(self):
-            opened.append(len(calls))
-
-        def __exit__(self, *exc):
-            pass
+    calls = []
 
     def short():
         calls.append("short")
@@ -78,8 +84,9 @@ def test_interleaved_callables_take_turns_and_each_gets_its_repetitions():
         calls.append("long")
         time.sleep(0.004)
 
-    stats = timing.measure_interleaved([short, long], device=CPU, rounds=4, warmup_ms=1, rep_ms=40, window=Window())
-    timed = calls[opened[0]:]
+    window = Window(calls)
+    stats = timing.measure_interleaved([short, long], device=CPU, rounds=4, warmup_ms=1, rep_ms=40, window=window)
+    timed = calls[window.marks[0]:]
     turns = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
     assert turns == ["short", "long"] * 4  # four rounds, each running both
     assert [s.n for s in stats] == [timed.count("short"), timed.count("long")]
@@ -104,17 +111,10 @@ def test_interleaved_medians_agree_with_triton_do_bench():
 
 
 def test_window_holds_the_timed_repetitions_only():
-    calls, inside = [], []
-
-    class Window:
-        def __enter__(self):
-            inside.append(len(calls))
-
-        def __exit__(self, *exc):
-            inside.append(len(calls))
-
-    stats = timing.measure(lambda: calls.append(1), device=CPU, warmup_ms=1, rep_ms=2, window=Window())
-    start, end = inside
+    calls = []
+    window = Window(calls)
+    stats = timing.measure(lambda: calls.append(1), device=CPU, warmup_ms=1, rep_ms=2, window=window)
+    start, end = window.marks
     assert start > 0  # the first call and the warm-up ran before the window opened
     assert end - start == stats.n and end == len(calls)  # every timed repetition, and nothing else, inside
 
