@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Callable, Sequence
@@ -94,20 +95,6 @@ def _warm_cpu(fn, warmup_ms, rep_ms) -> int:
     return n_rep
 
 
-def _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window) -> Stats:
-    cache = _flush_buffer(device) if flush_l2 else None
-    with torch.cuda.device(device):
-        n_rep = _warm_cuda(fn, device, warmup_ms, rep_ms, cache)
-        with window:
-            return Stats.of(_timed_cuda(fn, n_rep, cache))
-
-
-def _measure_cpu(fn, warmup_ms, rep_ms, window) -> Stats:
-    n_rep = _warm_cpu(fn, warmup_ms, rep_ms)
-    with window:
-        return Stats.of(_timed_cpu(fn, n_rep))
-
-
 def measure(
     fn: Callable[[], object],
     *,
@@ -121,10 +108,8 @@ def measure(
     `window`, if given, is entered around the timed repetitions only, after
     the warm-up (the telemetry sampler: bench/telemetry.py)."""
     assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
-    window = window if window is not None else contextlib.nullcontext()
-    if device.type == "cuda":
-        return _measure_cuda(fn, device, warmup_ms, rep_ms, flush_l2, window)
-    return _measure_cpu(fn, warmup_ms, rep_ms, window)
+    return measure_interleaved([fn], device=device, rounds=1, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                               flush_l2=flush_l2, window=window)[0]
 
 
 def measure_interleaved(
@@ -146,21 +131,22 @@ def measure_interleaved(
     assert rounds >= 1, "at least one round"
     assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
     window = window if window is not None else contextlib.nullcontext()
-    samples: list[list[float]] = [[] for _ in fns]
     if device.type == "cuda":
         cache = _flush_buffer(device) if flush_l2 else None
-        with torch.cuda.device(device):
-            reps = [_warm_cuda(fn, device, warmup_ms, rep_ms, cache) for fn in fns]
-            with window:
-                for _ in range(rounds):
-                    for fn, n, kept in zip(fns, reps, samples):
-                        kept += _timed_cuda(fn, math.ceil(n / rounds), cache)
+        place = torch.cuda.device(device)
+        warm = functools.partial(_warm_cuda, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms, cache=cache)
+        timed = functools.partial(_timed_cuda, cache=cache)
     else:
-        reps = [_warm_cpu(fn, warmup_ms, rep_ms) for fn in fns]
+        place = contextlib.nullcontext()
+        warm = functools.partial(_warm_cpu, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        timed = _timed_cpu
+    samples: list[list[float]] = [[] for _ in fns]
+    with place:
+        reps = [warm(fn) for fn in fns]
         with window:
             for _ in range(rounds):
                 for fn, n, kept in zip(fns, reps, samples):
-                    kept += _timed_cpu(fn, math.ceil(n / rounds))
+                    kept += timed(fn, math.ceil(n / rounds))
     return [Stats.of(kept) for kept in samples]
 
 
