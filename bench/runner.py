@@ -285,35 +285,39 @@ def measure_group(sweep: Sweep, configs: list, ctx: Context, on_row: Callable[[i
     configuration's preparing and finishing, for the progress line. Every row gets the rounds' telemetry."""
     allocated = _allocated(ctx.device)
     try:
-        prepared = []
-        for i, config in enumerate(configs):
-            on_row(i)
-            prepared.append(_guarded(lambda: sweep.timed(config, ctx)))
-        ready = [i for i, p in enumerate(prepared) if isinstance(p, Timed)]
-        ctx.last_telemetry = None
-        try:
-            stats = dict(zip(ready, timing.measure_interleaved(
-                [prepared[i].step for i in ready], device=ctx.device, rounds=ctx.interleave,
-                warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms, window=ctx.telemetry())))
-        except Fatal:
-            raise
-        except Exception:  # noqa: BLE001 - each is timed alone below, its own failure its own row
-            stats = {}
-        together = ctx.last_telemetry
-        results = []
-        for i, p in enumerate(prepared):
-            on_row(i)
-            if not isinstance(p, Timed):
-                results.append(p)
-                continue
-            ctx.last_telemetry = together if i in stats else None
-            m = _guarded(lambda: p.finish(stats[i] if i in stats else ctx.time(p.step)))
-            if m.telemetry is None and m.stats is not None:
-                m.telemetry = ctx.last_telemetry
-            results.append(m)
-        return results
-    finally:
+        return _in_turns(sweep, configs, ctx, on_row)
+    finally:  # after _in_turns has returned: its frame held every row's inputs
         _release_memory(ctx.device, allocated)
+
+
+def _in_turns(sweep: Sweep, configs: list, ctx: Context, on_row: Callable[[int], None]) -> list[Measurement]:
+    prepared = []
+    for i, config in enumerate(configs):
+        on_row(i)
+        prepared.append(_guarded(lambda: sweep.timed(config, ctx)))
+    ready = [i for i, p in enumerate(prepared) if isinstance(p, Timed)]
+    ctx.last_telemetry = None
+    try:
+        stats = dict(zip(ready, timing.measure_interleaved(
+            [prepared[i].step for i in ready], device=ctx.device, rounds=ctx.interleave,
+            warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms, window=ctx.telemetry())))
+    except Fatal:
+        raise
+    except Exception:  # noqa: BLE001 - each is timed alone below, its own failure its own row
+        stats = {}
+    together = ctx.last_telemetry
+    results = []
+    for i, p in enumerate(prepared):
+        on_row(i)
+        if not isinstance(p, Timed):
+            results.append(p)
+            continue
+        ctx.last_telemetry = together if i in stats else None
+        m = _guarded(lambda: p.finish(stats[i] if i in stats else ctx.time(p.step)))
+        if m.telemetry is None and m.stats is not None:
+            m.telemetry = ctx.last_telemetry
+        results.append(m)
+    return results
 
 
 def to_row(sweep: Sweep, config: Any, m: Measurement) -> dict:

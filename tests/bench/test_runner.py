@@ -353,3 +353,28 @@ def test_without_interleave_a_timed_sweep_times_each_row_alone(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name] == ["slow", "fast"]
 
+
+
+def test_a_tables_inputs_are_gone_before_its_memory_is_released(monkeypatch):
+    # Timed in turns, a table's rows hold their inputs together; they must be freed before the
+    # release, or every table would look as if it left device memory behind.
+    import weakref
+
+    class Inputs:
+        pass
+
+    refs, alive_at_release = [], []
+
+    def prepare(cfg: Toy, ctx: Context):
+        inputs = Inputs()
+        refs.append(weakref.ref(inputs))
+        return runner.Timed(lambda: inputs, lambda stats: Measurement({"rel_err": 0.0}, stats=stats))
+
+    monkeypatch.setattr(runner, "_release_memory",
+                        lambda device, before: alive_at_release.append([ref() is not None for ref in refs]))
+    sweep = Sweep(suite="toy", configs=[], run=runner.timed_run(prepare), timed=prepare, params=("impl", "size"),
+                  metrics=("rel_err",))
+    ctx = Context(torch.device("cpu"), warmup_ms=1, rep_ms=2, interleave=2)
+    measured = runner.measure_group(sweep, [Toy("fast", 1), Toy("slow", 1)], ctx, lambda i: None)
+    assert [m.status for m in measured] == ["ok", "ok"]
+    assert alive_at_release == [[False, False]]
