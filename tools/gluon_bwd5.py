@@ -75,7 +75,7 @@ def _reducer(dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, 
 
 @gluon.jit
 def _block(t, i, dk, dv, ds16_prev, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-           ds_all, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S, qk_scale, causal,
+           ds_all, ds_mine, ds_full, ds_empty, nbuf, dq_smem, dq_full, dq_empty, krows, S, qk_scale, causal,
            s_layout: gl.constexpr, MASK: gl.constexpr):
     # The shipped dK/dV block at head dim 128 (dK's product a block late, dV's
     # within its block) with dS^T also written to shared memory, then this
@@ -109,16 +109,27 @@ def _block(t, i, dk, dv, ds16_prev, k, v, k_cols, q_smem, do_smem, lse_smem, del
     delta = delta_smem.index(st).load(qrows.type.layout)
     ds_t = (p_t.to(gl.float32) * (dp_t - delta[None, :])).to(q.dtype)
     ds16 = gl.convert_layout(ds_t, op_layout)
-    mbarrier.wait(ds_empty, (t & 1) ^ 1)  # both warpgroups' dQ products of the last block have read dS^T
-    ds_mine.store(ds_t)
+    # dS^T goes to buffer t % nbuf (ds_all and ds_mine are pairs; with one buffer both name it):
+    # once both warpgroups' dQ products of that buffer's last block have read it.
+    buf = t % nbuf
+    ph = (t // nbuf) & 1
+    mbarrier.wait(ds_empty.index(buf), ph ^ 1)
+    if buf == 0:
+        ds_mine[0].store(ds_t)
+    else:
+        ds_mine[1].store(ds_t)
     fence_async_shared()
-    mbarrier.arrive(ds_full, count=1)
+    mbarrier.arrive(ds_full.index(buf), count=1)
     dv, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, p16))
-    mbarrier.wait(ds_full, t & 1)
+    mbarrier.wait(ds_full.index(buf), ph)
     dq_zero = gl.zeros([BLOCK_M, 64], gl.float32, _mma_layout(64))
-    dq_tok = warpgroup_mma(ds_all.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
-    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
-    mbarrier.arrive(ds_empty, count=1)
+    if buf == 0:
+        dq_tok = warpgroup_mma(ds_all[0].permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+    else:
+        dq_tok = warpgroup_mma(ds_all[1].permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+    mbarrier.arrive(ds_empty.index(buf), count=1)
     slot = t % 2
     mbarrier.wait(dq_empty.index(slot), ((t // 2) & 1) ^ 1)
     dq_smem.index(slot).store(dq)
@@ -128,7 +139,7 @@ def _block(t, i, dk, dv, ds16_prev, k, v, k_cols, q_smem, do_smem, lse_smem, del
 
 
 @gluon.jit
-def _consumer(k, v, k_cols, ds_mine, dq_smem, dq_full, row0, ds_all, ds_full, ds_empty, dq_empty,
+def _consumer(k, v, k_cols, ds_mine, dq_smem, dq_full, row0, ds_all, ds_full, ds_empty, nbuf, dq_empty,
               q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
               DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
               b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
@@ -148,17 +159,17 @@ def _consumer(k, v, k_cols, ds_mine, dq_smem, dq_full, row0, ds_all, ds_full, ds
     for g in range(GROUP):
         for i in range(q_lo, diag_hi):
             dk, dv, ds16 = _block(t, i, dk, dv, ds16, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                  empty, ds_all, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                  empty, ds_all, ds_mine, ds_full, ds_empty, nbuf, dq_smem, dq_full, dq_empty, krows, S,
                                   qk_scale, causal, s_layout, True)
             t += 1
         for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
             dk, dv, ds16 = _block(t, i, dk, dv, ds16, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                  empty, ds_all, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                  empty, ds_all, ds_mine, ds_full, ds_empty, nbuf, dq_smem, dq_full, dq_empty, krows, S,
                                   qk_scale, causal, s_layout, False)
             t += 1
         for i in range(gl.maximum(diag_hi, full_q), n_q):
             dk, dv, ds16 = _block(t, i, dk, dv, ds16, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready,
-                                  empty, ds_all, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                  empty, ds_all, ds_mine, ds_full, ds_empty, nbuf, dq_smem, dq_full, dq_empty, krows, S,
                                   qk_scale, causal, s_layout, True)
             t += 1
     last = (t - 1) % STAGES
@@ -183,7 +194,7 @@ def _bwd5_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, dqa_desc
                  stride_dkb, stride_dkh, stride_dks,
                  stride_dvb, stride_dvh, stride_dvs,
                  H, GROUP, S, SP, LSE_S, qk_scale, sm_scale,
-                 HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, DS_BUFFERS: gl.constexpr,
                  CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_N: gl.constexpr = 128
     BLOCK_M: gl.constexpr = 64
@@ -212,13 +223,19 @@ def _bwd5_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, dqa_desc
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], k_desc.dtype)
-    ds_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    gl.static_assert(DS_BUFFERS == 1 or DS_BUFFERS == 2)
+    ds0_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    if DS_BUFFERS == 2:  # a second dS^T buffer: one warpgroup can write block t+1's while the other reads t's
+        ds1_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    else:
+        ds1_smem = ds0_smem
     dq0_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 64], dqa_desc.layout)  # two slots a warpgroup
     dq1_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 64], dqa_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # full, empty
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # one a buffer
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq0_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq1_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -226,22 +243,25 @@ def _bwd5_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, dqa_desc
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
-    mbarrier.init(ds_bars.index(0), count=2)
-    mbarrier.init(ds_bars.index(1), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=2)
+        mbarrier.init(ds_empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(dq0_full.index(i), count=1)
         mbarrier.init(dq1_full.index(i), count=1)
     mbarrier.init(dq_empty.index(0), count=1)
     mbarrier.init(dq_empty.index(1), count=1)
 
-    shared = (ds_smem, ds_bars.index(0), ds_bars.index(1), dq_empty,
+    shared = ((ds0_smem, ds1_smem), ds_full, ds_empty, DS_BUFFERS, dq_empty,
               q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV,
               stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
               b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
     gl.warp_specialize([
-        (_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), k_smem.slice(0, 64, dim=1), ds_smem.slice(0, 64),
+        (_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), k_smem.slice(0, 64, dim=1),
+                     (ds0_smem.slice(0, 64), ds1_smem.slice(0, 64)),
                      dq0_smem, dq0_full, 0) + shared),
-        (_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), k_smem.slice(64, 64, dim=1), ds_smem.slice(64, 64),
+        (_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), k_smem.slice(64, 64, dim=1),
+                     (ds0_smem.slice(64, 64), ds1_smem.slice(64, 64)),
                      dq1_smem, dq1_full, 64) + shared),
         (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                         lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
@@ -254,7 +274,7 @@ def dqa_layout():
     return gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
 
 
-def launch(q, k, v, do, lse, delta, causal, scale, stages=2, regs=240):
+def launch(q, k, v, do, lse, delta, causal, scale, stages=2, ds_buffers=1, regs=240):
     """(dq, dk, dv) of the five-product kernel; lse base 2 and delta as the shipped kernels take them."""
     B, H, S, D = q.shape
     SP = triton.cdiv(S, 64) * 64
@@ -270,7 +290,7 @@ def launch(q, k, v, do, lse, delta, causal, scale, stages=2, regs=240):
         flash_gluon._row_descriptor(delta_rows, 64), dqa_desc, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, SP, lse_rows.shape[-1], scale * LOG2E, scale,
-        D, bool(causal), stages, regs, num_warps=4)
+        D, bool(causal), stages, ds_buffers, regs, num_warps=4)
     dq = (dqa[:, :, :S] * scale).to(q.dtype)
     return dq, dk, dv
 
@@ -295,13 +315,13 @@ def _inputs(B, H, Hkv, S, D, causal, seed=0):
     return q, k, v, do, lse, delta, scale
 
 
-def compile_check(stages: int = 2) -> None:
+def compile_check(stages: int = 2, ds_buffers=(1, 2)) -> None:
     """Compile for sm_90a without a GPU (tools/compile_gluon) and print shared memory, registers, spills."""
     from tools.compile_gluon import _desc, compile_sm90, resources
     x = torch.empty(2, 16, 8192, 128, dtype=torch.bfloat16)
     lse = torch.empty(2, 16, 8192)
     dqa = torch.empty(2 * 16 * 8192, 128)
-    for causal in (False, True):
+    for nbuf, causal in [(n, c) for n in ds_buffers for c in (False, True)]:
         example = dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, 64), do_desc=_desc(x, 64),
                        lse_desc=flash_gluon._row_descriptor(lse, 64), delta_desc=flash_gluon._row_descriptor(lse, 64),
                        dqa_desc=TensorDescriptor(dqa, list(dqa.shape), [128, 1], [64, 64], dqa_layout()),
@@ -309,10 +329,11 @@ def compile_check(stages: int = 2) -> None:
                        **{f"stride_{n}{a}": 3 for n in ("q", "k", "v", "d", "dk", "dv") for a in "bhs"})
         try:
             kernel = compile_sm90(_bwd5_kernel, example, dict(HEAD_DIM=128, CAUSAL=causal, STAGES=stages,
-                                                              CONSUMER_REGS=240))
-            print(f"bwd5 causal={causal} s{stages}: {json.dumps(resources(kernel))}", flush=True)
+                                                              DS_BUFFERS=nbuf, CONSUMER_REGS=240))
+            print(f"bwd5 ds{nbuf} causal={causal} s{stages}: {json.dumps(resources(kernel))}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"bwd5 causal={causal} s{stages}: does not compile: {type(exc).__name__}: {exc}", flush=True)
+            print(f"bwd5 ds{nbuf} causal={causal} s{stages}: does not compile: {type(exc).__name__}: {exc}",
+                  flush=True)
 
 
 def main(argv=None) -> int:
@@ -322,11 +343,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--ds-buffers", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                    help="the variants: one dS^T buffer, or two that the warpgroups alternate")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--compile", action="store_true", help="only compile for sm_90a (no GPU needed)")
     args = ap.parse_args(argv)
     if args.compile:
-        compile_check(args.stages)
+        compile_check(args.stages, args.ds_buffers)
         return 0
     from triton.testing import do_bench
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
@@ -335,21 +358,24 @@ def main(argv=None) -> int:
         for B, H, Hkv, S in checks:
             q, k, v, do, lse, delta, scale = _inputs(B, H, Hkv, S, 128, causal)
             ref = _shipped(q, k, v, do, lse, delta, causal, scale, tune=False)
-            got = launch(q, k, v, do, lse, delta, causal, scale, args.stages)
-            torch.cuda.synchronize()
-            errs = [((a.float() - r.float()).abs().max() / r.float().abs().max()).item() for a, r in zip(got, ref)]
-            print(f"check causal={causal} B={B} H={H}/{Hkv} S={S}: rel. max diff dq {errs[0]:.2e} dk {errs[1]:.2e} "
-                  f"dv {errs[2]:.2e}", flush=True)
+            for nbuf in args.ds_buffers:
+                got = launch(q, k, v, do, lse, delta, causal, scale, args.stages, nbuf)
+                torch.cuda.synchronize()
+                errs = [((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                        for a, r in zip(got, ref)]
+                print(f"check ds{nbuf} causal={causal} B={B} H={H}/{Hkv} S={S}: rel. max diff dq {errs[0]:.2e} "
+                      f"dk {errs[1]:.2e} dv {errs[2]:.2e}", flush=True)
         if args.check_only:
             continue
         q, k, v, do, lse, delta, scale = _inputs(args.batch, args.heads, args.heads, args.seq, 128, causal)
         for _ in range(2):  # twice, alternating, to see the drift
             t_ref = do_bench(lambda: _shipped(q, k, v, do, lse, delta, causal, scale), warmup=25, rep=200,
                              return_mode="median")
-            t_new = do_bench(lambda: launch(q, k, v, do, lse, delta, causal, scale, args.stages), warmup=25,
-                             rep=200, return_mode="median")
+            t_new = [do_bench(lambda: launch(q, k, v, do, lse, delta, causal, scale, args.stages, nbuf),
+                              warmup=25, rep=200, return_mode="median") for nbuf in args.ds_buffers]
             print(f"time causal={causal} B={args.batch} H={args.heads} S={args.seq} D=128: shipped pair "
-                  f"{t_ref:.3f} ms, five-product {t_new:.3f} ms", flush=True)
+                  f"{t_ref:.3f} ms, five-product " + ", ".join(f"ds{n} {t:.3f}" for n, t in zip(args.ds_buffers, t_new))
+                  + " ms", flush=True)
     return 0
 
 

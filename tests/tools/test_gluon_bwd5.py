@@ -28,7 +28,7 @@ def test_compiles_for_sm90_causal_and_not():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("bwd5 ")]
-    assert len(rows) == 2, run.stdout
+    assert len(rows) == 4, run.stdout  # one and two dS^T buffers, causal and not
     for row in rows:
         if "does not compile" in row:
             if not triton.__version__.startswith(gluon_compat.COMPILES):
