@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -110,11 +110,17 @@ RepOpt = Annotated[float, typer.Option("--rep-ms", help="Timed budget per config
 CrosscheckOpt = Annotated[
     bool, typer.Option("--crosscheck", help="Also time with triton.testing.do_bench (CUDA) into do_bench_median_ms.")
 ]
+# Rounds of --interleave on a GPU when it is not given. On an H100, three runs of the
+# same head-dim-64 sweep gave tiled/cuDNN ratios of 0.960-0.963 in 10 rounds
+# against 0.891-0.962 alone (docs/measurements.md, session 19). On a CPU rows
+# run alone unless asked: its ratios hold without.
+GPU_INTERLEAVE = 10
 InterleaveOpt = Annotated[
-    int, typer.Option("--interleave", metavar="ROUNDS",
-                      help="Time each table's rows in turns, ROUNDS rounds of each row's share of --rep-ms, so all "
-                      "see the same GPU clocks and their ratios hold steadier; they are prepared together, so a "
-                      "table's inputs are in memory at once. 0: each row alone.")
+    Optional[int], typer.Option("--interleave", metavar="ROUNDS", show_default=False,
+                                help="Time each table's rows in turns, ROUNDS rounds of each row's share of --rep-ms, "
+                                "so all see the same GPU clocks and their ratios hold steadier; they are prepared "
+                                "together, so a table's inputs are in memory at once. 0: each row alone. "
+                                f"[default: {GPU_INTERLEAVE} on a GPU, 0 on a CPU]")
 ]
 ProfileOpt = Annotated[
     bool, typer.Option("--profile", help="After timing, run each configuration under torch.profiler: Chrome/Perfetto "
@@ -133,11 +139,13 @@ class RunOptions:
     rep_ms: float = 100.0
     crosscheck: bool = False
     profile: bool = False
-    interleave: int = 0
+    interleave: int | None = None  # None: GPU_INTERLEAVE on a GPU, 0 elsewhere
 
     def __post_init__(self):
         if self.warmup_ms < 0 or self.rep_ms <= 0:
             raise BadInput("--warmup-ms must be >= 0 and --rep-ms > 0")
+        if self.interleave is None:
+            object.__setattr__(self, "interleave", GPU_INTERLEAVE if self.device.type == "cuda" else 0)
         if self.interleave < 0:
             raise BadInput("--interleave takes a number of rounds, 0 (off) or more")
         # Created and written to now, before anything is measured or trained: a

@@ -64,7 +64,7 @@ def attention(
     rep_ms: RepOpt = 100.0,
     crosscheck: CrosscheckOpt = False,
     profile: ProfileOpt = False,
-    interleave: InterleaveOpt = 0,
+    interleave: InterleaveOpt = None,
 ):
     """Naive vs tiled (FlashAttention written here) vs SDPA and each of its backends.
 

@@ -67,6 +67,20 @@ def test_interleave_times_each_table_in_turns_and_says_so(tmp_path):
     assert json.loads(meta_path.read_text())["env"]["interleave_rounds"] == 3
 
 
+def test_interleave_defaults_to_rounds_on_a_gpu_only(tmp_path):
+    import torch
+
+    from bench.commands import GPU_INTERLEAVE, RunOptions
+
+    assert RunOptions(torch.device("cuda"), tmp_path).interleave == GPU_INTERLEAVE > 1
+    assert RunOptions(torch.device("cpu"), tmp_path).interleave == 0
+    assert RunOptions(torch.device("cuda"), tmp_path, interleave=0).interleave == 0
+    result = runner.invoke(app, ["attention", *SMALL, "--impl", "naive", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (meta_path,) = tmp_path.glob("attention-*.json")
+    assert "interleave_rounds" not in json.loads(meta_path.read_text())["env"], "each row alone on a CPU"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seq", "8q"], "cannot read '8q'"),
     (["--seq", "0"], "positive"),
