@@ -188,10 +188,11 @@ class Sweep:
     # then: it is there to fill that wait), e.g. kernels compiled in other
     # processes; called with the device and seed. `prepare` waits for it.
     start: Callable[[torch.device, int], None] | None = None
-    # Work done once before the first configuration, e.g. compiling the sweep's
-    # kernels side by side: (what the progress line says meanwhile, a function
-    # of the context returning a line for the terminal, or None to say nothing).
-    prepare: tuple[str, Callable[[Context], str | None]] | None = None
+    # Work done once before the first configuration, in steps, e.g. compiling
+    # the sweep's kernels side by side: each (what the progress line says
+    # meanwhile, a function of the context returning a line for the terminal,
+    # or None to say nothing).
+    prepare: tuple[tuple[str, Callable[[Context], str | None]], ...] = ()
     # The run split at its timing (see Timed), for --interleave: each table's configurations are prepared,
     # timed in turns (timing.measure_interleaved), then finished. None: the suite times each row alone.
     timed: Callable[[Any, Context], Timed | Measurement] | None = None
@@ -428,8 +429,7 @@ def run_sweep(sweep: Sweep, ctx: Context, out_dir: Path, env: dict, console: Con
     try:
         with progress:
             task = progress.add_task("", total=sum(costs) or 1.0, suite=sweep.suite, rows=f"0/{n}", step=None)
-            if sweep.prepare is not None:
-                what, prepare = sweep.prepare
+            for what, prepare in sweep.prepare:
                 progress.update(task, description=what)
                 said = prepare(ctx)
                 if said:

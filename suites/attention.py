@@ -561,6 +561,30 @@ AHEAD_WAIT_S = 300.0  # past this, whatever the processes have not compiled is c
 AHEAD_PROCESS_BYTES = 2 * 2**30
 
 
+def self_check(configs: list[AttentionConfig], ctx: Context) -> str | None:
+    """Run the Gluon kernels' self-check (impls/attention/gluon_check.py) now where a row would start
+    it: a line with its verdict, or None where no row needs one. Otherwise the first `tiled` row would
+    run it under its own progress line, and compile_ahead() before it, which cannot launch kernels,
+    would leave the Gluon kernels to compile one after another in that row."""
+    if ctx.device.type != "cuda":
+        return None
+    for cfg in configs:
+        if cfg.impl not in AHEAD or cfg.varlen is not None or cfg.page_size is not None:
+            continue
+        q, k = _probe(cfg, ctx.device)
+        if flash.gluon_check_due(q, k, k, cfg.masks):
+            began = time.perf_counter()
+            checked = gluon_check.verdict(ctx.device)
+            return f"tiled: {checked.note}, in {time.perf_counter() - began:.1f} s (kept for later runs)"
+    return None
+
+
+def _probe(cfg: AttentionConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Inputs of cfg's kind, one batch and head, left unfilled: enough to ask which kernels would run.
+    q = torch.empty(1, 1, cfg.q_len, cfg.head_dim, device=device, dtype=DTYPES[cfg.dtype])
+    return q, q.new_empty(1, 1, cfg.kv_len, cfg.head_dim)
+
+
 def compile_ahead(configs: list[AttentionConfig], ctx: Context, threads: int | None = None) -> str | None:
     """Compile the flash kernels every tiled row will launch, side by side
     (impls/attention/ahead.py, on `threads` threads, default one a core), so
@@ -802,5 +826,6 @@ def sweep(opts: AttentionOptions) -> Sweep:
         note="kernel",
         cost=functools.partial(cost, mean_work=mean_work),
         start=early.start,
-        prepare=("compiling tiled's kernels", early.finish),
+        prepare=(("self-checking the Gluon kernels on this Triton", functools.partial(self_check, configs)),
+                 ("compiling tiled's kernels", early.finish)),
     )

@@ -306,15 +306,26 @@ def uses_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool | 
     return _gluon_choice(q, k, v, gluon, masks)[0]
 
 
+def gluon_check_due(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Masks = NO_MASKS) -> bool:
+    """Whether attention(q, k, v, ..., masks=masks) would first run the Gluon kernels' self-check here
+    (gluon_check.verdict), which a suite may run ahead of its rows instead, under a progress line of its own."""
+    return _gluon_wanted(q, k, v, None, masks) and gluon_check.known(q.device) is None
+
+
+def _gluon_wanted(q, k, v, gluon: bool | None, masks: Masks = NO_MASKS) -> bool:
+    # Whether the Gluon kernels would run these inputs, the self-check's verdict aside.
+    if gluon is False or masks or q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
+        return False
+    fg = _gluon_module(q)
+    if fg is None or fg.supported(q, k, v) is not None:
+        return False
+    return bool(gluon or q.shape[-1] in fg.PREFERRED_HEAD_DIMS)
+
+
 def _gluon_choice(q, k, v, gluon: bool | None, masks: Masks = NO_MASKS) -> tuple[bool, str]:
     # (uses_gluon, a note for the forward's `kernel` entry). On a Triton the Gluon
     # kernels were not measured on, they run only once gluon_check has passed them here.
-    if gluon is False or masks or q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
-        return False, ""
-    fg = _gluon_module(q)
-    if fg is None or fg.supported(q, k, v) is not None:
-        return False, ""
-    if not (gluon or q.shape[-1] in fg.PREFERRED_HEAD_DIMS):
+    if not _gluon_wanted(q, k, v, gluon, masks):
         return False, ""
     checked = gluon_check.verdict(q.device)
     return checked.ok, f" ({checked.note})" if checked.note else ""

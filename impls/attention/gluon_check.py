@@ -3,6 +3,7 @@
     from impls.attention import gluon_check
     gluon_check.use_cache(folder)          # where verdicts are kept (the attention suite passes genbench's cache)
     v = gluon_check.verdict(device)        # v.ok: Gluon may run here; v.note: what the `kernel` column adds
+    gluon_check.known(device)              # the verdict if no check is due, else None (verdict() would check)
 
 A Gluon kernel that compiles with a new Triton has not yet been shown to
 compute the right thing with it: Gluon is experimental, and a changed
@@ -205,35 +206,56 @@ def _kept(path: Path, key: str) -> Verdict | None:
     return Verdict(entry["ok"], entry["note"])
 
 
-def verdict(device: torch.device, *, version: str | None = None, device_name: str | None = None) -> Verdict:
-    """Whether the Gluon kernels may run on `device` with this Triton; checks them first where they must be.
+def _mode() -> str:
+    mode = os.environ.get(ENV, "")
+    if mode not in ("", "0", "1"):
+        warnings.warn(f"{ENV}={mode!r} is not 0 or 1: taken as unset", stacklevel=3)
+        return ""
+    return mode
+
+
+def known(device: torch.device, *, version: str | None = None, device_name: str | None = None) -> Verdict | None:
+    """verdict() where it needs no check (a measured release, GENBENCH_GLUON_SELFCHECK=0, or a kept
+    verdict), else None: the check is due, and verdict() would run it.
 
     version and device_name default to triton.__version__ and the CUDA device's name.
     """
     if version is None:
         import triton
         version = triton.__version__
-    mode = os.environ.get(ENV, "")
-    if mode not in ("", "0", "1"):
-        warnings.warn(f"{ENV}={mode!r} is not 0 or 1: taken as unset", stacklevel=2)
-        mode = ""
-    forced = mode == "1"
-    if gluon_compat.measured(version) and not forced:
+    mode = _mode()
+    if gluon_compat.measured(version) and mode != "1":
         return Verdict(True)
     if mode == "0":
         return Verdict(True, f"unchecked on Triton {version} ({ENV}=0)")
-    device_name = device_name or torch.cuda.get_device_name(device)
-    key = f"{device_name}|triton {version}|{source_hash()}"
-    if key in _memo:
-        return _memo[key]
-    path = None if _folder is None else _folder / FILE
-    kept = None if (path is None or forced) else _kept(path, key)
-    if kept is None:
-        if ahead.active():  # the check launches kernels, which compiling ahead does not
-            raise ahead.Untuned("the Gluon kernels are not self-checked on this device yet")
-        from impls.attention import flash_gluon
-        kept = run_check(cases(flash_gluon), device, version)
-        if path is not None:
-            _write(path, key, kept)
-    _memo[key] = kept
-    return kept
+    key = _key(device, version, device_name)
+    if key not in _memo and mode != "1" and _folder is not None:
+        kept = _kept(_folder / FILE, key)
+        if kept is not None:
+            _memo[key] = kept
+    return _memo.get(key)
+
+
+def verdict(device: torch.device, *, version: str | None = None, device_name: str | None = None) -> Verdict:
+    """Whether the Gluon kernels may run on `device` with this Triton; checks them first where they must be.
+
+    version and device_name default to triton.__version__ and the CUDA device's name.
+    """
+    found = known(device, version=version, device_name=device_name)
+    if found is not None:
+        return found
+    if ahead.active():  # the check launches kernels, which compiling ahead does not
+        raise ahead.Untuned("the Gluon kernels are not self-checked on this device yet")
+    if version is None:
+        import triton
+        version = triton.__version__
+    from impls.attention import flash_gluon
+    key = _key(device, version, device_name)
+    _memo[key] = run_check(cases(flash_gluon), device, version)
+    if _folder is not None:
+        _write(_folder / FILE, key, _memo[key])
+    return _memo[key]
+
+
+def _key(device: torch.device, version: str, device_name: str | None) -> str:
+    return f"{device_name or torch.cuda.get_device_name(device)}|triton {version}|{source_hash()}"

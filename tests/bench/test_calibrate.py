@@ -213,9 +213,10 @@ def test_a_sweep_starts_its_background_work_only_beside_a_calibration(cache, fak
     events = []
     sweep = Sweep(suite="fake", configs=[Rate("a", 50.0)], run=lambda cfg, ctx: events.append("row") or Measurement({}),
                   params=("impl",), metrics=(), start=lambda device, seed: events.append(("start", device, seed)),
-                  prepare=("getting ready", lambda ctx: events.append("prepare") or "ready"))
+                  prepare=(("getting ready", lambda ctx: events.append("prepare") or "ready"),
+                           ("still getting ready", lambda ctx: events.append("prepare 2"))))
     run_suite(sweep, RunOptions(device=CPU, out=tmp_path / "out", seed=5))
-    assert events == [("start", CPU, 5), "prepare", "row"]
+    assert events == [("start", CPU, 5), "prepare", "prepare 2", "row"]
     events.clear()
     run_suite(sweep, RunOptions(device=CPU, out=tmp_path / "out2"))  # the peaks are cached now
-    assert events == ["prepare", "row"]
+    assert events == ["prepare", "prepare 2", "row"]

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 from impls.attention import flash, gluon_check  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 from impls.attention.gluon_check import Case, Verdict  # noqa: E402
+from impls.attention.naive import Masks  # noqa: E402
 
 DEVICE = torch.device("cpu")
 REAL_CASES = gluon_check.cases  # before the fixture stands in for it
@@ -114,6 +115,21 @@ def test_verdict_is_kept_per_device_release_and_source(compared, tmp_path, monke
     monkeypatch.setattr(gluon_check, "source_hash", lambda: "changed")  # edited kernels
     check()
     assert len(calls) == 12 and len(json.loads((tmp_path / gluon_check.FILE).read_text())) == 4
+
+
+def test_known_gives_the_verdict_only_where_no_check_is_due(compared, monkeypatch):
+    def known(version="3.9.0"):
+        return gluon_check.known(DEVICE, version=version, device_name="NVIDIA H100 80GB HBM3")
+
+    assert known("3.6.0") == Verdict(True) and known() is None  # measured; due
+    v = check()
+    assert known() == v
+    gluon_check._memo.clear()
+    assert known() == v, "read back from the kept file"
+    monkeypatch.setenv(gluon_check.ENV, "1")
+    gluon_check._memo.clear()
+    assert known() is None and known("3.6.0") is None, "forced: due everywhere"
+    assert compared[1] == CASES
 
 
 def test_a_failed_verdict_is_kept_too(compared):
@@ -236,6 +252,19 @@ def test_no_note_when_the_release_was_measured(monkeypatch):
     ran = flash.Kernels()
     flash.attention(q, q, q, False, kernels=ran)
     assert ran.fwd == "gluon fwd stand-in"
+
+
+@needs_interpreter
+def test_check_due_where_the_gluon_kernels_would_run_unchecked(monkeypatch):
+    _stand_in(monkeypatch)
+    pending = {"due": True}
+    monkeypatch.setattr(gluon_check, "known", lambda device: None if pending["due"] else Verdict(True))
+    q = torch.randn(1, 2, 19, 32)
+    assert flash.gluon_check_due(q, q, q)
+    assert not flash.gluon_check_due(q[..., :16], q[..., :16], q[..., :16]), "not a preferred head dim"
+    assert not flash.gluon_check_due(q, q, q, masks=Masks(softcap=3.0)), "the Gluon kernels take no masks"
+    pending["due"] = False
+    assert not flash.gluon_check_due(q, q, q)
 
 
 @needs_interpreter

@@ -109,5 +109,43 @@ def test_finish_waits_its_time_then_stops_the_processes_and_compiles_here(monkey
 
 def test_the_sweep_starts_before_calibrating_and_prepares_before_the_first_row():
     sweep = suite.sweep(suite.AttentionOptions(seqs=(64,), impls=("naive", "tiled")))
-    assert sweep.start.__self__ is sweep.prepare[1].__self__, "one Ahead starts and finishes"
-    assert sweep.prepare[1](Context(torch.device("cpu"))) is None  # nothing to compile on a CPU
+    (checking, check), (compiling, finish) = sweep.prepare
+    assert "self-checking" in checking and "compiling" in compiling, "the check before compiling ahead"
+    assert sweep.start.__self__ is finish.__self__, "one Ahead starts and finishes"
+    cpu = Context(torch.device("cpu"))
+    assert check(cpu) is None and finish(cpu) is None  # nothing to check or compile on a CPU
+
+
+@pytest.fixture
+def due(monkeypatch):
+    """A device where the self-check is due for the dense inputs of head dim 128; records what it was asked."""
+    asked, checks = [], []
+    monkeypatch.setattr(suite, "_probe", lambda cfg, device: (torch.empty(1, 1, cfg.q_len, cfg.head_dim),
+                                                              torch.empty(1, 1, cfg.kv_len, cfg.head_dim)))
+
+    def gluon_check_due(q, k, v, masks):
+        asked.append((q.shape[-1], bool(masks)))
+        return q.shape[-1] == 128 and not masks and not checks
+
+    monkeypatch.setattr(suite.flash, "gluon_check_due", gluon_check_due)
+    monkeypatch.setattr(suite.gluon_check, "verdict", lambda device: checks.append(device) or suite.gluon_check.Verdict(
+        True, "self-checked on Triton 9.9.9: 34 kernels within 6.1e-03 of Triton's"))
+    return asked, checks
+
+
+def test_self_check_runs_once_before_the_rows_and_says_its_verdict(due):
+    asked, checks = due
+    configs = (_configs(impls=("naive", "tiled-triton", "tiled"), head_dim=64, window=256, causal=(True,))
+               + _configs(impls=("naive", "tiled"), head_dim=128))
+    line = suite.self_check(configs, Context(GPU))
+    assert checks == [GPU]
+    assert line.startswith("tiled: self-checked on Triton 9.9.9: 34 kernels within 6.1e-03 of Triton's, in ")
+    assert set(asked) == {(64, True), (128, False)}, "tiled's rows are asked, with their masks; naive's never"
+    assert suite.self_check(configs, Context(GPU)) is None, "a verdict is kept: no second check"
+
+
+def test_self_check_skips_rows_the_gluon_kernels_never_run(due):
+    asked, checks = due
+    configs = _configs(impls=("tiled",), seqs=(), lengths=(100, 200)) + _configs(impls=("tiled",), page_size=64, modes=("fwd",))
+    assert suite.self_check(configs, Context(GPU)) is None
+    assert asked == [] and checks == []
