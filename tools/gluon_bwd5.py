@@ -19,8 +19,10 @@ It prints, per case, the shipped pair's time and this kernel's
 against the shipped kernels' over the largest magnitude. `--compile` only
 builds it for sm_90a, without a GPU. Development only: on the H100 at
 B 2 x H 16 x 8k, head dim 128, non-causal, it tied the shipped pair (5.740 and
-5.835 ms against 5.770 and 5.666, two alternations), dK and dV bit-identical,
-dQ within 5.4e-3; docs/attention-kernels.md ("What is left") has the rest.
+5.835 ms against 5.770 and 5.666, two alternations; with two dS^T buffers
+5.523 and 6.354 against 5.518 and 5.632) and lost causal (3.714, or 3.409
+with two buffers, against 3.223), dK and dV bit-identical, dQ within 5.4e-3;
+docs/attention-kernels.md ("What is left") has the rest.
 """
 
 from __future__ import annotations
