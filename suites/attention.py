@@ -564,7 +564,7 @@ AHEAD_PROCESS_BYTES = 2 * 2**30
 def self_check(configs: list[AttentionConfig], ctx: Context) -> str | None:
     """Run the Gluon kernels' self-check (impls/attention/gluon_check.py) now where a row would start
     it: a line with its verdict, or None where no row needs one. Otherwise the first `tiled` row would
-    run it under its own progress line, and compile_ahead() before it, which cannot launch kernels,
+    run it under that row's progress line, and compile_ahead() before it, which cannot launch kernels,
     would leave the Gluon kernels to compile one after another in that row."""
     if ctx.device.type != "cuda":
         return None

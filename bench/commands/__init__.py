@@ -110,10 +110,10 @@ RepOpt = Annotated[float, typer.Option("--rep-ms", help="Timed budget per config
 CrosscheckOpt = Annotated[
     bool, typer.Option("--crosscheck", help="Also time with triton.testing.do_bench (CUDA) into do_bench_median_ms.")
 ]
-# Rounds of --interleave on a GPU when it is not given. On an H100, three runs of the
-# same head-dim-64 sweep gave tiled/cuDNN ratios of 0.960-0.963 in 10 rounds
-# against 0.891-0.962 alone (docs/measurements.md, session 19). On a CPU rows
-# run alone unless asked: its ratios hold without.
+# Rounds of --interleave on a GPU when it is not given. On a power-capped H100
+# the ratio of two rows' medians spread by 0.003 over three runs in 10 rounds,
+# against 0.071 with each row alone (docs/measurements.md, session 19). On a
+# CPU rows run alone unless asked.
 GPU_INTERLEAVE = 10
 InterleaveOpt = Annotated[
     Optional[int], typer.Option("--interleave", metavar="ROUNDS", show_default=False,

@@ -220,9 +220,7 @@ def known(device: torch.device, *, version: str | None = None, device_name: str 
 
     version and device_name default to triton.__version__ and the CUDA device's name.
     """
-    if version is None:
-        import triton
-        version = triton.__version__
+    version = version or _triton_version()
     mode = _mode()
     if gluon_compat.measured(version) and mode != "1":
         return Verdict(True)
@@ -241,20 +239,23 @@ def verdict(device: torch.device, *, version: str | None = None, device_name: st
 
     version and device_name default to triton.__version__ and the CUDA device's name.
     """
+    version = version or _triton_version()
     found = known(device, version=version, device_name=device_name)
     if found is not None:
         return found
     if ahead.active():  # the check launches kernels, which compiling ahead does not
         raise ahead.Untuned("the Gluon kernels are not self-checked on this device yet")
-    if version is None:
-        import triton
-        version = triton.__version__
     from impls.attention import flash_gluon
     key = _key(device, version, device_name)
     _memo[key] = run_check(cases(flash_gluon), device, version)
     if _folder is not None:
         _write(_folder / FILE, key, _memo[key])
     return _memo[key]
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
 
 
 def _key(device: torch.device, version: str, device_name: str | None) -> str:
