@@ -29,11 +29,13 @@ This module decides, per call, which of them run (`plan`):
   only at the head dims where it is the faster one
   (flash_gluon.PREFERRED_HEAD_DIMS); `gluon=False` keeps every kernel
   Triton's, `gluon=True` takes Gluon's wherever they run;
-- after a Gluon forward, Gluon's dK/dV and dQ kernels too, the dQ kernel on a
-  second stream beside the dK/dV kernel (the two share only inputs, so each
-  fills the SMs the other's last wave leaves idle); `gluon_dq=False` keeps
-  Triton's dQ, `concurrent_dq=False` runs it after dK/dV. delta is always
-  Triton's;
+- after a Gluon forward, Gluon's backward too: at head dim 128 one kernel
+  forms dK, dV and dQ (flash_gluon.backward, five products a block where the
+  two kernels below run seven); `fused_bwd=False`, and at head dim 64, its
+  dK/dV and dQ kernels, the dQ kernel on a second stream beside the dK/dV
+  kernel (the two share only inputs, so each fills the SMs the other's last
+  wave leaves idle). `gluon_dq=False` keeps Triton's dQ after Gluon's dK/dV,
+  `concurrent_dq=False` runs Gluon's after it. delta is always Triton's;
 - descriptor (TMA) loads in the Triton kernels only when asked for
   (`use_tma=True`) and where they can run;
 - Triton's kernels whenever the input needs what the Gluon kernels lack:
@@ -108,6 +110,7 @@ class Plan:
     gluon: bool = False  # flash_gluon's forward, and its dK/dV where that can run
     gluon_dq: bool = True  # with gluon: flash_gluon's dQ kernel too
     concurrent_dq: bool = True  # with gluon and gluon_dq: dQ on a second stream beside dK/dV
+    fused_bwd: bool = True  # with gluon and gluon_dq: dK, dV and dQ in one kernel where it takes the head dim
     note: str = ""  # added to the forward's `kernel` entry: why Gluon is off, or that it was self-checked
 
 
@@ -350,7 +353,8 @@ def _tma_allowed(*tensors: torch.Tensor) -> bool:
 
 def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, *,
          use_tma: bool = PREFER_TMA, gluon: bool | None = None, gluon_dq: bool = True,
-         concurrent_dq: bool = True, masks: Masks = NO_MASKS, features: ft.Features = ft.PLAIN,
+         concurrent_dq: bool = True, fused_bwd: bool = True, masks: Masks = NO_MASKS,
+         features: ft.Features = ft.PLAIN,
          decode: bool = False, num_splits: int | None = None) -> Plan:
     """The kernels attention(q, k, v, causal, scale, ...) with these options runs (see the module docstring).
 
@@ -368,6 +372,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale:
         gluon=use_gluon,
         gluon_dq=gluon_dq,
         concurrent_dq=concurrent_dq,
+        fused_bwd=fused_bwd,
         note=note,
         features=features,
         decode=decode,
@@ -463,6 +468,10 @@ def _backward(q, k, v, o, lse, do, p: Plan, ran: Kernels):
     fg = _gluon_module(q) if p.gluon else None
     if fg and fg.supported_bwd(q, k, v, do) is not None:
         fg = None
+    if fg and p.gluon_dq and p.fused_bwd and q.shape[-1] in fg.FUSED_HEAD_DIMS:
+        dq, dk, dv, config = fg.backward(q, k, v, do, lse, delta, p.causal, p.scale)
+        ran.dkdv = "gluon bwd dkdv+dq " + fg.describe("bwd", config)
+        return dq, dk, dv
     if fg and p.gluon_dq and p.concurrent_dq:
         return _gluon_dkdv_beside_dq(fg, q, k, v, do, lse, delta, p, ran)
     if fg:
@@ -524,7 +533,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
               tree_bits: torch.Tensor | None = None, decode: bool | None = None, num_splits: int | None = None,
               use_tma: bool = PREFER_TMA, gluon: bool | None = None,
-              gluon_dq: bool = True, concurrent_dq: bool = True, kernels: Kernels | None = None,
+              gluon_dq: bool = True, concurrent_dq: bool = True, fused_bwd: bool = True,
+              kernels: Kernels | None = None,
               rope: posenc.Rope | None = None) -> torch.Tensor:
     """softmax(q k^T * scale (+ masks)) v for q (B, H, Sq, D), k and v (B, Hkv, Sk, D).
 
@@ -538,7 +548,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     overrides its choice of splits. use_tma: descriptor loads in the Triton
     kernels where they can run. gluon: None runs flash_gluon's kernels where
     they can run and are the faster ones, True wherever they can run, False
-    never; gluon_dq and concurrent_dq: see the module docstring. kernels, if
+    never; gluon_dq, concurrent_dq and fused_bwd: see the module docstring. kernels, if
     given, is filled with what ran (the backward's entries once it has run).
     rope: q and k are given unrotated and RoPE (posenc.Rope) is applied to
     them inside the Triton prefill kernels, as each tile is loaded; the
@@ -565,7 +575,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     if varlen:
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (total, H, D) -> (1, H, total, D) views
     p = plan(q, k, v, causal, scale, use_tma=use_tma, gluon=gluon, gluon_dq=gluon_dq, concurrent_dq=concurrent_dq,
-             masks=masks, features=features, decode=run_decode, num_splits=num_splits)
+             fused_bwd=fused_bwd, masks=masks, features=features, decode=run_decode, num_splits=num_splits)
     if q.is_cuda and not ft.INTERPRET:
         from impls.attention import tuning
         tuning.seed(q.device)

@@ -1,10 +1,11 @@
-"""FlashAttention kernels for Hopper written in Gluon, Triton's explicit layer: the forward, dK/dV and dQ.
+"""FlashAttention kernels for Hopper written in Gluon, Triton's explicit layer: the forward and the backward.
 
     from impls.attention import flash_gluon
     if flash_gluon.supported(q, k, v) is None:
         o, lse, config = flash_gluon.forward(q, k, v, causal, scale)   # lse in base 2, as flash_triton's
         dk, dv, config = flash_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, scale)
         dq, config = flash_gluon.backward_dq(q, k, v, do, lse, delta, causal, scale)
+        dq, dk, dv, config = flash_gluon.backward(q, k, v, do, lse, delta, causal, scale)  # head dim 128
         flash_gluon.describe("dq", config)   # "ws BLOCK_M=128 BLOCK_N=64 stages=3 1 loader warp + ..."
 
 These are the kernels, their launches and their tuner; impls/attention/flash.py's
@@ -39,7 +40,10 @@ those keys are masked to -inf and those query rows are never stored.
 The backward's kernels have the same split. dK/dV (`backward_dkdv`): the
 loader streams Q and dO blocks past 128 resident key rows, 64 per consumer
 warpgroup. dQ (`backward_dq`): K and V blocks stream past 128 resident query
-rows, as in the forward. delta = rowsum(dO * O) is flash_triton's, and all
+rows, as in the forward. At head dim 128 one kernel does both (`backward`):
+the dK/dV program also forms dQ from its dS^T and adds it into an fp32
+accumulator by TMA (FlashAttention-3's arrangement), five products a block
+where the pair runs seven. delta = rowsum(dO * O) is flash_triton's, and all
 read the same base-2 log-sum-exp. No Triton interpreter runs Gluon, so these
 kernels are tested on the GPU only (tests/impls/test_flash_gluon.py);
 docs/attention-kernels.md has how they were developed and measured.
@@ -55,9 +59,11 @@ from impls.attention import ahead, tuning
 
 try:
     import triton
+    import triton.language as tl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from impls.attention import gluon_compat
@@ -140,6 +146,7 @@ class Tuner:
 
 if GLUON_ERROR is None:
     _tma_load = gluon_compat.tma_load  # renamed between Triton releases
+    _tma_add = gluon_compat.tma_add  # named from Triton 3.8
 
     @gluon.jit
     def _origin(offset, stride_s):
@@ -636,8 +643,16 @@ if GLUON_ERROR is None:
         else:
             dk, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ds16))
         mbarrier.arrive(empty.index(last), count=1)
-        rows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        _store_dkdv(dk, dv, start_n + row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                    stride_dvs, b, hk, S, sm_scale)
+
+    @gluon.jit
+    def _store_dkdv(dk, dv, row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                    b, hk, S, sm_scale):
+        # A warpgroup's finished dK (scaled here) and dV rows row0 .. row0 + 63, those before S.
+        acc_layout: gl.constexpr = dk.type.layout
+        rows = row0 + gl.arange(0, dk.shape[0], layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, dk.shape[1], layout=gl.SliceLayout(0, acc_layout))
         keep = rows[:, None] < S
         dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows[:, None].to(gl.int64) * stride_dks + cols[None, :]
         gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keep)
@@ -813,6 +828,253 @@ if GLUON_ERROR is None:
                           k_ready, v_ready, k_empty, v_empty, q_row, q_col, d_row, d_col, k_row, k_col, v_row, v_col,
                           start_m, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
+
+    # ----------------------------------------------------------------------
+    # Backward, dK, dV and dQ in one kernel (head dim 128): five products a
+    # block pair where the dK/dV and dQ kernels together run seven. The dK/dV
+    # kernel's program (128 key rows, 64 per warpgroup, Q and dO blocks
+    # streamed past) also writes each block's dS^T to shared memory; once both
+    # halves are in, each warpgroup forms dQ for 64 of the head's columns over
+    # all 128 keys and stages it for a one-warp reducer partition, which adds
+    # it into an fp32 accumulator in global memory by TMA. FlashAttention-3's
+    # backward is arranged this way (Shah et al., 2024), with its order of the
+    # products in a block and its layout of the staged dQ tile (_register_order).
+    # ----------------------------------------------------------------------
+
+    @gluon.jit
+    def _register_order(dq):
+        # A warpgroup's [64, 64] fp32 wgmma accumulator relabelled, moving no
+        # value, as [16, 256] in the order its registers hold it: thread
+        # w*32 + lane keeps rows w*16 + mh*8 + lane//4 and columns
+        # ng*8 + (lane%4)*2 + nb in register ng*4 + mh*2 + nb, so flat index
+        # ng*512 + thread*4 + mh*2 + nb gives each thread four consecutive
+        # floats (one 16-byte store) and each warp 512 consecutive bytes. With
+        # the fp32 accumulator of this layout, one TMA copy adds the tile
+        # (16 KB) into 16 KB of consecutive addresses. dq_from_accumulator() undoes it.
+        x = gl.reshape(dq, [4, 2, 8, 8, 4, 2])  # (w, mh, lane//4, ng, lane%4, nb)
+        x = gl.permute(x, (3, 0, 2, 4, 1, 5))  # (ng, w, lane//4, lane%4, mh, nb)
+        return gl.reshape(x, [16, 256])
+
+    @gluon.jit
+    def _dq_reducer(dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, H, GROUP, NQB, q_lo, n_q):
+        # dqW_smem: warpgroup W's staging slots, each one 64x64 dQ tile in
+        # register order; dqW_full: one barrier a slot; dq_empty: one a slot
+        # for both warpgroups. Warpgroup W's tile of query block i of head bh
+        # is added at row ((bh * NQB + i) * 2 + W) * 16 of the [rows, 256]
+        # accumulator. A slot is freed once both copies out of it have read it.
+        SLOTS: gl.constexpr = dq0_smem.shape[0]
+        TILE_ROWS: gl.constexpr = dq0_smem.shape[1]
+        t = 0
+        for g in range(GROUP):
+            bh = b * H + hk * GROUP + g
+            for i in range(q_lo, n_q):
+                slot = t % SLOTS
+                ph = (t // SLOTS) & 1
+                row = ((bh * NQB + i) * 2 * TILE_ROWS).to(gl.int32)
+                mbarrier.wait(dq0_full.index(slot), ph)
+                _tma_add(dqa_desc, [row, 0], dq0_smem.index(slot))
+                mbarrier.wait(dq1_full.index(slot), ph)
+                _tma_add(dqa_desc, [row + TILE_ROWS, 0], dq1_smem.index(slot))
+                tma.store_wait(2 * (SLOTS - 1))  # block t - SLOTS + 1's two copies have read their slot
+                mbarrier.arrive(dq_empty.index((t + 1) % SLOTS), count=1, pred=t >= SLOTS - 1)
+                t += 1
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _bwd_block(t, i, dk, dv, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                   ds0, ds1, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S, qk_scale, causal,
+                   s_layout: gl.constexpr, MASK: gl.constexpr):
+        # One 64-row query block for one warpgroup's 64 keys: S^T and dP^T
+        # issued together; P^T formed, then dS^T, which goes to shared memory;
+        # dV's product; once both halves of dS^T are in, dQ's product (64
+        # columns over the 128 keys), then dK's; dQ staged for the reducer
+        # while dK's product runs. Nothing is carried across blocks, unlike
+        # the dK/dV kernel's loop: an earlier version that carried dK's
+        # product into the next block spilled twice as much and only tied the
+        # pair of kernels (docs/attention-kernels.md).
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        ROWS: gl.constexpr = k.shape[0]
+        SLOTS: gl.constexpr = dq_smem.shape[0]
+        DS_BUFFERS: gl.constexpr = ds0.shape[0]
+        DQ_COLS: gl.constexpr = k_cols.shape[1]
+        st = t % STAGES
+        qrows = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
+        q = q_smem.index(st)
+        do = do_smem.index(st)
+        zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dv.type.layout, k_width=2)
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse = lse_smem.index(st).load(qrows.type.layout)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if MASK:  # keys past S too: their rows of dS^T would reach dQ
+            keep = (qrows[None, :] < S) & (krows[:, None] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
+            p_t = gl.where(keep, p_t, 0.0)
+        p_t = p_t.to(q.dtype)
+        dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+        delta = delta_smem.index(st).load(qrows.type.layout)
+        ds_t = (p_t.to(gl.float32) * (dp_t - delta[None, :])).to(q.dtype)
+        # dS^T to buffer t % DS_BUFFERS once both dQ products of its last block have read it.
+        buf = t % DS_BUFFERS
+        ph = (t // DS_BUFFERS) & 1
+        mbarrier.wait(ds_empty.index(buf), ph ^ 1)
+        ds_mine.index(buf).store(ds_t)
+        fence_async_shared()
+        mbarrier.arrive(ds_full.index(buf), count=1)
+        p16 = gl.convert_layout(p_t, op_layout)
+        dv_tok = warpgroup_mma(p16, do, dv, is_async=True)
+        ds16 = gl.convert_layout(ds_t, op_layout)
+        mbarrier.wait(ds_full.index(buf), ph)
+        dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, _mma_layout(DQ_COLS))
+        # dQ over the first warpgroup's 64 keys, then the second's: two products, one accumulator.
+        dq_tok = warpgroup_mma(ds0.index(buf).permute((1, 0)), k_cols.slice(0, 64), dq_zero, use_acc=False,
+                               is_async=True)
+        dq_tok = warpgroup_mma(ds1.index(buf).permute((1, 0)), k_cols.slice(64, 64), dq_tok, is_async=True)
+        dv, p16 = warpgroup_mma_wait(num_outstanding=2, deps=(dv_tok, p16))
+        dk_tok = warpgroup_mma(ds16, q, dk, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq_tok, ))
+        mbarrier.arrive(ds_empty.index(buf), count=1)
+        slot = t % SLOTS
+        mbarrier.wait(dq_empty.index(slot), ((t // SLOTS) & 1) ^ 1)
+        dq_smem.index(slot).store(_register_order(dq))
+        fence_async_shared()
+        mbarrier.arrive(dq_full.index(slot), count=1)
+        dk, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ds16))
+        mbarrier.arrive(empty.index(st), count=1)
+        return dk, dv
+
+    @gluon.jit
+    def _bwd_consumer(k, v, k_cols, ds_mine, dq_smem, dq_full, row0, ds0, ds1, ds_full, ds_empty, dq_empty,
+                      q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
+                      DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                      b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
+        ROWS: gl.constexpr = k.shape[0]
+        HEAD_DIM: gl.constexpr = k.shape[1]
+        s_layout: gl.constexpr = _mma_layout(q_smem.shape[1])
+        acc_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+        krows = start_n + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        t = 0
+        for g in range(GROUP):
+            for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
+                dk, dv = _bwd_block(t, i, dk, dv, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                                    ds0, ds1, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                    qk_scale, causal, s_layout, True)
+                t += 1
+            for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
+                dk, dv = _bwd_block(t, i, dk, dv, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                                    ds0, ds1, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                    qk_scale, causal, s_layout, False)
+                t += 1
+            for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block, or every block
+                dk, dv = _bwd_block(t, i, dk, dv, k, v, k_cols, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                                    ds0, ds1, ds_mine, ds_full, ds_empty, dq_smem, dq_full, dq_empty, krows, S,
+                                    qk_scale, causal, s_layout, True)
+                t += 1
+        _store_dkdv(dk, dv, start_n + row0, DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                    stride_dvs, b, hk, S, sm_scale)
+
+    @gluon.jit
+    def _bwd_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, dqa_desc, DK, DV,
+                    stride_qb, stride_qh, stride_qs,
+                    stride_kb, stride_kh, stride_ks,
+                    stride_vb, stride_vh, stride_vs,
+                    stride_db, stride_dh, stride_ds,
+                    stride_dkb, stride_dkh, stride_dks,
+                    stride_dvb, stride_dvh, stride_dvs,
+                    H, GROUP, S, NQB, LSE_S, qk_scale, sm_scale,
+                    HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_SLOTS: gl.constexpr,
+                    DS_BUFFERS: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_N: gl.constexpr = 128
+        BLOCK_M: gl.constexpr = 64
+        gl.static_assert(HEAD_DIM == 128)  # each warpgroup forms 64 columns of dQ
+        gl.static_assert(num_warps == 4)
+        start_n = gl.program_id(0) * BLOCK_N
+        bhk = gl.program_id(1)
+        Hkv = H // GROUP
+        b = (bhk // Hkv).to(gl.int64)
+        hk = (bhk % Hkv).to(gl.int64)
+        k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
+        v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
+        n_q = gl.cdiv(S, BLOCK_M)
+        full_q = (S // BLOCK_M) * (start_n + BLOCK_N <= S).to(gl.int32)  # a partial key tile masks every block
+        if CAUSAL:
+            q_lo = start_n // BLOCK_M
+            diag_hi = gl.minimum(gl.cdiv(start_n + BLOCK_N, BLOCK_M), n_q)
+        else:
+            q_lo = 0
+            diag_hi = 0
+
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], k_desc.dtype)
+        ds0_smem = gl.allocate_shared_memory(k_desc.dtype, [DS_BUFFERS, 64, BLOCK_M], ds_layout)  # a warpgroup's half
+        ds1_smem = gl.allocate_shared_memory(k_desc.dtype, [DS_BUFFERS, 64, BLOCK_M], ds_layout)
+        tile: gl.constexpr = dqa_desc.block_type.shape
+        dq0_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
+        dq1_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_full = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
+        ds_empty = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
+        dq0_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
+        dq1_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
+        dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(DS_BUFFERS):
+            mbarrier.init(ds_full.index(i), count=2)
+            mbarrier.init(ds_empty.index(i), count=2)
+        for i in gl.static_range(DQ_SLOTS):
+            mbarrier.init(dq0_full.index(i), count=1)
+            mbarrier.init(dq1_full.index(i), count=1)
+            mbarrier.init(dq_empty.index(i), count=1)
+
+        shared = (ds0_smem, ds1_smem, ds_full, ds_empty, dq_empty,
+                  q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV,
+                  stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                  b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
+        gl.warp_specialize([
+            (_bwd_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), k_smem.slice(0, 64, dim=1),
+                             ds0_smem, dq0_smem, dq0_full, 0) + shared),
+            (_bwd_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), k_smem.slice(64, 64, dim=1),
+                             ds1_smem, dq1_smem, dq1_full, 64) + shared),
+            (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
+                            lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
+                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
+            (_dq_reducer, (dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, H, GROUP, NQB,
+                           q_lo, n_q)),
+        ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
+
+if GLUON_ERROR is None:
+    @triton.jit
+    def _dq_from_accumulator_kernel(DQA, DQ, stride_b, stride_h, stride_s, H, S, scale):
+        # One 64-row query block of one head: its two tiles (8192 floats) read in order, put back as
+        # [64, 128] (dq_from_accumulator has the layout), scaled and cast.
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
+        n_blocks = tl.cdiv(S, 64)
+        x = tl.load(DQA + (bh.to(tl.int64) * n_blocks + i) * 8192 + tl.arange(0, 8192))
+        x = tl.reshape(x, [2, 8, 4, 8, 4, 2, 2])  # (W, c, w, r, l, mh, n)
+        x = tl.permute(x, (2, 5, 3, 0, 1, 4, 6))  # (w, mh, r, W, c, l, n)
+        x = tl.reshape(x, [64, 128])
+        rows = i * 64 + tl.arange(0, 64)
+        cols = tl.arange(0, 128)
+        ptrs = DQ + (bh // H) * stride_b + (bh % H) * stride_h + rows[:, None].to(tl.int64) * stride_s + cols[None, :]
+        tl.store(ptrs, (x * scale).to(DQ.dtype.element_ty), mask=rows[:, None] < S)
 
 # --------------------------------------------------------------------------
 # Host side
@@ -1009,7 +1271,15 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
 # BLOCK_N keys through the ring.
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
-TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER}  # by kernel, for impls/attention/tuning.py
+
+# (STAGES, DQ_SLOTS, DS_BUFFERS) of the one-kernel backward (_bwd_kernel): Q/dO stages, dQ staging
+# slots a warpgroup, and dS^T buffers. On the H100 at B 2 x H 16 x 8k, head dim 128, two slots or two
+# dS^T buffers were as fast in one of two alternations and 15-20% slower in the other, three stages
+# 3% slower (docs/measurements.md, 2026-12-07, session 20): one config, so nothing is tuned.
+FUSED_CONFIGS = [(2, 1, 1)]
+FUSED_HEAD_DIMS = (128,)  # each consumer warpgroup forms half of dQ's columns: 64
+FUSED_TUNER = Tuner("bwd")
+TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER, "bwd": FUSED_TUNER}  # for impls/attention/tuning.py
 
 
 def _launch_dq(q, k, v, do, dq, lse, delta, causal, scale, config):
@@ -1037,9 +1307,71 @@ def backward_dq(q, k, v, do, lse, delta, causal: bool, scale: float, config: tup
     return dq, config
 
 
+def _dq_accumulator(B: int, H: int, S: int, device) -> torch.Tensor:
+    # _bwd_kernel's fp32 dQ, zeroed: per head and 64-row query block, two 64x64 tiles in register order.
+    return torch.zeros(B * H * triton.cdiv(S, 64) * 64 * 128, device=device, dtype=torch.float32)
+
+
+def _accumulator_descriptor(dqa: torch.Tensor) -> "TensorDescriptor":
+    # The accumulator as rows of 256 floats, one tile (16 rows, 16 KB) a copy: unswizzled, as the
+    # staged tile is written in register order.
+    flat = dqa.view(-1, 256)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return TensorDescriptor(flat, list(flat.shape), [256, 1], [16, 256], layout)
+
+
+def _launch_bwd(q, k, v, do, dk, dv, dqa, lse, delta, causal, scale, config):
+    B, H, S, D = q.shape
+    stages, slots, ds_buffers = config
+    grid = (triton.cdiv(S, 128), B * k.shape[1])
+    lse_rows, delta_rows = _tma_rows(lse), _tma_rows(delta)
+    return ahead.launch(_bwd_kernel, grid,
+        _descriptor(k, 128), _descriptor(v, 128), _descriptor(q, 64), _descriptor(do, 64),
+        _row_descriptor(lse_rows, 64), _row_descriptor(delta_rows, 64), _accumulator_descriptor(dqa), dk, dv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        H, H // k.shape[1], S, triton.cdiv(S, 64), lse_rows.shape[-1], scale * LOG2E, scale,
+        D, bool(causal), stages, slots, ds_buffers, CONSUMER_REGS, num_warps=4,
+    )
+
+
+def dq_from_accumulator(dqa: torch.Tensor, dq: torch.Tensor, scale: float):
+    """dq (B, H, S, 128, any strides, fp16/bf16) = scale * the dQ that _bwd_kernel added into dqa.
+
+    dqa holds, per head and 64-row query block, warpgroup W's 64 columns as a
+    4096-float tile in register order (_register_order): row w*16 + mh*8 + r
+    and column W*64 + c*8 + l*2 + n at c*512 + w*128 + r*16 + l*4 + mh*2 + n.
+    One program a block and head reads its 32 KB in order and writes it back as rows.
+    """
+    B, H, S, D = dq.shape
+    grid = (triton.cdiv(S, 64), B * H)
+    return ahead.launch(_dq_from_accumulator_kernel, grid, dqa, dq, *dq.stride()[:3], H, S, scale, num_warps=8)
+
+
+def backward(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+    """(dq, dk, dv, config): the three gradients from one kernel (head dim 128), from the forward's base-2
+    lse and delta = rowsum(dO * O) as the other backward kernels take them; dq in q's layout."""
+    B, H, S, D = q.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dqa = _dq_accumulator(B, H, S, q.device)
+    if config is None:
+        key = (triton.next_power_of_2(S), D, bool(causal), str(q.dtype), H // k.shape[1])
+        config = FUSED_TUNER.pick(key, FUSED_CONFIGS,
+                                  lambda c: _time_ms(lambda: _launch_bwd(q, k, v, do, dk, dv, dqa.zero_(), lse,
+                                                                         delta, causal, scale, c)),
+                                  torch.cuda.get_device_name(q.device))
+        dqa.zero_()
+    _launch_bwd(q, k, v, do, dk, dv, dqa, lse, delta, causal, scale, config)
+    dq = torch.empty_like(q)
+    dq_from_accumulator(dqa, dq, scale)
+    return dq, dk, dv, config
+
+
 def describe(kernel: str, config: tuple) -> str:
-    """A config of the "fwd", "dkdv" or "dq" kernel as the `kernel` column shows it."""
+    """A config of the "fwd", "dkdv", "dq" or "bwd" (one-kernel) kernel as the `kernel` column shows it."""
     warps = "1 loader warp + 2 consumer warpgroups"
+    if kernel == "bwd":
+        return (f"ws BLOCK_N=128 BLOCK_M=64 stages={config[0]} dq-slots={config[1]} ds-buffers={config[2]} "
+                f"1 loader warp + 1 reducer warp + 2 consumer warpgroups")
     if kernel == "fwd":
         block_m, block_n, stages, kind = config
         return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps.replace('2', str(block_m // 64))}"

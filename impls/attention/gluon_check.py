@@ -11,8 +11,8 @@ lowering of a barrier or an async wgmma gives wrong numbers, not an error.
 So on a release outside gluon_compat.MEASURED, the first call on a device
 checks them there before `tiled` uses them:
 
-- every config of every Gluon kernel (forward, dK/dV, dQ; head dims 64 and
-  128; causal and not) is compiled and launched on small bf16 inputs
+- every config of every Gluon kernel (forward, dK/dV, dQ and the one-kernel
+  backward; head dims 64 and 128; causal and not) is compiled and launched on small bf16 inputs
   (SHAPE: grouped-query heads and a sequence that ends in a partial block);
 - each result is compared with flash_triton's kernel on the same inputs
   (the backward kernels take the Triton forward's lse and delta): the largest
@@ -61,7 +61,7 @@ FILE = "gluon-selfcheck.json"
 class Case:
     """One Gluon kernel config on one kind of input."""
 
-    kernel: str  # "fwd", "dkdv" or "dq", as flash_gluon.describe names them
+    kernel: str  # "fwd", "dkdv", "dq" or "bwd" (all three gradients), as flash_gluon.describe names them
     head_dim: int
     causal: bool
     config: tuple
@@ -84,6 +84,8 @@ def cases(fg) -> list[Case]:
             out += [Case("fwd", D, causal, c) for c in fg.CONFIGS[D] if not (causal and c[3] == "persistent")]
             out += [Case("dkdv", D, causal, c) for c in fg.BWD_CONFIGS]
             out += [Case("dq", D, causal, c) for c in fg.DQ_CONFIGS]
+            if D in fg.FUSED_HEAD_DIMS:
+                out += [Case("bwd", D, causal, c) for c in fg.FUSED_CONFIGS]
     return out
 
 
@@ -111,13 +113,16 @@ def compare(case: Case, device: torch.device) -> float:
             go, glse, _ = fg.forward(q, k, v, case.causal, scale, case.config)
             return max(_err(go, o), _err(glse, lse))
         delta = ft.delta(o, do)
+        tk, tv, _ = ft.backward_dkdv(q, k, v, do, lse, delta, case.causal, scale)
+        tq, _ = ft.backward_dq(q, k, v, do, lse, delta, case.causal, scale)
         if case.kernel == "dkdv":
             gk, gv, _ = fg.backward_dkdv(q, k, v, do, lse, delta, case.causal, scale, case.config)
-            tk, tv, _ = ft.backward_dkdv(q, k, v, do, lse, delta, case.causal, scale)
             return max(_err(gk, tk), _err(gv, tv))
+        if case.kernel == "bwd":
+            gq, gk, gv, _ = fg.backward(q, k, v, do, lse, delta, case.causal, scale, case.config)
+            return max(_err(gq, tq), _err(gk, tk), _err(gv, tv))
         assert case.kernel == "dq", f"no Gluon kernel {case.kernel!r}"
         gq, _ = fg.backward_dq(q, k, v, do, lse, delta, case.causal, scale, case.config)
-        tq, _ = ft.backward_dq(q, k, v, do, lse, delta, case.causal, scale)
         return _err(gq, tq)
 
 

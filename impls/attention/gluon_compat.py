@@ -2,6 +2,7 @@
 
     from impls.attention import gluon_compat
     gluon_compat.tma_load(desc, [row, col], barrier, smem)   # inside a @gluon.jit function
+    gluon_compat.tma_add(desc, [row, col], smem)             # global[...] += smem, by TMA
     gluon_compat.measured("3.6.0")                          # True: timed and checked on a GPU
 
 Gluon (triton.experimental.gluon) is Triton's experimental layer and its API
@@ -10,7 +11,10 @@ so they read the same on every release and never branch on a version:
 
 - the TMA copy from global to shared memory is `tma.async_copy_global_to_shared`
   up to Triton 3.7 and `tma.async_load` from 3.8, where 3.9 turned the old
-  name into a stub that raises.
+  name into a stub that raises;
+- the TMA reduce-add from shared to global memory is `tma.async_atomic_add`
+  from 3.8; 3.6 and 3.7 have the builder call it lowers to
+  (`create_async_tma_reduce`) and no Python name, so `tma_add` calls that.
 
 The other Gluon calls the kernels make (warp_specialize's list of
 (partition, args) with worker warps and registers, warpgroup_mma and its
@@ -45,10 +49,25 @@ def tma_load_of(tma):
     return getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
+def tma_add_of(tma):
+    """The TMA reduce-add of this Gluon's `tma` module: async_atomic_add where it exists (3.8 on), else the
+    same operation built from the builder's create_async_tma_reduce."""
+    return getattr(tma, "async_atomic_add", None) or _builder_tma_add
+
+
 try:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
     from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
 except Exception:  # noqa: BLE001 - flash_gluon reports the missing Gluon itself
     _tma = None
 
 if _tma is not None:
+    @_builtin
+    def _builder_tma_add(tensor_desc, coord, src, _semantic=None):
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
     tma_load = tma_load_of(_tma)
+    tma_add = tma_add_of(_tma)

@@ -174,6 +174,25 @@ def test_lse_rows_start_16_byte_aligned_per_head():
         assert not rows[..., t.shape[2]:].any()
 
 
+@needs_kernel
+@pytest.mark.skipif(fg.GLUON_ERROR is not None, reason="needs triton.experimental.gluon")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dq_from_accumulator_undoes_the_register_order(dtype):
+    # The one-kernel backward adds dQ into an fp32 accumulator tile by tile in the order a warpgroup's
+    # registers hold them (flash_gluon._register_order); dq_from_accumulator puts it back as rows, scaled,
+    # into any layout of dq. Here the accumulator is built from the layout as documented, with a partial last
+    # block (S=100) and a (B, S, H, D) dq.
+    B, H, S = 2, 3, 100
+    n = -(-S // 64)
+    want = torch.randn(B, H, n * 64, 128, device=DEVICE)
+    # row w*16 + mh*8 + r, column W*64 + c*8 + l*2 + nb at c*512 + w*128 + r*16 + l*4 + mh*2 + nb of tile W
+    tiles = want.view(B, H, n, 4, 2, 8, 2, 8, 4, 2)  # (b, h, block, w, mh, r, W, c, l, nb)
+    dqa = tiles.permute(0, 1, 2, 6, 7, 3, 5, 8, 4, 9).contiguous().view(-1)  # (b, h, block, W, c, w, r, l, mh, nb)
+    dq = torch.full((B, S, H, 128), float("nan"), device=DEVICE, dtype=dtype).transpose(1, 2)
+    fg.dq_from_accumulator(dqa, dq, 0.5)
+    torch.testing.assert_close(dq.float(), want[:, :, :S] * 0.5, rtol=2 ** -7, atol=0)  # bf16: its rounding
+
+
 def test_supported_refuses_cpu_tensors():
     q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
     reason = fg.supported(q, q, q)
@@ -294,9 +313,29 @@ def test_gpu_persistent_forward_walks_tiles(D):
 @pytest.mark.parametrize("D", slow_after_first([128, 64]))
 @pytest.mark.parametrize("causal", slow_after_first([True, False]))
 def test_gpu_attention_gluon_grads(D, causal):
-    # Gluon forward, dK/dV and dQ kernels (Triton's delta) against float64 gradients.
+    # Gluon forward and backward (Triton's delta) against float64 gradients: at head dim 128 the
+    # one-kernel backward, at 64 the dK/dV and dQ kernels.
     desc = check_attention_grads(1, 4, 2, 333, D, causal, torch.bfloat16, gluon=True)
-    assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv " in desc and "; gluon bwd dq " in desc
+    if D in fg.FUSED_HEAD_DIMS:
+        assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv+dq " in desc and "bwd dq " not in desc, desc
+    else:
+        assert desc.startswith("gluon fwd ") and "; gluon bwd dkdv " in desc and "; gluon bwd dq " in desc, desc
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", slow_after_first([True, False]))
+def test_gpu_one_kernel_backward(causal):
+    # The one-kernel backward on what tests its edges: one token, partial key and query blocks,
+    # groups of 4 query heads, several programs a head, a (B, S, H, D) view, fp16; and fused_bwd=False
+    # runs the pair of kernels on the same input.
+    for seed, (B, H, Hkv, S, layout, dtype) in enumerate([(1, 4, 2, 1, "bhsd", torch.bfloat16),
+                                                          (2, 8, 2, 333, "bhsd", torch.bfloat16),
+                                                          (1, 4, 4, 1000, "bshd", torch.float16)]):
+        desc = check_attention_grads(B, H, Hkv, S, 128, causal, dtype, layout, seed=seed, gluon=True)
+        assert "; gluon bwd dkdv+dq " in desc, desc
+    desc = check_attention_grads(1, 4, 2, 333, 128, causal, torch.bfloat16, gluon=True, fused_bwd=False)
+    assert "; gluon bwd dkdv " in desc and "; gluon bwd dq " in desc, desc
 
 
 @hopper
@@ -315,11 +354,11 @@ def test_gpu_dq_beside_or_after_dkdv(concurrent):
     # the second call's inputs may reuse memory the first freed, and once inside a caller's own stream.
     for seed, (S, causal) in enumerate([(333, False), (2000, True)]):
         desc = check_attention_grads(2, 4, 2, S, 128, causal, torch.bfloat16, seed=seed, gluon=True,
-                                     concurrent_dq=concurrent)
+                                     concurrent_dq=concurrent, fused_bwd=False)
         assert ("second stream" in desc) == concurrent, desc
     with torch.cuda.stream(torch.cuda.Stream()):
         check_attention_grads(1, 4, 4, 700, 128, True, torch.bfloat16, layout="bshd", seed=3, gluon=True,
-                              concurrent_dq=concurrent)
+                              concurrent_dq=concurrent, fused_bwd=False)
     torch.cuda.synchronize()
 
 
@@ -330,7 +369,7 @@ def test_gpu_dq_beside_or_after_dkdv(concurrent):
 def test_gpu_each_dkdv_config(monkeypatch, config):
     monkeypatch.setattr(fg, "BWD_CONFIGS", [config])
     for causal, S in ((False, 333), (True, 200)):
-        desc = check_attention_grads(1, 4, 2, S, 128, causal, torch.bfloat16, seed=S, gluon=True)
+        desc = check_attention_grads(1, 4, 2, S, 128, causal, torch.bfloat16, seed=S, gluon=True, fused_bwd=False)
         assert f"BLOCK_M={config[0]} stages={config[1]}" in desc, desc
 
 
@@ -342,7 +381,8 @@ def test_gpu_each_dq_config(monkeypatch, config):
     # The Gluon dQ kernel (attention(..., gluon_dq=True)) with each of its configs.
     monkeypatch.setattr(fg, "DQ_CONFIGS", [config])
     for causal, S, D in ((False, 333, 128), (True, 200, 128), (True, 257, 64)):
-        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True, gluon_dq=True)
+        desc = check_attention_grads(1, 4, 2, S, D, causal, torch.bfloat16, seed=S, gluon=True, gluon_dq=True,
+                                     fused_bwd=False)
         assert f"gluon bwd dq ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]}" in desc, desc
 
 

@@ -42,5 +42,15 @@ def test_tma_load_of_the_installed_gluon():
     assert gluon_compat.tma_load is want
 
 
+def test_tma_add_takes_async_atomic_add_where_it_exists():
+    # 3.8 and 3.9 name the TMA reduce-add; 3.6 and 3.7 only have the builder call, which the fallback makes.
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper.tma")
+    assert gluon_compat.tma_add_of(SimpleNamespace(async_atomic_add=_new)) is _new
+    assert gluon_compat.tma_add_of(SimpleNamespace()) is gluon_compat._builder_tma_add
+    # Whichever the installed Triton has is what the kernels call; that it compiles: tests/tools/test_compile_gluon.py.
+    tma = pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper.tma")
+    assert gluon_compat.tma_add is getattr(tma, "async_atomic_add", gluon_compat._builder_tma_add)
+
+
 def test_every_measured_release_compiles():
     assert all(v in gluon_compat.COMPILES for v in gluon_compat.MEASURED)

@@ -32,7 +32,7 @@ COMPILES_WITH = gluon_compat.COMPILES
 LABELS = ["fwd D=128 causal=True pingpong 128x128 s2", "fwd D=64 persistent 128x128 s2",
           "fwd D=64 causal=True ws 192x128 s2",
           "dkdv D=128 causal=False 64 s2", "dkdv D=64 causal=True 64 s3", "dq D=128 causal=True 64 s3",
-          "dq D=64 causal=False 64 s3"]
+          "dq D=64 causal=False 64 s3", "bwd D=128 causal=True s2 slots1 ds1"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
