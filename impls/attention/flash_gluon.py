@@ -660,6 +660,42 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
+    def _key_block(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+        # This program's first key row, batch and kv head, and the query blocks it meets: q_lo .. n_q - 1,
+        # those before diag_hi crossing the causal diagonal.
+        start_n = gl.program_id(0) * BLOCK_N
+        bhk = gl.program_id(1)
+        b = (bhk // (H // GROUP)).to(gl.int64)
+        hk = (bhk % (H // GROUP)).to(gl.int64)
+        n_q = gl.cdiv(S, BLOCK_M)
+        if CAUSAL:
+            q_lo = start_n // BLOCK_M  # queries above start_n see none of these keys
+            diag_hi = gl.minimum(gl.cdiv(start_n + BLOCK_N, BLOCK_M), n_q)
+        else:
+            q_lo = 0
+            diag_hi = 0
+        return start_n, b, hk, n_q, q_lo, diag_hi
+
+    @gluon.jit
+    def _dkdv_buffers(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, STAGES: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        # The resident K and V tiles, the ring of Q, dO, lse and delta stages, and their barriers.
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty
+
+    @gluon.jit
     def _dkdv_kernel(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, DK, DV,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
@@ -674,36 +710,13 @@ if GLUON_ERROR is None:
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N % BLOCK_M == 0)
-        start_n = gl.program_id(0) * BLOCK_N
-        bhk = gl.program_id(1)
-        Hkv = H // GROUP
-        b = (bhk // Hkv).to(gl.int64)
-        hk = (bhk % Hkv).to(gl.int64)
+        start_n, b, hk, n_q, q_lo, diag_hi = _key_block(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
-        n_q = gl.cdiv(S, BLOCK_M)
         full_q = S // BLOCK_M
-        if CAUSAL:
-            q_lo = start_n // BLOCK_M  # queries above start_n see none of these keys
-            diag_hi = gl.minimum(gl.cdiv(start_n + BLOCK_N, BLOCK_M), n_q)
-        else:
-            q_lo = 0
-            diag_hi = 0
-
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
-        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty = _dkdv_buffers(
+            k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, STAGES, BLOCK_N, BLOCK_M, HEAD_DIM)
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # head dim 64 only
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         mbarrier.arrive(turn.index(0), count=1)  # the first warpgroup issues first
@@ -995,46 +1008,23 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 64
         gl.static_assert(HEAD_DIM == 128)  # each warpgroup forms 64 columns of dQ
         gl.static_assert(num_warps == 4)
-        start_n = gl.program_id(0) * BLOCK_N
-        bhk = gl.program_id(1)
-        Hkv = H // GROUP
-        b = (bhk // Hkv).to(gl.int64)
-        hk = (bhk % Hkv).to(gl.int64)
+        start_n, b, hk, n_q, q_lo, diag_hi = _key_block(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
-        n_q = gl.cdiv(S, BLOCK_M)
         full_q = (S // BLOCK_M) * (start_n + BLOCK_N <= S).to(gl.int32)  # a partial key tile masks every block
-        if CAUSAL:
-            q_lo = start_n // BLOCK_M
-            diag_hi = gl.minimum(gl.cdiv(start_n + BLOCK_N, BLOCK_M), n_q)
-        else:
-            q_lo = 0
-            diag_hi = 0
-
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
-        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty = _dkdv_buffers(
+            k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, STAGES, BLOCK_N, BLOCK_M, HEAD_DIM)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], k_desc.dtype)
         ds0_smem = gl.allocate_shared_memory(k_desc.dtype, [DS_BUFFERS, 64, BLOCK_M], ds_layout)  # a warpgroup's half
         ds1_smem = gl.allocate_shared_memory(k_desc.dtype, [DS_BUFFERS, 64, BLOCK_M], ds_layout)
         tile: gl.constexpr = dqa_desc.block_type.shape
         dq0_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
         dq1_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ds_full = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
         ds_empty = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
         dq0_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
         dq1_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
         dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
         for i in gl.static_range(DS_BUFFERS):
             mbarrier.init(ds_full.index(i), count=2)
             mbarrier.init(ds_empty.index(i), count=2)
