@@ -660,7 +660,7 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _key_block(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+    def _key_rows(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
         # This program's first key row, batch and kv head, and the query blocks it meets: q_lo .. n_q - 1,
         # those before diag_hi crossing the causal diagonal.
         start_n = gl.program_id(0) * BLOCK_N
@@ -710,7 +710,7 @@ if GLUON_ERROR is None:
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
         gl.static_assert(BLOCK_N % BLOCK_M == 0)
-        start_n, b, hk, n_q, q_lo, diag_hi = _key_block(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
+        start_n, b, hk, n_q, q_lo, diag_hi = _key_rows(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
         full_q = S // BLOCK_M
@@ -1008,7 +1008,7 @@ if GLUON_ERROR is None:
         BLOCK_M: gl.constexpr = 64
         gl.static_assert(HEAD_DIM == 128)  # each warpgroup forms 64 columns of dQ
         gl.static_assert(num_warps == 4)
-        start_n, b, hk, n_q, q_lo, diag_hi = _key_block(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
+        start_n, b, hk, n_q, q_lo, diag_hi = _key_rows(S, H, GROUP, CAUSAL, BLOCK_N, BLOCK_M)
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
         full_q = (S // BLOCK_M) * (start_n + BLOCK_N <= S).to(gl.int32)  # a partial key tile masks every block
