@@ -31,11 +31,12 @@ This module decides, per call, which of them run (`plan`):
   Triton's, `gluon=True` takes Gluon's wherever they run;
 - after a Gluon forward, Gluon's backward too: at head dim 128 one kernel
   forms dK, dV and dQ (flash_gluon.backward, five products a block where the
-  two kernels below run seven); `fused_bwd=False`, and at head dim 64, its
-  dK/dV and dQ kernels, the dQ kernel on a second stream beside the dK/dV
-  kernel (the two share only inputs, so each fills the SMs the other's last
-  wave leaves idle). `gluon_dq=False` keeps Triton's dQ after Gluon's dK/dV,
-  `concurrent_dq=False` runs Gluon's after it. delta is always Triton's;
+  two kernels below run seven). At head dim 64, and with `fused_bwd=False`,
+  Gluon's dK/dV and dQ kernels run instead, the dQ kernel on a second stream
+  beside the dK/dV kernel (the two share only inputs, so each fills the SMs
+  the other's last wave leaves idle); `gluon_dq=False` keeps Triton's dQ
+  after Gluon's dK/dV, `concurrent_dq=False` runs Gluon's after it. delta is
+  always Triton's;
 - descriptor (TMA) loads in the Triton kernels only when asked for
   (`use_tma=True`) and where they can run;
 - Triton's kernels whenever the input needs what the Gluon kernels lack:
@@ -548,8 +549,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     overrides its choice of splits. use_tma: descriptor loads in the Triton
     kernels where they can run. gluon: None runs flash_gluon's kernels where
     they can run and are the faster ones, True wherever they can run, False
-    never; gluon_dq, concurrent_dq and fused_bwd: see the module docstring. kernels, if
-    given, is filled with what ran (the backward's entries once it has run).
+    never; gluon_dq, concurrent_dq and fused_bwd: see the module docstring.
+    kernels, if given, is filled with what ran (the backward's entries once
+    it has run).
     rope: q and k are given unrotated and RoPE (posenc.Rope) is applied to
     them inside the Triton prefill kernels, as each tile is loaded; the
     gradients are w.r.t. the unrotated q and k.

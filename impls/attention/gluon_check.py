@@ -12,8 +12,9 @@ So on a release outside gluon_compat.MEASURED, the first call on a device
 checks them there before `tiled` uses them:
 
 - every config of every Gluon kernel (forward, dK/dV, dQ and the one-kernel
-  backward; head dims 64 and 128; causal and not) is compiled and launched on small bf16 inputs
-  (SHAPE: grouped-query heads and a sequence that ends in a partial block);
+  backward; head dims 64 and 128; causal and not) is compiled and launched
+  on small bf16 inputs (SHAPE: grouped-query heads and a sequence that ends
+  in a partial block);
 - each result is compared with flash_triton's kernel on the same inputs
   (the backward kernels take the Triton forward's lse and delta): the largest
   difference over the largest magnitude of the Triton result must be within
