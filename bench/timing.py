@@ -127,7 +127,14 @@ def measure_interleaved(
     repetitions `measure` would give it, and its samples are pooled. Callables
     timed one after the other see different stretches of a GPU's clocks
     (power capping moves them within seconds); in turns, each sees the same
-    mix, so their ratio holds steadier. `window` is entered around the rounds."""
+    mix, so their ratio holds steadier. `window` is entered around the rounds.
+
+    With more than one round each turn runs one more repetition than it
+    keeps: its first. That one starts on an idle GPU, just after the previous
+    turn's synchronize, so it waits on the host launching it, where the later
+    ones are launched while the one before runs; with two repetitions a turn
+    it was half the samples and moved a ratio (docs/measurements.md,
+    2026-12-07, session 20)."""
     assert rounds >= 1, "at least one round"
     assert warmup_ms >= 0 and rep_ms > 0, "budgets must be positive"
     window = window if window is not None else contextlib.nullcontext()
@@ -141,12 +148,13 @@ def measure_interleaved(
         warm = functools.partial(_warm_cpu, warmup_ms=warmup_ms, rep_ms=rep_ms)
         timed = _timed_cpu
     samples: list[list[float]] = [[] for _ in fns]
+    first = 1 if rounds > 1 else 0  # a turn's first repetition, dropped (above); one turn follows its warm-up
     with place:
         reps = [warm(fn) for fn in fns]
         with window:
             for _ in range(rounds):
                 for fn, n, kept in zip(fns, reps, samples):
-                    kept += timed(fn, math.ceil(n / rounds))
+                    kept += timed(fn, math.ceil(n / rounds) + first)[first:]
     return [Stats.of(kept) for kept in samples]
 
 
