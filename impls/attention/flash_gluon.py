@@ -855,6 +855,14 @@ if GLUON_ERROR is None:
     # ----------------------------------------------------------------------
 
     @gluon.jit
+    def _barriers(N: gl.constexpr, count: gl.constexpr):
+        # N mbarriers, each completing a phase once `count` arrivals are in.
+        bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(N):
+            mbarrier.init(bars.index(i), count=count)
+        return bars
+
+    @gluon.jit
     def _register_order(dq):
         # A warpgroup's [64, 64] fp32 wgmma accumulator relabelled, moving no
         # value, as [16, 256] in the order its registers hold it: thread
@@ -1020,18 +1028,8 @@ if GLUON_ERROR is None:
         tile: gl.constexpr = dqa_desc.block_type.shape
         dq0_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
         dq1_smem = gl.allocate_shared_memory(gl.float32, [DQ_SLOTS, tile[0], tile[1]], dqa_desc.layout)
-        ds_full = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
-        ds_empty = gl.allocate_shared_memory(gl.int64, [DS_BUFFERS, 1], mbarrier.MBarrierLayout())
-        dq0_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
-        dq1_full = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
-        dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_SLOTS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(DS_BUFFERS):
-            mbarrier.init(ds_full.index(i), count=2)
-            mbarrier.init(ds_empty.index(i), count=2)
-        for i in gl.static_range(DQ_SLOTS):
-            mbarrier.init(dq0_full.index(i), count=1)
-            mbarrier.init(dq1_full.index(i), count=1)
-            mbarrier.init(dq_empty.index(i), count=1)
+        ds_full, ds_empty = _barriers(DS_BUFFERS, 2), _barriers(DS_BUFFERS, 2)  # both warpgroups arrive
+        dq0_full, dq1_full, dq_empty = _barriers(DQ_SLOTS, 1), _barriers(DQ_SLOTS, 1), _barriers(DQ_SLOTS, 1)
 
         shared = (ds0_smem, ds1_smem, ds_full, ds_empty, dq_empty,
                   q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV,
@@ -1337,19 +1335,19 @@ def dq_from_accumulator(dqa: torch.Tensor, dq: torch.Tensor, scale: float):
     return ahead.launch(_dq_from_accumulator_kernel, grid, dqa, dq, *dq.stride()[:3], H, S, scale, num_warps=8)
 
 
-def backward(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+def backward(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int, int] | None = None):
     """(dq, dk, dv, config): the three gradients from one kernel (head dim 128), from the forward's base-2
     lse and delta = rowsum(dO * O) as the other backward kernels take them; dq in q's layout."""
     B, H, S, D = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dqa = _dq_accumulator(B, H, S, q.device)
     if config is None:
+        def time_ms(c):  # the timed launches add into an accumulator of their own
+            scratch = _dq_accumulator(B, H, S, q.device)
+            return _time_ms(lambda: _launch_bwd(q, k, v, do, dk, dv, scratch, lse, delta, causal, scale, c))
+
         key = (triton.next_power_of_2(S), D, bool(causal), str(q.dtype), H // k.shape[1])
-        config = FUSED_TUNER.pick(key, FUSED_CONFIGS,
-                                  lambda c: _time_ms(lambda: _launch_bwd(q, k, v, do, dk, dv, dqa.zero_(), lse,
-                                                                         delta, causal, scale, c)),
-                                  torch.cuda.get_device_name(q.device))
-        dqa.zero_()
+        config = FUSED_TUNER.pick(key, FUSED_CONFIGS, time_ms, torch.cuda.get_device_name(q.device))
+    dqa = _dq_accumulator(B, H, S, q.device)
     _launch_bwd(q, k, v, do, dk, dv, dqa, lse, delta, causal, scale, config)
     dq = torch.empty_like(q)
     dq_from_accumulator(dqa, dq, scale)
