@@ -74,7 +74,7 @@ def test_tool_prints_a_row_per_kernel(compiled):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"triton {triton.__version__}, target sm_90a")
-    rows = [line for line in lines if line.startswith(label)]
+    rows = [line for line in lines if line.startswith(label + "  ")]  # the label, then the padding
     assert len(rows) == 1, run.stdout
     if not triton.__version__.startswith(COMPILES_WITH):
         pytest.skip(f"Triton {triton.__version__} is not one the kernels are known to compile with: {rows[0]}")
