@@ -110,7 +110,7 @@ def jobs():
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
                             CONSUMER_REGS=fg.CONSUMER_REGS))
             if D in fg.FUSED_HEAD_DIMS:
-                # each config in both orders of the query blocks (ROTATE): the choice moves no resources
+                # each config in both orders of the query blocks (ROTATE): the same shared memory and registers
                 for st, slots, ds, rotate in sorted({c[:3] + (r,) for c in fg.FUSED_CONFIGS for r in (0, 1)}):
                     yield (f"bwd D={D} causal={causal} s{st} slots{slots} ds{ds}{' rotated' * rotate}", fg._bwd_kernel,
                            dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, 64), do_desc=_desc(x, 64),
