@@ -17,6 +17,12 @@ first on the path:
 
     pip install --no-deps --target /tmp/triton-3.7.1 triton==3.7.1
     PYTHONPATH=/tmp/triton-3.7.1:. python3 -m tools.compile_gluon
+
+The header names the ptxas that assembled the kernels. Triton 3.9 takes CUDA
+13's for sm_90 and its wheel still carries CUDA 12's, which Triton's own
+setting selects:
+
+    TRITON_PTXAS_BLACKWELL_PATH=$(python3 -c "import triton, os; print(os.path.dirname(triton.__file__))")/backends/nvidia/bin/ptxas python3 -m tools.compile_gluon
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -62,8 +69,12 @@ def resources(kernel) -> dict:
             f.write(kernel.asm["ptx"])
         usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-res-usage", cubin],
                                capture_output=True, text=True).stdout
-        warnings = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                                  capture_output=True, text=True).stderr
+        # Triton's own assembler for sm_90 (3.9 takes CUDA 13's), which reads the PTX version it wrote.
+        assembled = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                                   capture_output=True, text=True)
+        if assembled.returncode != 0:
+            raise RuntimeError(f"ptxas: {assembled.stderr.strip()[-300:]}")
+        warnings = assembled.stderr
     fields = dict(part.split(":") for part in usage.split() if ":" in part and part.split(":")[1].isdigit())
     return dict(smem=kernel.metadata.shared, regs=int(fields.get("REG", -1)), stack=int(fields.get("STACK", -1)),
                 wgmma_serialized="C7512" in warnings)
@@ -164,7 +175,7 @@ def main():
         raise SystemExit(f"compile_gluon: {fg.GLUON_ERROR}")
     measured = "measured on a GPU" if gluon_compat.measured(triton.__version__) else \
         "not measured on a GPU: `tiled` self-checks the kernels there first (impls/attention/gluon_check.py)"
-    print(f"triton {triton.__version__}, target sm_90a; this release is {measured}")
+    print(f"triton {triton.__version__}, target sm_90a, ptxas {gluon_compat.ptxas()}; this release is {measured}")
     print(f"{'kernel':<44} {'smem KB':>8} {'regs*':>5} {'stack':>6}  wgmma")
     print("(* registers a thread at launch; setmaxnreg then gives each consumer warpgroup "
           f"{fg.CONSUMER_REGS} ({fg.consumer_regs(192)} with three, BLOCK_M 192) and the loader warp 24. "

@@ -4,6 +4,7 @@
     gluon_compat.tma_load(desc, [row, col], barrier, smem)   # inside a @gluon.jit function
     gluon_compat.tma_add(desc, [row, col], smem)             # global[...] += smem, by TMA
     gluon_compat.measured("3.6.0")                          # True: timed and checked on a GPU
+    gluon_compat.ptxas()                                    # "12.8": the assembler of the kernels' builds
 
 Gluon (triton.experimental.gluon) is Triton's experimental layer and its API
 moves between releases. The kernels call what moved through the names here,
@@ -42,6 +43,22 @@ COMPILES = ("3.6.", "3.7.", "3.8.", "3.9.")
 def measured(version: str) -> bool:
     """Whether every change to the Gluon kernels is run and timed on a GPU with this Triton version."""
     return version.startswith(MEASURED)
+
+
+def ptxas() -> str:
+    """The release of the ptxas Triton assembles sm_90 kernels with ("12.8"), after TRITON_PTXAS_PATH or
+    TRITON_PTXAS_BLACKWELL_PATH; "?" where this Triton does not say.
+
+    Triton 3.9 assembles Hopper kernels with the CUDA 13 ptxas its wheel carries (3.6 to 3.8: CUDA 12's,
+    which 3.9's wheel carries too), and that one spills where CUDA 12's does not: the dK/dV kernel at head
+    dim 64, 160-168 bytes a thread against none (docs/attention-kernels.md, "Triton releases"). So what
+    is kept per build of the kernels (the self-check's verdict, the tuners' choices) is keyed on it too.
+    """
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).version
+    except Exception:  # noqa: BLE001 - no Triton, or one that picks its assembler otherwise
+        return "?"
 
 
 def tma_load_of(tma):
