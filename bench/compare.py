@@ -40,8 +40,9 @@ Input errors (BadInput, exit 2): runs of different suites or parameters, runs
 that share no configuration, and runs on different hardware (GPU model and
 count, the CPU for CPU runs; from the JSON sidecars) unless
 `allow_different_hardware`, which turns that into a warning. Different software
-(torch, triton, CUDA, ...) is a warning printed first, since comparing two
-versions is often the point.
+(torch, triton, the ptxas Triton assembles with, CUDA, ..., and environment
+variables such as TRITON_*, from the JSON's `settings`) is a warning printed
+first, since comparing two versions is often the point.
 
 GPU clocks. When both CSVs carry the SM clock of each row (`sm_clock_MHz`, the
 median during the timed window), a warning says when the runs' median clocks
@@ -103,7 +104,8 @@ def higher_is_better(column: str) -> bool | None:
 # Environment keys whose difference makes two runs hard to compare.
 HARDWARE = ("device_name", "gpu_name", "gpu_count")
 CPU_HARDWARE = ("cpu", "cpu_count")  # only when the runs measured the CPU
-SOFTWARE = ("torch", "triton", "cuda", "cudnn", "nccl", "driver", "python")
+SOFTWARE = ("torch", "triton", "ptxas", "cuda", "cudnn", "nccl", "driver", "python")
+SETTINGS = "settings"  # the JSON's environment variables that change what the libraries do (bench/env.py)
 CLOCK = "sm_clock_MHz"  # per-row GPU telemetry, after `status` in the CSV
 
 
@@ -280,18 +282,24 @@ class Comparison:
 
 def _env_diffs(base: Run, new: Run, kind: str) -> str:
     """'key base -> new; ...' for the hardware or software keys that differ; '' when none or unknown.
+    Software includes the settings (environment variables) either run had and the other had not or
+    had otherwise.
 
-    A hardware key is compared only when both JSONs have it, so that a JSON
-    written before the key existed is no error.
+    A key is compared only when both JSONs have it, so that a JSON written
+    before the key existed is no difference.
     """
     if not base.env or not new.env:
         return ""
+    names = SOFTWARE
     if kind == "hardware":
         names = HARDWARE + (CPU_HARDWARE if "cpu" in (base.env.get("device") or "") else ())
-        names = tuple(k for k in names if k in base.env and k in new.env)
-    else:
-        names = SOFTWARE
-    return "; ".join(f"{k} {base.env.get(k)} -> {new.env.get(k)}" for k in names if base.env.get(k) != new.env.get(k))
+    names = tuple(k for k in names if k in base.env and k in new.env)
+    diffs = [f"{k} {base.env[k]} -> {new.env[k]}" for k in names if base.env[k] != new.env[k]]
+    if kind == "software" and isinstance(base.env.get(SETTINGS), dict) and isinstance(new.env.get(SETTINGS), dict):
+        b, n = base.env[SETTINGS], new.env[SETTINGS]
+        diffs += [f"{k} {b.get(k, 'unset')} -> {n.get(k, 'unset')}" for k in sorted(b.keys() | n.keys())
+                  if b.get(k) != n.get(k)]
+    return "; ".join(diffs)
 
 
 def _median_clock(run: Run) -> float | None:

@@ -107,6 +107,33 @@ def _version(package: str) -> str | None:
         return None
 
 
+def ptxas(device: torch.device | None) -> str | None:
+    """The release of the ptxas that Triton assembles `device`'s kernels with ("12.8", "13.4"), after any
+    TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH; None off CUDA or where Triton does not say.
+
+    The assembler is the last compiler of every Triton kernel, and releases of it allocate registers
+    differently: Triton 3.9 assembles Hopper kernels with CUDA 13's where 3.8 used CUDA 12's.
+    """
+    if device is None or device.type != "cuda":
+        return None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        major, minor = torch.cuda.get_device_capability(device)
+        return get_ptxas(major * 10 + minor).version
+    except Exception:  # noqa: BLE001 - no Triton, or one without this function: not known
+        return None
+
+
+# Environment variables that change what the libraries under a run compile or choose.
+SETTING_PREFIXES = ("GENBENCH_", "TRITON_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "CUDA_", "CUBLAS", "CUDNN_",
+                    "NCCL_", "NVIDIA_TF32_OVERRIDE", "OMP_NUM_THREADS")
+
+
+def settings() -> dict[str, str]:
+    """The environment variables set for this run that can change its numbers (SETTING_PREFIXES)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SETTING_PREFIXES)}
+
+
 def _git_commit() -> str | None:
     """HEAD of the project's checkout (with -dirty for local changes), or
     $GENBENCH_GIT_COMMIT for a copy without .git (a CI artifact, an export)."""
@@ -180,6 +207,7 @@ def collect(device: torch.device | None = None, seed: int | None = None) -> dict
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "ptxas": ptxas(device),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
@@ -188,5 +216,6 @@ def collect(device: torch.device | None = None, seed: int | None = None) -> dict
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
         **telemetry.device_info(device),  # clocks_locked, max_sm_clock_MHz, power_limit_W (NVML; None on a CPU)
+        "settings": settings(),
     }
     return info

@@ -1,7 +1,9 @@
 """`genbench env`: the machine on one screen, and the measured peaks.
 
-    genbench env                 device, driver, CUDA/cuDNN/NCCL, torch, triton,
-                                 SDPA backends, bf16/tf32/fp8, cached peaks
+    genbench env                 device, driver, CUDA/cuDNN/NCCL, torch, triton and
+                                 the ptxas it assembles with, the environment
+                                 variables set that change them, SDPA backends,
+                                 bf16/tf32/fp8, cached peaks
     genbench env --calibrate     measure the peaks now (seconds: each the best of
                                  several rounds) and cache them
 
@@ -140,7 +142,8 @@ def env_command(
         return "-" if info[key] is None else str(info[key])
 
     section(_device_rows(info, dev))
-    section([(key, shown(key)) for key in ("driver", "cuda", "cudnn", "nccl", "torch", "triton", "python")])
+    section([(key, shown(key)) for key in ("driver", "cuda", "cudnn", "nccl", "torch", "triton", "ptxas", "python")]
+            + [("settings", " ".join(f"{k}={v}" for k, v in info["settings"].items()) or "none")])
     dtype, backends = _sdpa_backends(dev)
     runs = [name for name, verdict in backends.items() if verdict == "yes"]
     section([("sdpa backends", f"{', '.join(runs) or 'none'} run here ({dtype}, causal off)")]

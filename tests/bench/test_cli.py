@@ -46,8 +46,8 @@ def test_attention_writes_csv_and_env_json(tmp_path):
     (meta_path,) = tmp_path.glob("attention-*.json")
     meta = json.loads(meta_path.read_text())
     env = meta["env"]
-    for key in ("torch", "triton", "cuda", "cudnn", "driver", "gpu_name", "gpu_count", "genbench", "git_commit",
-                "hostname", "command_line", "timestamp", "seed"):
+    for key in ("torch", "triton", "ptxas", "cuda", "cudnn", "driver", "gpu_name", "gpu_count", "genbench",
+                "git_commit", "hostname", "command_line", "timestamp", "seed", "settings"):
         assert key in env
     assert meta["complete"] is True and env["seed"] == 0
     assert "speedup" in result.output and "against naive" in result.output

@@ -397,6 +397,22 @@ def test_cli_different_software_is_printed_first(tmp_path):
     assert md[2] == "> **Warning:** the runs are on different software: torch 2.6.0 -> 2.7.0; triton 3.2.0 -> 3.3.0"
 
 
+
+def test_a_different_assembler_or_setting_is_different_software(tmp_path):
+    # Triton 3.9 assembles Hopper kernels with CUDA 13's ptxas; TRITON_PTXAS_BLACKWELL_PATH picks another.
+    rng = np.random.default_rng(0)
+    rows = [{"impl": "a", "seq": 1, "samples": timings(rng, 1.0)}]
+    env = {**ENV, "ptxas": "13.4", "settings": {"TRITON_DEFAULT_FP_FUSION": "1"}}
+    base = write_run(tmp_path / "b", rows, env=env)
+    new = write_run(tmp_path / "n", rows, env={**env, "ptxas": "12.9", "settings": {
+        "TRITON_DEFAULT_FP_FUSION": "1", "TRITON_PTXAS_BLACKWELL_PATH": "/t/ptxas"}})
+    result = runner.invoke(app, ["compare", str(base), str(new)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == ("warning: the runs are on different software: ptxas 13.4 -> 12.9; "
+                                             "TRITON_PTXAS_BLACKWELL_PATH unset -> /t/ptxas")
+    older = write_run(tmp_path / "o", rows)  # a JSON from before either key: no difference
+    assert "different" not in runner.invoke(app, ["compare", str(older), str(new)]).output
+
 CPU_ENV = {**ENV, "device": "cpu", "device_name": "Xeon", "gpu_count": 0, "gpu_name": None, "cuda": None,
            "cudnn": None, "nccl": None, "driver": None}
 

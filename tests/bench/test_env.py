@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bench import env
 from bench.cli import app
 from bench.commands import env as env_command
 from bench.env import cache_dir
@@ -36,8 +37,8 @@ def test_env_on_cpu_without_peaks(tmp_path, monkeypatch):
     result = runner.invoke(app, ["env", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     out = result.output
-    for key in ("device", "driver", "cuda", "cudnn", "nccl", "torch", "triton", "python", "sdpa backends",
-                "bf16", "tf32", "fp8 matmul", "genbench"):
+    for key in ("device", "driver", "cuda", "cudnn", "nccl", "torch", "triton", "ptxas", "python", "settings",
+                "sdpa backends", "bf16", "tf32", "fp8 matmul", "genbench"):
         assert f"│ {key} " in out, key
     assert torch.__version__ in out and platform.python_version() in out
     assert "flash, math run here (fp32" in out
@@ -45,6 +46,26 @@ def test_env_on_cpu_without_peaks(tmp_path, monkeypatch):
     assert "no: TF32 is a tensor-core mode of NVIDIA GPUs" in out
     assert "not measured yet: genbench env --calibrate" in out
     assert len(out.splitlines()) < 40  # one screen
+
+
+def test_settings_are_the_variables_that_change_a_run(monkeypatch):
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", "/t/ptxas")
+    monkeypatch.setenv("GENBENCH_GLUON_SELFCHECK", "1")
+    monkeypatch.setenv("HF_TOKEN", "secret")  # not a setting, and never written out
+    got = env.settings()
+    assert got["TRITON_PTXAS_BLACKWELL_PATH"] == "/t/ptxas" and got["GENBENCH_GLUON_SELFCHECK"] == "1"
+    assert "HF_TOKEN" not in got and list(got) == sorted(got)
+    result = runner.invoke(app, ["env", "--device", "cpu"])
+    assert "TRITON_PTXAS_BLACKWELL_PATH=/t/ptxas" in result.output.replace("\n", "")
+
+
+def test_ptxas_is_the_assembler_triton_picks_for_the_device(monkeypatch):
+    assert env.ptxas(torch.device("cpu")) is None and env.ptxas(None) is None
+    triton = pytest.importorskip("triton")
+    from triton.backends.nvidia.compiler import get_ptxas  # runs on any x86 host, GPU or not
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert env.ptxas(torch.device("cuda")) == get_ptxas(90).version
+    assert re.fullmatch(r"\d+\.\d+", env.ptxas(torch.device("cuda"))), triton.__version__
 
 
 def test_env_calibrate_then_cached(tmp_path, monkeypatch):
