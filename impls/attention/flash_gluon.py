@@ -78,8 +78,9 @@ LOG2E = 1.4426950408889634
 class Tuner:
     """The fastest of a kernel's configs for each shape key, timed once, then kept
     for the process and on disk (beside Triton's own cache), as triton.autotune
-    keeps its choices; the device, the Triton version and the list of configs
-    are part of the key, so a new list or a new GPU is timed again.
+    keeps its choices; the device, the Triton version, the ptxas that assembles
+    the kernels and the list of configs are part of the key, so a new list, a
+    new GPU or another build of the kernels is timed again.
     """
 
     def __init__(self, kernel: str):
@@ -121,7 +122,7 @@ class Tuner:
             self._memo[memo] = self._preferred[(key, device)]
             return self._memo[memo]
         version = triton.__version__ if GLUON_ERROR is None else "-"
-        name = f"{self.kernel}|{device}|triton {version}|{key}|{configs}"
+        name = f"{self.kernel}|{device}|triton {version} ptxas {gluon_compat.ptxas()}|{key}|{configs}"
         if name not in self.chosen and self._use_disk:
             try:
                 with open(self.path()) as f:

@@ -20,7 +20,8 @@ checks them there before `tiled` uses them:
   difference over the largest magnitude of the Triton result must be within
   TOLERANCE.
 
-The verdict is kept per device name, Triton version and hash of the kernels'
+The verdict is kept per device name, Triton version, the ptxas release that
+assembles the kernels (gluon_compat.ptxas()) and hash of the kernels'
 source (flash_gluon.py and gluon_compat.py): in this process, and in
 `<folder>/gluon-selfcheck.json` once use_cache(folder) has named a folder. A
 failed check, or a kernel that does not compile, leaves `tiled` on the Triton
@@ -265,4 +266,5 @@ def _triton_version() -> str:
 
 
 def _key(device: torch.device, version: str, device_name: str | None) -> str:
-    return f"{device_name or torch.cuda.get_device_name(device)}|triton {version}|{source_hash()}"
+    return (f"{device_name or torch.cuda.get_device_name(device)}|triton {version}|ptxas {gluon_compat.ptxas()}|"
+            f"{source_hash()}")

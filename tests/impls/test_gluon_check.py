@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from impls.attention import flash, gluon_check  # noqa: E402
+from impls.attention import flash, gluon_check, gluon_compat  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 from impls.attention.gluon_check import Case, Verdict  # noqa: E402
 from impls.attention.naive import Masks  # noqa: E402
@@ -100,14 +100,18 @@ def test_a_kernel_that_does_not_compile_fails_the_check(compared):
                       "RuntimeError: async_copy_global_to_shared has been removed; call async_load instead")
 
 
-def test_verdict_is_kept_per_device_release_and_source(compared, tmp_path, monkeypatch):
+def kept_key(version: str) -> str:
+    return f"NVIDIA H100 80GB HBM3|triton {version}|ptxas {gluon_compat.ptxas()}|{gluon_check.source_hash()}"
+
+
+def test_verdict_is_kept_per_device_release_assembler_and_source(compared, tmp_path, monkeypatch):
     _, calls = compared
     assert check().ok and len(calls) == 3
     assert check().ok and len(calls) == 3  # this process: once
     gluon_check._memo.clear()  # a new process reads the file
     assert check().ok and len(calls) == 3
     kept = json.loads((tmp_path / gluon_check.FILE).read_text())
-    assert list(kept) == [f"NVIDIA H100 80GB HBM3|triton 3.9.0|{gluon_check.source_hash()}"]
+    assert list(kept) == [kept_key("3.9.0")]
     check(device_name="NVIDIA H200")  # another GPU
     assert len(calls) == 6
     check(version="3.8.0")  # another release
@@ -115,6 +119,9 @@ def test_verdict_is_kept_per_device_release_and_source(compared, tmp_path, monke
     monkeypatch.setattr(gluon_check, "source_hash", lambda: "changed")  # edited kernels
     check()
     assert len(calls) == 12 and len(json.loads((tmp_path / gluon_check.FILE).read_text())) == 4
+    monkeypatch.setattr(gluon_compat, "ptxas", lambda: "12.9")  # the same source, another assembler
+    check()
+    assert len(calls) == 15 and len(json.loads((tmp_path / gluon_check.FILE).read_text())) == 5
 
 
 def test_known_gives_the_verdict_only_where_no_check_is_due(compared, monkeypatch):
@@ -152,7 +159,7 @@ def test_unreadable_verdict_file_is_checked_again_with_a_warning(compared, tmp_p
 
 
 def test_malformed_entry_is_checked_again(compared, tmp_path):
-    key = f"NVIDIA H100 80GB HBM3|triton 3.9.0|{gluon_check.source_hash()}"
+    key = kept_key("3.9.0")
     (tmp_path / gluon_check.FILE).write_text(json.dumps({key: {"ok": "yes"}}))
     assert check().ok and len(compared[1]) == 3
 
@@ -167,7 +174,7 @@ def test_unwritable_folder_warns_and_keeps_the_verdict_in_the_process(compared, 
 
 def test_forced_check_runs_on_a_measured_release_and_replaces_the_kept_verdict(compared, monkeypatch, tmp_path):
     errors, calls = compared
-    key = f"NVIDIA H100 80GB HBM3|triton 3.6.0|{gluon_check.source_hash()}"
+    key = kept_key("3.6.0")
     (tmp_path / gluon_check.FILE).write_text(json.dumps({key: {"ok": True, "note": "kept"}}))
     monkeypatch.setenv(gluon_check.ENV, "1")
     errors["dq"] = 0.3
