@@ -1283,9 +1283,8 @@ DQ_TUNER = Tuner("dq")
 # dS^T buffers were as fast in one of two alternations and 15-20% slower in the other, three stages
 # 3% slower (docs/measurements.md, 2026-12-07, session 20): one config, so nothing is tuned. ROTATE 1
 # (each program takes the query blocks from its own on, so that a head's programs add into different dQ
-# blocks at once) compiles with the same shared memory and registers (causal spills 104 bytes against 88
-# on Triton 3.6) and is not measured yet: `python -m tools.gluon_bwd5
-# --config 2 1 1 0 --config 2 1 1 1` times the two.
+# blocks at once) was slower in three of four timings and unsteady (session 22, same file), so it is
+# not in the list; `python -m tools.gluon_bwd5 --config 2 1 1 0 --config 2 1 1 1` times the two.
 FUSED_CONFIGS = [(2, 1, 1, 0)]
 FUSED_HEAD_DIMS = (128,)  # each consumer warpgroup forms half of dQ's columns: 64
 FUSED_TUNER = Tuner("bwd")
