@@ -2,6 +2,8 @@
 (bench/registry.py), then the harness's own commands (bench/commands/:
 compare, env, plot). `genbench --help` lists them all."""
 
+import warnings
+
 import typer
 
 from bench import registry
@@ -31,4 +33,8 @@ from bench.commands import compare, env, plot  # noqa: E402, F401
 
 
 def main() -> None:
+    # torch warns once when the autograd engine's thread makes its first cuBLAS call before a CUDA
+    # context is current there, and then makes the device's primary context current itself: on a
+    # GPU this lands in the middle of a run's tables, with nothing for the user to do about it.
+    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
     app()

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import bench
+from bench import cli
 from bench.cli import app
 from bench.results import ResultWriter
 from bench.stats import Stats, stat_columns
@@ -301,3 +303,16 @@ def test_a_damaged_cache_names_the_file_not_data(tmp_path, monkeypatch):
                                  "--out", str(tmp_path / "out")])
     _one_line_error(result, 1, f"the cached corpus file {tokens} cannot be read")
     assert "--data" not in result.output and f"delete {built.path}" in result.output
+
+
+def test_main_drops_torchs_warning_about_the_autograd_threads_cuda_context(monkeypatch):
+    def app():  # the warning as torch's backward raises it on a GPU, and any other
+        warnings.warn("Attempting to run cuBLAS, but there was no current CUDA context! "
+                      "Attempting to set the primary context...", UserWarning)
+        warnings.warn("any other warning", UserWarning)
+
+    monkeypatch.setattr(cli, "app", app)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        cli.main()
+    assert [str(w.message) for w in shown] == ["any other warning"]
