@@ -56,18 +56,13 @@ package gives it under the entry-point group `genbench.attention`.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import inspect
 import os
-import pickle
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -626,7 +621,7 @@ class Ahead:
 
     def __init__(self, configs: list[AttentionConfig]):
         self.configs = configs
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list = []  # ahead.spawn()'s
         self.began = self.ended = 0.0  # when the processes started, and when the last ended or was stopped
 
     def groups(self) -> list[list[AttentionConfig]]:
@@ -641,35 +636,15 @@ class Ahead:
         if device.type != "cuda" or ahead.available() is not None:
             return
         self.began = time.perf_counter()
-        root = str(Path(__file__).resolve().parents[1])  # where `suites` imports from, wherever the run started
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
         groups = self.groups()
         # Each process its share of the cores, one share left to the calibration.
         threads = max(1, ahead.cores() // (len(groups) + 1))
-        for group in groups:
-            proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-            proc.stdin.write(pickle.dumps((str(device), seed, threads, group)))
-            proc.stdin.close()
-            self.procs.append(proc)
-        atexit.register(self.stop)  # a run that ends before finish() leaves none behind
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        self.procs = ahead.spawn(WORKER, [(str(device), seed, threads, group) for group in groups])
 
     def finish(self, ctx: Context) -> str | None:
         """Wait for the processes (at most AHEAD_WAIT_S), then compile_ahead() here."""
-        deadline = time.perf_counter() + AHEAD_WAIT_S
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                pass
+        ahead.wait(self.procs, AHEAD_WAIT_S)
         self.ended = time.perf_counter()
-        self.stop()
         line = compile_ahead(self.configs, ctx)
         if line and self.procs:
             line += (f"; before that, {len(self.procs)} processes compiled for "
@@ -685,7 +660,7 @@ def _tensor_bytes(cfg: AttentionConfig) -> int:
 
 def _compile_ahead_worker() -> None:
     """Entry of one Ahead process: (device, seed, threads, configs) pickled on stdin."""
-    device, seed, threads, configs = pickle.load(sys.stdin.buffer)
+    device, seed, threads, configs = ahead.payload()
     gluon_check.use_cache(cache_dir())
     small = [cfg for cfg in configs if _tensor_bytes(cfg) <= AHEAD_PROCESS_BYTES]
     compile_ahead(small, Context(device=torch.device(device), seed=seed), threads)

@@ -26,14 +26,28 @@ real launches: it is left to the first real call. So is the Gluon self-check
 its first real call too, which then reports the error.
 
 Outside compiling(), launch(kernel, grid, ...) is kernel[grid](...).
+
+A compile holds the GIL for much of its time, so one process's threads
+overlap only part of it. spawn() starts other processes that compile into
+Triton's on-disk cache, where this process's compiles then find them:
+
+    procs = ahead.spawn("from mypkg import worker as w; w()", payloads)  # one process a payload
+    ahead.wait(procs, timeout_s)           # then kills any still running
+    # in each process, worker() reads its payload with ahead.payload()
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import pickle
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _pool: Pool | None = None  # the pool of the compiling() in progress
 
@@ -121,3 +135,44 @@ def compiling(workers: int | None = None):
                 _pool = None
                 for tuner in tuners:
                     del tuner._bench  # back to the class's method
+
+
+def spawn(program: str, payloads: list) -> list[subprocess.Popen]:
+    """One Python process a payload, each running `program` (Python source) with its payload
+    pickled on stdin (read it with payload()) and genbench's root on its import path; their
+    output is dropped. Any still running when this process exits is killed."""
+    root = str(Path(__file__).resolve().parents[2])  # where `impls` imports from, wherever the run started
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    procs = []
+    for item in payloads:
+        proc = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        proc.stdin.write(pickle.dumps(item))
+        proc.stdin.close()
+        procs.append(proc)
+    atexit.register(stop, procs)  # a run that ends before wait() leaves none behind
+    return procs
+
+
+def payload():
+    """In a process spawn() started: its payload."""
+    return pickle.load(sys.stdin.buffer)
+
+
+def wait(procs: list, timeout_s: float) -> None:
+    """Wait for procs, at most timeout_s in all, then stop() those still running."""
+    deadline = time.perf_counter() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            pass
+    stop(procs)
+
+
+def stop(procs: list) -> None:
+    """Kill those of procs still running, and reap them."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -57,6 +57,12 @@ SHAPE = (2, 4, 2, 320)  # B, H, Hkv, S: groups of two query heads, 2.5 blocks of
 DTYPE = torch.bfloat16
 ENV = "GENBENCH_GLUON_SELFCHECK"
 FILE = "gluon-selfcheck.json"
+# The check's kernels compile first in this many other processes (compile_elsewhere): in one
+# process a compile holds the GIL for much of its time, and the check compiles every Gluon
+# config and the Triton kernels it compares them with.
+PROCESSES = 8
+WORKER = "from impls.attention.gluon_check import _compile_worker as w; w()"
+WAIT_S = 300.0  # past this, what the processes have not compiled compiles here
 
 
 @dataclass(frozen=True)
@@ -134,10 +140,12 @@ def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
     The reference Triton kernels run their first fitting config, untimed: any
     config computes the same sums, and tuning each of them at SHAPE would
     compile every config. Where it can, every kernel the cases launch is
-    compiled first, side by side (impls/attention/ahead.py).
+    compiled first, side by side: in other processes into Triton's on-disk
+    cache, then here from it (impls/attention/ahead.py).
     """
     with tuning.first_configs():
         if ahead.available() is None:
+            compile_elsewhere(todo, device)
             with ahead.compiling():
                 for case in todo:
                     try:
@@ -157,6 +165,32 @@ def run_check(todo: list[Case], device: torch.device, version: str) -> Verdict:
                                       f"differs from the Triton kernel by {err:.1e} (tolerance {TOLERANCE:.0e})")
             worst = max(worst, err)
     return Verdict(True, f"self-checked on Triton {version}: {len(todo)} kernels within {worst:.1e} of Triton's")
+
+
+def compile_elsewhere(todo: list[Case], device: torch.device) -> None:
+    """Compile the kernels of `todo` in other processes (PROCESSES, or one a host core where
+    there are fewer), a contiguous share of the cases each, into Triton's on-disk cache;
+    wait for them (at most WAIT_S).
+
+    Contiguous shares, because cases of one head dim and mask launch the same
+    reference kernels: each share then compiles few of them twice."""
+    n = min(PROCESSES, len(todo), ahead.cores())
+    if n < 2:
+        return
+    threads = max(1, ahead.cores() // n)
+    shares = [todo[len(todo) * i // n:len(todo) * (i + 1) // n] for i in range(n)]
+    ahead.wait(ahead.spawn(WORKER, [(str(device), threads, share) for share in shares]), WAIT_S)
+
+
+def _compile_worker() -> None:
+    """Entry of one compile_elsewhere() process: (device, threads, cases) on stdin."""
+    device, threads, share = ahead.payload()
+    with tuning.first_configs(), ahead.compiling(threads):
+        for case in share:
+            try:
+                compare(case, torch.device(device))
+            except Exception:  # noqa: BLE001 - the check itself reports a kernel that does not compile
+                pass
 
 
 @functools.lru_cache(maxsize=1)

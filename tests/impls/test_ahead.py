@@ -148,3 +148,23 @@ def test_the_gluon_self_check_waits_for_a_real_call(monkeypatch):
     with pytest.raises(ahead.Untuned):
         gluon_check.verdict(torch.device("cpu"), version="3.9.0", device_name="NVIDIA H100 80GB HBM3")
     assert gluon_check._memo == {}, "a verdict was kept without a check"
+
+
+# spawn, wait and stop: real processes, each running a line of Python on its payload.
+ECHO = "from impls.attention import ahead; import pathlib; p, text = ahead.payload(); pathlib.Path(p).write_text(text)"
+SLEEP = "from impls.attention import ahead; import time; time.sleep(ahead.payload())"
+
+
+def test_each_process_gets_its_payload(tmp_path):
+    outs = [tmp_path / f"{i}.txt" for i in range(3)]
+    procs = ahead.spawn(ECHO, [(str(out), f"share {i}") for i, out in enumerate(outs)])
+    ahead.wait(procs, 120)
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    assert [out.read_text() for out in outs] == ["share 0", "share 1", "share 2"]
+
+
+def test_wait_stops_the_processes_still_running_at_its_deadline():
+    procs = ahead.spawn(SLEEP, [0, 600])
+    ahead.wait(procs, 10)  # the first ends in a fraction of a second; the second would sleep ten minutes
+    assert procs[0].returncode == 0
+    assert procs[1].returncode is not None and procs[1].returncode < 0, "killed, and reaped"

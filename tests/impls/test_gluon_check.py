@@ -297,6 +297,60 @@ def test_no_check_where_gluon_would_not_run_anyway(monkeypatch, D, gluon):
 # ---------------------------------------------------------------- Hopper GPU only
 
 
+def test_compiling_elsewhere_gives_each_process_a_contiguous_share(monkeypatch):
+    spawned, waited = [], []
+    monkeypatch.setattr(gluon_check.ahead, "cores", lambda: 16)
+    monkeypatch.setattr(gluon_check.ahead, "spawn", lambda program, payloads: spawned.append((program, payloads)) or ["p"])
+    monkeypatch.setattr(gluon_check.ahead, "wait", lambda procs, timeout_s: waited.append((procs, timeout_s)))
+    todo = [Case("fwd", 64, False, (i,)) for i in range(20)]
+    gluon_check.compile_elsewhere(todo, torch.device("cuda:1"))
+    (program, payloads), = spawned
+    assert program == gluon_check.WORKER and len(payloads) == gluon_check.PROCESSES == 8
+    assert {(device, threads) for device, threads, _ in payloads} == {("cuda:1", 2)}
+    assert sum((share for _, _, share in payloads), []) == todo, "every case once, in order"
+    assert sorted(len(share) for _, _, share in payloads) == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert waited == [(["p"], gluon_check.WAIT_S)]
+
+
+def test_one_case_or_one_core_compiles_here_only(monkeypatch):
+    monkeypatch.setattr(gluon_check.ahead, "spawn", lambda *a: pytest.fail("no process for one case or core"))
+    gluon_check.compile_elsewhere(CASES[:1], torch.device("cuda"))
+    monkeypatch.setattr(gluon_check.ahead, "cores", lambda: 1)
+    gluon_check.compile_elsewhere(CASES, torch.device("cuda"))
+
+
+def test_fewer_cores_than_processes_start_one_process_a_core(monkeypatch):
+    spawned = []
+    monkeypatch.setattr(gluon_check.ahead, "cores", lambda: 3)
+    monkeypatch.setattr(gluon_check.ahead, "spawn", lambda program, payloads: spawned.append(payloads) or [])
+    monkeypatch.setattr(gluon_check.ahead, "wait", lambda procs, timeout_s: None)
+    gluon_check.compile_elsewhere([Case("dq", 64, True, (i,)) for i in range(20)], torch.device("cuda"))
+    assert [(len(share), threads) for _, threads, share in spawned[0]] == [(6, 1), (7, 1), (7, 1)]
+
+
+def test_a_compile_process_runs_each_case_of_its_share_under_compiling(monkeypatch, compared):
+    import contextlib
+    errors, calls = compared
+    errors["fwd"] = RuntimeError("does not compile")  # left for the check to report; the share goes on
+    pools = []
+    monkeypatch.setattr(gluon_check.ahead, "payload", lambda: ("cuda:1", 3, CASES))
+    monkeypatch.setattr(gluon_check.ahead, "compiling", lambda threads: pools.append(threads) or contextlib.nullcontext())
+    gluon_check._compile_worker()
+    assert pools == [3] and calls == CASES
+
+
+def test_the_check_compiles_elsewhere_then_here_then_compares(monkeypatch, compared):
+    import contextlib
+    _, calls = compared
+    steps = []
+    monkeypatch.setattr(gluon_check.ahead, "available", lambda: None)
+    monkeypatch.setattr(gluon_check, "compile_elsewhere", lambda todo, device: steps.append(("elsewhere", list(todo))))
+    monkeypatch.setattr(gluon_check.ahead, "compiling", lambda: steps.append(("here", len(calls))) or contextlib.nullcontext())
+    verdict = gluon_check.run_check(CASES, DEVICE, "3.9.0")
+    assert steps == [("elsewhere", CASES), ("here", 0)]
+    assert verdict.ok and calls == CASES + CASES, "compiled here (its launches only compile), then compared"
+
+
 def _hopper_reason():
     from impls.attention import flash_gluon as fg
     if fg.GLUON_ERROR is not None:
@@ -318,4 +372,19 @@ def test_gpu_self_check_passes_here(monkeypatch):
     from impls.attention import flash_gluon as fg
     import triton
     v = gluon_check.run_check(REAL_CASES(fg), torch.device("cuda"), triton.__version__)
+    assert v.ok, v.note
+
+
+@pytest.mark.gpu
+def test_gpu_compiling_elsewhere_fills_tritons_cache(monkeypatch, tmp_path):
+    # Two cases compiled in two processes into an empty cache; the check here then passes on them.
+    reason = _hopper_reason()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # the processes' cache; this one compiles nothing
+    from impls.attention import flash_gluon as fg
+    todo = [c for c in REAL_CASES(fg) if c.head_dim == 64 and not c.causal and c.kernel in ("fwd", "dq")][:2]
+    gluon_check.compile_elsewhere(todo, torch.device("cuda"))
+    assert len(list(tmp_path.rglob("*.cubin"))) >= 2, "the Gluon kernels at least, and the Triton ones they are compared with"
+    v = gluon_check.run_check(todo, torch.device("cuda"), "test")
     assert v.ok, v.note
