@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from impls.attention import ahead, gluon_check  # noqa: E402
+from impls.attention import ahead, gluon_check, tuning  # noqa: E402
 from impls.attention import flash_triton as ft  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -168,3 +168,14 @@ def test_wait_stops_the_processes_still_running_at_its_deadline():
     ahead.wait(procs, 10)  # the first ends in a fraction of a second; the second would sleep ten minutes
     assert procs[0].returncode == 0
     assert procs[1].returncode is not None and procs[1].returncode < 0, "killed, and reaped"
+
+
+def test_a_triton_kernel_compiles_its_first_config_untimed_within_first_configs(monkeypatch):
+    # Triton's autotuner times even the one config first_configs() leaves; while compiling, that
+    # timing must not refuse, or the self-check's reference kernels compile nothing ahead (it did:
+    # the GPU test of compile_elsewhere found an empty cache).
+    monkeypatch.setattr(ahead, "_pool", ahead.Pool(1))
+    with pytest.raises(ahead.Untuned):
+        ahead._refuse_timing()
+    with tuning.first_configs():
+        assert ahead._refuse_timing() == [0.0, 0.0, 0.0]
