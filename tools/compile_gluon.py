@@ -112,13 +112,13 @@ def jobs():
                             O=x, LSE=lse, **scalars, **strides("q", "k", "v", "o")),
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=kind == "pingpong",
                             CONSUMER_REGS=fg.consumer_regs(bm)))
-            for bm, st in fg.BWD_CONFIGS:
-                yield (f"dkdv D={D} causal={causal} {bm} s{st}", fg._dkdv_kernel,
+            for bm, st, late in fg.BWD_CONFIGS:
+                yield (f"dkdv D={D} causal={causal} {bm} s{st}{' lse-late' * late}", fg._dkdv_kernel,
                        dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, bm), do_desc=_desc(x, bm),
                             lse_desc=fg._row_descriptor(lse, bm), delta_desc=fg._row_descriptor(lse, bm),
                             DK=x, DV=x, LSE_S=8192, sm_scale=0.1, **scalars,
                             **strides("q", "k", "v", "d", "dk", "dv")),
-                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st,
+                       dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st, LSE_LATE=bool(late),
                             CONSUMER_REGS=fg.CONSUMER_REGS))
             if D in fg.FUSED_HEAD_DIMS:
                 # each config in both orders of the query blocks (ROTATE): the same shared memory and registers

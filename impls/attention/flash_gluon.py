@@ -539,7 +539,8 @@ if GLUON_ERROR is None:
 
     @gluon.jit
     def _dkdv_block(t, i, dk, dv, p16_prev, ds16_prev, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                    my_turn, other_turn, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr):
+                    my_turn, other_turn, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr,
+                    LSE_LATE: gl.constexpr):
         # One 64-row query block for one consumer warpgroup's 64 keys. The
         # previous block's dK product (ds16_prev: its dS^T) is issued between
         # this block's S^T and dP^T, and at head dim 64 its dV product too
@@ -548,7 +549,10 @@ if GLUON_ERROR is None:
         # wgmmas: 3.99 ms against 3.53), so dV's product is issued within its
         # block once P^T is formed. A stage is released a block later, hence
         # three stages. lse and delta are read from the stage in the layout of
-        # S^T's columns: no exchange between threads, no barrier.
+        # S^T's columns: no exchange between threads, no barrier. LSE_LATE reads
+        # lse after S^T's wait rather than before it: with CUDA 13.4's ptxas
+        # (Triton 3.9) the 16 values held across the wait spill at head dim 64,
+        # with 12.8's (3.6) the earlier read is 1-3% faster (docs/measurements.md).
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         ROWS: gl.constexpr = k.shape[0]
@@ -570,8 +574,12 @@ if GLUON_ERROR is None:
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero, use_acc=False, is_async=True)
         if DV_LATE:
             mbarrier.arrive(other_turn, count=1)
-        lse = lse_smem.index(st).load(qrows.type.layout)
-        s_t = warpgroup_mma_wait(num_outstanding=2 + DV_LATE, deps=(st_tok, ))
+        if LSE_LATE:
+            s_t = warpgroup_mma_wait(num_outstanding=2 + DV_LATE, deps=(st_tok, ))
+            lse = lse_smem.index(st).load(qrows.type.layout)
+        else:
+            lse = lse_smem.index(st).load(qrows.type.layout)
+            s_t = warpgroup_mma_wait(num_outstanding=2 + DV_LATE, deps=(st_tok, ))
         p_t = gl.exp2(s_t * qk_scale - lse[None, :])
         if MASK:
             keep = (qrows[None, :] < S) & ((qrows[None, :] >= krows[:, None]) | (causal == 0))
@@ -598,7 +606,8 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _dkdv_consumer(k, v, row0, my_turn, other_turn, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
                        DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                       b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal):
+                       b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal,
+                       LSE_LATE: gl.constexpr):
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
         STAGES: gl.constexpr = q_smem.shape[0]
@@ -626,17 +635,17 @@ if GLUON_ERROR is None:
             for i in range(q_lo, diag_hi):  # causal: the blocks that cross the diagonal
                 dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
                                                 ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
-                                                s_layout, True)
+                                                s_layout, True, LSE_LATE)
                 t += 1
             for i in range(diag_hi, gl.maximum(diag_hi, full_q)):
                 dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
                                                 ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
-                                                s_layout, False)
+                                                s_layout, False, LSE_LATE)
                 t += 1
             for i in range(gl.maximum(diag_hi, full_q), n_q):  # the partial last block
                 dk, dv, p16, ds16 = _dkdv_block(t, i, dk, dv, p16, ds16, k, v, q_smem, do_smem, lse_smem, delta_smem,
                                                 ready, empty, my_turn, other_turn, krows, S, qk_scale, causal,
-                                                s_layout, True)
+                                                s_layout, True, LSE_LATE)
                 t += 1
         last = (t - 1) % STAGES  # the last block's products still owed
         dk_tok = warpgroup_mma(ds16, q_smem.index(last), dk, is_async=True)
@@ -715,7 +724,7 @@ if GLUON_ERROR is None:
                      stride_dvb, stride_dvh, stride_dvs,
                      H, GROUP, S, LSE_S, qk_scale, sm_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, LSE_LATE: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(BLOCK_N == 128)  # two consumer warpgroups of 64 key rows
         gl.static_assert(num_warps == 4)
@@ -733,7 +742,7 @@ if GLUON_ERROR is None:
 
         shared = (q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty, DK, DV,
                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                  b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1)
+                  b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, CAUSAL * 1, LSE_LATE)
         gl.warp_specialize([
             (_dkdv_consumer, (k_smem.slice(0, 64), v_smem.slice(0, 64), 0, turn.index(0), turn.index(1)) + shared),
             (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
@@ -1229,10 +1238,12 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
     return o, lse, config
 
 
-# (BLOCK_M, STAGES) of the dK/dV kernel: 64-row Q and dO blocks streamed past
+# (BLOCK_M, STAGES, LSE_LATE) of the dK/dV kernel: 64-row Q and dO blocks streamed past
 # 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
 # 128-row blocks at D=64 spill (368-544 bytes a thread) and took 1.7x as long (docs/measurements.md).
-BWD_CONFIGS = [(64, 2), (64, 3)]
+# LSE_LATE (see _dkdv_block) is a config, not a version test: on the H100 at head dim 64 with 3
+# stages it took 0.89x the time on Triton 3.9 and 1.01-1.03x on 3.6, and with 2 stages 1.01-1.02x on both.
+BWD_CONFIGS = [(64, 2, 0), (64, 3, 0), (64, 3, 1)]
 DKDV_TUNER = Tuner("dkdv")
 
 
@@ -1248,7 +1259,7 @@ def supported_bwd(q, k, v, do) -> str | None:
 
 def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
-    block_m, stages = config
+    block_m, stages, lse_late = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
     lse_rows, delta_rows = _tma_rows(lse), _tma_rows(delta)
     return ahead.launch(_dkdv_kernel, grid,
@@ -1256,11 +1267,11 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, causal, scale, config):
         _row_descriptor(lse_rows, block_m), _row_descriptor(delta_rows, block_m), dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, lse_rows.shape[-1], scale * LOG2E, scale,
-        D, bool(causal), 128, block_m, stages, CONSUMER_REGS, num_warps=4,
+        D, bool(causal), 128, block_m, stages, bool(lse_late), CONSUMER_REGS, num_warps=4,
     )
 
 
-def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int] | None = None):
+def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: tuple[int, int, int] | None = None):
     """(dk, dv, config) from the forward's base-2 lse and delta = rowsum(dO * O), as flash_triton's dK/dV kernel."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if config is None:
@@ -1385,6 +1396,6 @@ def describe(kernel: str, config: tuple) -> str:
         block_m, block_n, stages, kind = config
         return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps.replace('2', str(block_m // 64))}"
     if kernel == "dkdv":
-        return f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} {warps}"
+        return f"ws BLOCK_N=128 BLOCK_M={config[0]} stages={config[1]} {'lse-late ' * bool(config[2])}{warps}"
     assert kernel == "dq", f"no Gluon kernel {kernel!r}"
     return f"ws BLOCK_M=128 BLOCK_N={config[0]} stages={config[1]} {warps}"
