@@ -1242,7 +1242,7 @@ def forward(q, k, v, causal: bool, scale: float, config: tuple[int, int, int, st
 # 128 resident key rows; a stage holds one Q and one dO block (16 KB each at D=128).
 # 128-row blocks at D=64 spill (368-544 bytes a thread) and took 1.7x as long (docs/measurements.md).
 # LSE_LATE (see _dkdv_block) is a config, not a version test: on the H100 at head dim 64 with 3
-# stages it took 0.89x the time on Triton 3.9 and 1.01-1.03x on 3.6, and with 2 stages 1.01-1.02x on both.
+# stages it took 0.89-0.90x the time on Triton 3.9 and 1.01-1.03x on 3.6, with 2 stages 1.00-1.02x on both.
 BWD_CONFIGS = [(64, 2, 0), (64, 3, 0), (64, 3, 1)]
 DKDV_TUNER = Tuner("dkdv")
 
