@@ -170,12 +170,30 @@ def test_wait_stops_the_processes_still_running_at_its_deadline():
     assert procs[1].returncode is not None and procs[1].returncode < 0, "killed, and reaped"
 
 
-def test_a_triton_kernel_compiles_its_first_config_untimed_within_first_configs(monkeypatch):
-    # Triton's autotuner times even the one config first_configs() leaves; while compiling, that
-    # timing must not refuse, or the self-check's reference kernels compile nothing ahead (it did:
-    # the GPU test of compile_elsewhere found an empty cache).
-    monkeypatch.setattr(ahead, "_pool", ahead.Pool(1))
-    with pytest.raises(ahead.Untuned):
-        ahead._refuse_timing()
+
+
+def test_a_lone_config_is_taken_untimed_where_compiling_refuses_timing(monkeypatch, tmp_path):
+    # compiling() swaps each Triton autotuner's timing for a refusal. Triton up to 3.8 still
+    # times the one config first_configs() leaves, so that refusal stopped the Gluon
+    # self-check's reference kernels, which then compiled nothing ahead (the GPU test of
+    # compile_elsewhere found Triton's cache empty). Here a real autotuner with two configs
+    # (the flash kernels have one under the interpreter), as one of flash_triton's.
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+    @triton.jit
+    def double(x, y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + offs, 2 * tl.load(x + offs, mask=offs < n), mask=offs < n)
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(ft.AUTOTUNED, "double", double)
+    double._bench = ahead._refuse_timing  # as compiling() does
+    x = torch.arange(40, dtype=torch.float32)
+    y = torch.zeros_like(x)
+    grid = lambda meta: (triton.cdiv(40, meta["BLOCK"]), )  # noqa: E731
+    with pytest.raises(ahead.Untuned):  # two configs: choosing one needs timing
+        double[grid](x, y, 40)
     with tuning.first_configs():
-        assert ahead._refuse_timing() == [0.0, 0.0, 0.0]
+        double[grid](x, y, 40)
+    assert torch.equal(y, 2 * x) and double.best_config.kwargs == {"BLOCK": 16}
