@@ -551,7 +551,7 @@ if GLUON_ERROR is None:
         # three stages. lse and delta are read from the stage in the layout of
         # S^T's columns: no exchange between threads, no barrier. LSE_LATE reads
         # lse after S^T's wait rather than before it: with CUDA 13.4's ptxas
-        # (Triton 3.9) the 16 values held across the wait spill at head dim 64,
+        # (Triton 3.9) 4 of the 16 values held across the wait spill at head dim 64,
         # with 12.8's (3.6) the earlier read is 1-3% faster (docs/measurements.md).
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
