@@ -121,15 +121,14 @@ def jobs():
                        dict(HEAD_DIM=D, CAUSAL=causal, BLOCK_N=128, BLOCK_M=bm, STAGES=st, LSE_LATE=bool(late),
                             CONSUMER_REGS=fg.CONSUMER_REGS))
             if D in fg.FUSED_HEAD_DIMS:
-                # each config in both orders of the query blocks (ROTATE): the same shared memory and registers
-                for st, slots, ds, rotate in sorted({c[:3] + (r,) for c in fg.FUSED_CONFIGS for r in (0, 1)}):
-                    yield (f"bwd D={D} causal={causal} s{st} slots{slots} ds{ds}{' rotated' * rotate}", fg._bwd_kernel,
+                for st, slots, ds in fg.FUSED_CONFIGS:
+                    yield (f"bwd D={D} causal={causal} s{st} slots{slots} ds{ds}", fg._bwd_kernel,
                            dict(k_desc=_desc(x, 128), v_desc=_desc(x, 128), q_desc=_desc(x, 64), do_desc=_desc(x, 64),
                                 lse_desc=fg._row_descriptor(lse, 64), delta_desc=fg._row_descriptor(lse, 64),
                                 dqa_desc=fg._accumulator_descriptor(torch.empty(2 * 16 * 8192 * D)), DK=x, DV=x,
                                 NQB=128, LSE_S=8192, sm_scale=0.1, **scalars,
                                 **strides("q", "k", "v", "d", "dk", "dv")),
-                           dict(HEAD_DIM=D, CAUSAL=causal, STAGES=st, DQ_SLOTS=slots, DS_BUFFERS=ds, ROTATE=rotate,
+                           dict(HEAD_DIM=D, CAUSAL=causal, STAGES=st, DQ_SLOTS=slots, DS_BUFFERS=ds,
                                 CONSUMER_REGS=fg.CONSUMER_REGS))
             for bn, st in fg.DQ_CONFIGS:
                 yield (f"dq D={D} causal={causal} {bn} s{st}", fg._dq_kernel,

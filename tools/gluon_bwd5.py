@@ -1,6 +1,6 @@
 """Developer tool: the one-kernel Gluon backward (flash_gluon.backward) timed against the dK/dV + dQ pair.
 
-    python -m tools.gluon_bwd5 [--seq 8192] [--causal both] [--config 2 1 1 0 --config 2 1 1 1] [--check-only]
+    python -m tools.gluon_bwd5 [--seq 8192] [--causal both] [--config 2 1 1 --config 2 2 1] [--check-only]
 
 At head dim 128 `tiled` runs flash_gluon.backward: dK, dV and dQ from one
 kernel, five products a block pair, dQ added into an fp32 accumulator by a
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--config", type=int, nargs=4, action="append",
-                    metavar=("STAGES", "DQ_SLOTS", "DS_BUFFERS", "ROTATE"),
+    ap.add_argument("--config", type=int, nargs=3, action="append",
+                    metavar=("STAGES", "DQ_SLOTS", "DS_BUFFERS"),
                     help="a config of the one kernel (repeatable; default: flash_gluon.FUSED_CONFIGS)")
     ap.add_argument("--check-only", action="store_true")
     args = ap.parse_args(argv)

@@ -510,8 +510,7 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _dkdv_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                      lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
-                     GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q,
-                     mid_lo, mid_hi, shift, ROTATE: gl.constexpr):
+                     GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q):
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         stage_bytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes
@@ -525,8 +524,7 @@ if GLUON_ERROR is None:
             q_row, q_col = _origin(b * stride_qb + h * stride_qh, stride_qs)
             d_row, d_col = _origin(b * stride_db + h * stride_dh, stride_ds)
             l_row = ((b * H + h) * LSE_S).to(gl.int32)  # lse and delta are flat rows, LSE_S a head
-            for j in range(q_lo, n_q):
-                i = _q_block(j, mid_lo, mid_hi, shift) if ROTATE else j
+            for i in range(q_lo, n_q):
                 st = t % STAGES
                 mbarrier.wait(empty.index(st), ((t // STAGES) & 1) ^ 1)
                 bar = ready.index(st)
@@ -672,13 +670,6 @@ if GLUON_ERROR is None:
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _q_block(j, mid_lo, mid_hi, shift):
-        # The query block a program meets j-th: block j, except that the blocks mid_lo .. mid_hi - 1 (those
-        # that need no mask) are met from mid_lo + shift on, wrapping round.
-        rotated = mid_lo + (j - mid_lo + shift) % gl.maximum(mid_hi - mid_lo, 1)
-        return gl.where((j >= mid_lo) & (j < mid_hi), rotated, j)
-
-    @gluon.jit
     def _key_rows(S, H, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
         # This program's first key row, batch and kv head, and the query blocks it meets: q_lo .. n_q - 1,
         # those before diag_hi crossing the causal diagonal.
@@ -748,8 +739,7 @@ if GLUON_ERROR is None:
             (_dkdv_consumer, (k_smem.slice(64, 64), v_smem.slice(64, 64), 64, turn.index(1), turn.index(0)) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                             lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
-                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q,
-                            0, 0, 0, False)),
+                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
         ], [4, 1], [CONSUMER_REGS, 24])
     # ----------------------------------------------------------------------
     # Backward, dQ: one program owns 128 query rows of one head (64 per
@@ -897,8 +887,7 @@ if GLUON_ERROR is None:
         return gl.reshape(x, [16, 256])
 
     @gluon.jit
-    def _dq_reducer(dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, H, GROUP, NQB, q_lo, n_q,
-                    mid_lo, mid_hi, shift, ROTATE: gl.constexpr):
+    def _dq_reducer(dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, H, GROUP, NQB, q_lo, n_q):
         # dqW_smem: warpgroup W's staging slots, each one 64x64 dQ tile in
         # register order; dqW_full: one barrier a slot; dq_empty: one a slot
         # for both warpgroups. Warpgroup W's tile of query block i of head bh
@@ -909,8 +898,7 @@ if GLUON_ERROR is None:
         t = 0
         for g in range(GROUP):
             bh = b * H + hk * GROUP + g
-            for j in range(q_lo, n_q):
-                i = _q_block(j, mid_lo, mid_hi, shift) if ROTATE else j
+            for i in range(q_lo, n_q):
                 slot = t % SLOTS
                 ph = (t // SLOTS) & 1
                 row = ((bh * NQB + i) * 2 * TILE_ROWS).to(gl.int32)
@@ -1032,7 +1020,7 @@ if GLUON_ERROR is None:
                     stride_dvb, stride_dvh, stride_dvs,
                     H, GROUP, S, NQB, LSE_S, qk_scale, sm_scale,
                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_SLOTS: gl.constexpr,
-                    DS_BUFFERS: gl.constexpr, ROTATE: gl.constexpr,
+                    DS_BUFFERS: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_N: gl.constexpr = 128
         BLOCK_M: gl.constexpr = 64
@@ -1042,10 +1030,6 @@ if GLUON_ERROR is None:
         k_row, k_col = _origin(b * stride_kb + hk * stride_kh, stride_ks)
         v_row, v_col = _origin(b * stride_vb + hk * stride_vh, stride_vs)
         full_q = (S // BLOCK_M) * (start_n + BLOCK_N <= S).to(gl.int32)  # a partial key tile masks every block
-        # ROTATE: the loader and the reducer take the unmasked query blocks from the one at this program's
-        # own key rows on, wrapping round, so that a head's programs add into different blocks of dQ at
-        # once; the consumers' order of work is the same either way.
-        shift = start_n // BLOCK_M
         k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty = _dkdv_buffers(
             k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, STAGES, BLOCK_N, BLOCK_M, HEAD_DIM)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], k_desc.dtype)
@@ -1068,10 +1052,9 @@ if GLUON_ERROR is None:
                              ds1_smem, dq1_smem, dq1_full, 64) + shared),
             (_dkdv_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                             lse_smem, delta_smem, kv_bar, ready, empty, k_row, k_col, v_row, v_col, start_n, b, hk, H,
-                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q,
-                            diag_hi, full_q, shift, ROTATE)),
+                            GROUP, S, LSE_S, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds, q_lo, n_q)),
             (_dq_reducer, (dqa_desc, dq0_smem, dq1_smem, dq0_full, dq1_full, dq_empty, b, hk, H, GROUP, NQB,
-                           q_lo, n_q, diag_hi, full_q, shift, ROTATE)),
+                           q_lo, n_q)),
         ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
 
 if GLUON_ERROR is None:
@@ -1289,14 +1272,12 @@ def backward_dkdv(q, k, v, do, lse, delta, causal: bool, scale: float, config: t
 DQ_CONFIGS = [(64, 3), (128, 2)]
 DQ_TUNER = Tuner("dq")
 
-# (STAGES, DQ_SLOTS, DS_BUFFERS, ROTATE) of the one-kernel backward (_bwd_kernel): Q/dO stages, dQ staging
+# (STAGES, DQ_SLOTS, DS_BUFFERS) of the one-kernel backward (_bwd_kernel): Q/dO stages, dQ staging
 # slots a warpgroup, and dS^T buffers. On the H100 at B 2 x H 16 x 8k, head dim 128, two slots or two
 # dS^T buffers were as fast in one of two alternations and 15-20% slower in the other, three stages
-# 3% slower (docs/measurements.md, 2026-12-07, session 20): one config, so nothing is tuned. ROTATE 1
-# (each program takes the query blocks from its own on, so that a head's programs add into different dQ
-# blocks at once) was slower in three of four timings and unsteady (session 22, same file), so it is
-# not in the list; `python -m tools.gluon_bwd5 --config 2 1 1 0 --config 2 1 1 1` times the two.
-FUSED_CONFIGS = [(2, 1, 1, 0)]
+# 3% slower (docs/measurements.md, 2026-12-07, session 20): one config, so nothing is tuned;
+# `python -m tools.gluon_bwd5 --config 2 2 1` times another against the pair.
+FUSED_CONFIGS = [(2, 1, 1)]
 FUSED_HEAD_DIMS = (128,)  # each consumer warpgroup forms half of dQ's columns: 64
 FUSED_TUNER = Tuner("bwd")
 TUNERS = {"fwd": FWD_TUNER, "dkdv": DKDV_TUNER, "dq": DQ_TUNER, "bwd": FUSED_TUNER}  # for impls/attention/tuning.py
@@ -1342,7 +1323,7 @@ def _accumulator_descriptor(dqa: torch.Tensor) -> "TensorDescriptor":
 
 def _launch_bwd(q, k, v, do, dk, dv, dqa, lse, delta, causal, scale, config):
     B, H, S, D = q.shape
-    stages, slots, ds_buffers, rotate = config
+    stages, slots, ds_buffers = config
     grid = (triton.cdiv(S, 128), B * k.shape[1])
     lse_rows, delta_rows = _tma_rows(lse), _tma_rows(delta)
     return ahead.launch(_bwd_kernel, grid,
@@ -1350,7 +1331,7 @@ def _launch_bwd(q, k, v, do, dk, dv, dqa, lse, delta, causal, scale, config):
         _row_descriptor(lse_rows, 64), _row_descriptor(delta_rows, 64), _accumulator_descriptor(dqa), dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // k.shape[1], S, triton.cdiv(S, 64), lse_rows.shape[-1], scale * LOG2E, scale,
-        D, bool(causal), stages, slots, ds_buffers, int(rotate), CONSUMER_REGS, num_warps=4,
+        D, bool(causal), stages, slots, ds_buffers, CONSUMER_REGS, num_warps=4,
     )
 
 
@@ -1391,7 +1372,7 @@ def describe(kernel: str, config: tuple) -> str:
     warps = "1 loader warp + 2 consumer warpgroups"
     if kernel == "bwd":
         return (f"ws BLOCK_N=128 BLOCK_M=64 stages={config[0]} dq-slots={config[1]} ds-buffers={config[2]} "
-                f"{'rotated ' * bool(config[3])}1 loader warp + 1 reducer warp + 2 consumer warpgroups")
+                f"1 loader warp + 1 reducer warp + 2 consumer warpgroups")
     if kernel == "fwd":
         block_m, block_n, stages, kind = config
         return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps.replace('2', str(block_m // 64))}"

@@ -206,7 +206,7 @@ def test_err_is_the_largest_difference_over_the_largest_magnitude():
 def test_cases_cover_every_config_of_every_kernel():
     fg = SimpleNamespace(CONFIGS={64: [(128, 128, 2, "ws"), (128, 128, 2, "persistent")],
                                   128: [(128, 128, 2, "ws")]},
-                         BWD_CONFIGS=[(64, 2, 0)], DQ_CONFIGS=[(64, 3), (128, 2)], FUSED_CONFIGS=[(2, 1, 1, 0)],
+                         BWD_CONFIGS=[(64, 2, 0)], DQ_CONFIGS=[(64, 3), (128, 2)], FUSED_CONFIGS=[(2, 1, 1)],
                          FUSED_HEAD_DIMS=(128, ))
     assert [str(c) for c in REAL_CASES(fg)] == [
         "fwd D=64 non-causal (128, 128, 2, 'ws')", "fwd D=64 non-causal (128, 128, 2, 'persistent')",
@@ -215,9 +215,9 @@ def test_cases_cover_every_config_of_every_kernel():
         "dkdv D=64 causal (64, 2, 0)", "dq D=64 causal (64, 3)", "dq D=64 causal (128, 2)",
         # at head dim 128 the one-kernel backward too
         "fwd D=128 non-causal (128, 128, 2, 'ws')", "dkdv D=128 non-causal (64, 2, 0)",
-        "dq D=128 non-causal (64, 3)", "dq D=128 non-causal (128, 2)", "bwd D=128 non-causal (2, 1, 1, 0)",
+        "dq D=128 non-causal (64, 3)", "dq D=128 non-causal (128, 2)", "bwd D=128 non-causal (2, 1, 1)",
         "fwd D=128 causal (128, 128, 2, 'ws')", "dkdv D=128 causal (64, 2, 0)",
-        "dq D=128 causal (64, 3)", "dq D=128 causal (128, 2)", "bwd D=128 causal (2, 1, 1, 0)",
+        "dq D=128 causal (64, 3)", "dq D=128 causal (128, 2)", "bwd D=128 causal (2, 1, 1)",
     ]
 
 
