@@ -606,6 +606,9 @@ if GLUON_ERROR is None:
                        DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                        b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal,
                        LSE_LATE: gl.constexpr):
+        # A partition's arguments reach it as values, constexprs included (Triton 3.6 and 3.9): LSE_LATE
+        # is an i1 here, so both of _dkdv_block's branches on it compile and LLVM drops the dead one. A
+        # choice whose branches cannot both compile must come from a type (a shape or a dtype).
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
         STAGES: gl.constexpr = q_smem.shape[0]
