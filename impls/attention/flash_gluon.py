@@ -538,7 +538,7 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _dkdv_block(t, i, dk, dv, p16_prev, ds16_prev, k, v, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
                     my_turn, other_turn, krows, S, qk_scale, causal, s_layout: gl.constexpr, MASK: gl.constexpr,
-                    LSE_LATE: gl.constexpr):
+                    LSE_LATE):
         # One 64-row query block for one consumer warpgroup's 64 keys. The
         # previous block's dK product (ds16_prev: its dS^T) is issued between
         # this block's S^T and dP^T, and at head dim 64 its dV product too
@@ -605,9 +605,9 @@ if GLUON_ERROR is None:
     def _dkdv_consumer(k, v, row0, my_turn, other_turn, q_smem, do_smem, lse_smem, delta_smem, kv_bar, ready, empty,
                        DK, DV, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                        b, hk, GROUP, S, start_n, q_lo, n_q, diag_hi, full_q, qk_scale, sm_scale, causal,
-                       LSE_LATE: gl.constexpr):
+                       LSE_LATE):
         # A partition's arguments reach it as values, constexprs included (Triton 3.6 and 3.9): LSE_LATE
-        # is an i1 here, so both of _dkdv_block's branches on it compile and LLVM drops the dead one. A
+        # is an i1 here, so both of _dkdv_block's branches on it compile and the dead one is dropped. A
         # choice whose branches cannot both compile must come from a type (a shape or a dtype).
         ROWS: gl.constexpr = k.shape[0]
         HEAD_DIM: gl.constexpr = k.shape[1]
