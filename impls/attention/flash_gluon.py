@@ -1375,7 +1375,7 @@ def describe(kernel: str, config: tuple) -> str:
     warps = "1 loader warp + 2 consumer warpgroups"
     if kernel == "bwd":
         return (f"ws BLOCK_N=128 BLOCK_M=64 stages={config[0]} dq-slots={config[1]} ds-buffers={config[2]} "
-                f"1 loader warp + 1 reducer warp + 2 consumer warpgroups")
+                "1 loader warp + 1 reducer warp + 2 consumer warpgroups")
     if kernel == "fwd":
         block_m, block_n, stages, kind = config
         return f"{kind} BLOCK_M={block_m} BLOCK_N={block_n} stages={stages} {warps.replace('2', str(block_m // 64))}"
